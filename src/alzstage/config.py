@@ -1,0 +1,349 @@
+"""Typed pipeline parameters and project paths.
+
+``params.yaml`` is the single source of truth for every stage. It is parsed once into
+pydantic models so that a typo or a wrong type fails *before* any work starts, with a
+message naming the key (``train.epochs``) and the allowed values, instead of surfacing
+as a stack trace twenty minutes into training.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, phrased for a person: the key, the value, how to fix it."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The repository root: the nearest parent holding ``dvc.yaml`` (or ``params.yaml``).
+
+    ``ALZSTAGE_ROOT`` wins when set, which lets tests and cluster jobs run from elsewhere.
+    """
+    env = os.environ.get("ALZSTAGE_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").exists() or (candidate / PARAMS_FILE).exists():
+            return candidate
+    return here
+
+
+def tracking_home(root: Path) -> Path:
+    """Where ``mlflow.db`` and ``mlruns/`` live for a checkout.
+
+    ``dvc exp run`` executes in throw-away copies under ``<repo>/.dvc/tmp/exps/...``; runs
+    logged there must land in the main repo's store, not vanish with the copy.
+    """
+    parts = root.resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root.resolve()
+
+
+class Paths:
+    """Every file a stage reads or writes, in one place, relative to the project root."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = (root or project_root()).resolve()
+        r = self.root
+        self.raw = r / "data" / "raw"
+        self.raw_images = self.raw / "images"
+        self.raw_manifest = self.raw / "manifest.csv"
+        self.interim = r / "data" / "interim"
+        self.validated_manifest = self.interim / "manifest.csv"
+        self.processed = r / "data" / "processed"
+        self.split_file = self.processed / "split.csv"
+        self.augmented = self.processed / "augmented"
+        self.models = r / "models"
+        self.model_file = self.models / "model.keras"
+        self.train_run = self.models / "train_run.json"
+        self.reports = r / "reports"
+        self.figures = self.reports / "figures"
+        self.plots = self.reports / "plots"
+        self.validation_report = self.reports / "validation.json"
+        self.validation_dir = self.reports / "validation"
+        self.quarantine = self.validation_dir / "quarantine.csv"
+        self.split_report = self.reports / "split.json"
+        self.train_report = self.reports / "train.json"
+        self.metrics = self.reports / "metrics.json"
+        self.promotion = self.reports / "promotion.json"
+        self.cache = r / ".cache" / "alzstage"
+
+
+# --------------------------------------------------------------------------- params
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _canonical(name: str) -> str:
+    """``Mild_Demented`` / ``mild demented`` / ``MildDemented`` all become ``milddemented``."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+class BaseParams(_Section):
+    seed: int = 42
+    image_size: tuple[Annotated[int, Field(ge=32, le=1024)], Annotated[int, Field(ge=32, le=1024)]] = (
+        208,
+        176,
+    )
+    classes: list[str] = Field(
+        default_factory=lambda: [
+            "NonDemented",
+            "VeryMildDemented",
+            "MildDemented",
+            "ModerateDemented",
+        ],
+        min_length=2,
+    )
+    class_aliases: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, v: list[str]) -> list[str]:
+        keys = [_canonical(c) for c in v]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"class names must be unique (ignoring case and separators): {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _aliases_point_to_classes(self) -> BaseParams:
+        for alias, target in self.class_aliases.items():
+            if target not in self.classes:
+                raise ValueError(
+                    f"class_aliases[{alias!r}] = {target!r} is not one of classes {self.classes}"
+                )
+        return self
+
+    def canonical_label(self, raw: str) -> str | None:
+        """Map a folder or label name onto a configured class, or None when unknown.
+
+        Matching ignores case, spaces, ``_`` and ``-`` so the spellings used by different
+        mirrors of the same dataset line up without a hand-written alias for each.
+        """
+        if raw in self.classes:
+            return raw
+        if raw in self.class_aliases:
+            return self.class_aliases[raw]
+        key = _canonical(raw)
+        for c in self.classes:
+            if _canonical(c) == key:
+                return c
+        for alias, target in self.class_aliases.items():
+            if _canonical(alias) == key:
+                return target
+        return None
+
+    @property
+    def height(self) -> int:
+        return self.image_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size[1]
+
+
+class DemoParams(_Section):
+    subjects_per_class: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [16, 12, 8, 4]
+    )
+    slices_per_subject: int = Field(default=16, ge=1, le=128)
+
+
+class DataParams(_Section):
+    source: Literal["demo", "archive", "folder"] = "demo"
+    path: str | None = None
+    sha256: str | None = None
+    max_extract_bytes: int = Field(default=8 * 1024**3, gt=0)
+    max_compression_ratio: float = Field(default=200.0, gt=1)
+    demo: DemoParams = Field(default_factory=DemoParams)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataParams:
+        if self.source in ("archive", "folder") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class ValidateParams(_Section):
+    on_failure: Literal["fail", "quarantine"] = "fail"
+    min_per_class: int = Field(default=1, ge=0)
+    expected_mode: Literal["L", "RGB", "any"] = "L"
+    check_size: bool = True
+    blank_std_threshold: float = Field(default=1.0, ge=0)
+
+
+class SplitParams(_Section):
+    strategy: Literal["subject", "stratified", "source"] = "subject"
+    test_size: float = Field(default=0.2, gt=0, lt=1)
+    val_size: float = Field(default=0.15, gt=0, lt=1)
+    group_threshold: float = Field(default=0.97, gt=0, le=1)
+    thumb_size: int = Field(default=32, ge=8, le=128)
+    near_duplicate_threshold: float = Field(default=0.99, gt=0, le=1)
+    tiny_class_policy: Literal["share_subjects", "train_only", "drop"] = "share_subjects"
+    min_subjects_per_class: int = Field(default=3, ge=1)
+
+
+class AugmentParams(_Section):
+    views: int = Field(default=1, ge=0, le=16)
+    rotation_deg: float = Field(default=8.0, ge=0, le=45)
+    shift: float = Field(default=0.05, ge=0, le=0.3)
+    zoom: float = Field(default=0.05, ge=0, le=0.3)
+    horizontal_flip: bool = True
+    brightness: float = Field(default=0.1, ge=0, le=0.5)
+    contrast: float = Field(default=0.1, ge=0, le=0.5)
+    oversample: Literal["none", "balance"] = "none"
+    preview_count: int = Field(default=6, ge=0, le=32)
+
+
+class ModelParams(_Section):
+    backbone: Literal[
+        "resnet50", "resnet101", "mobilenetv2", "efficientnetb0", "densenet121"
+    ] = "resnet50"
+    weights: str = "none"
+    input_size: tuple[Annotated[int, Field(ge=32)], Annotated[int, Field(ge=32)]] = (112, 96)
+    dense_units: int = Field(default=128, ge=1)
+    dropout: float = Field(default=0.3, ge=0, lt=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_value(cls, v: str) -> str:
+        if v in ("imagenet", "none"):
+            return v
+        if not v.strip():
+            raise ValueError("must be 'imagenet', 'none' or a path to a weights file")
+        return v
+
+
+class TrainParams(_Section):
+    epochs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    fine_tune_from: str | None = None
+    fine_tune_epochs: int = Field(default=0, ge=0)
+    fine_tune_learning_rate: float = Field(default=1e-4, gt=0)
+    class_weight: Literal["balanced", "none"] | dict[str, float] = "balanced"
+    monitor: Literal["val_balanced_accuracy", "val_macro_f1"] = "val_balanced_accuracy"
+    patience: int = Field(default=3, ge=1)
+
+
+class EvaluateParams(_Section):
+    low_confidence: float = Field(default=0.5, gt=0, lt=1)
+
+
+class PromoteParams(_Section):
+    model_name: str = Field(default="alzstage", min_length=1)
+    metric: Literal["balanced_accuracy", "macro_f1", "accuracy"] = "balanced_accuracy"
+    min_improvement: float = 0.0
+    allow_leaky: bool = False
+
+
+class Params(_Section):
+    base: BaseParams = Field(default_factory=BaseParams)
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    split: SplitParams = Field(default_factory=SplitParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    promote: PromoteParams = Field(default_factory=PromoteParams)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _class_weight_keys(self) -> Params:
+        cw = self.train.class_weight
+        if isinstance(cw, dict):
+            unknown = sorted(set(cw) - set(self.base.classes))
+            if unknown:
+                raise ValueError(
+                    f"train.class_weight has unknown classes {unknown}; "
+                    f"allowed: {self.base.classes}"
+                )
+        if len(self.data.demo.subjects_per_class) != len(self.base.classes):
+            raise ValueError(
+                "data.demo.subjects_per_class needs one count per class in base.classes "
+                f"({len(self.base.classes)}), got {len(self.data.demo.subjects_per_class)}"
+            )
+        return self
+
+
+REQUIRED_SECTIONS = (
+    "base",
+    "data",
+    "validate",
+    "split",
+    "augment",
+    "model",
+    "train",
+    "evaluate",
+    "promote",
+)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``params.yaml: train.epochs: ... (got 'x')``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p != "validate_") or "<root>"
+        loc = loc.replace("validate_", "validate")
+        msg = e["msg"]
+        ctx = e.get("ctx") or {}
+        if e["type"] == "literal_error" and "expected" in ctx:
+            msg = f"must be one of {ctx['expected']}"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see params.yaml in the repository for the keys)"
+        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
+        lines.append(f"{source}: {loc}: {msg}{got}")
+    return "; ".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raises ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    missing = [s for s in REQUIRED_SECTIONS if s not in raw]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing section(s) {missing}; every section of {list(REQUIRED_SECTIONS)}"
+            " must be present (an empty mapping {} takes the defaults)"
+        )
+    cleaned = {k: ({} if v is None else v) for k, v in raw.items()}
+    try:
+        return Params.model_validate(cleaned)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+_CACHE: dict[tuple[str, float], Params] = {}
+
+
+def load_params(path: Path | None = None) -> Params:
+    """Load and validate ``params.yaml`` once per process."""
+    path = path or project_root() / PARAMS_FILE
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the repository root or set ALZSTAGE_ROOT")
+    key = (str(path.resolve()), path.stat().st_mtime)
+    if key not in _CACHE:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        _CACHE[key] = parse_params(raw, source=str(path.name))
+    return _CACHE[key]

@@ -1,0 +1,426 @@
+"""A deterministic, offline, MRI-like stand-in for the Kaggle Alzheimer's 4-class dataset.
+
+Why this exists: the pipeline must run end to end (CI, a laptop without a Kaggle account,
+a reviewer reproducing a result) without downloading anything. Random noise images would
+let every stage run, but they would hide the problems the project is about: a model that
+cannot learn anything tells nothing, and a dataset without subjects cannot show why a
+subject-disjoint split matters. So this module builds slices that behave like the real
+data where it counts:
+
+* Anatomy comes from the MNI152 templates that ship inside the nilearn wheel (no network):
+  tissue probability maps are turned into a T1-like image (CSF dark, grey matter mid,
+  white matter bright), skull-stripped, on a black background, 208 x 176 at 1 mm.
+* Disease severity (the class index) drives the anatomy that radiologists look at:
+  enlarged lateral ventricles, widened sulci / thinner cortex, shrunken hippocampi. Each
+  effect varies between subjects, so neighbouring classes overlap as in real cohorts.
+* Each subject gets its own head size, pose, smooth anatomical deformation, contrast,
+  bias field and noise, and contributes a run of *adjacent* axial slices. Neighbouring
+  slices are near-duplicates, so a slice-level random split leaks subject identity and
+  scores much higher than a subject-disjoint one - the same trap the real dataset sets.
+
+The array logic (``_anatomy``, ``_draw_subject``, ``render_subject``) is pure and separate
+from ``generate_demo``, which only writes JPEGs. Every random draw is seeded from ``seed``
+and the subject's (class, number), so the same arguments give byte-identical files, and
+adding subjects to one class does not change the subjects already generated.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from alzstage.data.manifest import RawRecord
+
+# Kaggle/OASIS slices are 208 (anterior-posterior) x 176 (left-right) pixels at ~1 mm; other
+# image sizes keep this field of view so the brain stays centred and whole.
+REFERENCE_SIZE_MM = (208.0, 176.0)
+# Centre of the brain in MNI space (x, y), mm: the template's brain is not centred in y.
+BRAIN_CENTRE_MM = (0.0, -17.0)
+# Axial band the slices are drawn from (MNI z, mm): from the hippocampi / temporal horns up
+# through the bodies of the lateral ventricles, where the Kaggle slices concentrate and
+# where the atrophy effects below are visible.
+BAND_Z_MM = (-18.0, 40.0)
+# Distance between adjacent slices. 2 mm keeps neighbours near-duplicates (r ~ 0.95-0.99)
+# without being identical, like consecutive slices of a 1 mm MRI after resampling.
+SLICE_STEP_MM = 2.0
+# Margin around the band so per-subject deformations never sample outside the cached block.
+_Z_MARGIN_MM = 8.0
+# Hippocampal heads in MNI space (x, y, z), mm.
+HIPPOCAMPI_MM = ((-25.0, -20.0, -15.0), (25.0, -20.0, -15.0))
+# Atrophy at full severity (mm of tissue turned into CSF) for ventricles, cortex and
+# hippocampi, and the per-subject spread of disease load in severity units (class gap
+# is 1/(n_classes-1)). Tuned so that a linear model on 32x32 thumbnails beats chance
+# clearly on a subject-disjoint split but is far from perfect (see module docstring).
+ATROPHY_MM = {"vent": 4.0, "sulc": 1.4, "hippo": 4.0}
+SEVERITY_SPREAD = 0.18
+
+
+def max_slices_per_subject() -> int:
+    """How many adjacent slices fit in the band; more would leave the ventricle region."""
+    return int(math.floor((BAND_Z_MM[1] - BAND_Z_MM[0]) / SLICE_STEP_MM)) + 1
+
+
+# --------------------------------------------------------------------------- anatomy
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """Template tissue maps and distance maps over the slice band, at 1 mm.
+
+    Distance maps are computed once here so that atrophy per subject is just a threshold
+    on them (a continuous radius in mm) instead of repeated 3-D morphology.
+    """
+
+    gm: np.ndarray  # grey-matter fraction, (x, y, z) float32
+    wm: np.ndarray  # white-matter fraction
+    csf: np.ndarray  # CSF fraction inside the brain mask
+    d_vent: np.ndarray  # mm to the nearest lateral-ventricle voxel
+    d_ext: np.ndarray  # mm to the nearest outer (sulcal / extra-cerebral) CSF voxel
+    d_csf: np.ndarray  # mm to the nearest CSF voxel of any kind
+    hippo: np.ndarray  # 0..1 weight, peaks on the hippocampi
+    origin_mm: tuple[float, float, float]  # MNI coordinate of voxel (0, 0, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _anatomy() -> _Anatomy:
+    """Load the MNI152 templates bundled with nilearn (offline) and prepare the band.
+
+    Cached per process: loading and the distance transforms take ~2 s, every subject
+    after that reuses them.
+    """
+    from nilearn.datasets import (
+        load_mni152_gm_template,
+        load_mni152_template,
+        load_mni152_wm_template,
+    )
+
+    # resolution=1 is the native grid of the bundled files, so nothing is resampled.
+    t1_img = load_mni152_template(resolution=1)
+    affine = t1_img.affine
+    if not np.allclose(np.diag(affine)[:3], 1.0):
+        raise RuntimeError(f"unexpected MNI152 template affine {affine.tolist()}")
+    t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
+    gm = np.asarray(load_mni152_gm_template(resolution=1).dataobj, dtype=np.float32)
+    wm = np.asarray(load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32)
+
+    # Crop to the band (plus margin) and to the brain's bounding box: everything per
+    # subject scales with this block, so it should hold nothing that is never sampled.
+    origin = affine[:3, 3]
+    z0 = int(math.floor(BAND_Z_MM[0] - _Z_MARGIN_MM - origin[2]))
+    z1 = int(math.ceil(BAND_Z_MM[1] + _Z_MARGIN_MM - origin[2])) + 1
+    inside = t1 > 0.02
+    xy = np.argwhere(inside.any(axis=2))
+    (x0, y0), (x1, y1) = xy.min(0) - 4, xy.max(0) + 5
+    x0, y0 = max(int(x0), 0), max(int(y0), 0)
+    sl = np.s_[x0:x1, y0:y1, z0:z1]
+    t1, gm, wm, inside = t1[sl], gm[sl], wm[sl], inside[sl]
+    origin_mm = (float(origin[0] + x0), float(origin[1] + y0), float(origin[2] + z0))
+
+    # The template is skull-stripped: its non-zero voxels are the brain. A light blur of
+    # the mask gives a partial-volume edge instead of a jagged staircase.
+    mask = ndimage.gaussian_filter(ndimage.binary_fill_holes(inside).astype(np.float32), 0.6)
+    tissue = np.clip(gm + wm, 0.0, 1.0)
+    gm = gm * mask
+    wm = wm * mask
+    csf = np.clip(mask - tissue, 0.0, 1.0)
+
+    # Coordinates of the block in MNI mm, for the anatomical regions below.
+    xs = origin_mm[0] + np.arange(gm.shape[0], dtype=np.float32)
+    ys = origin_mm[1] + np.arange(gm.shape[1], dtype=np.float32)
+    zs = origin_mm[2] + np.arange(gm.shape[2], dtype=np.float32)
+    X, Y, Z = np.meshgrid(xs, ys, zs, indexing="ij")
+
+    # Lateral ventricles: the large CSF space deep in the brain, near the midline. Depth
+    # (distance from the brain surface) excludes sulci; the box excludes the sylvian
+    # fissures; the largest connected piece is the ventricular system.
+    is_csf = csf > 0.5
+    depth = ndimage.distance_transform_edt(mask > 0.5)
+    candidate = (
+        is_csf
+        & (depth > 12.0)
+        & (np.abs(X) < 30.0)
+        & (Y > -50.0)
+        & (Y < 35.0)
+        & (Z > -8.0)
+        & (Z < 35.0)
+        # The quadrigeminal cistern sits behind the third ventricle on the midline; it
+        # is not ventricle and would balloon into a round blob.
+        & ~((np.abs(X) < 8.0) & (Y < -28.0))
+    )
+    labels, n = ndimage.label(candidate)
+    if n == 0:
+        raise RuntimeError("could not locate the lateral ventricles in the MNI152 template")
+    sizes = ndimage.sum(candidate, labels, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1  # both ventricles if split
+    vent = np.isin(labels, keep)
+
+    # Outer CSF: sulci, fissures and everything outside the brain. Cortical atrophy eats
+    # grey matter from this side, which both thins the cortex and widens the sulci.
+    outer = ((csf > 0.35) & ~ndimage.binary_dilation(vent, iterations=2)) | (mask < 0.5)
+
+    hippo = np.zeros_like(gm)
+    for hx, hy, hz in HIPPOCAMPI_MM:
+        # Elongated along y like the hippocampus itself (head to tail).
+        r2 = ((X - hx) / 7.0) ** 2 + ((Y - hy) / 14.0) ** 2 + ((Z - hz) / 8.0) ** 2
+        hippo = np.maximum(hippo, np.exp(-0.5 * r2))
+
+    f32 = np.float32
+    return _Anatomy(
+        gm=gm.astype(f32),
+        wm=wm.astype(f32),
+        csf=csf.astype(f32),
+        d_vent=ndimage.distance_transform_edt(~vent).astype(f32),
+        d_ext=ndimage.distance_transform_edt(~outer).astype(f32),
+        d_csf=ndimage.distance_transform_edt(~(is_csf | (mask < 0.5))).astype(f32),
+        hippo=hippo.astype(f32),
+        origin_mm=origin_mm,
+    )
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+@dataclass(frozen=True)
+class SubjectParams:
+    """Everything random about one subject, drawn up front so rendering is pure."""
+
+    severity: float  # 0 healthy .. 1 most severe (from the class)
+    r_vent: float  # mm of ventricular enlargement
+    r_sulc: float  # mm of cortical grey matter lost at the outer CSF boundary
+    r_hippo: float  # mm of medial-temporal tissue lost around the hippocampi
+    scale: tuple[float, float]  # head size (x, y)
+    rotation_deg: float  # in-plane head rotation
+    shift_mm: tuple[float, float]  # in-plane head position
+    z_start_mm: float  # MNI z of the first slice
+    gm_level: float  # T1 intensity of grey matter, white matter = 1
+    csf_level: float  # T1 intensity of CSF
+    gamma: float  # scanner / windowing non-linearity
+    gain: float  # overall brightness of white matter in the 8-bit output
+    noise: float  # per-pixel noise SD relative to white matter
+    bias_sd: float  # strength of the smooth multiplicative bias field
+    warp_mm: float  # SD of the smooth anatomical deformation
+
+
+def _draw_subject(rng: np.random.Generator, severity: float, n_slices: int) -> SubjectParams:
+    """Draw a subject: severity-driven atrophy plus nuisance variation.
+
+    Atrophy = a healthy-ageing baseline that varies a lot between people + a severity
+    term with its own per-subject spread, so neighbouring classes overlap (a
+    ``VeryMildDemented`` brain can look healthier than a ``NonDemented`` one).
+    """
+    # Each subject's disease progresses at its own pace in each region.
+    load = max(0.0, severity + rng.normal(0.0, SEVERITY_SPREAD))
+    w_vent, w_sulc, w_hippo = np.clip(rng.normal(1.0, 0.3, size=3), 0.2, None)
+    r_vent = max(0.0, rng.normal(0.8, 0.7)) + ATROPHY_MM["vent"] * load * w_vent
+    r_sulc = max(0.0, rng.normal(0.3, 0.25)) + ATROPHY_MM["sulc"] * load * w_sulc
+    r_hippo = max(0.0, rng.normal(0.5, 0.5)) + ATROPHY_MM["hippo"] * load * w_hippo
+
+    span = (n_slices - 1) * SLICE_STEP_MM
+    z_start = rng.uniform(BAND_Z_MM[0], BAND_Z_MM[1] - span)
+    size = rng.normal(1.0, 0.04)
+    return SubjectParams(
+        severity=severity,
+        r_vent=float(r_vent),
+        r_sulc=float(min(r_sulc, 3.0)),  # beyond ~3 mm the cortex would vanish entirely
+        r_hippo=float(r_hippo),
+        scale=(float(size * rng.normal(1.0, 0.03)), float(size * rng.normal(1.0, 0.03))),
+        rotation_deg=float(rng.normal(0.0, 4.0)),
+        shift_mm=(float(rng.normal(0.0, 3.0)), float(rng.normal(0.0, 3.0))),
+        z_start_mm=float(z_start),
+        gm_level=float(rng.normal(0.62, 0.04)),
+        csf_level=float(rng.normal(0.16, 0.04)),
+        gamma=float(rng.normal(1.0, 0.08)),
+        gain=float(rng.uniform(0.78, 0.95)),
+        noise=float(rng.uniform(0.015, 0.04)),
+        bias_sd=float(rng.uniform(0.03, 0.10)),
+        warp_mm=float(rng.uniform(1.0, 2.5)),
+    )
+
+
+def _smooth_fields(
+    rng: np.random.Generator, count: int, shape: tuple[int, int, int], z_span_mm: float
+) -> np.ndarray:
+    """``count`` smooth random fields (unit SD-ish) on the output grid.
+
+    Drawn on a coarse grid (~30 mm spacing) and interpolated with cubic splines, so they
+    model slowly varying things: individual anatomy, coil bias. The coarse grid spans the
+    field of view, so the same subject gets the same fields at any image size. Spline
+    interpolation is separable and linear, so it is applied as three small matrices
+    (one per axis) instead of ``ndimage.zoom`` on the full grid, which dominated the run
+    time.
+    """
+    nz = max(2, int(math.ceil(z_span_mm / 30.0)) + 1)
+    coarse = rng.normal(0.0, 1.0, size=(count, nz, 6, 6))
+    mz, my, mx = (_spline_matrix(c, s) for c, s in zip(coarse.shape[1:], shape, strict=True))
+    fields = np.einsum("za,yb,xc,kabc->kzyx", mz, my, mx, coarse, optimize=True)
+    return fields.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _spline_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """The (n_out, n_in) matrix of 1-D cubic-spline upsampling: zoom applied to identity."""
+    m = ndimage.zoom(np.eye(n_in), (n_out / n_in, 1.0), order=3, mode="nearest", grid_mode=True)
+    if m.shape[0] != n_out:  # zoom rounds the output size; never seen off, but be exact
+        m = ndimage.zoom(np.eye(n_in), ((n_out + 0.5) / n_in, 1.0), order=3, mode="nearest",
+                         grid_mode=True)[:n_out]
+    m.flags.writeable = False
+    return m
+
+
+def render_subject(
+    params: SubjectParams,
+    rng: np.random.Generator,
+    n_slices: int,
+    image_size: tuple[int, int],
+) -> np.ndarray:
+    """Render one subject's adjacent axial slices as uint8 images, shape (n, H, W).
+
+    Pure: only ``params`` and ``rng`` decide the result.
+    """
+    a = _anatomy()
+    height, width = image_size
+
+    # Atrophy, in the subject's z-range only. Each effect turns tissue within r mm of a
+    # CSF space into CSF, with a soft (sub-voxel) edge so severity changes are continuous.
+    z_first = params.z_start_mm - _Z_MARGIN_MM - a.origin_mm[2]
+    z_last = params.z_start_mm + (n_slices - 1) * SLICE_STEP_MM + _Z_MARGIN_MM - a.origin_mm[2]
+    k0, k1 = max(int(z_first), 0), min(int(math.ceil(z_last)) + 1, a.gm.shape[2])
+    zs = np.s_[:, :, k0:k1]
+
+    def soft(radius: float | np.ndarray, dist: np.ndarray) -> np.ndarray:
+        # Voxels inside the CSF space (dist 0) are left alone; the first ring converts
+        # fully once radius >= 1 mm, partially below that.
+        return np.clip(radius - dist + 1.0, 0.0, 1.0) * (dist > 0)
+
+    conv = np.maximum(soft(params.r_vent, a.d_vent[zs]), soft(params.r_sulc, a.d_ext[zs]))
+    # Hippocampal loss is local: the radius fades out away from the hippocampi.
+    conv = np.maximum(conv, soft(params.r_hippo * a.hippo[zs], a.d_csf[zs]))
+    gm, wm, csf = a.gm[zs], a.wm[zs], a.csf[zs]
+    lost = conv * (gm + wm)
+    keep = 1.0 - conv
+    image = (
+        params.csf_level * (csf + lost) + params.gm_level * gm * keep + 1.0 * wm * keep
+    ).astype(np.float32)
+
+    # Output grid -> MNI mm. Pixels are square, sized so the Kaggle field of view fits.
+    mm_per_px = max(REFERENCE_SIZE_MM[0] / height, REFERENCE_SIZE_MM[1] / width)
+    u = (np.arange(width, dtype=np.float32) - (width - 1) / 2.0) * mm_per_px  # image right
+    v = (np.arange(height, dtype=np.float32) - (height - 1) / 2.0) * mm_per_px  # image down
+    V, U = np.meshgrid(v, u, indexing="ij")
+    # Inverse of the subject's pose: un-shift, un-rotate, un-scale.
+    U = U - params.shift_mm[0]
+    V = V - params.shift_mm[1]
+    th = math.radians(params.rotation_deg)
+    c, s = math.cos(th), math.sin(th)
+    U, V = (c * U + s * V) / params.scale[0], (-s * U + c * V) / params.scale[1]
+    # Radiological axial view: anterior at the top, the patient's right on image left.
+    x_mm = BRAIN_CENTRE_MM[0] - U
+    y_mm = BRAIN_CENTRE_MM[1] - V
+    z_mm = params.z_start_mm + SLICE_STEP_MM * np.arange(n_slices, dtype=np.float32)
+
+    grid = (n_slices, height, width)
+    span = (n_slices - 1) * SLICE_STEP_MM + 1.0
+    dx, dy, dz, bias = _smooth_fields(rng, 4, grid, span)
+    coords = np.stack(
+        [
+            np.broadcast_to(x_mm, grid) + params.warp_mm * dx - a.origin_mm[0],
+            np.broadcast_to(y_mm, grid) + params.warp_mm * dy - a.origin_mm[1],
+            z_mm[:, None, None] + 0.5 * params.warp_mm * dz - a.origin_mm[2] - k0,
+        ]
+    )
+    img = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0)
+    # Inside the head every voxel is at least CSF-bright, so thresholding the image at
+    # half the CSF level recovers the brain mask without a second interpolation.
+    msk = img > 0.5 * params.csf_level
+
+    # Scanner effects: smooth bias field, Rician-like noise inside the head only (the
+    # skull-stripped background of the real data is black), contrast and brightness.
+    img = img * np.exp(params.bias_sd * bias)
+    n1 = rng.normal(0.0, params.noise, size=grid).astype(np.float32)
+    n2 = rng.normal(0.0, params.noise, size=grid).astype(np.float32)
+    img = np.where(msk, np.sqrt((img + n1) ** 2 + n2**2), img)
+    img = np.clip(img, 0.0, None) ** params.gamma
+    out = np.clip(np.rint(img * params.gain * 255.0), 0, 255)
+    return out.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _validate(
+    classes: list[str],
+    subjects_per_class: list[int],
+    slices_per_subject: int,
+    image_size: tuple[int, int],
+) -> None:
+    if len(classes) < 2:
+        raise ValueError(f"classes: need at least 2 classes ordered by severity, got {classes}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes: names must be unique, got {classes}")
+    if len(subjects_per_class) != len(classes):
+        raise ValueError(
+            f"subjects_per_class: needs one count per class ({len(classes)} for {classes}), "
+            f"got {len(subjects_per_class)}: {subjects_per_class}"
+        )
+    bad = [n for n in subjects_per_class if int(n) != n or n < 1]
+    if bad:
+        raise ValueError(
+            f"subjects_per_class: every count must be a positive integer, got {subjects_per_class}"
+        )
+    limit = max_slices_per_subject()
+    if int(slices_per_subject) != slices_per_subject or not 1 <= slices_per_subject <= limit:
+        raise ValueError(
+            f"slices_per_subject: must be between 1 and {limit} (the adjacent "
+            f"{SLICE_STEP_MM:g} mm axial slices in the ventricle band), got {slices_per_subject}; "
+            "use more subjects instead of more slices per subject"
+        )
+    if len(image_size) != 2 or any(int(s) != s or s < 16 for s in image_size):
+        raise ValueError(
+            f"image_size: must be (height, width) with both >= 16 pixels, got {image_size}"
+        )
+
+
+def generate_demo(
+    out_dir: Path,
+    *,
+    classes: list[str],
+    subjects_per_class: list[int],
+    slices_per_subject: int,
+    image_size: tuple[int, int],
+    seed: int,
+) -> list[RawRecord]:
+    """Write the synthetic dataset as ``out_dir/<class>/<subject>_s<slice>.jpg``.
+
+    ``classes`` are ordered by severity (first healthy, last most severe); the layout
+    and file type (8-bit grayscale JPEG) match the Kaggle archive, so every later stage
+    treats both the same. Returns one record per file, sorted by path, with the subject
+    id filled in so the split can keep subjects apart.
+    """
+    from PIL import Image
+
+    _validate(classes, subjects_per_class, slices_per_subject, image_size)
+    size = (int(image_size[0]), int(image_size[1]))
+    out_dir = Path(out_dir).resolve()
+    records: list[RawRecord] = []
+    for ci, label in enumerate(classes):
+        severity = ci / (len(classes) - 1)
+        class_dir = out_dir / label
+        class_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(int(subjects_per_class[ci])):
+            subject = f"demo-{ci}-{n:03d}"
+            # One stream per subject, keyed by (seed, class, number): reproducible and
+            # independent of how many subjects the other classes have.
+            rng = np.random.default_rng(np.random.SeedSequence([int(seed) % 2**64, ci, n]))
+            params = _draw_subject(rng, severity, slices_per_subject)
+            slices = render_subject(params, rng, slices_per_subject, size)
+            for k, pixels in enumerate(slices):
+                path = class_dir / f"{subject}_s{k:03d}.jpg"
+                # A 2-D uint8 array becomes an 8-bit grayscale ("L") image, like Kaggle's.
+                Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+                records.append(RawRecord(path=path, label=label, subject=subject))
+    return sorted(records, key=lambda r: str(r.path))

@@ -1,0 +1,100 @@
+"""The manifest: one row per raw image, the contract between download and later stages.
+
+Hashes are computed here once so that validation (exact duplicates, label conflicts) and
+the split (leakage) never have to re-read every file to answer those questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+MANIFEST_COLUMNS = [
+    "path",  # relative to data/raw, posix
+    "label",  # canonical class name from base.classes
+    "sha256",  # of the file bytes
+    "pixel_hash",  # sha256 of the decoded pixel array (+ shape); "" when undecodable
+    "width",
+    "height",
+    "mode",
+    "format",
+    "source_split",  # the source's own split (train/test) or ""
+    "subject",  # subject id when the source provides one, else ""
+]
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """An image placed under data/raw/images by a download source."""
+
+    path: Path  # absolute path of the placed file
+    label: str
+    source_split: str = ""
+    subject: str = ""
+
+
+def describe_image(path: Path) -> dict[str, object]:
+    """Bytes hash plus what Pillow can tell about the image; tolerant of broken files.
+
+    Broken files still get a row (with empty pixel fields): validation, not download,
+    decides what to do with them, so nothing disappears between stages.
+    """
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    row: dict[str, object] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "pixel_hash": "",
+        "width": 0,
+        "height": 0,
+        "mode": "",
+        "format": "",
+    }
+    try:
+        with Image.open(path) as im:
+            row["format"] = im.format or ""
+            row["mode"] = im.mode
+            row["width"], row["height"] = im.size
+            im.load()
+            pixels = im.tobytes()
+            row["pixel_hash"] = hashlib.sha256(
+                f"{im.mode}{im.size}".encode() + pixels
+            ).hexdigest()
+    except Exception:  # noqa: BLE001 - any decode failure is recorded, judged in validate
+        pass
+    return row
+
+
+def build_manifest(records: Iterable[RawRecord], raw_dir: Path) -> pd.DataFrame:
+    """Describe every placed file; rows sorted by path so the CSV is deterministic."""
+    rows = []
+    for rec in records:
+        rows.append(
+            {
+                "path": Path(rec.path).relative_to(raw_dir).as_posix(),
+                "label": rec.label,
+                **describe_image(rec.path),
+                "source_split": rec.source_split,
+                "subject": rec.subject,
+            }
+        )
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    return df.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest CSV keeping ids as strings (subject '007' must stay '007')."""
+    df = pd.read_csv(
+        path,
+        dtype={"path": str, "label": str, "sha256": str, "pixel_hash": str, "mode": str,
+               "format": str, "source_split": str, "subject": str},
+        keep_default_na=False,
+    )
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest is missing columns {missing}; re-run `alzstage download`")
+    return df

@@ -1,0 +1,187 @@
+"""The network: grayscale input → backbone (ResNet50 by default) → small classifier head.
+
+The model is kept in three named parts (``preprocess``, ``backbone``, ``head``) so that
+training can cut it at any block boundary, compute the frozen part once, and train only
+the tail on cached activations — the same function, a fraction of the compute.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from keras import layers, ops
+
+from alzstage.config import ModelParams
+from alzstage.errors import WeightsError
+
+# keras.applications constructors and how each expects its pixels.
+BACKBONES: dict[str, tuple[str, str]] = {
+    "resnet50": ("ResNet50", "caffe"),
+    "resnet101": ("ResNet101", "caffe"),
+    "mobilenetv2": ("MobileNetV2", "tf"),
+    "efficientnetb0": ("EfficientNetB0", "none"),  # rescales inside the model
+    "densenet121": ("DenseNet121", "torch"),
+}
+# The file keras.utils.get_file caches ImageNet weights under ($KERAS_HOME or ~/.keras)/models.
+IMAGENET_NOTOP_FILES = {
+    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "resnet101": "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "densenet121": "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "efficientnetb0": "efficientnetb0_notop.h5",
+}
+# Default fine-tuning cut: the first layer of the backbone's final block.
+FINAL_BLOCK = {
+    "resnet50": "conv5_block1_1_conv",
+    "resnet101": "conv5_block1_1_conv",
+    "mobilenetv2": "block_16_expand",
+    "efficientnetb0": "block7a_expand_conv",
+    "densenet121": "conv5_block1_0_bn",
+}
+
+
+@keras.saving.register_keras_serializable(package="alzstage")
+class GrayscaleToBackbone(layers.Layer):
+    """Replicate a 1-channel 0–255 image to 3 channels and apply the backbone's scaling.
+
+    Living inside the model means a saved model carries its own preprocessing: a caller
+    feeds raw grayscale pixels and cannot forget (or duplicate) the normalisation.
+    """
+
+    CAFFE_MEAN = (103.939, 116.779, 123.68)
+    TORCH_MEAN = (0.485, 0.456, 0.406)
+    TORCH_STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, mode: str = "caffe", **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def call(self, x):  # type: ignore[no-untyped-def]
+        x = ops.cast(x, "float32")
+        x = ops.concatenate([x, x, x], axis=-1)
+        if self.mode == "caffe":
+            return x - ops.convert_to_tensor(self.CAFFE_MEAN, dtype="float32")
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(self.TORCH_MEAN, dtype="float32")
+            std = ops.convert_to_tensor(self.TORCH_STD, dtype="float32")
+            return (x / 255.0 - mean) / std
+        return x
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mode": self.mode}
+
+
+def keras_cache_file(backbone: str) -> Path:
+    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    return home / "models" / IMAGENET_NOTOP_FILES.get(backbone, f"{backbone}_notop.h5")
+
+
+def build_backbone(params: ModelParams) -> keras.Model:
+    """The ``keras.applications`` backbone with the requested weights, or a clear error."""
+    ctor_name, _ = BACKBONES[params.backbone]
+    ctor = getattr(keras.applications, ctor_name)
+    h, w = params.input_size
+    shape = (h, w, 3)
+    if params.weights == "none":
+        return ctor(include_top=False, weights=None, input_shape=shape)
+    if params.weights == "imagenet":
+        try:
+            return ctor(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as exc:  # noqa: BLE001 - network, HTTP and file errors all land here
+            raise WeightsError(
+                f"model.weights: 'imagenet' could not be loaded for {params.backbone} ({exc}). "
+                f"Keras looks for the cached file {keras_cache_file(params.backbone)}; copy it "
+                "there, set model.weights to a local weights file, or set model.weights: none"
+            ) from None
+    path = Path(params.weights).expanduser()
+    if not path.exists():
+        raise WeightsError(
+            f"model.weights: {path} does not exist; give a .weights.h5/.h5 file saved from a "
+            f"{ctor_name}(include_top=False) backbone, or use 'imagenet' or 'none'"
+        )
+    model = ctor(include_top=False, weights=None, input_shape=shape)
+    try:
+        model.load_weights(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(
+            f"model.weights: {path} does not fit {ctor_name}(include_top=False, "
+            f"input_shape={shape}) ({exc})"
+        ) from None
+    return model
+
+
+@dataclass
+class Network:
+    """The full model plus handles on its parts, for cut-and-cache training."""
+
+    model: keras.Model
+    preprocess: layers.Layer
+    backbone: keras.Model
+    head: keras.Sequential
+
+
+def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
+    """Assemble preprocessing, backbone and head; BatchNorm layers are frozen for good.
+
+    Fine-tuning BatchNorm statistics on a few thousand slices with small batches hurts
+    more than it helps, so every BN layer stays in inference mode in every phase.
+    """
+    h, w = params.input_size
+    backbone = build_backbone(params)
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+    _, mode = BACKBONES[params.backbone]
+    preprocess = GrayscaleToBackbone(mode=mode, name="preprocess")
+    init = keras.initializers.GlorotUniform(seed=seed)
+    head = keras.Sequential(
+        [
+            layers.GlobalAveragePooling2D(name="pool"),
+            layers.Dropout(params.dropout, seed=seed, name="dropout_1"),
+            layers.Dense(params.dense_units, activation="relu", kernel_initializer=init, name="dense"),
+            layers.Dropout(params.dropout, seed=seed + 1, name="dropout_2"),
+            layers.Dense(n_classes, activation="softmax", kernel_initializer=init, name="probs"),
+        ],
+        name="head",
+    )
+    inputs = keras.Input((h, w, 1), name="image")
+    outputs = head(backbone(preprocess(inputs)))
+    model = keras.Model(inputs, outputs, name=f"alzstage_{params.backbone}")
+    return Network(model=model, preprocess=preprocess, backbone=backbone, head=head)
+
+
+def resolve_cut(backbone_name: str, fine_tune_from: str | None) -> str | None:
+    """Layer name where trainable layers start; None = head only, 'all' = whole backbone."""
+    if fine_tune_from in (None, "", "none"):
+        return None
+    if fine_tune_from == "final_block":
+        return FINAL_BLOCK[backbone_name]
+    return fine_tune_from
+
+
+def split_backbone(backbone: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Model]:
+    """(frozen trunk, trainable tail) of the backbone, cut just before ``layer_name``."""
+    if layer_name == "all":
+        raise ValueError("'all' has no cut; train the whole model instead")
+    try:
+        layer = backbone.get_layer(layer_name)
+    except ValueError:
+        names = [lyr.name for lyr in backbone.layers if lyr.name.endswith("_1_conv")][-6:]
+        raise ValueError(
+            f"train.fine_tune_from: no layer {layer_name!r} in {backbone.name}; use 'final_block',"
+            f" 'all', none, or a layer name such as {names}"
+        ) from None
+    cut = layer.input
+    try:
+        trunk = keras.Model(backbone.input, cut, name="trunk")
+        tail = keras.Model(cut, backbone.output, name="tail")
+    except ValueError as exc:
+        raise ValueError(
+            f"train.fine_tune_from: cutting at {layer_name!r} splits a residual connection "
+            f"({exc}); choose the first layer of a block, e.g. 'final_block'"
+        ) from None
+    return trunk, tail

@@ -1,0 +1,274 @@
+"""The ``train`` stage: class-weighted two-phase transfer learning with cut-and-cache.
+
+With the backbone frozen up to a cut, its activations do not change between epochs, so
+they are computed once per training view and only the layers after the cut are trained
+on them. This is mathematically the same model and gradients as running the frozen
+layers at every step (BatchNorm is in inference mode and the frozen part has no
+dropout), at a fraction of the cost on a CPU.
+
+Phase 1 trains the head on pooled backbone features. Phase 2 (optional) unfreezes from
+``train.fine_tune_from`` at a lower learning rate and trains that tail on cached
+activations at the cut.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from alzstage.config import Params, Paths
+from alzstage.files import write_json
+from alzstage.model.inputs import load_batch
+from alzstage.model.metrics import summary_metrics
+from alzstage.result import StageResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.tracking import StageRun
+
+HISTORY_COLUMNS = ["epoch", "phase", "loss", "val_loss", "val_accuracy",
+                   "val_balanced_accuracy", "val_macro_f1", "learning_rate"]
+
+
+def class_weights(labels: np.ndarray, classes: list[str], spec: Any) -> dict[int, float] | None:
+    """``balanced`` = n / (k * n_c) over classes present in training; or an explicit map."""
+    if spec == "none":
+        return None
+    if isinstance(spec, dict):
+        return {i: float(spec.get(c, 1.0)) for i, c in enumerate(classes)}
+    counts = np.bincount(labels, minlength=len(classes))
+    present = counts > 0
+    n, k = counts.sum(), present.sum()
+    return {i: float(n / (k * counts[i])) if counts[i] else 0.0 for i in range(len(classes))}
+
+
+def select_strategy() -> Any:
+    """MirroredStrategy over every visible GPU (or several logical devices), else default.
+
+    The same training code then runs on a laptop CPU, a multi-GPU box or, with
+    ``TF_CONFIG`` set, a MultiWorkerMirroredStrategy cluster.
+    """
+    import tensorflow as tf
+
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    cpus = tf.config.list_logical_devices("CPU")
+    if os.environ.get("ALZSTAGE_MIRROR_CPUS") and len(cpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    return tf.distribute.get_strategy()
+
+
+def set_seeds(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
+@dataclass
+class PhaseResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: float = -1.0
+    seconds: float = 0.0
+    samples: int = 0
+
+
+def _make_callback(x_val: np.ndarray, y_val: np.ndarray, n_classes: int, monitor: str,
+                   patience: int, phase: str, offset: int, tracker: StageRun | None,
+                   batch_size: int) -> Any:
+    import keras
+
+    class SelectOnBalancedMetrics(keras.callbacks.Callback):
+        """Score on validation each epoch; keep the best weights by balanced metric."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.result = PhaseResult()
+            self.best_weights: list[np.ndarray] | None = None
+            self.wait = 0
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            probs = self.model.predict(x_val, batch_size=batch_size, verbose=0)
+            pred = probs.argmax(axis=1)
+            scores = summary_metrics(y_val, pred, n_classes)
+            eps = 1e-7
+            val_loss = float(-np.mean(np.log(probs[np.arange(len(y_val)), y_val] + eps)))
+            lr = self.model.optimizer.learning_rate
+            row = {
+                "epoch": offset + epoch + 1,
+                "phase": phase,
+                "loss": float(logs.get("loss", np.nan)),
+                "val_loss": val_loss,
+                "val_accuracy": scores["accuracy"],
+                "val_balanced_accuracy": scores["balanced_accuracy"],
+                "val_macro_f1": scores["macro_f1"],
+                "learning_rate": float(np.asarray(lr)),
+            }
+            self.result.history.append(row)
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")},
+                                    step=row["epoch"])
+            current = row[monitor]
+            if current > self.result.best:
+                self.result.best = current
+                self.best_weights = self.model.get_weights()
+                self.wait = 0
+            else:
+                self.wait += 1
+                if self.wait >= patience:
+                    self.model.stop_training = True
+
+        def on_train_end(self, logs: dict | None = None) -> None:
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+    return SelectOnBalancedMetrics()
+
+
+def fit_phase(model: Any, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+              lr: float, epochs: int, params: Params, phase: str, offset: int,
+              tracker: StageRun | None, cw: dict[int, float] | None) -> PhaseResult:
+    """Compile and fit one phase; best weights (by balanced metric) are restored."""
+    import keras
+
+    steps = max(1, int(np.ceil(len(x) / params.train.batch_size))) * epochs
+    schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss="sparse_categorical_crossentropy")
+    monitor = params.train.monitor
+    cb = _make_callback(x_val, y_val, len(params.base.classes), monitor, params.train.patience,
+                        phase, offset, tracker, params.train.batch_size)
+    t0 = time.perf_counter()
+    model.fit(x, y, batch_size=params.train.batch_size, epochs=epochs, class_weight=cw,
+              shuffle=True, verbose=0, callbacks=[cb])
+    cb.result.seconds = time.perf_counter() - t0
+    cb.result.samples = len(x) * len(cb.result.history)
+    return cb.result
+
+
+def _predict(fn: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    return np.asarray(fn.predict(x, batch_size=batch, verbose=0))
+
+
+def train_model(params: Params, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                tracker: StageRun | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train on uint8 (N, H, W) images; returns the full Keras model and a summary."""
+    import keras
+
+    from alzstage.model.build import build_network, resolve_cut, split_backbone
+
+    set_seeds(params.base.seed)
+    strategy = select_strategy()
+    classes = params.base.classes
+    cw = class_weights(y, classes, params.train.class_weight)
+    x4, xv4 = x[..., None].astype("float32"), x_val[..., None].astype("float32")
+    bs = params.train.batch_size
+    summary: dict[str, Any] = {"strategy": type(strategy).__name__,
+                               "replicas": int(strategy.num_replicas_in_sync)}
+    t_start = time.perf_counter()
+    with strategy.scope():
+        net = build_network(params.model, len(classes), params.base.seed)
+        cut = resolve_cut(params.model.backbone, params.train.fine_tune_from)
+        # Phase 1: frozen backbone → pooled features computed once; train the head on them.
+        net.backbone.trainable = False
+        inp = keras.Input(x4.shape[1:])
+        features = keras.Model(inp, net.head.get_layer("pool")(net.backbone(net.preprocess(inp))))
+        t0 = time.perf_counter()
+        f_train, f_val = _predict(features, x4, bs), _predict(features, xv4, bs)
+        summary["feature_seconds"] = time.perf_counter() - t0
+        head_in = keras.Input(f_train.shape[1:])
+        h = head_in
+        for layer in net.head.layers[1:]:
+            h = layer(h)
+        head_model = keras.Model(head_in, h)
+        phase1 = fit_phase(head_model, f_train, y, f_val, y_val, lr=params.train.learning_rate,
+                           epochs=params.train.epochs, params=params, phase="head", offset=0,
+                           tracker=tracker, cw=cw)
+        history = list(phase1.history)
+        phases = {"head": phase1}
+        if cut is not None and params.train.fine_tune_epochs > 0:
+            if cut == "all":
+                net.backbone.trainable = True
+                for layer in net.backbone.layers:
+                    if isinstance(layer, keras.layers.BatchNormalization):
+                        layer.trainable = False
+                tail_model, a_train, a_val = net.model, x4, xv4
+            else:
+                trunk, tail = split_backbone(net.backbone, cut)
+                net.backbone.trainable = True
+                for layer in net.backbone.layers:
+                    layer.trainable = layer in tail.layers and not isinstance(
+                        layer, keras.layers.BatchNormalization)
+                trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
+                t0 = time.perf_counter()
+                a_train, a_val = _predict(trunk_fn, x4, bs), _predict(trunk_fn, xv4, bs)
+                summary["cut_cache_seconds"] = time.perf_counter() - t0
+                summary["cut_cache_mb"] = (a_train.nbytes + a_val.nbytes) / 2**20
+                cut_in = keras.Input(a_train.shape[1:])
+                tail_model = keras.Model(cut_in, net.head(tail(cut_in)))
+            phase2 = fit_phase(tail_model, a_train, y, a_val, y_val,
+                               lr=params.train.fine_tune_learning_rate,
+                               epochs=params.train.fine_tune_epochs, params=params,
+                               phase="fine_tune", offset=len(history), tracker=tracker, cw=cw)
+            history += phase2.history
+            phases["fine_tune"] = phase2
+    summary["train_seconds"] = time.perf_counter() - t_start
+    summary["history"] = history
+    summary["class_weight"] = {classes[k]: v for k, v in (cw or {}).items()}
+    for name, ph in phases.items():
+        summary[f"{name}_epochs"] = len(ph.history)
+        summary[f"{name}_best_{params.train.monitor}"] = ph.best
+        summary[f"{name}_images_per_second"] = ph.samples / ph.seconds if ph.seconds else 0.0
+    return net.model, summary
+
+
+def save_model_atomic(model: Any, target: Path) -> None:
+    """Keras insists on a ``.keras`` suffix, so the temp file gets one too."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_split_images(paths: Paths, params: Params, which: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
+    rows = split[split["split"] == which].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(
+            f"{paths.split_file}: no rows with split == {which!r}; the dataset is too small for "
+            "split.val_size / split.test_size, or the split stage needs re-running"
+        )
+    index = {c: i for i, c in enumerate(params.base.classes)}
+    y = rows["label"].map(index).to_numpy(np.int64)
+    x = load_batch([paths.raw / p for p in rows["path"]], params.model.input_size)
+    return x, y, rows
+
+
+def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageResult:
+    data = np.load(paths.augmented / "train.npz")
+    x, y = data["images"], data["labels"]
+    x_val, y_val, _ = load_split_images(paths, params, "val")
+    model, summary = train_model(params, x, y, x_val, y_val, tracker)
+    save_model_atomic(model, paths.model_file)
+    history = pd.DataFrame(summary.pop("history"), columns=HISTORY_COLUMNS)
+    paths.plots.mkdir(parents=True, exist_ok=True)
+    hist_file = paths.plots / "train_history.csv"
+    history.to_csv(hist_file, index=False)
+    summary["n_train_samples"] = int(len(x))
+    summary["n_val"] = int(len(x_val))
+    write_json(paths.train_report, summary)
+    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    return StageResult(metrics=metrics, artifacts=[paths.train_report, hist_file],
+                       summary=f"trained on {len(x)} samples in {summary['train_seconds']:.1f}s")

@@ -1,0 +1,235 @@
+"""Every MLflow call the pipeline makes: store location, stage runs, registry and aliases.
+
+Keeping them here means the stage modules never import MLflow (fast CLI start, testable
+logic) and there is one place that decides how runs are tagged and how ``models:/``
+URIs are built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from alzstage.config import Params, tracking_home
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlflow import MlflowClient
+
+EXPERIMENT = "alzstage"
+TAG_STAGE = "alzstage.stage"
+TAG_PIPELINE = "alzstage.pipeline_id"
+TAG_GIT = "mlflow.source.git.commit"
+ALIAS_CHAMPION = "champion"
+ALIAS_CHALLENGER = "challenger"
+
+
+# ------------------------------------------------------------------ store location
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set (a server), else the repo's sqlite store, absolute."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{tracking_home(root) / 'mlflow.db'}"
+
+
+def artifact_root(root: Path) -> str | None:
+    """Absolute ``mlruns/`` beside the sqlite store; the server decides when one is used."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (tracking_home(root) / "mlruns").as_uri()
+
+
+def configure(root: Path) -> str:
+    """Point MLflow at the project's store and make sure the experiment exists."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(root))
+    mlflow.set_experiment(EXPERIMENT)
+    return uri
+
+
+# ------------------------------------------------------------------ run tags
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pipeline_id() -> str:
+    """One id shared by every stage that a single ``dvc repro`` (or ``dvc exp run``) runs.
+
+    Stages are separate processes, so the id comes from the enclosing DVC process: its pid
+    and start time identify one invocation. ``ALZSTAGE_PIPELINE_ID`` overrides it, and a
+    stage run by hand gets a fresh id.
+    """
+    env = os.environ.get("ALZSTAGE_PIPELINE_ID")
+    if env:
+        return env
+    try:
+        import psutil
+
+        proc = psutil.Process().parent()
+        while proc is not None:
+            args = proc.cmdline()
+            if any(Path(a).name == "dvc" for a in args[:3]) or args[1:3] == ["-m", "dvc"]:
+                seed = f"{proc.pid}-{proc.create_time()}"
+                return "dvc-" + hashlib.sha1(seed.encode()).hexdigest()[:12]
+            proc = proc.parent()
+    except Exception:  # noqa: BLE001 - any psutil failure just means "not under dvc"
+        pass
+    return "adhoc-" + uuid.uuid4().hex[:12]
+
+
+def dvc_dep_hashes(root: Path, stage: str) -> dict[str, str]:
+    """Content hashes of the stage's DVC dependencies, as listed in dvc.yaml.
+
+    DVC writes dvc.lock only after a stage succeeds, so the run hashes its inputs itself.
+    """
+    import yaml
+
+    from alzstage.files import md5_tree
+
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.exists():
+        return {}
+    spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
+    out = {}
+    for dep in spec.get("deps", []):
+        p = root / dep
+        if p.exists():
+            out[f"dvc.dep.{dep}"] = md5_tree(p)
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ------------------------------------------------------------------ stage runs
+
+
+@dataclass
+class StageRun:
+    """The active run of one stage, handed to stage code that must log as it goes."""
+
+    run_id: str
+    stage: str
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+        elif path.exists():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(tags)
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, root: Path, sections: list[str]) -> Iterator[StageRun]:
+    """Open one MLflow run for a stage, tagged so runs of one pipeline can be found together."""
+    configure(root)
+    import mlflow
+
+    tags = {
+        TAG_STAGE: stage,
+        TAG_PIPELINE: pipeline_id(),
+        TAG_GIT: git_commit(root),
+        "alzstage.root": str(root),
+        **dvc_dep_hashes(root, stage),
+    }
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        tags["dvc.exp_name"] = exp_name
+    dumped = params.model_dump(by_alias=True, mode="json")
+    logged = flatten({s: dumped[s] for s in sections})
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        # MLflow caps param values at 6000 chars; ours are short scalars and lists.
+        mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
+        yield StageRun(run_id=run.info.run_id, stage=stage)
+
+
+# ------------------------------------------------------------------ registry
+
+
+def client() -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def alias_uri(name: str, alias: str) -> str:
+    return f"models:/{name}@{alias}"
+
+
+def version_uri(name: str, version: int | str) -> str:
+    return f"models:/{name}/{version}"
+
+
+def get_alias_version(name: str, alias: str) -> Any | None:
+    """The model version behind an alias, or None when the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def register(model_uri: str, name: str, tags: dict[str, str]) -> Any:
+    import mlflow
+
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    return mv
+
+
+def set_alias(name: str, alias: str, version: int | str) -> None:
+    client().set_registered_model_alias(name, alias, str(version))
