@@ -82,13 +82,18 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is already written for a person: print it, no traceback."""
     from alzstage.config import ConfigError
     from alzstage.data.download import DownloadError
-    from alzstage.model.inputs import ImageReadError
-
     from alzstage.data.validate import ValidationFailed
     from alzstage.errors import WeightsError
+    from alzstage.model.inputs import ImageReadError
 
-    return (ConfigError, DownloadError, ImageReadError, FileNotFoundError, ValidationFailed,
-            WeightsError)
+    return (
+        ConfigError,
+        DownloadError,
+        ImageReadError,
+        FileNotFoundError,
+        ValidationFailed,
+        WeightsError,
+    )
 
 
 @app.command()
@@ -137,12 +142,18 @@ def train() -> None:
         from alzstage.model.pyfunc import log_pyfunc
 
         h, w = params.model.input_size
-        meta = {"classes": params.base.classes, "input_size": [h, w], "temperature": 1.0,
-                "backbone": params.model.backbone}
+        meta = {
+            "classes": params.base.classes,
+            "input_size": [h, w],
+            "temperature": 1.0,
+            "backbone": params.model.backbone,
+        }
         example = np.zeros((1, h, w), dtype=np.uint8)
         model_uri = log_pyfunc(paths.model_file, meta, example)
-        write_json(paths.train_run, {"run_id": run.run_id, "model_uri": model_uri,
-                                     "runs_uri": f"runs:/{run.run_id}/model"})
+        write_json(
+            paths.train_run,
+            {"run_id": run.run_id, "model_uri": model_uri, "runs_uri": f"runs:/{run.run_id}/model"},
+        )
         result.artifacts.append(paths.train_run)
         return result
 
@@ -172,7 +183,9 @@ def evaluate() -> None:
 
 @app.command()
 def promote(
-    version: Annotated[int | None, typer.Option(help="Set an alias on this version by hand.")] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Set an alias on this version by hand.")
+    ] = None,
     alias: Annotated[str, typer.Option(help="Alias to set with --version.")] = "champion",
 ) -> None:
     """Register the new model as challenger; move champion only if it is better."""
@@ -222,8 +235,11 @@ def predict(
 
     df = predict_files(loaded, files, params.evaluate.low_confidence)
     if output == "json":
-        typer.echo(json.dumps({"model": uri, "predictions": json.loads(df.to_json(orient="records"))},
-                              indent=2))
+        typer.echo(
+            json.dumps(
+                {"model": uri, "predictions": json.loads(df.to_json(orient="records"))}, indent=2
+            )
+        )
     elif output == "csv":
         typer.echo(df.to_csv(index=False), nl=False)
     else:
@@ -235,11 +251,20 @@ def predict(
             table.add_column(col)
         for _, r in df.iterrows():
             if r.get("error"):
-                table.add_row(Path(r["file"]).name, f"[red]{r['error']}[/red]", "", *[""] * len(loaded.classes))
+                table.add_row(
+                    Path(r["file"]).name,
+                    f"[red]{r['error']}[/red]",
+                    "",
+                    *[""] * len(loaded.classes),
+                )
                 continue
             flag = " (low)" if r["low_confidence"] else ""
-            table.add_row(Path(r["file"]).name, r["stage"], f"{r['confidence']:.3f}{flag}",
-                          *[f"{r[c]:.3f}" for c in loaded.classes])
+            table.add_row(
+                Path(r["file"]).name,
+                r["stage"],
+                f"{r['confidence']:.3f}{flag}",
+                *[f"{r[c]:.3f}" for c in loaded.classes],
+            )
         Console().print(table)
     if df["error"].astype(bool).any():
         raise typer.Exit(1)

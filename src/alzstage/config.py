@@ -96,12 +96,12 @@ def _canonical(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+_ImageSide = Annotated[int, Field(ge=32, le=1024)]
+
+
 class BaseParams(_Section):
-    seed: int = 42
-    image_size: tuple[Annotated[int, Field(ge=32, le=1024)], Annotated[int, Field(ge=32, le=1024)]] = (
-        208,
-        176,
-    )
+    seed: int = Field(default=42, ge=0)  # numpy seeds must be non-negative
+    image_size: tuple[_ImageSide, _ImageSide] = (208, 176)
     classes: list[str] = Field(
         default_factory=lambda: [
             "NonDemented",
@@ -165,18 +165,63 @@ class DemoParams(_Section):
     slices_per_subject: int = Field(default=16, ge=1, le=128)
 
 
+# Label names of the Hugging Face parquet export in label-id order (ids are alphabetical).
+# Used only when a parquet file carries no ClassLabel names in its schema metadata.
+HF_LABEL_NAMES = ["Mild_Demented", "Moderate_Demented", "Non_Demented", "Very_Mild_Demented"]
+
+
+def _check_sha256(v: str | None, name: str = "") -> str | None:
+    """A pin that is not 64 hex digits is a copy-paste slip; catch it before downloading."""
+    if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+        where = f"{name!r}: " if name else ""
+        raise ValueError(f"{where}sha256 must be 64 hex digits or null")
+    return v.lower() if v else v
+
+
 class DataParams(_Section):
-    source: Literal["demo", "archive", "folder"] = "demo"
+    source: Literal["demo", "archive", "folder", "kaggle", "huggingface"] = "demo"
     path: str | None = None
     sha256: str | None = None
     max_extract_bytes: int = Field(default=8 * 1024**3, gt=0)
     max_compression_ratio: float = Field(default=200.0, gt=1)
+    # source: kaggle (``owner/dataset`` or ``owner/dataset/versions/N`` to pin a version)
+    kaggle_dataset: str = Field(
+        default="tourist55/alzheimers-dataset-4-class-of-images", pattern=r"^[^/\s]+/[^/\s]+"
+    )
+    # source: huggingface. Files are fetched from
+    # ``<hf_endpoint>/datasets/<hf_repo>/resolve/<hf_revision>/data/<file>``.
+    hf_endpoint: str = "https://huggingface.co"
+    hf_repo: str = "Falah/Alzheimer_MRI"
+    hf_revision: str = Field(default="daac24f9597236b45837d82f7eb9c9ad1f8c60c8", min_length=1)
+    hf_files: dict[str, str | None] = Field(
+        default_factory=lambda: {
+            "train-00000-of-00001-c08a401c53fe5312.parquet": None,
+            "test-00000-of-00001-44110b9df98c5585.parquet": None,
+        }
+    )
+    hf_label_names: list[str] = Field(default_factory=lambda: list(HF_LABEL_NAMES), min_length=1)
     demo: DemoParams = Field(default_factory=DemoParams)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_hex(cls, v: str | None) -> str | None:
+        return _check_sha256(v)
+
+    @field_validator("hf_files")
+    @classmethod
+    def _hf_sha256_hex(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        for name, digest in v.items():
+            if "/" in name or "\\" in name or name in ("", ".", ".."):
+                raise ValueError(f"{name!r}: give a bare file name (it is looked up under data/)")
+            _check_sha256(digest, name)
+        return v
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:
         if self.source in ("archive", "folder") and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.source == "huggingface" and not self.hf_files:
+            raise ValueError("data.hf_files must list at least one parquet file ({name: sha256})")
         return self
 
 
@@ -212,9 +257,9 @@ class AugmentParams(_Section):
 
 
 class ModelParams(_Section):
-    backbone: Literal[
-        "resnet50", "resnet101", "mobilenetv2", "efficientnetb0", "densenet121"
-    ] = "resnet50"
+    backbone: Literal["resnet50", "resnet101", "mobilenetv2", "efficientnetb0", "densenet121"] = (
+        "resnet50"
+    )
     weights: str = "none"
     input_size: tuple[Annotated[int, Field(ge=32)], Annotated[int, Field(ge=32)]] = (112, 96)
     dense_units: int = Field(default=128, ge=1)

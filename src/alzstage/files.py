@@ -8,6 +8,7 @@ stage would trust. Everything is written to a temporary sibling and renamed into
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -18,14 +19,28 @@ from pathlib import Path
 from typing import Any
 
 
+@functools.cache
+def _umask() -> int:
+    # os.umask can only be read by setting it; read it once, not on every write, so
+    # threads writing files never see the brief stand-in value.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``target``; rename it onto ``target`` only on success."""
+    """Yield a temp path beside ``target``; rename it onto ``target`` only on success.
+
+    If the body raises, ``target`` is left exactly as it was and the temp file is removed.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -35,11 +50,13 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def write_text(target: Path, text: str) -> None:
+    """Write ``text`` atomically (see :func:`atomic_path`)."""
     with atomic_path(target) as tmp:
         tmp.write_text(text)
 
 
 def write_json(target: Path, data: Any) -> None:
+    """Write sorted, indented JSON atomically, so reports diff cleanly under DVC."""
     write_text(target, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
@@ -53,6 +70,7 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: Path) -> Any:
+    """Read a JSON file written by :func:`write_json`."""
     return json.loads(Path(path).read_text())
 
 
@@ -66,13 +84,22 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # mkdtemp creates 0700 directories; the output should be as readable as a mkdir().
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if old.exists():  # left by an earlier crash of a process with the same pid
+                shutil.rmtree(old)
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:  # put the previous good output back
+                os.replace(old, target)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -81,6 +108,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB archives need no memory."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -89,6 +117,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def md5_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex md5 of a file: the hash DVC itself uses, so ours can be compared with it."""
     h = hashlib.md5()
     with open(path, "rb") as f:
         while block := f.read(chunk):

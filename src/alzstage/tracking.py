@@ -96,7 +96,7 @@ def pipeline_id() -> str:
                 seed = f"{proc.pid}-{proc.create_time()}"
                 return "dvc-" + hashlib.sha1(seed.encode()).hexdigest()[:12]
             proc = proc.parent()
-    except Exception:  # noqa: BLE001 - any psutil failure just means "not under dvc"
+    except Exception:
         pass
     return "adhoc-" + uuid.uuid4().hex[:12]
 

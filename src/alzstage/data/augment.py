@@ -70,8 +70,9 @@ def plan_views(labels: np.ndarray, p: AugmentParams, n_classes: int) -> np.ndarr
     return np.concatenate([base, *extra]) if extra else base
 
 
-def build_views(images: np.ndarray, labels: np.ndarray, p: AugmentParams, seed: int,
-                n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def build_views(
+    images: np.ndarray, labels: np.ndarray, p: AugmentParams, seed: int, n_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, source index) of originals followed by their augmented views."""
     plan = plan_views(labels, p, n_classes)
     views = np.empty((len(plan), *images.shape[1:]), dtype=np.uint8)
@@ -111,10 +112,15 @@ def run_augment(params: Params, paths: Paths) -> StageResult:
     )
     out = paths.augmented / "train.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=all_images, labels=all_labels, source=source,
-                     paths=train["path"].to_numpy(str), subjects=train["subject"].to_numpy(str))
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            images=all_images,
+            labels=all_labels,
+            source=source,
+            paths=train["path"].to_numpy(str),
+            subjects=train["subject"].to_numpy(str),
+        )
     artifacts: list[Path] = []
     if params.augment.preview_count:
         grid = preview_grid(all_images, source, len(images), params.augment.preview_count)
@@ -129,5 +135,8 @@ def run_augment(params: Params, paths: Paths) -> StageResult:
     return StageResult(
         metrics=metrics,
         artifacts=artifacts,
-        summary=f"{len(images)} training slices -> {len(all_images)} samples ({params.augment.views} views each)",
+        summary=(
+            f"{len(images)} training slices -> {len(all_images)} samples "
+            f"({params.augment.views} views each, oversample={params.augment.oversample})"
+        ),
     )

@@ -48,6 +48,10 @@ BAND_Z_MM = (-18.0, 40.0)
 # Distance between adjacent slices. 2 mm keeps neighbours near-duplicates (r ~ 0.95-0.99)
 # without being identical, like consecutive slices of a 1 mm MRI after resampling.
 SLICE_STEP_MM = 2.0
+# A subject's run of slices is centred here (MNI z, mm: the ventricle bodies) and shifted
+# per subject by up to +-Z_JITTER_MM, then clamped to the band.
+RUN_CENTRE_Z_MM = 12.0
+Z_JITTER_MM = 6.0
 # Margin around the band so per-subject deformations never sample outside the cached block.
 _Z_MARGIN_MM = 8.0
 # Hippocampal heads in MNI space (x, y, z), mm.
@@ -56,8 +60,8 @@ HIPPOCAMPI_MM = ((-25.0, -20.0, -15.0), (25.0, -20.0, -15.0))
 # hippocampi, and the per-subject spread of disease load in severity units (class gap
 # is 1/(n_classes-1)). Tuned so that a linear model on 32x32 thumbnails beats chance
 # clearly on a subject-disjoint split but is far from perfect (see module docstring).
-ATROPHY_MM = {"vent": 4.0, "sulc": 1.4, "hippo": 4.0}
-SEVERITY_SPREAD = 0.18
+ATROPHY_MM = {"vent": 8.0, "sulc": 2.5, "hippo": 6.0}
+SEVERITY_SPREAD = 0.1
 
 
 def max_slices_per_subject() -> int:
@@ -221,24 +225,32 @@ def _draw_subject(rng: np.random.Generator, severity: float, n_slices: int) -> S
     r_hippo = max(0.0, rng.normal(0.5, 0.5)) + ATROPHY_MM["hippo"] * load * w_hippo
 
     span = (n_slices - 1) * SLICE_STEP_MM
-    z_start = rng.uniform(BAND_Z_MM[0], BAND_Z_MM[1] - span)
-    size = rng.normal(1.0, 0.04)
+    # Runs are centred on the ventricles with a per-subject jitter, as real slice
+    # selections are (roughly the same atlas levels for everyone, never exactly), and
+    # kept inside the band.
+    lo, hi = BAND_Z_MM[0], BAND_Z_MM[1] - span
+    centred = min(max(RUN_CENTRE_Z_MM - span / 2.0, lo), hi)
+    z_start = float(np.clip(centred + rng.uniform(-Z_JITTER_MM, Z_JITTER_MM), lo, hi))
+    # Nuisance variation is modest on purpose: the Kaggle slices come from OASIS images
+    # that were already gain-field corrected and affinely registered to an atlas, so
+    # what is left between subjects is mostly residual pose and individual anatomy.
+    size = rng.normal(1.0, 0.02)
     return SubjectParams(
         severity=severity,
         r_vent=float(r_vent),
         r_sulc=float(min(r_sulc, 3.0)),  # beyond ~3 mm the cortex would vanish entirely
         r_hippo=float(r_hippo),
-        scale=(float(size * rng.normal(1.0, 0.03)), float(size * rng.normal(1.0, 0.03))),
-        rotation_deg=float(rng.normal(0.0, 4.0)),
-        shift_mm=(float(rng.normal(0.0, 3.0)), float(rng.normal(0.0, 3.0))),
+        scale=(float(size * rng.normal(1.0, 0.015)), float(size * rng.normal(1.0, 0.015))),
+        rotation_deg=float(rng.normal(0.0, 2.0)),
+        shift_mm=(float(rng.normal(0.0, 1.5)), float(rng.normal(0.0, 1.5))),
         z_start_mm=float(z_start),
-        gm_level=float(rng.normal(0.62, 0.04)),
-        csf_level=float(rng.normal(0.16, 0.04)),
-        gamma=float(rng.normal(1.0, 0.08)),
-        gain=float(rng.uniform(0.78, 0.95)),
-        noise=float(rng.uniform(0.015, 0.04)),
-        bias_sd=float(rng.uniform(0.03, 0.10)),
-        warp_mm=float(rng.uniform(1.0, 2.5)),
+        gm_level=float(rng.normal(0.62, 0.02)),
+        csf_level=float(rng.normal(0.16, 0.02)),
+        gamma=float(rng.normal(1.0, 0.03)),
+        gain=float(rng.uniform(0.86, 0.92)),
+        noise=float(rng.uniform(0.015, 0.035)),
+        bias_sd=float(rng.uniform(0.02, 0.05)),
+        warp_mm=float(rng.uniform(1.0, 2.0)),
     )
 
 

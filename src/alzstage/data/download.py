@@ -9,25 +9,36 @@ an interrupted download or a refused archive leaves no half-extracted ``data/raw
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import stat
 import tarfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from alzstage.config import BaseParams, Params, Paths
+from alzstage.config import BaseParams, DataParams, Params, Paths
 from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.files import atomic_dir, atomic_path, sha256_file
 from alzstage.result import StageResult
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test",
-               "val": "val", "valid": "val", "validation": "val"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "testing": "test",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+}
 
 
 class DownloadError(RuntimeError):
@@ -39,6 +50,9 @@ class UnsafeArchiveError(DownloadError):
 
 
 # ------------------------------------------------------------------ archive safety
+
+
+_RATIO_FLOOR = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,9 @@ def _safe_relpath(name: str, archive: Path) -> PurePosixPath:
     """Refuse absolute paths and ``..``: an archive must not write outside its folder."""
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchiveError(f"{archive}: entry {name!r} has an absolute path; refusing to extract")
+        raise UnsafeArchiveError(
+            f"{archive}: entry {name!r} has an absolute path; refusing to extract"
+        )
     if any(part == ".." for part in p.parts):
         raise UnsafeArchiveError(
             f"{archive}: entry {name!r} contains '..' (path traversal); refusing to extract"
@@ -97,7 +113,9 @@ def _tar_entries(tf: tarfile.TarFile, archive: Path) -> list[_Entry]:
     return entries
 
 
-def check_limits(entries: list[_Entry], archive: Path, archive_bytes: int, limits: ArchiveLimits) -> None:
+def check_limits(
+    entries: list[_Entry], archive: Path, archive_bytes: int, limits: ArchiveLimits
+) -> None:
     """Zip-bomb guard: bound entry count, total size and compression ratio *before* extracting."""
     if len(entries) > limits.max_entries:
         raise UnsafeArchiveError(
@@ -109,15 +127,19 @@ def check_limits(entries: list[_Entry], archive: Path, archive_bytes: int, limit
             f"{archive}: would extract {total} bytes, over the limit of {limits.max_total_bytes}"
             " (raise data.max_extract_bytes if the archive is trusted)"
         )
+    # Ratios are only judged above 1 MiB: a few highly compressible small files (blank
+    # fixtures, text) are harmless, and a bomb has to expand to something big to hurt.
     for e in entries:
-        if e.compressed > 0 and e.size / e.compressed > limits.max_ratio and e.size > 1 << 20:
+        if e.compressed > 0 and e.size / e.compressed > limits.max_ratio and e.size > _RATIO_FLOOR:
             raise UnsafeArchiveError(
                 f"{archive}: entry {e.name!r} has compression ratio {e.size / e.compressed:.0f}"
                 f" > {limits.max_ratio:.0f} (zip bomb?); refusing"
             )
-    if archive_bytes > 0 and total / archive_bytes > limits.max_ratio:
+    if archive_bytes > 0 and total / archive_bytes > limits.max_ratio and total > _RATIO_FLOOR:
         raise UnsafeArchiveError(
-            f"{archive}: overall compression ratio {total / archive_bytes:.0f} > {limits.max_ratio:.0f}"
+            f"{archive}: overall compression ratio {total / archive_bytes:.0f} > "
+            f"{limits.max_ratio:.0f} (zip bomb?); refusing (raise data.max_compression_ratio "
+            "if the archive is trusted)"
         )
 
 
@@ -131,8 +153,13 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
         with zipfile.ZipFile(archive) as zf:
             entries = _zip_entries(zf, archive)
             check_limits(entries, archive, size, limits)
-            for info in tqdm(zf.infolist(), desc=f"extract {archive.name}", unit="file",
-                             disable=None, leave=False):
+            for info in tqdm(
+                zf.infolist(),
+                desc=f"extract {archive.name}",
+                unit="file",
+                disable=None,
+                leave=False,
+            ):
                 rel = _safe_relpath(info.filename, archive)
                 target = dest.joinpath(*rel.parts)
                 if info.is_dir():
@@ -146,8 +173,13 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
         with tarfile.open(archive) as tf:
             entries = _tar_entries(tf, archive)
             check_limits(entries, archive, size, limits)
-            for m in tqdm(tf.getmembers(), desc=f"extract {archive.name}", unit="file",
-                          disable=None, leave=False):
+            for m in tqdm(
+                tf.getmembers(),
+                desc=f"extract {archive.name}",
+                unit="file",
+                disable=None,
+                leave=False,
+            ):
                 rel = _safe_relpath(m.name, archive)
                 target = dest.joinpath(*rel.parts)
                 if m.isdir():
@@ -160,34 +192,51 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
                 with src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out)
         return
-    raise DownloadError(f"{archive}: neither a zip nor a tar archive; point data.path at a .zip or .tar.gz")
+    raise DownloadError(
+        f"{archive}: neither a zip nor a tar archive; point data.path at a .zip or .tar.gz"
+    )
 
 
 # ------------------------------------------------------------------ fetching
 
 
-def fetch(url_or_path: str, cache_dir: Path, sha256: str | None, retries: int = 3) -> Path:
+def fetch(
+    url_or_path: str,
+    cache_dir: Path,
+    sha256: str | None,
+    retries: int = 3,
+    *,
+    base_dir: Path | None = None,
+    key: str = "data.path",
+    sha_key: str = "data.sha256",
+) -> Path:
     """Return a local file for a path or URL, verified against ``sha256`` when given.
 
     URLs are cached by content hash, so re-running with an unchanged source does not
     download again; downloads go to a temp file and are renamed only once verified.
+    Relative local paths are taken from ``base_dir`` (the project root), not the current
+    directory, so ``alzstage download`` means the same file wherever it is started from.
+    ``key`` and ``sha_key`` are the params keys named in error messages.
     """
     parsed = urllib.parse.urlparse(url_or_path)
-    if parsed.scheme in ("", "file"):
-        local = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url_or_path)
-        local = local.expanduser()
+    if parsed.scheme in ("", "file") or _is_windows_drive(parsed.scheme):
+        raw = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url_or_path
+        local = Path(raw).expanduser()
+        if not local.is_absolute() and base_dir is not None:
+            local = base_dir / local
         if not local.exists():
-            raise DownloadError(
-                f"data.path: {local} does not exist; set data.path to the archive's location"
-            )
+            raise DownloadError(f"{key}: {local} does not exist; set {key} to the file's location")
         if sha256:
-            _verify(local, sha256)
+            _verify(local, sha256, key=sha_key)
         return local
     if parsed.scheme not in ("http", "https"):
-        raise DownloadError(f"data.path: unsupported URL scheme {parsed.scheme!r} (use http, https or file)")
+        raise DownloadError(
+            f"{key}: unsupported URL scheme {parsed.scheme!r} in {url_or_path!r} "
+            "(use http, https, file or a local path)"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     name = Path(parsed.path).name or "download"
-    cached = cache_dir / f"{sha256 or 'unpinned'}-{name}"
+    cached = cache_dir / f"{sha256.lower() if sha256 else 'unpinned'}-{name}"
     if sha256 and cached.exists() and sha256_file(cached) == sha256.lower():
         return cached
     last: Exception | None = None
@@ -196,17 +245,29 @@ def fetch(url_or_path: str, cache_dir: Path, sha256: str | None, retries: int = 
             with atomic_path(cached) as tmp:
                 _http_get(url_or_path, tmp)
                 if sha256:
-                    _verify(tmp, sha256, shown=url_or_path)
+                    _verify(tmp, sha256, shown=url_or_path, key=sha_key)
             return cached
-        except DownloadError:
-            raise
-        except OSError as exc:  # URLError is an OSError
+        except urllib.error.HTTPError as exc:
+            # 4xx (a wrong URL, revision or file name) will not fix itself: do not retry.
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                raise DownloadError(
+                    f"{key}: {url_or_path}: HTTP {exc.code} {exc.reason}; check the URL "
+                    "(repository, revision and file name)"
+                ) from None
             last = exc
+        except OSError as exc:  # URLError and socket timeouts are OSErrors
+            last = exc
+        if attempt + 1 < retries:
             time.sleep(min(2**attempt, 10) * 0.5)
     raise DownloadError(
-        f"{url_or_path}: download failed after {retries} attempts ({last}); check the URL and "
-        "your network, or download it by hand and set data.path to the local file"
+        f"{key}: {url_or_path}: download failed after {retries} attempts ({last}); check the "
+        f"URL and your network, or download it by hand and point {key} at the local file"
     )
+
+
+def _is_windows_drive(scheme: str) -> bool:
+    # urlparse reads "C:\\data\\x.zip" as scheme "c".
+    return len(scheme) == 1 and scheme.isalpha()
 
 
 def _http_get(url: str, target: Path) -> None:
@@ -215,19 +276,25 @@ def _http_get(url: str, target: Path) -> None:
     req = urllib.request.Request(url, headers={"User-Agent": "alzstage"})
     with urllib.request.urlopen(req, timeout=60) as resp, open(target, "wb") as out:
         total = int(resp.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {Path(url).name}",
-                  disable=None, leave=False) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"download {Path(url).name}",
+            disable=None,
+            leave=False,
+        ) as bar:
             while block := resp.read(1 << 20):
                 out.write(block)
                 bar.update(len(block))
 
 
-def _verify(path: Path, expected: str, shown: str | None = None) -> None:
+def _verify(path: Path, expected: str, shown: str | None = None, key: str = "data.sha256") -> None:
     actual = sha256_file(path)
     if actual != expected.lower():
         raise DownloadError(
-            f"{shown or path}: sha256 mismatch: expected {expected}, got {actual}; "
-            "update data.sha256 only if you trust the new file"
+            f"{shown or path}: sha256 mismatch for {key}: expected {expected}, got {actual}; "
+            "update the pinned sha256 only if you trust the new file"
         )
 
 
@@ -250,7 +317,9 @@ def find_class_images(root: Path, base: BaseParams) -> Iterator[tuple[Path, str,
             continue
         label = base.canonical_label(f.parent.name)
         if label is None:
-            unknown[str(f.parent.relative_to(root))] = unknown.get(str(f.parent.relative_to(root)), 0) + 1
+            unknown[str(f.parent.relative_to(root))] = (
+                unknown.get(str(f.parent.relative_to(root)), 0) + 1
+            )
             continue
         split = ""
         for part in reversed(f.parent.relative_to(root).parts[:-1]):
@@ -286,6 +355,225 @@ def place_images(src_root: Path, raw_dir: Path, base: BaseParams, *, move: bool)
     return records
 
 
+# ------------------------------------------------------------------ kaggle
+
+
+def kaggle_credentials(env: dict[str, str] | None = None, home: Path | None = None) -> str | None:
+    """Where Kaggle credentials would come from, or None when there are none.
+
+    Checked here, before ``kagglehub`` is imported or the network touched, so that a
+    missing login fails in a second with what to set, not with a 401 deep in a download.
+    """
+    env = dict(os.environ) if env is None else env
+    home = Path(env.get("HOME") or Path.home()) if home is None else home
+    if env.get("KAGGLE_API_TOKEN"):
+        return "KAGGLE_API_TOKEN"
+    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
+        return "KAGGLE_USERNAME/KAGGLE_KEY"
+    folder = Path(env["KAGGLE_CONFIG_DIR"]) if env.get("KAGGLE_CONFIG_DIR") else home / ".kaggle"
+    for name in ("kaggle.json", "access_token"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return None
+
+
+def download_kaggle(handle: str) -> Path:
+    """Download (or reuse kagglehub's cache of) a Kaggle dataset; return its folder."""
+    if kaggle_credentials() is None:
+        partial = [k for k in ("KAGGLE_USERNAME", "KAGGLE_KEY") if os.environ.get(k)]
+        note = f" (only {partial[0]} is set)" if len(partial) == 1 else ""
+        raise DownloadError(
+            f"data.source=kaggle: no Kaggle credentials found{note}. Set KAGGLE_USERNAME and "
+            "KAGGLE_KEY (from kaggle.com > Settings > API > Create New Token), or save that "
+            "kaggle.json as ~/.kaggle/kaggle.json; or use data.source: archive with a "
+            "downloaded copy of the zip"
+        )
+    try:
+        import kagglehub
+    except ImportError:
+        raise DownloadError(
+            "data.source=kaggle needs the kagglehub package: pip install 'alzstage[kaggle]'"
+        ) from None
+    try:
+        folder = Path(kagglehub.dataset_download(handle))
+    except Exception as exc:  # network, auth and 404s all mean "could not fetch"
+        raise DownloadError(
+            f"data.kaggle_dataset={handle!r}: Kaggle download failed ({type(exc).__name__}: "
+            f"{exc}); check the handle, your credentials and network access to kaggle.com"
+        ) from None
+    if not folder.is_dir():
+        raise DownloadError(
+            f"data.kaggle_dataset={handle!r}: kagglehub returned {folder}, not a folder"
+        )
+    return folder
+
+
+# ------------------------------------------------------------------ hugging face
+
+
+def hf_url(data: DataParams, filename: str) -> str:
+    """The plain-HTTPS URL of one file at the pinned revision (no hub client needed)."""
+    endpoint = data.hf_endpoint.rstrip("/")
+    revision = urllib.parse.quote(data.hf_revision, safe="")
+    return f"{endpoint}/datasets/{data.hf_repo}/resolve/{revision}/data/{filename}"
+
+
+def parquet_label_names(schema_metadata: dict[bytes, bytes] | None) -> list[str] | None:
+    """ClassLabel names (in id order) from a ``datasets`` parquet export, if recorded."""
+    raw = (schema_metadata or {}).get(b"huggingface")
+    if not raw:
+        return None
+    try:
+        features = json.loads(raw).get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return None
+    names = features.get("label", {}).get("names") if isinstance(features, dict) else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+def label_table(names: list[str], base: BaseParams, where: str) -> list[str]:
+    """Map label names (index = label id) onto base.classes, one to one, or refuse.
+
+    Ids are never trusted by position: a revision that renames, merges or drops classes
+    (e.g. a 3-class "Demented / Non / Very mild" relabelling) would otherwise silently
+    train on the wrong labels.
+    """
+    mapped = [base.canonical_label(n) for n in names]
+    unmapped = [n for n, m in zip(names, mapped, strict=True) if m is None]
+    dupes = sorted({m for m in mapped if m is not None and mapped.count(m) > 1})
+    missing = [c for c in base.classes if c not in mapped]
+    if unmapped or dupes or missing:
+        problems = []
+        if unmapped:
+            problems.append(f"no class for {unmapped}")
+        if dupes:
+            problems.append(f"several labels map to {dupes}")
+        if missing:
+            problems.append(f"no label for {missing}")
+        raise DownloadError(
+            f"{where}: label names {names} do not map one-to-one onto base.classes "
+            f"{base.classes} ({'; '.join(problems)}). The dataset's label set differs from "
+            "this project's: pin data.hf_revision to a revision with the 4 original classes, "
+            "or add base.class_aliases for renamed labels"
+        )
+    return [m for m in mapped if m is not None]
+
+
+_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"))
+
+
+def _image_suffix(blob: bytes, original: str | None) -> str:
+    for magic, suffix in _MAGIC:
+        if blob.startswith(magic):
+            return suffix
+    suffix = Path(original or "").suffix.lower()
+    # Unknown bytes keep a non-image suffix so validation reports them, not Pillow later.
+    return suffix if suffix in IMAGE_SUFFIXES else ".bin"
+
+
+def extract_parquet(
+    parquet: Path, filename: str, staging: Path, base: BaseParams, fallback_names: list[str]
+) -> list[RawRecord]:
+    """Write each row's image bytes to ``staging/images/<split>/<Class>/`` by label name."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    where = f"data.hf_files[{filename!r}]"
+    try:
+        pf = pq.ParquetFile(parquet)
+    except Exception as exc:  # pyarrow raises several types for bad files
+        raise DownloadError(f"{where}: not a readable parquet file ({exc})") from None
+    columns = pf.schema_arrow.names
+    if "image" not in columns or "label" not in columns:
+        raise DownloadError(
+            f"{where}: expected columns 'image' and 'label', found {columns}; is this the "
+            "Hugging Face image-classification layout?"
+        )
+    names = parquet_label_names(pf.schema_arrow.metadata)
+    origin = "ClassLabel names in the parquet metadata"
+    if names is None:
+        names, origin = list(fallback_names), "data.hf_label_names"
+    classes = label_table(names, base, f"{where} ({origin})")
+    if names != list(fallback_names):
+        warnings.warn(
+            f"{where}: parquet label names {names} differ from data.hf_label_names "
+            f"{list(fallback_names)}; using the file's own names",
+            UserWarning,
+            stacklevel=2,
+        )
+    split = SPLIT_NAMES.get(filename.split("-", 1)[0].lower(), "")
+    stem = filename.split("-of-")[0] if "-of-" in filename else Path(filename).stem
+    records: list[RawRecord] = []
+    row = 0
+    with tqdm(
+        total=pf.metadata.num_rows, desc=f"unpack {filename}", unit="img", disable=None, leave=False
+    ) as bar:
+        for batch in pf.iter_batches(batch_size=256, columns=["image", "label"]):
+            for item in batch.to_pylist():
+                records.append(_write_row(item, row, where, names, classes, staging, split, stem))
+                row += 1
+                bar.update(1)
+    if not records:
+        raise DownloadError(f"{where}: the parquet file has no rows")
+    return records
+
+
+def _write_row(
+    item: dict,
+    row: int,
+    where: str,
+    names: list[str],
+    classes: list[str],
+    staging: Path,
+    split: str,
+    stem: str,
+) -> RawRecord:
+    label_id = item.get("label")
+    if not isinstance(label_id, int) or not 0 <= label_id < len(classes):
+        raise DownloadError(
+            f"{where}: row {row} has label {label_id!r}, not an id in 0..{len(classes) - 1} "
+            f"of {names}"
+        )
+    image = item.get("image")
+    blob = image.get("bytes") if isinstance(image, dict) else image
+    if not isinstance(blob, bytes) or not blob:
+        raise DownloadError(
+            f"{where}: row {row} has no embedded image bytes (image={str(image)[:80]!r}); "
+            "only parquet files with the images inside are supported"
+        )
+    original = image.get("path") if isinstance(image, dict) else None
+    target = staging / "images" / (split or ".") / classes[label_id]
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"{stem}_{row:05d}{_image_suffix(blob, original)}"
+    path.write_bytes(blob)
+    return RawRecord(path=path, label=classes[label_id], source_split=split)
+
+
+def collect_huggingface(
+    data: DataParams, base: BaseParams, paths: Paths, staging: Path
+) -> list[RawRecord]:
+    """Fetch each pinned parquet file over HTTPS and unpack its rows by label name."""
+    records: list[RawRecord] = []
+    for filename, digest in data.hf_files.items():
+        url = hf_url(data, filename)
+        local = fetch(
+            url,
+            paths.cache / "downloads",
+            digest,
+            key=f"data.hf_files[{filename!r}]",
+            sha_key=f"data.hf_files[{filename!r}]",
+        )
+        if digest is None:
+            warnings.warn(
+                f"data.hf_files[{filename!r}] is not pinned; downloaded sha256 is "
+                f"{sha256_file(local)}: put it in params.yaml to pin this file",
+                UserWarning,
+                stacklevel=2,
+            )
+        records += extract_parquet(local, filename, staging, base, data.hf_label_names)
+    return records
+
+
 # ------------------------------------------------------------------ stage
 
 
@@ -295,7 +583,9 @@ def collect(params: Params, paths: Paths, staging: Path) -> list[RawRecord]:
     if data.source == "demo":
         from alzstage.data.demo import generate_demo
 
-        records = generate_demo(
+        # The generator writes straight into the staging dir, so its records already
+        # point there.
+        return generate_demo(
             staging / "images",
             classes=base.classes,
             subjects_per_class=data.demo.subjects_per_class,
@@ -303,16 +593,22 @@ def collect(params: Params, paths: Paths, staging: Path) -> list[RawRecord]:
             image_size=base.image_size,
             seed=base.seed,
         )
-        # The generator writes into the staging dir; rebase records onto it.
-        return records
+    if data.source == "kaggle":
+        return place_images(download_kaggle(data.kaggle_dataset), staging, base, move=False)
+    if data.source == "huggingface":
+        return collect_huggingface(data, base, paths, staging)
     assert data.path is not None  # enforced by DataParams
     if data.source == "folder":
         folder = Path(data.path).expanduser()
+        if not folder.is_absolute():
+            folder = paths.root / folder
         if not folder.is_dir():
             raise DownloadError(f"data.path: {folder} is not a directory of class folders")
         return place_images(folder, staging, base, move=False)
-    archive = fetch(data.path, paths.cache / "downloads", data.sha256)
-    limits = ArchiveLimits(max_total_bytes=data.max_extract_bytes, max_ratio=data.max_compression_ratio)
+    archive = fetch(data.path, paths.cache / "downloads", data.sha256, base_dir=paths.root)
+    limits = ArchiveLimits(
+        max_total_bytes=data.max_extract_bytes, max_ratio=data.max_compression_ratio
+    )
     unpack = staging.parent / f".{staging.name}.unpack"
     if unpack.exists():
         shutil.rmtree(unpack)

@@ -8,6 +8,7 @@ the tail on cached activations — the same function, a fraction of the compute.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ FINAL_BLOCK = {
 
 @keras.saving.register_keras_serializable(package="alzstage")
 class GrayscaleToBackbone(layers.Layer):
-    """Replicate a 1-channel 0–255 image to 3 channels and apply the backbone's scaling.
+    """Replicate a 1-channel 0-255 image to 3 channels and apply the backbone's scaling.
 
     Living inside the model means a saved model carries its own preprocessing: a caller
     feeds raw grayscale pixels and cannot forget (or duplicate) the normalisation.
@@ -91,7 +92,7 @@ def build_backbone(params: ModelParams) -> keras.Model:
     if params.weights == "imagenet":
         try:
             return ctor(include_top=False, weights="imagenet", input_shape=shape)
-        except Exception as exc:  # noqa: BLE001 - network, HTTP and file errors all land here
+        except Exception as exc:
             raise WeightsError(
                 f"model.weights: 'imagenet' could not be loaded for {params.backbone} ({exc}). "
                 f"Keras looks for the cached file {keras_cache_file(params.backbone)}; copy it "
@@ -104,13 +105,27 @@ def build_backbone(params: ModelParams) -> keras.Model:
             f"{ctor_name}(include_top=False) backbone, or use 'imagenet' or 'none'"
         )
     model = ctor(include_top=False, weights=None, input_shape=shape)
-    try:
-        model.load_weights(str(path))
-    except Exception as exc:  # noqa: BLE001
+    # Keras warns and keeps fresh random weights for layers it cannot match; for us that
+    # would be a silent fallback, so any such warning is an error.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(str(path))
+        except Exception as exc:
+            raise WeightsError(
+                f"model.weights: {path} does not fit {ctor_name}(include_top=False, "
+                f"input_shape={shape}) ({exc})"
+            ) from None
+    partial = [
+        str(w.message)
+        for w in caught
+        if "weights" in str(w.message).lower() or "skipping" in str(w.message).lower()
+    ]
+    if partial:
         raise WeightsError(
-            f"model.weights: {path} does not fit {ctor_name}(include_top=False, "
-            f"input_shape={shape}) ({exc})"
-        ) from None
+            f"model.weights: {path} only partly fits {ctor_name}(include_top=False): "
+            f"{partial[0][:200]}"
+        )
     return model
 
 
@@ -142,7 +157,9 @@ def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
         [
             layers.GlobalAveragePooling2D(name="pool"),
             layers.Dropout(params.dropout, seed=seed, name="dropout_1"),
-            layers.Dense(params.dense_units, activation="relu", kernel_initializer=init, name="dense"),
+            layers.Dense(
+                params.dense_units, activation="relu", kernel_initializer=init, name="dense"
+            ),
             layers.Dropout(params.dropout, seed=seed + 1, name="dropout_2"),
             layers.Dense(n_classes, activation="softmax", kernel_initializer=init, name="probs"),
         ],

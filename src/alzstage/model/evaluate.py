@@ -7,8 +7,6 @@ without its caveat.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -27,7 +25,7 @@ def evaluate_predictions(y: np.ndarray, probs: np.ndarray, classes: list[str]) -
         cm_norm = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True))
     return {
         **summary_metrics(y, pred, len(classes)),
-        "n_test": int(len(y)),
+        "n_test": len(y),
         "per_class": per_class_metrics(y, pred, classes),
         "confusion_matrix": cm.tolist(),
         "confusion_matrix_normalized": np.round(cm_norm, 4).tolist(),
@@ -54,7 +52,9 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
 
     paths.plots.mkdir(parents=True, exist_ok=True)
     pred = probs.argmax(axis=1)
-    conf = pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]})
+    conf = pd.DataFrame(
+        {"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}
+    )
     conf_file = paths.plots / "confusion.csv"
     with atomic_path(conf_file) as tmp:
         conf.to_csv(tmp, index=False)
@@ -73,9 +73,14 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     return StageResult(
         metrics=metrics,
         artifacts=[paths.metrics, conf_file, pred_file],
-        tags={"split.strategy": report["split_strategy"], "split.leaky": str(report["split_leaky"]),
-              "split.fingerprint": report["split_fingerprint"]},
-        summary=(f"test balanced accuracy {report['balanced_accuracy']:.3f}, macro-F1 "
-                 f"{report['macro_f1']:.3f}, accuracy {report['accuracy']:.3f} on "
-                 f"{report['n_test']} slices, split={report['split_strategy']}{leak}"),
+        tags={
+            "split.strategy": report["split_strategy"],
+            "split.leaky": str(report["split_leaky"]),
+            "split.fingerprint": report["split_fingerprint"],
+        },
+        summary=(
+            f"test balanced accuracy {report['balanced_accuracy']:.3f}, macro-F1 "
+            f"{report['macro_f1']:.3f}, accuracy {report['accuracy']:.3f} on "
+            f"{report['n_test']} slices, split={report['split_strategy']}{leak}"
+        ),
     )

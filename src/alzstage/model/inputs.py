@@ -29,7 +29,9 @@ def to_model_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     elif arr.ndim == 2:
         if arr.dtype != np.uint8:
             lo, hi = float(np.min(arr)), float(np.max(arr))
-            arr = ((arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)).astype(np.uint8)
+            arr = ((arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)).astype(
+                np.uint8
+            )
         im = Image.fromarray(arr)
     else:
         raise ImageReadError(f"expected a 2D grayscale or HxWxC image array, got shape {arr.shape}")
@@ -48,7 +50,9 @@ def load_gray(path: Path, size: tuple[int, int]) -> np.ndarray:
             im.load()
             gray = im.convert("L")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageReadError(f"{path}: not a readable image ({exc}); expected JPEG or PNG") from None
+        raise ImageReadError(
+            f"{path}: not a readable image ({exc}); expected JPEG or PNG"
+        ) from None
     return to_model_array(np.asarray(gray), size)
 
 

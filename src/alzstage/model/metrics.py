@@ -19,19 +19,27 @@ def summary_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> d
         # Balanced accuracy averages recall over classes present in y_true only; a class
         # with no test subjects cannot be scored and is reported as such elsewhere.
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if present else 0.0,
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present or labels, average="macro",
-                                   zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=present or labels, average="macro", zero_division=0)
+        ),
     }
 
 
-def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
+def per_class_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]
+) -> dict[str, dict[str, float]]:
     from sklearn.metrics import precision_recall_fscore_support
 
     p, r, f, s = precision_recall_fscore_support(
         y_true, y_pred, labels=list(range(len(classes))), zero_division=0
     )
     return {
-        c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        c: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
         for i, c in enumerate(classes)
     }
 

@@ -105,8 +105,12 @@ def predict_files(model: LoadedModel, files: list[Path], low_confidence: float) 
     if arrays:
         probs = model.predict(np.stack(arrays))
         for f, p in zip(good, probs, strict=True):
-            row = {"file": str(f), "stage": model.classes[int(p.argmax())],
-                   "confidence": float(p.max()), "error": ""}
+            row = {
+                "file": str(f),
+                "stage": model.classes[int(p.argmax())],
+                "confidence": float(p.max()),
+                "error": "",
+            }
             row.update({c: float(v) for c, v in zip(model.classes, p, strict=True)})
             rows.append(row)
     df = pd.DataFrame(rows)

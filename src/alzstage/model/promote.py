@@ -22,25 +22,38 @@ class Decision:
     reason: str
 
 
-def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, metric: str,
-           min_improvement: float, allow_leaky: bool) -> Decision:
+def decide(
+    challenger: dict[str, Any],
+    champion: dict[str, Any] | None,
+    metric: str,
+    min_improvement: float,
+    allow_leaky: bool,
+) -> Decision:
     """Pure decision from the two models' registry tags (strings, as MLflow stores them)."""
     if challenger.get("split_leaky") == "True" and not allow_leaky:
-        return Decision(False, "challenger was evaluated on a leaky (slice-level) split; set "
-                               "promote.allow_leaky: true to allow it to become champion")
+        return Decision(
+            False,
+            "challenger was evaluated on a leaky (slice-level) split; set "
+            "promote.allow_leaky: true to allow it to become champion",
+        )
     if champion is None:
         return Decision(True, "no champion yet")
     if champion.get("split_fingerprint") != challenger.get("split_fingerprint"):
-        return Decision(False, "champion and challenger were evaluated on different test splits "
-                               f"({champion.get('split_fingerprint', '?')[:12]} vs "
-                               f"{challenger.get('split_fingerprint', '?')[:12]}); not comparable")
+        return Decision(
+            False,
+            "champion and challenger were evaluated on different test splits "
+            f"({champion.get('split_fingerprint', '?')[:12]} vs "
+            f"{challenger.get('split_fingerprint', '?')[:12]}); not comparable",
+        )
     try:
         new, old = float(challenger[metric]), float(champion[metric])
     except (KeyError, ValueError):
         return Decision(False, f"champion has no {metric!r} tag; promote by hand if intended")
     if new > old + min_improvement:
         return Decision(True, f"{metric} {new:.4f} > champion {old:.4f} + {min_improvement}")
-    return Decision(False, f"{metric} {new:.4f} does not beat champion {old:.4f} + {min_improvement}")
+    return Decision(
+        False, f"{metric} {new:.4f} does not beat champion {old:.4f} + {min_improvement}"
+    )
 
 
 def run_promote(params: Params, paths: Paths) -> StageResult:
@@ -59,8 +72,9 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
     mv = tracking.register(train_run["model_uri"], p.model_name, tags)
     tracking.set_alias(p.model_name, tracking.ALIAS_CHALLENGER, mv.version)
     champ = tracking.get_alias_version(p.model_name, tracking.ALIAS_CHAMPION)
-    decision = decide(tags, dict(champ.tags) if champ else None, p.metric, p.min_improvement,
-                      p.allow_leaky)
+    decision = decide(
+        tags, dict(champ.tags) if champ else None, p.metric, p.min_improvement, p.allow_leaky
+    )
     if decision.promote:
         tracking.set_alias(p.model_name, tracking.ALIAS_CHAMPION, mv.version)
     report = {
@@ -71,7 +85,9 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
         "metric": p.metric,
         "challenger_value": float(tags[p.metric]),
         "champion_version_before": int(champ.version) if champ else None,
-        "champion_version": int(mv.version) if decision.promote else (int(champ.version) if champ else None),
+        "champion_version": int(mv.version)
+        if decision.promote
+        else (int(champ.version) if champ else None),
         "model_uri": tracking.alias_uri(p.model_name, tracking.ALIAS_CHAMPION),
     }
     write_json(paths.promotion, report)

@@ -18,8 +18,13 @@ import pandas as pd
 from alzstage.model.inputs import to_model_array
 
 
-def probabilities(model: Any, images: np.ndarray, size: tuple[int, int], temperature: float = 1.0,
-                  batch_size: int = 64) -> np.ndarray:
+def probabilities(
+    model: Any,
+    images: np.ndarray,
+    size: tuple[int, int],
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Softmax probabilities for uint8 (N, H, W) images, resized to ``size`` if needed."""
     arr = np.asarray(images)
     if arr.ndim == 2:
@@ -91,6 +96,6 @@ def _requirements() -> list[str]:
     reqs = [f"{p}=={version(p)}" for p in pkgs]
     try:
         reqs.append(f"tensorflow-cpu=={version('tensorflow-cpu')}")
-    except Exception:  # noqa: BLE001
+    except Exception:
         reqs.append(f"tensorflow=={version('tensorflow')}")
     return reqs

@@ -31,8 +31,16 @@ from alzstage.result import StageResult
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.tracking import StageRun
 
-HISTORY_COLUMNS = ["epoch", "phase", "loss", "val_loss", "val_accuracy",
-                   "val_balanced_accuracy", "val_macro_f1", "learning_rate"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "phase",
+    "loss",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_macro_f1",
+    "learning_rate",
+]
 
 
 def class_weights(labels: np.ndarray, classes: list[str], spec: Any) -> dict[int, float] | None:
@@ -80,9 +88,17 @@ class PhaseResult:
     samples: int = 0
 
 
-def _make_callback(x_val: np.ndarray, y_val: np.ndarray, n_classes: int, monitor: str,
-                   patience: int, phase: str, offset: int, tracker: StageRun | None,
-                   batch_size: int) -> Any:
+def _make_callback(
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    monitor: str,
+    patience: int,
+    phase: str,
+    offset: int,
+    tracker: StageRun | None,
+    batch_size: int,
+) -> Any:
     import keras
 
     class SelectOnBalancedMetrics(keras.callbacks.Callback):
@@ -114,8 +130,9 @@ def _make_callback(x_val: np.ndarray, y_val: np.ndarray, n_classes: int, monitor
             }
             self.result.history.append(row)
             if tracker is not None:
-                tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")},
-                                    step=row["epoch"])
+                tracker.log_metrics(
+                    {k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=row["epoch"]
+                )
             current = row[monitor]
             if current > self.result.best:
                 self.result.best = current
@@ -133,22 +150,50 @@ def _make_callback(x_val: np.ndarray, y_val: np.ndarray, n_classes: int, monitor
     return SelectOnBalancedMetrics()
 
 
-def fit_phase(model: Any, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
-              lr: float, epochs: int, params: Params, phase: str, offset: int,
-              tracker: StageRun | None, cw: dict[int, float] | None) -> PhaseResult:
+def fit_phase(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    lr: float,
+    epochs: int,
+    params: Params,
+    phase: str,
+    offset: int,
+    tracker: StageRun | None,
+    cw: dict[int, float] | None,
+) -> PhaseResult:
     """Compile and fit one phase; best weights (by balanced metric) are restored."""
     import keras
 
     steps = max(1, int(np.ceil(len(x) / params.train.batch_size))) * epochs
     schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.1)
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
     monitor = params.train.monitor
-    cb = _make_callback(x_val, y_val, len(params.base.classes), monitor, params.train.patience,
-                        phase, offset, tracker, params.train.batch_size)
+    cb = _make_callback(
+        x_val,
+        y_val,
+        len(params.base.classes),
+        monitor,
+        params.train.patience,
+        phase,
+        offset,
+        tracker,
+        params.train.batch_size,
+    )
     t0 = time.perf_counter()
-    model.fit(x, y, batch_size=params.train.batch_size, epochs=epochs, class_weight=cw,
-              shuffle=True, verbose=0, callbacks=[cb])
+    model.fit(
+        x,
+        y,
+        batch_size=params.train.batch_size,
+        epochs=epochs,
+        class_weight=cw,
+        shuffle=True,
+        verbose=0,
+        callbacks=[cb],
+    )
     cb.result.seconds = time.perf_counter() - t0
     cb.result.samples = len(x) * len(cb.result.history)
     return cb.result
@@ -158,8 +203,14 @@ def _predict(fn: Any, x: np.ndarray, batch: int) -> np.ndarray:
     return np.asarray(fn.predict(x, batch_size=batch, verbose=0))
 
 
-def train_model(params: Params, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                tracker: StageRun | None = None) -> tuple[Any, dict[str, Any]]:
+def train_model(
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    tracker: StageRun | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """Train on uint8 (N, H, W) images; returns the full Keras model and a summary."""
     import keras
 
@@ -171,8 +222,10 @@ def train_model(params: Params, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
     cw = class_weights(y, classes, params.train.class_weight)
     x4, xv4 = x[..., None].astype("float32"), x_val[..., None].astype("float32")
     bs = params.train.batch_size
-    summary: dict[str, Any] = {"strategy": type(strategy).__name__,
-                               "replicas": int(strategy.num_replicas_in_sync)}
+    summary: dict[str, Any] = {
+        "strategy": type(strategy).__name__,
+        "replicas": int(strategy.num_replicas_in_sync),
+    }
     t_start = time.perf_counter()
     with strategy.scope():
         net = build_network(params.model, len(classes), params.base.seed)
@@ -189,9 +242,20 @@ def train_model(params: Params, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
         for layer in net.head.layers[1:]:
             h = layer(h)
         head_model = keras.Model(head_in, h)
-        phase1 = fit_phase(head_model, f_train, y, f_val, y_val, lr=params.train.learning_rate,
-                           epochs=params.train.epochs, params=params, phase="head", offset=0,
-                           tracker=tracker, cw=cw)
+        phase1 = fit_phase(
+            head_model,
+            f_train,
+            y,
+            f_val,
+            y_val,
+            lr=params.train.learning_rate,
+            epochs=params.train.epochs,
+            params=params,
+            phase="head",
+            offset=0,
+            tracker=tracker,
+            cw=cw,
+        )
         history = list(phase1.history)
         phases = {"head": phase1}
         if cut is not None and params.train.fine_tune_epochs > 0:
@@ -206,7 +270,8 @@ def train_model(params: Params, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
                 net.backbone.trainable = True
                 for layer in net.backbone.layers:
                     layer.trainable = layer in tail.layers and not isinstance(
-                        layer, keras.layers.BatchNormalization)
+                        layer, keras.layers.BatchNormalization
+                    )
                 trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
                 t0 = time.perf_counter()
                 a_train, a_val = _predict(trunk_fn, x4, bs), _predict(trunk_fn, xv4, bs)
@@ -214,10 +279,20 @@ def train_model(params: Params, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
                 summary["cut_cache_mb"] = (a_train.nbytes + a_val.nbytes) / 2**20
                 cut_in = keras.Input(a_train.shape[1:])
                 tail_model = keras.Model(cut_in, net.head(tail(cut_in)))
-            phase2 = fit_phase(tail_model, a_train, y, a_val, y_val,
-                               lr=params.train.fine_tune_learning_rate,
-                               epochs=params.train.fine_tune_epochs, params=params,
-                               phase="fine_tune", offset=len(history), tracker=tracker, cw=cw)
+            phase2 = fit_phase(
+                tail_model,
+                a_train,
+                y,
+                a_val,
+                y_val,
+                lr=params.train.fine_tune_learning_rate,
+                epochs=params.train.fine_tune_epochs,
+                params=params,
+                phase="fine_tune",
+                offset=len(history),
+                tracker=tracker,
+                cw=cw,
+            )
             history += phase2.history
             phases["fine_tune"] = phase2
     summary["train_seconds"] = time.perf_counter() - t_start
@@ -242,7 +317,9 @@ def save_model_atomic(model: Any, target: Path) -> None:
             tmp.unlink()
 
 
-def load_split_images(paths: Paths, params: Params, which: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+def load_split_images(
+    paths: Paths, params: Params, which: str
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
     rows = split[split["split"] == which].reset_index(drop=True)
     if rows.empty:
@@ -266,9 +343,12 @@ def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageRe
     paths.plots.mkdir(parents=True, exist_ok=True)
     hist_file = paths.plots / "train_history.csv"
     history.to_csv(hist_file, index=False)
-    summary["n_train_samples"] = int(len(x))
-    summary["n_val"] = int(len(x_val))
+    summary["n_train_samples"] = len(x)
+    summary["n_val"] = len(x_val)
     write_json(paths.train_report, summary)
     metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-    return StageResult(metrics=metrics, artifacts=[paths.train_report, hist_file],
-                       summary=f"trained on {len(x)} samples in {summary['train_seconds']:.1f}s")
+    return StageResult(
+        metrics=metrics,
+        artifacts=[paths.train_report, hist_file],
+        summary=f"trained on {len(x)} samples in {summary['train_seconds']:.1f}s",
+    )

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny images made on the fly, a Kaggle-shaped tree, a local HTTP server.
+
+Tests never touch real data or the network: everything here is generated in ``tmp_path``
+and served from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
+
+
+def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (24, 20)) -> Path:
+    """A small grayscale JPEG whose pixels depend on ``seed`` (distinct files, distinct hashes)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(path, format="JPEG")
+    return path
+
+
+@pytest.fixture
+def kaggle_tree(tmp_path: Path) -> Path:
+    """``Alzheimer_s Dataset/{train,test}/<Class>/*.jpg`` like the Kaggle zip; 3 + 1 per class."""
+    root = tmp_path / "kaggle"
+    seed = 0
+    for split, n in (("train", 3), ("test", 1)):
+        for cls in CLASSES:
+            for i in range(n):
+                write_jpeg(root / "Alzheimer_s Dataset" / split / cls / f"{i}.jpg", seed)
+                seed += 1
+    return root
+
+
+@dataclass
+class LocalServer:
+    """A static file server on 127.0.0.1 that counts the requests it answers, per path."""
+
+    root: Path
+    url: str
+    requests: Counter = field(default_factory=Counter)
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[LocalServer]:
+    root = tmp_path / "www"
+    root.mkdir()
+    server_ref: dict[str, LocalServer] = {}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            server_ref["s"].requests[self.path] += 1
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:  # keep pytest output clean
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+    )
+    server = LocalServer(root=root, url=f"http://127.0.0.1:{httpd.server_address[1]}")
+    server_ref["s"] = server
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

@@ -1,0 +1,201 @@
+"""End to end: a copy of the repo, real ``dvc repro`` on a tiny demo sample, real MLflow.
+
+This is the test a new user's first five minutes depend on: the pipeline runs from a
+clean checkout, logs every stage, registers a champion, is a no-op the second time, and
+re-runs only what a param change touches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "base": {"image_size": [64, 64]},
+    "data": {"demo": {"subjects_per_class": [4, 4, 3, 3], "slices_per_subject": 4}},
+    "split": {"min_subjects_per_class": 3},
+    "augment": {"views": 1, "preview_count": 2},
+    "model": {"weights": "none", "input_size": [64, 64], "dense_units": 16},
+    "train": {"epochs": 1, "fine_tune_epochs": 0, "batch_size": 16},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = (
+            _merge(base.get(k, {}), v)
+            if isinstance(v, dict) and isinstance(base.get(k), dict)
+            else v
+        )
+    return out
+
+
+def _run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ALZSTAGE_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, **kw)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git+DVC checkout of the repo with tiny params, after one ``dvc repro``."""
+    dest = tmp_path_factory.mktemp("repo") / "alzstage"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = _merge(yaml.safe_load((dest / "params.yaml").read_text()), TINY)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], dest)
+    _run(["git", "add", "-A"], dest)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
+    _run(["dvc", "repro"], dest)
+    return dest
+
+
+def test_outputs_exist(project: Path) -> None:
+    for rel in [
+        "data/raw/manifest.csv",
+        "data/interim/manifest.csv",
+        "data/processed/split.csv",
+        "data/processed/augmented/train.npz",
+        "models/model.keras",
+        "models/train_run.json",
+        "reports/metrics.json",
+        "reports/validation.json",
+        "reports/split.json",
+        "reports/promotion.json",
+        "reports/plots/train_history.csv",
+        "reports/plots/confusion.csv",
+        "reports/figures/augment_preview.png",
+    ]:
+        assert (project / rel).exists(), rel
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"):
+        assert key in metrics
+    cm = metrics["confusion_matrix"]
+    assert sum(map(sum, cm)) == metrics["n_test"] > 0
+    assert metrics["split_strategy"] == "subject" and metrics["split_leaky"] is False
+
+
+def test_every_stage_logged_under_one_pipeline_id(project: Path) -> None:
+    db = sqlite3.connect(project / "mlflow.db")
+    rows = db.execute(
+        "SELECT r.name, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+        "WHERE t.key = 'alzstage.pipeline_id'"
+    ).fetchall()
+    stages = {name for name, _ in rows}
+    assert stages == {"download", "validate", "split", "augment", "train", "evaluate", "promote"}
+    assert len({pid for _, pid in rows}) == 1, rows
+    tags = dict(
+        db.execute(
+            "SELECT t.key, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE r.name = 'train'"
+        ).fetchall()
+    )
+    assert tags["mlflow.source.git.commit"] != "unknown"
+    assert any(k.startswith("dvc.dep.data/processed/augmented") for k in tags)
+    assert (project / "mlruns").is_dir()
+
+
+def test_registry_has_champion(project: Path) -> None:
+    code = (
+        "import mlflow, json;"
+        f"mlflow.set_tracking_uri('sqlite:///{project / 'mlflow.db'}');"
+        "c = mlflow.MlflowClient();"
+        "mv = c.get_model_version_by_alias('alzstage', 'champion');"
+        "ch = c.get_model_version_by_alias('alzstage', 'challenger');"
+        "print(json.dumps([mv.version, ch.version, mv.tags.get('split_fingerprint', '')]))"
+    )
+    out = _run([sys.executable, "-c", code], project).stdout.strip().splitlines()[-1]
+    champion, challenger, fingerprint = json.loads(out)
+    assert str(champion) == str(challenger) == "1"
+    split = json.loads((project / "reports/split.json").read_text())
+    assert fingerprint == split["fingerprint"]
+    promo = json.loads((project / "reports/promotion.json").read_text())
+    assert promo["promoted"] is True and promo["version"] == 1
+
+
+def test_second_repro_is_noop_and_metrics_show(project: Path) -> None:
+    out = _run(["dvc", "repro"], project).stdout
+    assert "didn't change" in out or "up to date" in out, out
+    assert "Running stage" not in out
+    shown = _run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "balanced_accuracy" in shown
+    plots = _run(["dvc", "plots", "show", "--json"], project).stdout
+    assert "train_history" in plots and "confusion" in plots
+
+
+def test_epochs_change_reruns_only_downstream(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run(["dvc", "status", "--json"], project).stdout
+    changed = set(json.loads(status))
+    assert changed == {"train"}, changed  # dvc status lists only stages whose own deps changed
+    dry = _run(["dvc", "repro", "--dry"], project).stdout
+    ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate", "promote"}, dry
+
+
+def test_predict_prints_stage(project: Path) -> None:
+    img = next((project / "data/raw/images").rglob("*.jpg"))
+    out = _run(["alzstage", "predict", str(img), "--format", "json"], project).stdout
+    payload = json.loads(out[out.index("{") :])
+    pred = payload["predictions"][0]
+    assert payload["model"] == "models:/alzstage@champion"
+    assert pred["stage"] in TINY_CLASSES
+    assert abs(sum(pred[c] for c in TINY_CLASSES) - 1.0) < 1e-4
+
+
+TINY_CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
+
+
+def test_bad_param_names_key(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["split"]["strategy"] = "random"
+    bad = project / "params.yaml"
+    good = bad.read_text()
+    bad.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        proc = subprocess.run(
+            [str(BIN / "alzstage"), "split"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        bad.write_text(good)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "split.strategy" in err[0] and "'subject'" in err[0], proc.stderr

@@ -1,0 +1,120 @@
+"""Tracking store location, run tagging, and registry calls against a real MLflow server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from alzstage import tracking
+from alzstage.config import Params, tracking_home
+
+
+def test_tracking_home_escapes_dvc_experiment_copies(tmp_path):
+    repo = tmp_path / "repo"
+    assert tracking_home(repo) == repo.resolve()
+    exp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    assert tracking_home(exp_copy) == repo.resolve()
+
+
+def test_tracking_uri_is_absolute_sqlite_unless_overridden(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.tracking_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.artifact_root(tmp_path) == (tmp_path.resolve() / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert tracking.artifact_root(tmp_path) is None
+
+
+def test_pipeline_id_env_override(monkeypatch):
+    monkeypatch.setenv("ALZSTAGE_PIPELINE_ID", "fixed-id")
+    assert tracking.pipeline_id() == "fixed-id"
+    monkeypatch.delenv("ALZSTAGE_PIPELINE_ID")
+    assert tracking.pipeline_id().startswith("adhoc-")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` process on 127.0.0.1 with a sqlite store."""
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+            if proc.poll() is not None:
+                raise RuntimeError((tmp_path / "server.log").read_text())
+        else:
+            raise RuntimeError("mlflow server did not become healthy in 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.integration
+def test_stage_run_and_registry_over_http(mlflow_server, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("ALZSTAGE_PIPELINE_ID", "server-test")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    params = Params()
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    with tracking.stage_run("train", params, tmp_path, ["train"]) as run:
+        run.log_metrics({"val_balanced_accuracy": 0.5}, step=1)
+        info = mlflow.pyfunc.log_model(name="model", python_model=Echo())
+    assert mlflow.get_tracking_uri() == mlflow_server
+    v1 = tracking.register(info.model_uri, "alzstage-test", {"balanced_accuracy": "0.5"})
+    tracking.set_alias("alzstage-test", tracking.ALIAS_CHAMPION, v1.version)
+    v2 = tracking.register(info.model_uri, "alzstage-test", {"balanced_accuracy": "0.6"})
+    tracking.set_alias("alzstage-test", tracking.ALIAS_CHALLENGER, v2.version)
+
+    champ = tracking.get_alias_version("alzstage-test", "champion")
+    chall = tracking.get_alias_version("alzstage-test", "challenger")
+    assert (champ.version, chall.version) == ("1", "2")
+    assert tracking.get_alias_version("alzstage-test", "missing") is None
+    got = mlflow.get_run(run.run_id)
+    assert got.data.tags["alzstage.pipeline_id"] == "server-test"
+    assert got.data.tags["alzstage.stage"] == "train"
+    assert got.data.params["train.epochs"] == str(params.train.epochs)
+    loaded = mlflow.pyfunc.load_model(tracking.alias_uri("alzstage-test", "champion"))
+    assert loaded is not None
