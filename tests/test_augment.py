@@ -14,6 +14,7 @@ from alzstage.data.augment import (
     build_views,
     plan_views,
     preview_grid,
+    preview_indices,
     run_augment,
 )
 
@@ -76,11 +77,17 @@ def test_balance_skips_empty_classes_and_none_adds_nothing() -> None:
 def test_preview_grid_shape() -> None:
     x, y = images(5), np.zeros(5, np.int64)
     all_x, _, source = build_views(x, y, AugmentParams(views=2), seed=0, n_classes=4)
-    grid = preview_grid(all_x, source, n_orig=5, count=3)
+    grid = preview_grid(all_x, source, n_orig=5, picks=[0, 1, 2])
     assert grid.shape == (3 * 40, 4 * 32)  # rows of [original | up to 3 views], zero-padded
     np.testing.assert_array_equal(grid[:40, :32], x[0])
     assert (grid[:40, 3 * 32 :] == 0).all()  # only 2 views: last tile is padding
-    assert preview_grid(all_x, source, n_orig=5, count=9).shape == (5 * 40, 4 * 32)
+
+
+def test_preview_covers_every_class() -> None:
+    y = np.array([0] * 10 + [1] * 3 + [3] * 2)
+    picks = preview_indices(y, 6)
+    assert len(picks) == 6 and {int(y[i]) for i in picks} == {0, 1, 3}
+    assert len(preview_indices(y, 50)) == len(y)
 
 
 def test_run_augment_uses_only_training_rows(tmp_path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import sys
 import tarfile
@@ -576,3 +577,45 @@ def test_label_table_maps_by_name_not_position() -> None:
     ]
     adni = BaseParams(classes=["CN", "MCI", "LMCI", "AD"])
     assert label_table(["AD", "cn", "lmci", "mci"], adni, "x") == ["AD", "CN", "LMCI", "MCI"]
+
+
+def test_huggingface_from_a_local_folder(tmp_path: Path) -> None:
+    """Where huggingface.co is unreachable: parquet files copied by hand into data.path."""
+    folder = tmp_path / "proj" / "inbox"
+    digest = sha256_file(write_hf_parquet(folder / TRAIN_FILE, [0, 1, 2, 3], HF_NAMES))
+    paths = Paths(tmp_path / "proj")
+    params = params_for(source="huggingface", path="inbox", hf_files={TRAIN_FILE: digest})
+    run_download(params, paths)
+    assert len(assert_labels_by_name(paths)) == 4
+    wrong = params_for(source="huggingface", path="inbox", hf_files={TRAIN_FILE: "0" * 64})
+    with pytest.raises(
+        DownloadError, match=rf"sha256 mismatch for data\.hf_files\['{TRAIN_FILE}'\]"
+    ):
+        run_download(wrong, paths)
+
+
+@pytest.mark.realdata
+def test_real_archive_counts(tmp_path: Path) -> None:
+    """Opt-in: ALZSTAGE_REAL_ARCHIVE=/path/to/alzheimers-dataset-4-class-of-images.zip."""
+    archive = os.environ.get("ALZSTAGE_REAL_ARCHIVE")
+    if not archive:
+        pytest.skip("set ALZSTAGE_REAL_ARCHIVE to the Kaggle-layout zip to run this")
+    paths = Paths(tmp_path / "proj")
+    run_download(params_for(source="archive", path=archive), paths)
+    manifest = read_manifest(paths.raw_manifest)
+    counts = manifest.groupby(["source_split", "label"]).size().unstack()
+    assert counts.loc["train"].to_dict() == {
+        "MildDemented": 562,
+        "ModerateDemented": 52,
+        "NonDemented": 2048,
+        "VeryMildDemented": 1436,
+    }
+    assert counts.loc["test"].to_dict() == {
+        "MildDemented": 142,
+        "ModerateDemented": 12,
+        "NonDemented": 512,
+        "VeryMildDemented": 356,
+    }
+    assert manifest["sha256"].is_unique and manifest["pixel_hash"].is_unique
+    shapes = manifest[["width", "height", "mode"]].drop_duplicates().values.tolist()
+    assert shapes == [[176, 208, "L"]]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from alzstage.config import AugmentParams, Params, Paths
-from alzstage.files import atomic_path
+from alzstage.files import atomic_dir, atomic_path
 from alzstage.model.inputs import load_batch
 from alzstage.result import StageResult
 
@@ -87,10 +87,23 @@ def build_views(
     return all_images, all_labels, source
 
 
-def preview_grid(images: np.ndarray, source: np.ndarray, n_orig: int, count: int) -> np.ndarray:
+def preview_indices(labels: np.ndarray, count: int) -> list[int]:
+    """Originals to preview, taken round-robin over classes so every class is seen."""
+    by_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    picked: list[int] = []
+    while len(picked) < count and any(by_class):
+        for idx in by_class:
+            if idx and len(picked) < count:
+                picked.append(int(idx.pop(len(idx) // 2)))
+    return picked
+
+
+def preview_grid(
+    images: np.ndarray, source: np.ndarray, n_orig: int, picks: list[int]
+) -> np.ndarray:
     """Rows of [original | its augmented views] for a person to eyeball."""
     rows = []
-    for i in range(min(count, n_orig)):
+    for i in picks:
         views = np.flatnonzero((source == i) & (np.arange(len(source)) >= n_orig))[:3]
         tiles = [images[i], *[images[v] for v in views]]
         while len(tiles) < 4:
@@ -105,14 +118,20 @@ def run_augment(params: Params, paths: Paths) -> StageResult:
     split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
     train = split[split["split"] == "train"].reset_index(drop=True)
     classes = params.base.classes
+    unknown = sorted(set(train["label"]) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"{paths.split_file}: labels {unknown} are not in base.classes {classes}; "
+            "re-run `dvc repro` from download after changing the class list"
+        )
     labels = train["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
     images = load_batch([paths.raw / p for p in train["path"]], params.model.input_size)
     all_images, all_labels, source = build_views(
         images, labels, params.augment, params.base.seed, len(classes)
     )
-    out = paths.augmented / "train.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+    # The whole directory is swapped in at the end: no stale file from an earlier run
+    # survives, and a killed run leaves the previous complete output.
+    with atomic_dir(paths.augmented) as staging, open(staging / "train.npz", "wb") as f:
         np.savez(
             f,
             images=all_images,
@@ -123,7 +142,8 @@ def run_augment(params: Params, paths: Paths) -> StageResult:
         )
     artifacts: list[Path] = []
     if params.augment.preview_count:
-        grid = preview_grid(all_images, source, len(images), params.augment.preview_count)
+        picks = preview_indices(labels, params.augment.preview_count)
+        grid = preview_grid(all_images, source, len(images), picks)
         fig = paths.figures / "augment_preview.png"
         fig.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(fig) as tmp:

@@ -209,6 +209,7 @@ def fetch(
     base_dir: Path | None = None,
     key: str = "data.path",
     sha_key: str = "data.sha256",
+    by_hand: str | None = None,
 ) -> Path:
     """Return a local file for a path or URL, verified against ``sha256`` when given.
 
@@ -216,7 +217,8 @@ def fetch(
     download again; downloads go to a temp file and are renamed only once verified.
     Relative local paths are taken from ``base_dir`` (the project root), not the current
     directory, so ``alzstage download`` means the same file wherever it is started from.
-    ``key`` and ``sha_key`` are the params keys named in error messages.
+    ``key`` and ``sha_key`` are the params keys named in error messages; ``by_hand`` says
+    how to use a copy downloaded by hand (default: point ``key`` at the local file).
     """
     parsed = urllib.parse.urlparse(url_or_path)
     if parsed.scheme in ("", "file") or _is_windows_drive(parsed.scheme):
@@ -259,9 +261,10 @@ def fetch(
             last = exc
         if attempt + 1 < retries:
             time.sleep(min(2**attempt, 10) * 0.5)
+    by_hand = by_hand or f"point {key} at the local file"
     raise DownloadError(
         f"{key}: {url_or_path}: download failed after {retries} attempts ({last}); check the "
-        f"URL and your network, or download it by hand and point {key} at the local file"
+        f"URL and your network, or download it by hand and {by_hand}"
     )
 
 
@@ -453,7 +456,7 @@ def label_table(names: list[str], base: BaseParams, where: str) -> list[str]:
         raise DownloadError(
             f"{where}: label names {names} do not map one-to-one onto base.classes "
             f"{base.classes} ({'; '.join(problems)}). The dataset's label set differs from "
-            "this project's: pin data.hf_revision to a revision with the 4 original classes, "
+            "this project's: pin data.hf_revision to a revision whose labels match base.classes, "
             "or add base.class_aliases for renamed labels"
         )
     return [m for m in mapped if m is not None]
@@ -552,16 +555,26 @@ def _write_row(
 def collect_huggingface(
     data: DataParams, base: BaseParams, paths: Paths, staging: Path
 ) -> list[RawRecord]:
-    """Fetch each pinned parquet file over HTTPS and unpack its rows by label name."""
+    """Fetch each pinned parquet file over HTTPS and unpack its rows by label name.
+
+    With ``data.path`` set, the files are read from that folder instead (a copy made by
+    hand where huggingface.co is unreachable); the pinned sha256s are checked either way.
+    """
     records: list[RawRecord] = []
     for filename, digest in data.hf_files.items():
-        url = hf_url(data, filename)
+        key = f"data.hf_files[{filename!r}]"
+        if data.path:
+            source, key = str(Path(data.path).expanduser() / filename), "data.path"
+        else:
+            source = hf_url(data, filename)
         local = fetch(
-            url,
+            source,
             paths.cache / "downloads",
             digest,
-            key=f"data.hf_files[{filename!r}]",
+            base_dir=paths.root,
+            key=key,
             sha_key=f"data.hf_files[{filename!r}]",
+            by_hand="set data.path to the folder holding the parquet files",
         )
         if digest is None:
             warnings.warn(

@@ -137,19 +137,36 @@ class Network:
     preprocess: layers.Layer
     backbone: keras.Model
     head: keras.Sequential
+    freeze_bn: bool = True
+
+    def set_trainable(self, trainable: list[layers.Layer] | None) -> None:
+        """Make exactly ``trainable`` (None = every layer) of the backbone trainable."""
+        self.backbone.trainable = True
+        keep = None if trainable is None else {id(lyr) for lyr in trainable}
+        for layer in self.backbone.layers:
+            wanted = keep is None or id(layer) in keep
+            if isinstance(layer, layers.BatchNormalization) and self.freeze_bn:
+                wanted = False
+            layer.trainable = wanted
 
 
 def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
-    """Assemble preprocessing, backbone and head; BatchNorm layers are frozen for good.
+    """Assemble preprocessing, backbone and head.
 
-    Fine-tuning BatchNorm statistics on a few thousand slices with small batches hurts
-    more than it helps, so every BN layer stays in inference mode in every phase.
+    With pretrained weights every BatchNorm layer is frozen for good: re-estimating its
+    statistics on a few thousand slices with small batches hurts more than it helps. With
+    ``weights: none`` there are no statistics worth protecting, so BatchNorm trains with
+    the layers it belongs to, with a shorter memory (momentum 0.9) because a CPU run
+    takes only a few hundred steps.
     """
     h, w = params.input_size
     backbone = build_backbone(params)
+    freeze_bn = params.weights != "none"
     for layer in backbone.layers:
         if isinstance(layer, layers.BatchNormalization):
-            layer.trainable = False
+            layer.trainable = not freeze_bn
+            if not freeze_bn:
+                layer.momentum = 0.9
     _, mode = BACKBONES[params.backbone]
     preprocess = GrayscaleToBackbone(mode=mode, name="preprocess")
     init = keras.initializers.GlorotUniform(seed=seed)
@@ -168,7 +185,8 @@ def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
     inputs = keras.Input((h, w, 1), name="image")
     outputs = head(backbone(preprocess(inputs)))
     model = keras.Model(inputs, outputs, name=f"alzstage_{params.backbone}")
-    return Network(model=model, preprocess=preprocess, backbone=backbone, head=head)
+    return Network(model=model, preprocess=preprocess, backbone=backbone, head=head,
+                   freeze_bn=freeze_bn)
 
 
 def resolve_cut(backbone_name: str, fine_tune_from: str | None) -> str | None:

@@ -54,7 +54,9 @@ class AlzstageModel(mlflow.pyfunc.PythonModel):
         self.size = tuple(meta["input_size"])
         self.temperature = float(meta.get("temperature", 1.0))
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
+    # No type hints here: MLflow would try to derive (and enforce) a schema from them.
+    def predict(self, context, model_input, params=None):
+        """Probabilities per class plus the argmax stage for (N, H, W) grayscale arrays."""
         arr = np.asarray(model_input)
         probs = probabilities(self.model, arr, self.size, self.temperature)
         out = pd.DataFrame(probs, columns=self.classes)

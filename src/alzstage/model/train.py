@@ -260,18 +260,11 @@ def train_model(
         phases = {"head": phase1}
         if cut is not None and params.train.fine_tune_epochs > 0:
             if cut == "all":
-                net.backbone.trainable = True
-                for layer in net.backbone.layers:
-                    if isinstance(layer, keras.layers.BatchNormalization):
-                        layer.trainable = False
+                net.set_trainable(None)
                 tail_model, a_train, a_val = net.model, x4, xv4
             else:
                 trunk, tail = split_backbone(net.backbone, cut)
-                net.backbone.trainable = True
-                for layer in net.backbone.layers:
-                    layer.trainable = layer in tail.layers and not isinstance(
-                        layer, keras.layers.BatchNormalization
-                    )
+                net.set_trainable(tail.layers)
                 trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
                 t0 = time.perf_counter()
                 a_train, a_val = _predict(trunk_fn, x4, bs), _predict(trunk_fn, xv4, bs)
