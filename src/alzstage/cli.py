@@ -133,7 +133,7 @@ def train() -> None:
     """Transfer-learn the classifier; log the model to MLflow with a signature."""
 
     def _train(params: Params, paths: Paths, run: StageRun) -> StageResult:
-        from alzstage.files import write_json
+        from alzstage.files import read_json, write_json
         from alzstage.model.train import run_train
 
         result = run_train(params, paths, run)
@@ -145,14 +145,20 @@ def train() -> None:
         meta = {
             "classes": params.base.classes,
             "input_size": [h, w],
-            "temperature": 1.0,
+            "temperature": read_json(paths.train_report)["temperature"],
             "backbone": params.model.backbone,
         }
         example = np.zeros((1, h, w), dtype=np.uint8)
         model_uri = log_pyfunc(paths.model_file, meta, example)
         write_json(
             paths.train_run,
-            {"run_id": run.run_id, "model_uri": model_uri, "runs_uri": f"runs:/{run.run_id}/model"},
+            {
+                "run_id": run.run_id,
+                "model_uri": model_uri,
+                "runs_uri": f"runs:/{run.run_id}/model",
+                "temperature": meta["temperature"],
+                "input_size": [h, w],
+            },
         )
         result.artifacts.append(paths.train_run)
         return result

@@ -15,6 +15,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from alzstage.model.calibration import apply_temperature
 from alzstage.model.inputs import to_model_array
 
 
@@ -33,11 +34,7 @@ def probabilities(
         arr = np.stack([to_model_array(a, size) for a in arr])
     x = arr[..., None].astype("float32")
     probs = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
-    if temperature != 1.0:
-        logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    return probs
+    return apply_temperature(probs, temperature)
 
 
 class AlzstageModel(mlflow.pyfunc.PythonModel):

@@ -289,6 +289,22 @@ def train_model(
             history += phase2.history
             phases["fine_tune"] = phase2
     summary["train_seconds"] = time.perf_counter() - t_start
+    # Temperature scaling on the validation split: calibrated probabilities are what
+    # predict returns; argmax (and so every accuracy figure) is unchanged.
+    from alzstage.model.calibration import (
+        apply_temperature,
+        expected_calibration_error,
+        fit_temperature,
+    )
+
+    val_probs = np.asarray(net.model.predict(xv4, batch_size=bs, verbose=0), dtype=np.float64)
+    temperature = fit_temperature(val_probs, y_val)
+    summary["temperature"] = temperature
+    summary["val_ece_before"] = expected_calibration_error(val_probs, y_val)
+
+    summary["val_ece_after"] = expected_calibration_error(
+        apply_temperature(val_probs, temperature), y_val
+    )
     summary["history"] = history
     summary["class_weight"] = {classes[k]: v for k, v in (cw or {}).items()}
     for name, ph in phases.items():
