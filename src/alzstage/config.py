@@ -285,6 +285,8 @@ class TrainParams(_Section):
     class_weight: Literal["balanced", "none"] | dict[str, float] = "balanced"
     monitor: Literal["val_balanced_accuracy", "val_macro_f1"] = "val_balanced_accuracy"
     patience: int = Field(default=3, ge=1)
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: float = Field(default=2.0, ge=0)
 
 
 class EvaluateParams(_Section):

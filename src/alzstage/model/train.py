@@ -74,6 +74,23 @@ def select_strategy() -> Any:
     return tf.distribute.get_strategy()
 
 
+def make_loss(params: Params) -> Any:
+    """Cross-entropy, or focal loss to down-weight the many easy majority-class slices."""
+    import keras
+
+    if params.train.loss == "cross_entropy":
+        return keras.losses.SparseCategoricalCrossentropy()
+    n_classes = len(params.base.classes)
+    gamma = params.train.focal_gamma
+
+    def sparse_focal(y_true: Any, y_pred: Any) -> Any:
+        # Per-sample values (not a reduced scalar) so class weights still apply per sample.
+        y = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), n_classes)
+        return keras.losses.categorical_focal_crossentropy(y, y_pred, gamma=gamma)
+
+    return sparse_focal
+
+
 def set_seeds(seed: int) -> None:
     import keras
 
@@ -170,7 +187,7 @@ def fit_phase(
 
     steps = max(1, int(np.ceil(len(x) / params.train.batch_size))) * epochs
     schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.1)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=make_loss(params))
     monitor = params.train.monitor
     cb = _make_callback(
         x_val,

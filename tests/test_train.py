@@ -1,0 +1,148 @@
+"""Training learns for real, selects on balanced metrics, distributes, and never half-writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from alzstage.config import Params
+from alzstage.model.train import class_weights, save_model_atomic, train_model
+
+CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
+
+
+def tiny_params(**train) -> Params:
+    return Params.model_validate(
+        {
+            "base": {"seed": 0, "image_size": [32, 32], "classes": CLASSES[:2]},
+            "data": {"demo": {"subjects_per_class": [1, 1]}},
+            "model": {"weights": "none", "input_size": [32, 32], "dense_units": 16, "dropout": 0.0},
+            "train": {
+                "epochs": 6,
+                "batch_size": 16,
+                "learning_rate": 0.01,
+                "fine_tune_epochs": 0,
+                "patience": 6,
+                **train,
+            },
+        }
+    )
+
+
+def separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class 1 has a bright square in the top-left quadrant; class 0 does not."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 60, (n, 32, 32)).astype(np.uint8)
+    y = np.arange(n) % 2
+    x[y == 1, 2:14, 2:14] = 230
+    return x, y
+
+
+def test_trivially_separable_set_is_learned():
+    x, y = separable(96, 0)
+    xv, yv = separable(32, 1)
+    model, summary = train_model(tiny_params(), x, y, xv, yv)
+    assert summary["head_best_val_balanced_accuracy"] >= 0.95, summary
+    probs = model.predict(xv[..., None].astype("float32"), verbose=0)
+    assert (probs.argmax(axis=1) == yv).mean() >= 0.95
+    assert summary["temperature"] > 0
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, len(summary["history"]) + 1))
+
+
+def test_focal_loss_and_fine_tune_phase_run():
+    x, y = separable(64, 2)
+    xv, yv = separable(16, 3)
+    params = tiny_params(loss="focal", epochs=2, fine_tune_from="final_block", fine_tune_epochs=1)
+    _, summary = train_model(params, x, y, xv, yv)
+    phases = [h["phase"] for h in summary["history"]]
+    assert phases.count("fine_tune") == 1 and phases.count("head") >= 1
+    assert summary["cut_cache_mb"] > 0
+
+
+def test_class_weights_match_sklearn():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.array([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)
+    ours = class_weights(y, CLASSES, "balanced")
+    theirs = compute_class_weight("balanced", classes=np.arange(4), y=y)
+    np.testing.assert_allclose([ours[i] for i in range(4)], theirs)
+
+
+def test_two_logical_cpus_run_mirrored_strategy(tmp_path):
+    """The training loop runs unchanged under MirroredStrategy over 2 logical CPU devices."""
+    script = textwrap.dedent(
+        """
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import json, sys
+        sys.path.insert(0, %r)
+        from test_train import separable, tiny_params
+        from alzstage.model.train import train_model
+        x, y = separable(32, 0); xv, yv = separable(16, 1)
+        _, s = train_model(tiny_params(epochs=1), x, y, xv, yv)
+        print(json.dumps({"strategy": s["strategy"], "replicas": s["replicas"]}))
+        """
+    ) % os.path.dirname(__file__)
+    env = {**os.environ, "ALZSTAGE_MIRROR_CPUS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert '"strategy": "MirroredStrategy"' in last and '"replicas": 2' in last
+
+
+def test_failed_save_leaves_no_model_and_no_temp(tmp_path):
+    class Exploding:
+        def save(self, path):
+            with open(path, "wb") as f:
+                f.write(b"half a model")
+            raise KeyboardInterrupt("killed mid-save")
+
+    target = tmp_path / "models" / "model.keras"
+    with pytest.raises(KeyboardInterrupt):
+        save_model_atomic(Exploding(), target)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_killed_training_process_leaves_previous_model(tmp_path):
+    """SIGKILL mid-fit: the stage output is the previous complete file, untouched."""
+    target = tmp_path / "model.keras"
+    target.write_bytes(b"previous good model")
+    script = textwrap.dedent(
+        """
+        import sys, pathlib
+        sys.path.insert(0, %r)
+        from test_train import separable, tiny_params
+        from alzstage.model.train import save_model_atomic, train_model
+        x, y = separable(64, 0); xv, yv = separable(16, 1)
+        print("training", flush=True)
+        model, _ = train_model(tiny_params(epochs=500, patience=500), x, y, xv, yv)
+        save_model_atomic(model, pathlib.Path(%r))
+        """
+    ) % (os.path.dirname(__file__), str(target))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "training"
+    import time
+
+    time.sleep(8)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert target.read_bytes() == b"previous good model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
