@@ -34,3 +34,94 @@ def test_leaky_split_never_promoted_unless_allowed():
     d = decide(tags(0.99, leaky="True"), None, "balanced_accuracy", 0.0, False)
     assert not d.promote and "leaky" in d.reason
     assert decide(tags(0.99, leaky="True"), None, "balanced_accuracy", 0.0, True).promote
+
+
+class FakeRegistry:
+    """In-memory stand-in for the MLflow registry calls promote makes (aliases are unique)."""
+
+    def __init__(self) -> None:
+        self.versions: dict[int, dict[str, str]] = {}
+        self.aliases: dict[str, int] = {}
+        self.fail_on: str | None = None
+
+    def register(self, uri, name, tags):
+        from types import SimpleNamespace
+
+        v = len(self.versions) + 1
+        self.versions[v] = dict(tags)
+        return SimpleNamespace(version=v, tags=tags)
+
+    def set_alias(self, name, alias, version):
+        if self.fail_on == alias:
+            raise RuntimeError(f"crash while setting {alias}")
+        self.aliases[alias] = int(version)
+
+    def get_alias_version(self, name, alias):
+        from types import SimpleNamespace
+
+        v = self.aliases.get(alias)
+        return None if v is None else SimpleNamespace(version=v, tags=self.versions[v])
+
+
+def _setup(tmp_path, monkeypatch, value, fp=FP):
+    import json
+
+    from alzstage import tracking
+    from alzstage.config import Params, Paths
+
+    paths = Paths(tmp_path)
+    paths.models.mkdir(parents=True, exist_ok=True)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    paths.train_run.write_text(json.dumps({"run_id": "r1", "model_uri": "models:/m-1"}))
+    paths.metrics.write_text(
+        json.dumps(
+            {
+                "balanced_accuracy": value,
+                "macro_f1": value,
+                "accuracy": value,
+                "split_fingerprint": fp,
+                "split_strategy": "subject",
+                "split_leaky": False,
+            }
+        )
+    )
+    return Params(), paths, tracking
+
+
+def test_run_promote_moves_champion_only_when_better(tmp_path, monkeypatch):
+    import json
+
+    from alzstage.model.promote import run_promote
+
+    reg = FakeRegistry()
+    params, paths, tracking = _setup(tmp_path, monkeypatch, 0.5)
+    for fn in ("register", "set_alias", "get_alias_version"):
+        monkeypatch.setattr(tracking, fn, getattr(reg, fn))
+    run_promote(params, paths)
+    assert reg.aliases == {"challenger": 1, "champion": 1}
+    _setup(tmp_path, monkeypatch, 0.4)
+    run_promote(params, paths)
+    assert reg.aliases == {"challenger": 2, "champion": 1}
+    report = json.loads(paths.promotion.read_text())
+    assert report["promoted"] is False and "does not beat" in report["reason"]
+    _setup(tmp_path, monkeypatch, 0.9, fp="another-split")
+    run_promote(params, paths)
+    assert reg.aliases["champion"] == 1
+
+
+def test_crash_midway_keeps_exactly_one_champion(tmp_path, monkeypatch):
+    import pytest
+
+    from alzstage.model.promote import run_promote
+
+    reg = FakeRegistry()
+    params, paths, tracking = _setup(tmp_path, monkeypatch, 0.5)
+    for fn in ("register", "set_alias", "get_alias_version"):
+        monkeypatch.setattr(tracking, fn, getattr(reg, fn))
+    run_promote(params, paths)
+    _setup(tmp_path, monkeypatch, 0.9)
+    reg.fail_on = "champion"
+    with pytest.raises(RuntimeError):
+        run_promote(params, paths)
+    assert reg.aliases["champion"] == 1  # the old champion still stands
+    assert not paths.promotion.exists() or '"version": 1' in paths.promotion.read_text()
