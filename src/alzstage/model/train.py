@@ -247,13 +247,25 @@ def train_model(
     with strategy.scope():
         net = build_network(params.model, len(classes), params.base.seed)
         cut = resolve_cut(params.model.backbone, params.train.fine_tune_from)
-        # Phase 1: frozen backbone → pooled features computed once; train the head on them.
+        fine_tune = cut is not None and params.train.fine_tune_epochs > 0
         net.backbone.trainable = False
         inp = keras.Input(x4.shape[1:])
-        features = keras.Model(inp, net.head.get_layer("pool")(net.backbone(net.preprocess(inp))))
+        pool = net.head.get_layer("pool")
         t0 = time.perf_counter()
-        f_train, f_val = _predict(features, x4, bs), _predict(features, xv4, bs)
+        if fine_tune and cut != "all":
+            # The frozen trunk runs once per image; both phases reuse its activations.
+            trunk, tail = split_backbone(net.backbone, cut)
+            trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
+            a_train, a_val = _predict(trunk_fn, x4, bs), _predict(trunk_fn, xv4, bs)
+            summary["cut_cache_mb"] = (a_train.nbytes + a_val.nbytes) / 2**20
+            cut_in = keras.Input(a_train.shape[1:])
+            pooled = keras.Model(cut_in, pool(tail(cut_in)))
+            f_train, f_val = _predict(pooled, a_train, bs), _predict(pooled, a_val, bs)
+        else:
+            features = keras.Model(inp, pool(net.backbone(net.preprocess(inp))))
+            f_train, f_val = _predict(features, x4, bs), _predict(features, xv4, bs)
         summary["feature_seconds"] = time.perf_counter() - t0
+        # Phase 1: frozen backbone; train the head on pooled features.
         head_in = keras.Input(f_train.shape[1:])
         h = head_in
         for layer in net.head.layers[1:]:
@@ -275,20 +287,14 @@ def train_model(
         )
         history = list(phase1.history)
         phases = {"head": phase1}
-        if cut is not None and params.train.fine_tune_epochs > 0:
+        if fine_tune:
             if cut == "all":
                 net.set_trainable(None)
                 tail_model, a_train, a_val = net.model, x4, xv4
             else:
-                trunk, tail = split_backbone(net.backbone, cut)
                 net.set_trainable(tail.layers)
-                trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
-                t0 = time.perf_counter()
-                a_train, a_val = _predict(trunk_fn, x4, bs), _predict(trunk_fn, xv4, bs)
-                summary["cut_cache_seconds"] = time.perf_counter() - t0
-                summary["cut_cache_mb"] = (a_train.nbytes + a_val.nbytes) / 2**20
-                cut_in = keras.Input(a_train.shape[1:])
-                tail_model = keras.Model(cut_in, net.head(tail(cut_in)))
+                tail_in = keras.Input(a_train.shape[1:])
+                tail_model = keras.Model(tail_in, net.head(tail(tail_in)))
             phase2 = fit_phase(
                 tail_model,
                 a_train,
