@@ -40,6 +40,7 @@ HISTORY_COLUMNS = [
     "val_balanced_accuracy",
     "val_macro_f1",
     "learning_rate",
+    "epoch_seconds",
 ]
 
 
@@ -127,8 +128,12 @@ def _make_callback(
             self.best_weights: list[np.ndarray] | None = None
             self.wait = 0
 
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.t_epoch = time.perf_counter()
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
+            seconds = time.perf_counter() - self.t_epoch
             probs = self.model.predict(x_val, batch_size=batch_size, verbose=0)
             pred = probs.argmax(axis=1)
             scores = summary_metrics(y_val, pred, n_classes)
@@ -144,6 +149,7 @@ def _make_callback(
                 "val_balanced_accuracy": scores["balanced_accuracy"],
                 "val_macro_f1": scores["macro_f1"],
                 "learning_rate": float(np.asarray(lr)),
+                "epoch_seconds": seconds,
             }
             self.result.history.append(row)
             if tracker is not None:
@@ -334,6 +340,10 @@ def train_model(
         summary[f"{name}_epochs"] = len(ph.history)
         summary[f"{name}_best_{params.train.monitor}"] = ph.best
         summary[f"{name}_images_per_second"] = ph.samples / ph.seconds if ph.seconds else 0.0
+        # Steady state: the first epoch also pays for tracing the training step.
+        steady = [h["epoch_seconds"] for h in ph.history[1:]] or [ph.seconds]
+        n_per_epoch = ph.samples / max(len(ph.history), 1)
+        summary[f"{name}_steady_images_per_second"] = n_per_epoch / (sum(steady) / len(steady))
     return net.model, summary
 
 

@@ -1,0 +1,248 @@
+"""Train-stage throughput: the reference project's Keras recipe vs alzstage, same data.
+
+Both runs see the same training and validation images, the same input size, batch size,
+epoch count and trainable layers (ResNet50 final block + head). Each runs in its own
+subprocess so peak RSS is measured cleanly; one harness invocation runs both.
+
+    python benchmarks/bench_train.py \
+        --archive ../shared/datasets/alzheimers-dataset-4-class-of-images.zip \
+        --limit 1000 --epochs 2
+
+The baseline is the reference method written straight in Keras 3, with no tricks:
+``image_dataset_from_directory`` decodes every epoch, augmentation layers run inside the
+model, the frozen layers are recomputed at every step, plain ``model.fit`` with class
+weights. alzstage decodes once, materialises augmented views (the ``augment`` stage),
+runs the frozen trunk once and trains the tail on cached activations (``train`` stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
+
+
+def prepare(archive: Path, work: Path, limit: int, seed: int) -> dict:
+    """Unpack, pick a class-stratified sample of the archive's train/ and its test/ as val."""
+    import numpy as np
+
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(work / "unpacked")
+    root = next((work / "unpacked").rglob("train")).parent
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for split, out, cap in (("train", train, limit), ("test", val, max(limit // 4, 8))):
+        files = [(p, c) for c in CLASSES for p in sorted((root / split / c).glob("*.jpg"))]
+        idx = rng.permutation(len(files))[:cap]
+        out += [files[i] for i in sorted(idx)]
+    tree = work / "tree"
+    for p, c in train:
+        (tree / c).mkdir(parents=True, exist_ok=True)
+        (tree / c / p.name).symlink_to(p)
+    return {
+        "train": [(str(p), c) for p, c in train],
+        "val": [(str(p), c) for p, c in val],
+        "tree": str(tree),
+    }
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_baseline(spec: dict) -> dict:
+    import keras
+    import numpy as np
+
+    h, w = spec["input_size"]
+    bs, epochs = spec["batch_size"], spec["epochs"]
+    keras.utils.set_random_seed(0)
+    ds = keras.utils.image_dataset_from_directory(
+        spec["tree"],
+        labels="inferred",
+        label_mode="int",
+        class_names=CLASSES,
+        color_mode="grayscale",
+        image_size=(h, w),
+        batch_size=bs,
+        shuffle=True,
+        seed=0,
+    )
+    y = np.array([CLASSES.index(c) for _, c in spec["train"]])
+    counts = np.bincount(y, minlength=len(CLASSES))
+    cw = {i: len(y) / (len(CLASSES) * n) if n else 0.0 for i, n in enumerate(counts)}
+    inp = keras.Input((h, w, 1))
+    x = keras.layers.RandomRotation(8 / 360)(inp)
+    x = keras.layers.RandomTranslation(0.05, 0.05)(x)
+    x = keras.layers.RandomFlip("horizontal")(x)
+    x = keras.layers.Concatenate()([x, x, x])
+    x = keras.applications.resnet50.preprocess_input(x)
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(h, w, 3))
+    trainable = False
+    for layer in base.layers:
+        trainable = trainable or layer.name == "conv5_block1_1_conv"
+        layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
+    x = base(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.3)(x)
+    x = keras.layers.Dense(128, activation="relu")(x)
+    out = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    times: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t)
+
+    t0 = time.perf_counter()
+    model.fit(ds, epochs=epochs, class_weight=cw, verbose=0, callbacks=[Timer()])
+    wall = time.perf_counter() - t0
+    n = len(spec["train"])
+    steady = times[1:] or times
+    return {
+        "method": "baseline (reference recipe)",
+        "samples_per_epoch": n,
+        "epoch_seconds": sum(steady) / len(steady),
+        "wall_seconds": wall,
+        "images_per_second": n / (sum(steady) / len(steady)),
+        "images_per_second_incl_setup": n * epochs / wall,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_alzstage(spec: dict) -> dict:
+    import numpy as np
+
+    from alzstage.config import Params
+    from alzstage.data.augment import build_views
+    from alzstage.model.inputs import load_batch
+    from alzstage.model.train import train_model
+
+    params = Params.model_validate(
+        {
+            "model": {"weights": "none", "input_size": spec["input_size"]},
+            "augment": {"views": spec["views"]},
+            "train": {
+                "epochs": 1,
+                "batch_size": spec["batch_size"],
+                "fine_tune_from": "final_block",
+                "fine_tune_epochs": spec["epochs"],
+                "patience": 1000,
+            },
+        }
+    )
+    t0 = time.perf_counter()
+    x = load_batch([p for p, _ in spec["train"]], params.model.input_size)
+    y = np.array([CLASSES.index(c) for _, c in spec["train"]])
+    xv = load_batch([p for p, _ in spec["val"]], params.model.input_size)
+    yv = np.array([CLASSES.index(c) for _, c in spec["val"]])
+    x_all, y_all, _ = build_views(x, y, params.augment, 0, len(CLASSES))
+    prep = time.perf_counter() - t0
+    _, summary = train_model(params, x_all, y_all, xv, yv)
+    wall = time.perf_counter() - t0
+    ft = [h for h in summary["history"] if h["phase"] == "fine_tune"]
+    n = len(x_all)
+    ips = summary["fine_tune_steady_images_per_second"]
+    return {
+        "method": "alzstage (cached trunk)",
+        "samples_per_epoch": n,
+        "epoch_seconds": n / ips if ips else float("nan"),
+        "wall_seconds": wall,
+        "images_per_second": ips,
+        "images_per_second_incl_setup": n * len(ft) / wall,
+        "decode_augment_seconds": prep,
+        "trunk_cache_seconds": summary["feature_seconds"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--archive", type=Path, help="Kaggle-layout zip")
+    ap.add_argument("--limit", type=int, default=1000, help="training images to sample")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--input-size", type=int, nargs=2, default=[112, 96])
+    ap.add_argument("--views", type=int, default=1)
+    ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--_child", choices=["baseline", "alzstage"], help=argparse.SUPPRESS)
+    ap.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        spec = json.loads(args._spec.read_text())
+        result = run_baseline(spec) if args._child == "baseline" else run_alzstage(spec)
+        print("RESULT " + json.dumps(result))
+        return
+    if not args.archive:
+        ap.error("--archive is required")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        spec = prepare(args.archive.resolve(), work, args.limit, seed=0)
+        spec.update(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            input_size=list(args.input_size),
+            views=args.views,
+        )
+        (work / "spec.json").write_text(json.dumps(spec))
+        results = []
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        for child in ("baseline", "alzstage"):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--_child", child, "--_spec", str(work / "spec.json")],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                sys.exit(f"{child} failed:\n{proc.stderr[-3000:]}")
+            results.append(json.loads(line[-1][7:]))
+    base, ours = results
+    print(
+        f"\n{len(spec['train'])} train images, {args.epochs} epochs, input {args.input_size}, "
+        f"batch {args.batch_size}, trainable: ResNet50 final block + head\n"
+    )
+    print("| method | images/s (epoch) | epoch s | wall s | images/s incl. setup | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['method']} | {r['images_per_second']:.1f} | {r['epoch_seconds']:.1f} | "
+            f"{r['wall_seconds']:.1f} | {r['images_per_second_incl_setup']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
+    ratio = ours["images_per_second"] / base["images_per_second"]
+    ratio_all = ours["images_per_second_incl_setup"] / base["images_per_second_incl_setup"]
+    print(
+        f"\nspeed-up per epoch: {ratio:.1f}x; including decode, augmentation and caching: "
+        f"{ratio_all:.1f}x"
+    )
+    if args.json_out:
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "args": vars(args)
+                    | {"archive": str(args.archive), "json_out": str(args.json_out)},
+                    "results": results,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
