@@ -38,7 +38,7 @@ STAGE_SECTIONS = {
     "split": ["base", "split"],
     "augment": ["base", "augment", "model"],
     "train": ["base", "model", "train"],
-    "evaluate": ["base", "model", "evaluate"],
+    "evaluate": ["base", "data", "model", "evaluate"],
     "promote": ["promote"],
 }
 
@@ -180,8 +180,13 @@ def evaluate() -> None:
         run.set_tags({"alzstage.train_run_id": train_run["run_id"]})
         # The test numbers also go on the training run, where the model lives in the UI.
         client = tracking.client()
-        for k in ("accuracy", "balanced_accuracy", "macro_f1"):
-            client.log_metric(train_run["run_id"], f"test_{k}", result.metrics[k])
+        for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "roc_auc_macro", "ece"):
+            if k in result.metrics:  # qwk / AUC are absent when undefined on this test set
+                client.log_metric(train_run["run_id"], f"test_{k}", result.metrics[k])
+        # The model card belongs next to the model it describes.
+        card = paths.reports / "model_card.md"
+        if card.exists():
+            client.log_artifact(train_run["run_id"], str(card))
         return result
 
     _run_stage("evaluate", _evaluate)
@@ -210,19 +215,38 @@ def promote(
 
 @app.command()
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image files (JPEG/PNG), folders or glob patterns.")
+    ],
     model: Annotated[
         str | None,
         typer.Option(help="Version number, alias, models:/ URI or local path. Default: champion."),
     ] = None,
     output: Annotated[str, typer.Option("--format", "-f", help="table, json or csv")] = "table",
+    gradcam: Annotated[
+        Path | None,
+        typer.Option(
+            "--gradcam",
+            help="Also write a Grad-CAM overlay PNG per image into this folder "
+            "(<stem>.gradcam.png; existing files are never overwritten).",
+        ),
+    ] = None,
 ) -> None:
-    """Predict the stage of each image with calibrated probabilities."""
+    """Predict the stage of each image with calibrated probabilities; batches get a summary."""
     if output not in ("table", "json", "csv"):
         _fail(f"--format must be one of table, json, csv (got {output!r})")
+    if gradcam is not None and gradcam.exists() and not gradcam.is_dir():
+        _fail(f"--gradcam {gradcam}: exists and is not a folder; give a folder to write PNGs into")
     params, paths = _load()
     from alzstage import tracking
-    from alzstage.model.predict import LoadedModel, ModelNotFound, expand_inputs, resolve_model_uri
+    from alzstage.model.predict import (
+        LoadedModel,
+        ModelNotFound,
+        expand_inputs,
+        predict_files,
+        resolve_model_uri,
+        summarize,
+    )
 
     try:
         files = expand_inputs(inputs)
@@ -237,43 +261,131 @@ def predict(
         loaded = LoadedModel(uri, params.base.classes, params.model.input_size)
     except ModelNotFound as exc:
         _fail(str(exc), code=1)
-    from alzstage.model.predict import predict_files
-
-    df = predict_files(loaded, files, params.evaluate.low_confidence)
+    threshold = params.evaluate.low_confidence
+    try:
+        df = predict_files(loaded, files, threshold, gradcam_dir=gradcam)
+    except ValueError as exc:  # Grad-CAM on a model that is not preprocess -> backbone -> head
+        _fail(f"--gradcam: {exc}", code=1)
+    summary = summarize(df, loaded.classes, threshold)
+    batch = len(df) > 1
     if output == "json":
-        typer.echo(
-            json.dumps(
-                {"model": uri, "predictions": json.loads(df.to_json(orient="records"))}, indent=2
-            )
-        )
+        doc = {
+            "model": uri,
+            "model_name": loaded.info.name,
+            "model_version": loaded.info.version,
+            "predictions": json.loads(df.to_json(orient="records")),
+            "summary": summary,
+        }
+        typer.echo(json.dumps(doc, indent=2))
     elif output == "csv":
         typer.echo(df.to_csv(index=False), nl=False)
+        if batch:  # stdout stays one clean CSV table; the summary is for the person
+            typer.echo(f"# summary: {json.dumps(summary)}", err=True)
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"alzstage predictions ({uri})")
-        for col in ["file", "stage", "confidence", *loaded.classes]:
+        console = Console()
+        table = Table(title=f"alzstage predictions ({loaded.info.label})")
+        table.add_column("file", overflow="fold")
+        table.add_column("stage", overflow="fold")
+        for col in ["confidence", *loaded.classes]:
             table.add_column(col)
+        errors = []
         for _, r in df.iterrows():
             if r.get("error"):
                 table.add_row(
-                    Path(r["file"]).name,
-                    f"[red]{r['error']}[/red]",
-                    "",
-                    *[""] * len(loaded.classes),
+                    Path(r["file"]).name, "[red]unreadable[/red]", "", *[""] * len(loaded.classes)
                 )
+                errors.append(r["error"])
                 continue
-            flag = " (low)" if r["low_confidence"] else ""
+            flag = " [yellow](low)[/yellow]" if r["low_confidence"] else ""
             table.add_row(
                 Path(r["file"]).name,
                 r["stage"],
                 f"{r['confidence']:.3f}{flag}",
                 *[f"{r[c]:.3f}" for c in loaded.classes],
             )
-        Console().print(table)
+        console.print(table)
+        for err in errors:  # in full below the table, where a long path does not wrap
+            console.print(f"[red]error:[/red] {err}", highlight=False)
+        if batch:
+            stats = Table(title="batch summary", show_footer=False)
+            for col in ("stage", "images", "share", "mean probability"):
+                stats.add_column(col)
+            for c in loaded.classes:
+                stats.add_row(
+                    c,
+                    str(summary["stage_counts"][c]),
+                    f"{summary['stage_fractions'][c]:.0%}",
+                    f"{summary['mean_probabilities'][c]:.3f}",
+                )
+            console.print(stats)
+            if summary["mean_confidence"] is not None:
+                console.print(
+                    f"mean confidence {summary['mean_confidence']:.3f}; "
+                    f"{summary['n_low_confidence']} of {summary['n_predicted']} below "
+                    f"{threshold} (evaluate.low_confidence)"
+                )
+        if gradcam is not None:
+            console.print(f"Grad-CAM overlays written to {gradcam}")
     if df["error"].astype(bool).any():
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str,
+        typer.Option(help="Interface to bind. The default keeps the API on this machine."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Version number, alias, models:/ URI or local path. Default: champion."),
+    ] = None,
+    max_upload_mb: Annotated[
+        float, typer.Option(help="Largest accepted image file in MiB; larger gets 413.", min=0.001)
+    ] = 20.0,
+    max_request_mb: Annotated[
+        float, typer.Option(help="Largest request body in MiB; larger gets 413.", min=0.001)
+    ] = 200.0,
+    max_files: Annotated[int, typer.Option(help="Most images in one request.", min=1)] = 64,
+    max_pixels: Annotated[
+        int, typer.Option(help="Decompression-bomb guard: most pixels per image.", min=1)
+    ] = 4096 * 4096,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the REST API (POST /predict, GET /model, /health, /docs) and the web page at /."""
+    params, paths = _load()
+    import uvicorn
+
+    from alzstage import tracking
+    from alzstage.model.predict import resolve_model_uri
+    from alzstage.serve.app import ServeSettings, create_app
+
+    uri = resolve_model_uri(model, params.promote.model_name)
+    tracking_uri = None if Path(uri).exists() else tracking.configure(paths.root)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(
+            f"warning: binding {host} exposes an unauthenticated API to the network; "
+            "put it behind an authenticating proxy",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    settings = ServeSettings(
+        model_uri=uri,
+        tracking_uri=tracking_uri,
+        classes=list(params.base.classes),
+        input_size=tuple(params.model.input_size),
+        low_confidence=params.evaluate.low_confidence,
+        max_file_bytes=int(max_upload_mb * 2**20),
+        max_request_bytes=int(max_request_mb * 2**20),
+        max_files=max_files,
+        max_pixels=max_pixels,
+    )
+    typer.echo(f"alzstage: serving {uri} at http://{host}:{port}/ (API docs: /docs)")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
 
 @app.command("check-params")

@@ -185,8 +185,9 @@ def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
     inputs = keras.Input((h, w, 1), name="image")
     outputs = head(backbone(preprocess(inputs)))
     model = keras.Model(inputs, outputs, name=f"alzstage_{params.backbone}")
-    return Network(model=model, preprocess=preprocess, backbone=backbone, head=head,
-                   freeze_bn=freeze_bn)
+    return Network(
+        model=model, preprocess=preprocess, backbone=backbone, head=head, freeze_bn=freeze_bn
+    )
 
 
 def resolve_cut(backbone_name: str, fine_tune_from: str | None) -> str | None:

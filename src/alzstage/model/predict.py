@@ -1,44 +1,135 @@
-"""``alzstage predict``: image files in, stage and probabilities out.
+"""Prediction for ``alzstage predict`` and ``alzstage serve``: pixels in, stage and probabilities out.
 
 By default the model is the registry's ``champion``; ``--model`` takes a version number,
 an alias, a ``models:/`` or ``runs:/`` URI, or a local path (an MLflow model directory or
 a ``.keras`` file), so the same command works on a laptop and against a team server.
+
+The CLI and the REST API share everything here (decoding, the model wrapper, the batch
+summary), so a file gets the same numbers whichever way it is sent; the probabilities
+come from the registered pyfunc, so they also match ``mlflow models serve``.
 """
 
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from alzstage.model.inputs import ImageReadError, load_gray
+from alzstage.model.inputs import ImageReadError, to_model_array
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+IMAGE_FORMATS = ("JPEG", "PNG")
+# A 4096 x 4096 slice is already far beyond any MRI export; the cap exists so a tiny
+# compressed file cannot make the decoder allocate gigabytes (a decompression bomb).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+# Registry tags (written by ``promote``) that describe how good the model is.
+METRIC_TAGS = ("balanced_accuracy", "macro_f1", "accuracy")
 
 
 class ModelNotFound(RuntimeError):
     """No model behind the reference; the message says how to create one."""
 
 
+class UnsupportedImage(ImageReadError):
+    """Not a JPEG or PNG at all (HTTP 415)."""
+
+    status = 415
+
+
+class CorruptImage(ImageReadError):
+    """Looks like a JPEG/PNG but cannot be decoded: truncated or damaged (HTTP 422)."""
+
+    status = 422
+
+
+class ImageTooLarge(ImageReadError):
+    """More pixels than the decompression-bomb guard allows (HTTP 422)."""
+
+    status = 422
+
+
+# --------------------------------------------------------------------------- inputs
+
+
 def expand_inputs(items: Iterable[str]) -> list[Path]:
-    """Files, folders (recursively) and glob patterns → a sorted, de-duplicated file list."""
+    """Files, folders (recursively) and glob patterns → a sorted, de-duplicated file list.
+
+    A file named explicitly is always kept, whatever its suffix, so that a wrong file is
+    reported instead of silently skipped; folders and globs contribute image files only.
+    """
     found: list[Path] = []
+
+    def images_under(folder: Path) -> list[Path]:
+        return [q for q in folder.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found += [q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES]
+            found += images_under(p)
         elif p.exists():
             found.append(p)
         else:
             matches = [Path(m) for m in glob.glob(item, recursive=True)]
             if not matches:
                 raise FileNotFoundError(f"{item}: no such file, folder or glob match")
-            found += [m for m in matches if m.is_file()]
+            for m in matches:
+                if m.is_dir():
+                    found += images_under(m)
+                elif m.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(m)
     return sorted(dict.fromkeys(q.resolve() for q in found))
+
+
+def decode_image(
+    source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> np.ndarray:
+    """Decode a JPEG or PNG (path or bytes) to grayscale uint8 (H, W) at its own size.
+
+    Only JPEG and PNG decoders are tried, so an upload cannot reach Pillow's rarer (and
+    historically buggier) format plugins. The pixel count is checked from the header
+    before any pixel is decoded. Errors are :class:`ImageReadError` subclasses whose
+    ``status`` is the HTTP code the API answers with; ``name`` labels bytes in messages.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    name = name or (str(source) if isinstance(source, Path) else "upload")
+    fp = source if isinstance(source, Path) else io.BytesIO(source)
+    try:
+        with Image.open(fp, formats=IMAGE_FORMATS) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageTooLarge(
+                    f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+                    "(decompression-bomb guard); downscale the image or raise --max-pixels"
+                )
+            im.load()
+            gray = im.convert("L")
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{name}: {exc}") from None
+    except UnidentifiedImageError:
+        raise UnsupportedImage(
+            f"{name}: not a JPEG or PNG image; send a .jpg/.jpeg or .png MRI slice"
+        ) from None
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImage(
+            f"{name}: the image is damaged or truncated ({exc}); re-export it as JPEG or PNG"
+        ) from None
+    return np.asarray(gray, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- model
 
 
 def resolve_model_uri(ref: str | None, model_name: str) -> str:
@@ -56,64 +147,285 @@ def resolve_model_uri(ref: str | None, model_name: str) -> str:
     return f"models:/{model_name}@{ref}"
 
 
-class LoadedModel:
-    """Either a pyfunc from MLflow or a bare ``.keras`` file, behind one ``predict``."""
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
-    def __init__(self, uri: str, classes: list[str], input_size: tuple[int, int]) -> None:
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """``(name, version, alias)`` of ``models:/name@alias`` / ``models:/name/3``, else None."""
+    m = _REGISTRY_URI.match(uri)
+    if not m:
+        return None
+    return m["name"], m["version"], m["alias"]
+
+
+@dataclass
+class ModelInfo:
+    """What is being served: the reference asked for and the registry version behind it."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The champion's test metrics, as ``promote`` tagged them on the version."""
+        out = {}
+        for k in METRIC_TAGS:
+            try:
+                out[k] = float(self.tags[k])
+            except (KeyError, ValueError):
+                continue
+        return out
+
+    @property
+    def split_strategy(self) -> str | None:
+        return self.tags.get("split_strategy") or None
+
+    @property
+    def split_leaky(self) -> bool | None:
+        v = self.tags.get("split_leaky")
+        return None if v in (None, "") else v == "True"
+
+    @property
+    def label(self) -> str:
+        """``alzstage v3 (@champion)`` or the path, for titles."""
+        if self.name and self.version:
+            alias = f" (@{self.alias})" if self.alias else ""
+            return f"{self.name} v{self.version}{alias}"
+        return self.uri
+
+
+def _no_model(uri: str, why: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"{uri}: no such model ({why}). Run `dvc repro` or `alzstage promote` to create a "
+        "champion, or pass --model with a version, alias or path"
+    )
+
+
+def _resolve_registry(uri: str, tracking_uri: str | None) -> tuple[ModelInfo, str]:
+    """Pin an alias to the version it names *now*, and find that version's files.
+
+    Loading from the version's artifact location (not the alias) means the version we
+    report is exactly the one whose weights were loaded, even if the alias moves while
+    loading, and a local store needs no download into a temp folder.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    parsed = parse_registry_uri(uri)
+    assert parsed is not None
+    name, version, alias = parsed
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, str(version))
+        )
+        location = client.get_model_version_download_uri(name, mv.version)
+    except MlflowException as exc:
+        raise _no_model(uri, exc.message.splitlines()[0]) from None
+    info = ModelInfo(uri=uri, name=name, version=str(mv.version), alias=alias, tags=dict(mv.tags))
+    return info, location
+
+
+class LoadedModel:
+    """Either a pyfunc from MLflow or a bare ``.keras`` file, behind one ``predict``.
+
+    ``tracking_uri`` (default: MLflow's current one) lets the API server talk to its own
+    store without touching MLflow's process-wide settings.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        classes: list[str],
+        input_size: tuple[int, int],
+        tracking_uri: str | None = None,
+    ) -> None:
         self.uri = uri
+        self.info = ModelInfo(uri=uri)
         if uri.endswith(".keras"):
             import keras
 
             import alzstage.model.build  # noqa: F401
 
             self._keras = keras.models.load_model(uri, compile=False)
-            self.classes, self.size, self.temperature = classes, input_size, 1.0
+            self.classes, self.size, self.temperature = list(classes), tuple(input_size), 1.0
             self._pyfunc = None
-        else:
-            import mlflow.pyfunc
-            from mlflow.exceptions import MlflowException
+            return
+        import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
 
-            try:
-                self._pyfunc = mlflow.pyfunc.load_model(uri)
-            except MlflowException as exc:
-                raise ModelNotFound(
-                    f"{uri}: no such model ({exc.message.splitlines()[0]}). Run `dvc repro` or "
-                    "`alzstage promote` to create a champion, or pass --model"
-                ) from None
-            inner: Any = self._pyfunc.unwrap_python_model()
-            self.classes, self.size = inner.classes, inner.size
-            self.temperature = inner.temperature
+        location = uri
+        if parse_registry_uri(uri):
+            self.info, location = _resolve_registry(uri, tracking_uri)
+        try:
+            self._pyfunc = mlflow.pyfunc.load_model(location)
+        except (MlflowException, OSError) as exc:
+            first = getattr(exc, "message", str(exc)).splitlines()[0]
+            raise _no_model(uri, first) from None
+        inner: Any = self._pyfunc.unwrap_python_model()
+        self.classes, self.size = list(inner.classes), tuple(inner.size)
+        self.temperature = float(inner.temperature)
+        self._keras = inner.model
+
+    @property
+    def keras_model(self) -> Any:
+        """The Keras network itself (for Grad-CAM, which needs gradients, not a pyfunc)."""
+        return self._keras
 
     def predict(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, n_classes) for uint8 (N, H, W) images."""
         from alzstage.model.pyfunc import probabilities
 
         if self._pyfunc is None:
             return probabilities(self._keras, images, self.size, self.temperature)
-        out = self._pyfunc.predict(images)
+        out = self._pyfunc.predict(np.asarray(images, dtype=np.uint8))
         return out[self.classes].to_numpy(dtype=np.float64)
 
+    def gradcam_overlays(
+        self, model_arrays: np.ndarray, display: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """RGB Grad-CAM overlays of the predicted class, drawn on each ``display`` image.
 
-def predict_files(model: LoadedModel, files: list[Path], low_confidence: float) -> pd.DataFrame:
-    """One row per file; unreadable files get an error row, the others still get results."""
-    good, arrays, rows = [], [], []
+        The map is computed at the network's input size (what the model saw) and
+        stretched over the display image, which can be the full-resolution original.
+        """
+        from alzstage.model.explain import gradcam, overlay
+
+        if len(model_arrays) == 0:
+            return []
+        maps = gradcam(self._keras, np.asarray(model_arrays, dtype=np.uint8))
+        return [overlay(img, m) for img, m in zip(display, maps, strict=True)]
+
+
+# --------------------------------------------------------------------------- batch
+
+
+def display_image(gray: np.ndarray, max_side: int = 512) -> np.ndarray:
+    """The original slice, shrunk to at most ``max_side`` so overlays stay small files."""
+    h, w = gray.shape
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return gray
+    return to_model_array(gray, (max(1, round(h * scale)), max(1, round(w * scale))))
+
+
+def prediction_row(classes: list[str], probs: np.ndarray, low_confidence: float) -> dict[str, Any]:
+    """Stage, confidence, low-confidence flag and one column per class for one image."""
+    k = int(np.argmax(probs))
+    row: dict[str, Any] = {
+        "stage": classes[k],
+        "confidence": float(probs[k]),
+        "low_confidence": bool(probs[k] < low_confidence),
+        "error": "",
+    }
+    row.update({c: float(v) for c, v in zip(classes, probs, strict=True)})
+    return row
+
+
+def unique_png(out_dir: Path, stem: str, taken: set[str]) -> Path:
+    """``<stem>.gradcam.png``, or ``<stem>.gradcam-2.png``... if that name is already used.
+
+    Used means on disk *or* earlier in this batch (``a/x.jpg`` and ``b/x.jpg``), so an
+    existing overlay or another input's overlay is never overwritten.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    n = 1
+    while True:
+        name = f"{safe}.gradcam.png" if n == 1 else f"{safe}.gradcam-{n}.png"
+        if name not in taken and not (out_dir / name).exists():
+            taken.add(name)
+            return out_dir / name
+        n += 1
+
+
+def predict_files(
+    model: LoadedModel,
+    files: list[Path],
+    low_confidence: float,
+    gradcam_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> pd.DataFrame:
+    """One row per file; unreadable files get an error row, the others still get results.
+
+    With ``gradcam_dir``, each readable file also gets an overlay PNG there (column
+    ``gradcam``), named after its stem.
+    """
+    good: list[Path] = []
+    arrays: list[np.ndarray] = []
+    originals: list[np.ndarray] = []
+    rows: list[dict[str, Any]] = []
     for f in files:
         try:
-            arrays.append(load_gray(f, model.size))
-            good.append(f)
+            gray = decode_image(Path(f), max_pixels)
         except ImageReadError as exc:
-            rows.append({"file": str(f), "stage": "", "confidence": np.nan, "error": str(exc)})
+            rows.append(
+                {
+                    "file": str(f),
+                    "stage": "",
+                    "confidence": np.nan,
+                    "low_confidence": False,
+                    "error": str(exc),
+                }
+            )
+            continue
+        arrays.append(to_model_array(gray, model.size))
+        originals.append(gray)
+        good.append(f)
     if arrays:
-        probs = model.predict(np.stack(arrays))
-        for f, p in zip(good, probs, strict=True):
-            row = {
-                "file": str(f),
-                "stage": model.classes[int(p.argmax())],
-                "confidence": float(p.max()),
-                "error": "",
-            }
-            row.update({c: float(v) for c, v in zip(model.classes, p, strict=True)})
+        batch = np.stack(arrays)
+        probs = model.predict(batch)
+        overlays: list[Path | None] = [None] * len(good)
+        if gradcam_dir is not None:
+            from PIL import Image
+
+            gradcam_dir.mkdir(parents=True, exist_ok=True)
+            taken: set[str] = set()
+            pictures = model.gradcam_overlays(batch, [display_image(g) for g in originals])
+            for i, (f, rgb) in enumerate(zip(good, pictures, strict=True)):
+                target = unique_png(gradcam_dir, Path(f).stem, taken)
+                Image.fromarray(rgb).save(target, format="PNG")
+                overlays[i] = target
+        for f, p, ov in zip(good, probs, overlays, strict=True):
+            row = {"file": str(f), **prediction_row(model.classes, p, low_confidence)}
+            if gradcam_dir is not None:
+                row["gradcam"] = str(ov)
             rows.append(row)
     df = pd.DataFrame(rows)
-    df["low_confidence"] = df["confidence"] < low_confidence
+    df["low_confidence"] = df["low_confidence"].astype(bool)
+    if gradcam_dir is not None:
+        df["gradcam"] = df["gradcam"].fillna("") if "gradcam" in df else ""
     order = {str(f): i for i, f in enumerate(files)}
     return df.sort_values("file", key=lambda s: s.map(order)).reset_index(drop=True)
+
+
+def summarize(df: pd.DataFrame, classes: list[str], low_confidence: float) -> dict[str, Any]:
+    """Batch statistics: stage distribution, mean confidence, which images are unsure.
+
+    The mean probability per class is reported too: unlike the count of argmax stages,
+    it does not hide a batch that is split 51/49 between two neighbouring stages.
+    """
+    ok = df[df["error"].fillna("") == ""] if len(df) else df
+    n_ok = len(ok)
+    counts = {c: int((ok["stage"] == c).sum()) if n_ok else 0 for c in classes}
+    low = ok[ok["low_confidence"].astype(bool)] if n_ok else ok
+    file_col = "file" if "file" in df else "filename"
+    return {
+        "n_images": len(df),
+        "n_predicted": n_ok,
+        "n_errors": len(df) - n_ok,
+        "stage_counts": counts,
+        "stage_fractions": {c: (counts[c] / n_ok if n_ok else 0.0) for c in classes},
+        "mean_probabilities": {
+            c: (float(ok[c].mean()) if n_ok and c in ok else 0.0) for c in classes
+        },
+        "mean_confidence": float(ok["confidence"].mean()) if n_ok else None,
+        "min_confidence": float(ok["confidence"].min()) if n_ok else None,
+        "low_confidence_threshold": low_confidence,
+        "n_low_confidence": len(low),
+        "low_confidence_files": [str(x) for x in low[file_col]] if len(low) else [],
+    }

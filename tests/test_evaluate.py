@@ -1,0 +1,331 @@
+"""The evaluate stage: report assembly (pure), the model card, and the I/O shell end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from alzstage.model.card import LEAKAGE_CAVEAT, RESEARCH_NOTICE, render_model_card
+from alzstage.model.evaluate import (
+    build_report,
+    flat_metrics,
+    json_safe,
+    known_subjects,
+)
+
+CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
+LEGACY_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "n_test",
+)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fixture(n_subjects: int = 12, slices: int = 6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y_subj = np.arange(n_subjects) % 4
+    y = np.repeat(y_subj, slices)
+    subjects = np.repeat([f"s{i}" for i in range(n_subjects)], slices)
+    logits = rng.normal(0, 1, (len(y), 4))
+    logits[np.arange(len(y)), y] += 1.5
+    logits *= 4  # over-confident
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return y, p / p.sum(1, keepdims=True), subjects
+
+
+def _report(subjects=True, **kw) -> dict:
+    y, p, s = _fixture()
+    return build_report(
+        y,
+        p,
+        CLASSES,
+        temperature=kw.pop("temperature", 2.0),
+        temperature_source="validation",
+        subjects=s if subjects else None,
+        subject_ids="given",
+        seed=0,
+        n_resamples=kw.pop("n_resamples", 200),
+    )
+
+
+def test_report_keeps_legacy_keys_and_adds_the_rest() -> None:
+    rep = _report()
+    for key in LEGACY_KEYS:
+        assert key in rep
+    assert sum(map(sum, rep["confusion_matrix"])) == rep["n_test"] == 72
+    for key in ("quadratic_weighted_kappa", "roc_auc", "pr_auc", "ece", "calibration", "ci"):
+        assert key in rep
+    assert rep["ci"]["unit"] == "subject" and rep["ci"]["n_units"] == 12
+    cal = rep["calibration"]
+    assert cal["temperature"] == 2.0
+    assert rep["ece"] == pytest.approx(cal["calibrated"]["ece"])  # reported = calibrated
+    assert cal["applied"] and rep["probabilities"].startswith("calibrated")
+    lo, hi = rep["ci"]["balanced_accuracy"]["low"], rep["ci"]["balanced_accuracy"]["high"]
+    assert lo <= rep["balanced_accuracy"] <= hi
+
+
+def test_subject_level_block() -> None:
+    rep = _report()
+    sub = rep["subject_level"]
+    assert sub["available"] and sub["n_subjects"] == 12
+    assert sub["n_subjects_per_class"] == dict.fromkeys(CLASSES, 3)
+    assert sum(map(sum, sub["confusion_matrix"])) == 12
+    assert sub["ci"]["unit"] == "subject"
+
+
+def test_without_subjects_images_are_the_unit() -> None:
+    rep = _report(subjects=False)
+    assert rep["ci"]["unit"] == "image" and rep["ci"]["n_units"] == 72
+    assert rep["subject_level"]["available"] is False
+
+
+def test_unknown_subject_rows_are_their_own_unit() -> None:
+    y, p, s = _fixture()
+    s = s.copy()
+    s[:6] = ""  # subject s0's slices lose their id: six independent units
+    rep = build_report(
+        y,
+        p,
+        CLASSES,
+        temperature=1.0,
+        temperature_source="x",
+        subjects=s,
+        subject_ids="mixed",
+        seed=0,
+        n_resamples=50,
+    )
+    assert rep["ci"]["n_units"] == 11 + 6
+    assert rep["subject_level"]["n_subjects"] == 11
+    assert rep["subject_level"]["n_slices_without_subject"] == 6
+
+
+def test_known_subjects_mask() -> None:
+    rows = pd.DataFrame(
+        {
+            "subject": ["a", "", "c", "d"],
+            "subject_source": ["given", "none", "none", "pseudo"],
+        }
+    )
+    assert known_subjects(rows).tolist() == [True, False, False, True]
+
+
+def test_report_is_strict_json_and_flat_metrics_are_finite() -> None:
+    y = np.zeros(6, int)  # one class only: QWK and AUCs are undefined
+    p = np.tile([0.7, 0.1, 0.1, 0.1], (6, 1))
+    rep = json_safe(
+        build_report(
+            y,
+            p,
+            CLASSES,
+            temperature=1.0,
+            temperature_source="x",
+            subjects=None,
+            subject_ids="none",
+            seed=0,
+            n_resamples=20,
+        )
+    )
+    json.dumps(rep, allow_nan=False)
+    assert rep["quadratic_weighted_kappa"] is None
+    assert rep["classes_absent_from_test"] == CLASSES[1:]
+    flat = flat_metrics(rep)
+    assert all(np.isfinite(v) for v in flat.values())
+    assert "qwk" not in flat and flat["accuracy"] == 1.0
+
+
+def test_missing_temperature_is_reported_as_uncalibrated() -> None:
+    y, p, s = _fixture()
+    rep = build_report(
+        y,
+        p,
+        CLASSES,
+        temperature=None,
+        temperature_source="missing",
+        subjects=s,
+        subject_ids="given",
+        seed=0,
+        n_resamples=20,
+    )
+    assert rep["calibration"]["applied"] is False
+    assert rep["calibration"]["calibrated"] == rep["calibration"]["uncalibrated"]
+    assert rep["probabilities"].startswith("UNCALIBRATED")
+    card = render_model_card(json_safe(rep), SPLIT_INFO, PROVENANCE)
+    assert "probabilities are uncalibrated" in card
+
+
+SPLIT_INFO = {
+    "strategy": "stratified",
+    "leaky": True,
+    "warning": "Slice-level split: neighbouring slices...",
+    "subject_ids": "given",
+    "n_images": 72,
+    "test_size": 0.2,
+    "val_size": 0.15,
+    "counts": {"test": {**dict.fromkeys(CLASSES, 18), "total": 72}},
+    "subjects": {"test": {**dict.fromkeys(CLASSES, 3), "total": 12}},
+}
+PROVENANCE = {"classes": CLASSES, "weights": "none", "data_source": "demo", "backbone": "resnet50"}
+
+
+def test_model_card_carries_leakage_caveat_and_research_notice() -> None:
+    rep = json_safe(_report())
+    rep.update(split_strategy="stratified", split_leaky=True, split_warning="w")
+    card = render_model_card(rep, SPLIT_INFO, PROVENANCE)
+    assert RESEARCH_NOTICE in card
+    assert LEAKAGE_CAVEAT.format(strategy="stratified") in card
+    assert "not a medical device" in card
+    assert f"{rep['balanced_accuracy']:.3f}" in card
+    ci = rep["ci"]["balanced_accuracy"]
+    assert f"{ci['low']:.3f} - {ci['high']:.3f}" in card
+    assert "SYNTHETIC" in card and "random initialisation" in card
+
+
+def test_model_card_without_leak_and_with_few_subjects() -> None:
+    y, p, s = _fixture()
+    s = np.where(y == 3, "only-one", s)  # ModerateDemented: a single test subject
+    rep = json_safe(
+        build_report(
+            y,
+            p,
+            CLASSES,
+            temperature=1.0,
+            temperature_source="v",
+            subjects=s,
+            subject_ids="given",
+            seed=0,
+            n_resamples=50,
+        )
+    )
+    rep.update(split_strategy="subject", split_leaky=False)
+    card = render_model_card(rep, {**SPLIT_INFO, "leaky": False}, PROVENANCE)
+    assert "Leakage caveat" not in card and RESEARCH_NOTICE in card
+    assert "fewer than 3 test subjects: ModerateDemented (1)" in card
+    assert "top of its search range" not in card
+    rep["calibration"]["temperature"] = 19.99997
+    assert "top of its search range" in render_model_card(rep, SPLIT_INFO, PROVENANCE)
+
+
+def test_dvc_plot_definitions_match_the_csv_columns() -> None:
+    """dvc.yaml names curve columns; a renamed column would silently drop a chart."""
+    from alzstage.model.calibration import reliability_table
+    from alzstage.model.metrics import pr_curves, roc_curves
+
+    y, p, _ = _fixture()
+    written = {
+        "reports/plots/roc.csv": set(roc_curves(y, p, CLASSES)),
+        "reports/plots/pr.csv": set(pr_curves(y, p, CLASSES)),
+        "reports/plots/reliability.csv": set(pd.DataFrame(reliability_table(p, p, y))),
+    }
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["base"]["classes"] == CLASSES
+    checked = set()
+    for entry in dvc["plots"]:
+        if isinstance(entry, str):
+            continue
+        (props,) = entry.values()
+        for path, fields in (props.get("y") or {}).items():
+            if path in written:
+                fields = [fields] if isinstance(fields, str) else fields
+                assert {props["x"], *fields} <= written[path], path
+                checked.add(path)
+    assert checked == set(written)
+    outs = {next(iter(o)) if isinstance(o, dict) else o for o in dvc["stages"]["evaluate"]["outs"]}
+    assert set(written) <= outs
+
+
+# --------------------------------------------------------------------------- I/O shell
+
+
+def _tiny_project(root: Path) -> None:
+    """Images, split.csv, split.json, a small untrained model and train_run.json."""
+    import keras
+    from PIL import Image
+
+    from alzstage.model.build import GrayscaleToBackbone
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, cls in enumerate(CLASSES):
+        for s in range(2):
+            for j in range(3):
+                rel = f"images/{cls}/{cls}-{s}_s{j}.png"
+                (root / "data/raw" / rel).parent.mkdir(parents=True, exist_ok=True)
+                img = rng.integers(0, 60, (32, 32)).astype(np.uint8)
+                img[4 * k : 4 * k + 8, 8:24] = 200
+                Image.fromarray(img).save(root / "data/raw" / rel)
+                rows.append([rel, cls, f"{cls}-{s}", "given", "", "test"])
+    split = pd.DataFrame(
+        rows, columns=["path", "label", "subject", "subject_source", "source_split", "split"]
+    )
+    (root / "data/processed").mkdir(parents=True)
+    split.to_csv(root / "data/processed/split.csv", index=False)
+    (root / "reports").mkdir()
+    (root / "reports/split.json").write_text(
+        json.dumps(
+            {
+                "strategy": "subject",
+                "leaky": False,
+                "fingerprint": "f" * 64,
+                "subject_ids": "given",
+                "warning": "",
+            }
+        )
+    )
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    b_in = keras.Input((32, 32, 3))
+    backbone = keras.Model(
+        b_in,
+        layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(b_in),
+        name="backbone",
+    )
+    head = keras.Sequential(
+        [layers.GlobalAveragePooling2D(), layers.Dense(4, activation="softmax")], name="head"
+    )
+    inp = keras.Input((32, 32, 1))
+    x = GrayscaleToBackbone(mode="tf", name="preprocess")(inp)
+    (root / "models").mkdir()
+    keras.Model(inp, head(backbone(x))).save(root / "models/model.keras")
+    (root / "models/train_run.json").write_text(
+        json.dumps({"run_id": "r1", "model_uri": "models:/m-1", "temperature": 1.3})
+    )
+
+
+def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
+    pytest.importorskip("keras")
+    from alzstage.config import Paths, parse_params
+    from alzstage.model.evaluate import run_evaluate
+
+    _tiny_project(tmp_path)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["base"]["image_size"] = [32, 32]
+    raw["model"]["input_size"] = [32, 32]
+    result = run_evaluate(parse_params(raw), Paths(tmp_path))
+
+    rep = json.loads((tmp_path / "reports/metrics.json").read_text())
+    for key in (*LEGACY_KEYS, "split_strategy", "split_leaky", "split_fingerprint"):
+        assert key in rep
+    assert rep["n_test"] == 24 and rep["calibration"]["temperature"] == 1.3
+    assert rep["subject_level"]["n_subjects"] == 8
+    for rel in ("confusion.png", "roc.png", "pr.png", "reliability.png", "gradcam_gallery.png"):
+        png = tmp_path / "reports/figures" / rel
+        assert png.read_bytes()[:4] == b"\x89PNG" and png in result.artifacts
+    for rel in ("confusion.csv", "roc.csv", "pr.csv", "reliability.csv"):
+        assert (tmp_path / "reports/plots" / rel) in result.artifacts
+    card = (tmp_path / "reports/model_card.md").read_text()
+    assert RESEARCH_NOTICE in card and "models:/m-1" in card
+    preds = pd.read_csv(tmp_path / "reports/predictions_test.csv")
+    assert preds["in_gradcam_gallery"].sum() >= 1
+    np.testing.assert_allclose(preds[[f"p_{c}" for c in CLASSES]].sum(1), 1.0, atol=1e-5)
+    assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(result.metrics)
+    assert all(isinstance(v, float) for v in result.metrics.values())
