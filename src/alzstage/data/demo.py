@@ -18,6 +18,12 @@ data where it counts:
   slices are near-duplicates, so a slice-level random split leaks subject identity and
   scores much higher than a subject-disjoint one - the same trap the real dataset sets.
 
+How hard is it? With the defaults (classes 16/12/8/4 subjects, 16 slices, seed 42), a
+logistic regression on 32x32 thumbnails scores ~0.58 accuracy / ~0.49 balanced accuracy
+under subject-disjoint GroupKFold (chance: 0.40 / 0.25) but ~0.99 on a random slice-level
+split. Adjacent slices correlate ~0.96, the same level in two subjects ~0.81. The effect
+sizes (``ATROPHY_MM``, ``SEVERITY_SPREAD``, ``HEALTHY_MM``) were tuned for that balance.
+
 The array logic (``_anatomy``, ``_draw_subject``, ``render_subject``) is pure and separate
 from ``generate_demo``, which only writes JPEGs. Every random draw is seeded from ``seed``
 and the subject's (class, number), so the same arguments give byte-identical files, and
@@ -45,7 +51,7 @@ BRAIN_CENTRE_MM = (0.0, -17.0)
 # through the bodies of the lateral ventricles, where the Kaggle slices concentrate and
 # where the atrophy effects below are visible.
 BAND_Z_MM = (-18.0, 40.0)
-# Distance between adjacent slices. 2 mm keeps neighbours near-duplicates (r ~ 0.95-0.99)
+# Distance between adjacent slices. 2 mm keeps neighbours near-duplicates (r ~0.92-0.99)
 # without being identical, like consecutive slices of a 1 mm MRI after resampling.
 SLICE_STEP_MM = 2.0
 # A subject's run of slices is centred here (MNI z, mm: the ventricle bodies) and shifted
@@ -54,19 +60,26 @@ RUN_CENTRE_Z_MM = 12.0
 Z_JITTER_MM = 6.0
 # Margin around the band so per-subject deformations never sample outside the cached block.
 _Z_MARGIN_MM = 8.0
-# Hippocampal heads in MNI space (x, y, z), mm.
+# Centres of the left and right hippocampus in MNI space (x, y, z), mm.
 HIPPOCAMPI_MM = ((-25.0, -20.0, -15.0), (25.0, -20.0, -15.0))
 # Atrophy at full severity (mm of tissue turned into CSF) for ventricles, cortex and
 # hippocampi, and the per-subject spread of disease load in severity units (class gap
 # is 1/(n_classes-1)). Tuned so that a linear model on 32x32 thumbnails beats chance
-# clearly on a subject-disjoint split but is far from perfect (see module docstring).
-ATROPHY_MM = {"vent": 8.0, "sulc": 2.5, "hippo": 6.0}
-SEVERITY_SPREAD = 0.1
+# clearly on a subject-disjoint split but is far from perfect (numbers in the docstring).
+ATROPHY_MM = {"vent": 9.0, "sulc": 3.0, "hippo": 8.0}
+SEVERITY_SPREAD = 0.12
+# Caps on the atrophy radii (mm): beyond them a ventricle or hippocampus would swallow
+# its surroundings, and the distance maps only need to reach this far.
+MAX_RADIUS_MM = {"vent": 18.0, "sulc": 3.5, "hippo": 16.0}
+_FAR_MM = 1.0e4  # "no such structure nearby" in a distance map
+# Healthy ageing (mean, SD in mm) before any disease: ventricles and sulci differ a lot
+# between cognitively normal people, which is what makes neighbouring classes overlap.
+HEALTHY_MM = {"vent": (1.0, 1.0), "sulc": (0.4, 0.4), "hippo": (0.5, 0.5)}
 
 
 def max_slices_per_subject() -> int:
     """How many adjacent slices fit in the band; more would leave the ventricle region."""
-    return int(math.floor((BAND_Z_MM[1] - BAND_Z_MM[0]) / SLICE_STEP_MM)) + 1
+    return math.floor((BAND_Z_MM[1] - BAND_Z_MM[0]) / SLICE_STEP_MM) + 1
 
 
 # --------------------------------------------------------------------------- anatomy
@@ -90,33 +103,92 @@ class _Anatomy:
     origin_mm: tuple[float, float, float]  # MNI coordinate of voxel (0, 0, 0)
 
 
+# The 1 mm MNI152 (ICBM 2009a) T1, grey- and white-matter templates bundled in the nilearn
+# wheel, as nilearn.datasets.load_mni152_*_template(resolution=1) reads them.
+_TEMPLATE_FILES = (
+    "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+)
+
+
+def _load_templates() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """T1, GM and WM templates (each rescaled to max 1, float32) and their affine.
+
+    Reads nilearn's bundled files with nibabel, exactly as ``load_mni152_template`` and
+    friends do at ``resolution=1`` (their native grid: nothing to resample). Importing
+    ``nilearn.datasets`` costs seconds (it pulls in scikit-learn, pandas, requests) and
+    dominated small demo runs, so the public loaders are only the fallback for a nilearn
+    release that moves the files. Neither path touches the network.
+    """
+    import importlib.util
+
+    import nibabel as nib
+
+    spec = importlib.util.find_spec("nilearn")  # locates the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    files = [Path(roots[0], "datasets", "data", name) for name in _TEMPLATE_FILES] if roots else []
+    if files and all(f.is_file() for f in files):
+        imgs = [nib.load(f) for f in files]
+    else:
+        from nilearn.datasets import (
+            load_mni152_gm_template,
+            load_mni152_template,
+            load_mni152_wm_template,
+        )
+
+        imgs = [
+            f(resolution=1)
+            for f in (load_mni152_template, load_mni152_gm_template, load_mni152_wm_template)
+        ]
+    arrays = []
+    for img in imgs:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        arrays.append(data / max(float(data.max()), 1e-6))
+    return arrays[0], arrays[1], arrays[2], np.asarray(imgs[0].affine)
+
+
+def _distance_to(
+    feature: np.ndarray, near: np.ndarray | None = None, reach: float = math.inf
+) -> np.ndarray:
+    """Distance (mm, float32) from each voxel to the nearest ``feature`` voxel.
+
+    With ``near``, only distances below ``reach`` inside the bounding box of ``near`` are
+    guaranteed; the transform then runs on that box grown by ``reach`` and everything
+    else reads as far away. The Euclidean transforms dominated the one-off set-up cost,
+    and each effect only ever looks a bounded distance from its own region.
+    """
+    if near is None or not near.any():
+        crop: tuple[slice, ...] = tuple(slice(0, n) for n in feature.shape)
+    else:
+        grow = math.ceil(min(reach, max(feature.shape)))
+        crop = ()
+        for axis, n in enumerate(feature.shape):
+            hit = np.flatnonzero(near.any(axis=tuple(a for a in range(near.ndim) if a != axis)))
+            crop += (slice(max(int(hit[0]) - grow, 0), min(int(hit[-1]) + grow + 1, n)),)
+    out = np.full(feature.shape, _FAR_MM, dtype=np.float32)
+    sub = feature[crop]
+    if sub.any():
+        out[crop] = ndimage.distance_transform_edt(~sub)
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _anatomy() -> _Anatomy:
     """Load the MNI152 templates bundled with nilearn (offline) and prepare the band.
 
-    Cached per process: loading and the distance transforms take ~2 s, every subject
+    Cached per process: loading and the distance transforms take ~1-2 s, every subject
     after that reuses them.
     """
-    from nilearn.datasets import (
-        load_mni152_gm_template,
-        load_mni152_template,
-        load_mni152_wm_template,
-    )
-
-    # resolution=1 is the native grid of the bundled files, so nothing is resampled.
-    t1_img = load_mni152_template(resolution=1)
-    affine = t1_img.affine
-    if not np.allclose(np.diag(affine)[:3], 1.0):
+    t1, gm, wm, affine = _load_templates()
+    if not np.allclose(affine[:3, :3], np.eye(3)):  # 1 mm, RAS, axis-aligned
         raise RuntimeError(f"unexpected MNI152 template affine {affine.tolist()}")
-    t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
-    gm = np.asarray(load_mni152_gm_template(resolution=1).dataobj, dtype=np.float32)
-    wm = np.asarray(load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32)
 
     # Crop to the band (plus margin) and to the brain's bounding box: everything per
     # subject scales with this block, so it should hold nothing that is never sampled.
     origin = affine[:3, 3]
-    z0 = int(math.floor(BAND_Z_MM[0] - _Z_MARGIN_MM - origin[2]))
-    z1 = int(math.ceil(BAND_Z_MM[1] + _Z_MARGIN_MM - origin[2])) + 1
+    z0 = math.floor(BAND_Z_MM[0] - _Z_MARGIN_MM - origin[2])
+    z1 = math.ceil(BAND_Z_MM[1] + _Z_MARGIN_MM - origin[2]) + 1
     inside = t1 > 0.02
     xy = np.argwhere(inside.any(axis=2))
     (x0, y0), (x1, y1) = xy.min(0) - 4, xy.max(0) + 5
@@ -143,15 +215,12 @@ def _anatomy() -> _Anatomy:
     # (distance from the brain surface) excludes sulci; the box excludes the sylvian
     # fissures; the largest connected piece is the ventricular system.
     is_csf = csf > 0.5
-    depth = ndimage.distance_transform_edt(mask > 0.5)
+    box = (np.abs(X) < 30.0) & (Y > -50.0) & (Y < 35.0) & (Z > -8.0) & (Z < 35.0)
+    depth = _distance_to(mask <= 0.5, near=box, reach=13.0)
     candidate = (
         is_csf
+        & box
         & (depth > 12.0)
-        & (np.abs(X) < 30.0)
-        & (Y > -50.0)
-        & (Y < 35.0)
-        & (Z > -8.0)
-        & (Z < 35.0)
         # The quadrigeminal cistern sits behind the third ventricle on the midline; it
         # is not ventricle and would balloon into a round blob.
         & ~((np.abs(X) < 8.0) & (Y < -28.0))
@@ -178,9 +247,11 @@ def _anatomy() -> _Anatomy:
         gm=gm.astype(f32),
         wm=wm.astype(f32),
         csf=csf.astype(f32),
-        d_vent=ndimage.distance_transform_edt(~vent).astype(f32),
-        d_ext=ndimage.distance_transform_edt(~outer).astype(f32),
-        d_csf=ndimage.distance_transform_edt(~(is_csf | (mask < 0.5))).astype(f32),
+        d_vent=_distance_to(vent, near=vent, reach=MAX_RADIUS_MM["vent"] + 2.0),
+        d_ext=_distance_to(outer),
+        d_csf=_distance_to(
+            is_csf | (mask < 0.5), near=hippo > 0.01, reach=MAX_RADIUS_MM["hippo"] + 2.0
+        ),
         hippo=hippo.astype(f32),
         origin_mm=origin_mm,
     )
@@ -219,10 +290,12 @@ def _draw_subject(rng: np.random.Generator, severity: float, n_slices: int) -> S
     """
     # Each subject's disease progresses at its own pace in each region.
     load = max(0.0, severity + rng.normal(0.0, SEVERITY_SPREAD))
-    w_vent, w_sulc, w_hippo = np.clip(rng.normal(1.0, 0.3, size=3), 0.2, None)
-    r_vent = max(0.0, rng.normal(0.8, 0.7)) + ATROPHY_MM["vent"] * load * w_vent
-    r_sulc = max(0.0, rng.normal(0.3, 0.25)) + ATROPHY_MM["sulc"] * load * w_sulc
-    r_hippo = max(0.0, rng.normal(0.5, 0.5)) + ATROPHY_MM["hippo"] * load * w_hippo
+    radius = {}
+    for region in ("vent", "sulc", "hippo"):
+        mean, sd = HEALTHY_MM[region]
+        weight = float(np.clip(rng.normal(1.0, 0.3), 0.3, 1.6))  # regional emphasis
+        radius[region] = max(0.0, rng.normal(mean, sd)) + ATROPHY_MM[region] * load * weight
+    r_vent, r_sulc, r_hippo = radius["vent"], radius["sulc"], radius["hippo"]
 
     span = (n_slices - 1) * SLICE_STEP_MM
     # Runs are centred on the ventricles with a per-subject jitter, as real slice
@@ -237,9 +310,9 @@ def _draw_subject(rng: np.random.Generator, severity: float, n_slices: int) -> S
     size = rng.normal(1.0, 0.02)
     return SubjectParams(
         severity=severity,
-        r_vent=float(r_vent),
-        r_sulc=float(min(r_sulc, 3.0)),  # beyond ~3 mm the cortex would vanish entirely
-        r_hippo=float(r_hippo),
+        r_vent=float(min(r_vent, MAX_RADIUS_MM["vent"])),
+        r_sulc=float(min(r_sulc, MAX_RADIUS_MM["sulc"])),  # the cortex is ~3-4 mm thick
+        r_hippo=float(min(r_hippo, MAX_RADIUS_MM["hippo"])),
         scale=(float(size * rng.normal(1.0, 0.015)), float(size * rng.normal(1.0, 0.015))),
         rotation_deg=float(rng.normal(0.0, 2.0)),
         shift_mm=(float(rng.normal(0.0, 1.5)), float(rng.normal(0.0, 1.5))),
@@ -266,7 +339,7 @@ def _smooth_fields(
     (one per axis) instead of ``ndimage.zoom`` on the full grid, which dominated the run
     time.
     """
-    nz = max(2, int(math.ceil(z_span_mm / 30.0)) + 1)
+    nz = max(2, math.ceil(z_span_mm / 30.0) + 1)
     coarse = rng.normal(0.0, 1.0, size=(count, nz, 6, 6))
     mz, my, mx = (_spline_matrix(c, s) for c, s in zip(coarse.shape[1:], shape, strict=True))
     fields = np.einsum("za,yb,xc,kabc->kzyx", mz, my, mx, coarse, optimize=True)
@@ -275,12 +348,12 @@ def _smooth_fields(
 
 @functools.lru_cache(maxsize=32)
 def _spline_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """The (n_out, n_in) matrix of 1-D cubic-spline upsampling: zoom applied to identity."""
-    m = ndimage.zoom(np.eye(n_in), (n_out / n_in, 1.0), order=3, mode="nearest", grid_mode=True)
-    if m.shape[0] != n_out:  # zoom rounds the output size; never seen off, but be exact
-        m = ndimage.zoom(np.eye(n_in), ((n_out + 0.5) / n_in, 1.0), order=3, mode="nearest",
-                         grid_mode=True)[:n_out]
-    m.flags.writeable = False
+    """The (n_out, n_in) matrix of 1-D cubic-spline upsampling, pixel centres aligned."""
+    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    eye = np.eye(n_in)
+    cols = [ndimage.map_coordinates(eye[:, j], [pos], order=3, mode="nearest") for j in range(n_in)]
+    m = np.stack(cols, axis=1)
+    m.flags.writeable = False  # cached and shared: nobody may modify it
     return m
 
 
@@ -301,13 +374,15 @@ def render_subject(
     # CSF space into CSF, with a soft (sub-voxel) edge so severity changes are continuous.
     z_first = params.z_start_mm - _Z_MARGIN_MM - a.origin_mm[2]
     z_last = params.z_start_mm + (n_slices - 1) * SLICE_STEP_MM + _Z_MARGIN_MM - a.origin_mm[2]
-    k0, k1 = max(int(z_first), 0), min(int(math.ceil(z_last)) + 1, a.gm.shape[2])
+    k0, k1 = max(int(z_first), 0), min(math.ceil(z_last) + 1, a.gm.shape[2])
     zs = np.s_[:, :, k0:k1]
 
     def soft(radius: float | np.ndarray, dist: np.ndarray) -> np.ndarray:
-        # Voxels inside the CSF space (dist 0) are left alone; the first ring converts
-        # fully once radius >= 1 mm, partially below that.
-        return np.clip(radius - dist + 1.0, 0.0, 1.0) * (dist > 0)
+        # Ring k (dist k mm) converts once radius passes k-1, with a linear ramp so a
+        # 2.3 mm radius differs from 2.0 mm. Residual tissue inside the CSF space itself
+        # (dist 0: partial volume, septum) fades out over the first millimetre too;
+        # otherwise the old ventricle outline would stay as a ghost inside the new one.
+        return np.clip(radius - dist + 1.0, 0.0, 1.0) * np.minimum(radius, 1.0)
 
     conv = np.maximum(soft(params.r_vent, a.d_vent[zs]), soft(params.r_sulc, a.d_ext[zs]))
     # Hippocampal loss is local: the radius fades out away from the hippocampi.
