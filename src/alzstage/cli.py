@@ -255,10 +255,17 @@ def predict(
     if not files:
         _fail("no image files found in the given inputs (expected .jpg, .jpeg or .png)")
     uri = resolve_model_uri(model, params.promote.model_name)
-    if not Path(uri).exists():
-        tracking.configure(paths.root)
+    # Read-only: name the store explicitly instead of tracking.configure(), which would
+    # create an experiment and repoint MLflow for the whole process.
+    store = tracking.tracking_uri(paths.root)
     try:
-        loaded = LoadedModel(uri, params.base.classes, params.model.input_size)
+        loaded = LoadedModel(
+            uri,
+            params.base.classes,
+            params.model.input_size,
+            tracking_uri=store,
+            registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or store,
+        )
     except ModelNotFound as exc:
         _fail(str(exc), code=1)
     threshold = params.evaluate.low_confidence
@@ -365,7 +372,7 @@ def serve(
     from alzstage.serve.app import ServeSettings, create_app
 
     uri = resolve_model_uri(model, params.promote.model_name)
-    tracking_uri = None if Path(uri).exists() else tracking.configure(paths.root)
+    store = tracking.tracking_uri(paths.root)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(
             f"warning: binding {host} exposes an unauthenticated API to the network; "
@@ -375,7 +382,8 @@ def serve(
         )
     settings = ServeSettings(
         model_uri=uri,
-        tracking_uri=tracking_uri,
+        tracking_uri=store,
+        registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or store,
         classes=list(params.base.classes),
         input_size=tuple(params.model.input_size),
         low_confidence=params.evaluate.low_confidence,

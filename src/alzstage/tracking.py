@@ -28,34 +28,48 @@ TAG_PIPELINE = "alzstage.pipeline_id"
 TAG_GIT = "mlflow.source.git.commit"
 ALIAS_CHAMPION = "champion"
 ALIAS_CHALLENGER = "challenger"
+EXP_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}
 
 
 # ------------------------------------------------------------------ store location
 
 
-def tracking_uri(root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` when set (a server), else the repo's sqlite store, absolute."""
+# URIs this process set itself. ``mlflow.set_tracking_uri`` exports the URI as
+# MLFLOW_TRACKING_URI (for subprocesses), so the variable alone cannot tell a user's
+# server from our own earlier choice.
+_OWN_URIS: set[str] = set()
+
+
+def _user_tracking_uri() -> str | None:
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{tracking_home(root) / 'mlflow.db'}"
+    return env if env and env not in _OWN_URIS else None
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when the user set it (a server), else the repo's sqlite store."""
+    return _user_tracking_uri() or f"sqlite:///{tracking_home(root) / 'mlflow.db'}"
 
 
 def artifact_root(root: Path) -> str | None:
-    """Absolute ``mlruns/`` beside the sqlite store; the server decides when one is used."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    """Absolute ``mlruns/`` beside the sqlite store; a server decides its own."""
+    if _user_tracking_uri():
         return None
     return (tracking_home(root) / "mlruns").as_uri()
 
 
 def configure(root: Path) -> str:
-    """Point MLflow at the project's store and make sure the experiment exists."""
+    """Point MLflow at the project's store and make sure the experiment exists.
+
+    The registry follows the tracking URI unless MLFLOW_REGISTRY_URI is set, which MLflow
+    reads by itself.
+    """
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     import mlflow
 
     uri = tracking_uri(root)
+    if not _user_tracking_uri():
+        _OWN_URIS.add(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(root))
@@ -186,9 +200,12 @@ def stage_run(stage: str, params: Params, root: Path, sections: list[str]) -> It
         "alzstage.root": str(root),
         **dvc_dep_hashes(root, stage),
     }
-    exp_name = os.environ.get("DVC_EXP_NAME")
-    if exp_name:
-        tags["dvc.exp_name"] = exp_name
+    # `dvc exp run` (queued or not) hands each stage DVC_EXP_NAME and DVC_EXP_BASELINE_REV
+    # (dvc/repo/experiments/queue/base.py): the same names `dvc exp show` prints, so an
+    # experiment row there and its runs in MLflow can be matched by tag.
+    for env_key, tag in EXP_TAGS.items():
+        if os.environ.get(env_key):
+            tags[tag] = os.environ[env_key]
     dumped = params.model_dump(by_alias=True, mode="json")
     logged = flatten({s: dumped[s] for s in sections})
     with mlflow.start_run(run_name=stage, tags=tags) as run:

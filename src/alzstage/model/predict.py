@@ -1,4 +1,4 @@
-"""Prediction for ``alzstage predict`` and ``alzstage serve``: pixels in, stage and probabilities out.
+"""Prediction for ``alzstage predict`` and ``alzstage serve``: pixels in, stage + probabilities out.
 
 By default the model is the registry's ``champion``; ``--model`` takes a version number,
 an alias, a ``models:/`` or ``runs:/`` URI, or a local path (an MLflow model directory or
@@ -108,7 +108,7 @@ def decode_image(
             if w * h > max_pixels:
                 raise ImageTooLarge(
                     f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
-                    "(decompression-bomb guard); downscale the image or raise --max-pixels"
+                    "(decompression-bomb guard); downscale the image (alzstage serve: --max-pixels)"
                 )
             im.load()
             gray = im.convert("L")
@@ -204,7 +204,9 @@ def _no_model(uri: str, why: str) -> ModelNotFound:
     )
 
 
-def _resolve_registry(uri: str, tracking_uri: str | None) -> tuple[ModelInfo, str]:
+def _resolve_registry(
+    uri: str, tracking_uri: str | None, registry_uri: str | None
+) -> tuple[ModelInfo, str]:
     """Pin an alias to the version it names *now*, and find that version's files.
 
     Loading from the version's artifact location (not the alias) means the version we
@@ -217,7 +219,7 @@ def _resolve_registry(uri: str, tracking_uri: str | None) -> tuple[ModelInfo, st
     parsed = parse_registry_uri(uri)
     assert parsed is not None
     name, version, alias = parsed
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
     try:
         mv = (
             client.get_model_version_by_alias(name, alias)
@@ -234,8 +236,9 @@ def _resolve_registry(uri: str, tracking_uri: str | None) -> tuple[ModelInfo, st
 class LoadedModel:
     """Either a pyfunc from MLflow or a bare ``.keras`` file, behind one ``predict``.
 
-    ``tracking_uri`` (default: MLflow's current one) lets the API server talk to its own
-    store without touching MLflow's process-wide settings.
+    ``tracking_uri`` / ``registry_uri`` (default: MLflow's current ones) name the store
+    explicitly, so neither the CLI nor the API server has to change MLflow's process-wide
+    settings (which MLflow also copies into ``os.environ``) just to read a model.
     """
 
     def __init__(
@@ -244,6 +247,7 @@ class LoadedModel:
         classes: list[str],
         input_size: tuple[int, int],
         tracking_uri: str | None = None,
+        registry_uri: str | None = None,
     ) -> None:
         self.uri = uri
         self.info = ModelInfo(uri=uri)
@@ -261,7 +265,7 @@ class LoadedModel:
 
         location = uri
         if parse_registry_uri(uri):
-            self.info, location = _resolve_registry(uri, tracking_uri)
+            self.info, location = _resolve_registry(uri, tracking_uri, registry_uri)
         try:
             self._pyfunc = mlflow.pyfunc.load_model(location)
         except (MlflowException, OSError) as exc:

@@ -1,0 +1,225 @@
+// alzstage page: vanilla JS, no libraries, no network access beyond this server.
+// Everything a client sends back (file names, messages) is inserted with textContent,
+// never as HTML.
+"use strict";
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const state = { classes: [], objectUrls: [] };
+
+function el(tag, attrs = {}, text) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function svgEl(tag, attrs = {}, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+const pct = (x) => `${(100 * x).toFixed(1)}%`;
+
+// Horizontal bar chart as inline SVG: one row per label, the largest value highlighted.
+function barChart(labels, values, { max = 1, format = pct, title = "" } = {}) {
+  const rowH = 22, labelW = 150, barW = 200, valueW = 60;
+  const width = labelW + barW + valueW, height = rowH * labels.length + 4;
+  const svg = svgEl("svg", {
+    width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title,
+  });
+  svg.appendChild(svgEl("title", {}, title));
+  const top = values.indexOf(Math.max(...values));
+  labels.forEach((label, i) => {
+    const y = 2 + i * rowH;
+    const w = max > 0 ? Math.max(0, (values[i] / max) * barW) : 0;
+    svg.appendChild(svgEl("text", { x: labelW - 6, y: y + 15, "text-anchor": "end" }, label));
+    svg.appendChild(svgEl("line", { x1: labelW, x2: labelW, y1: y, y2: y + rowH, class: "axis" }));
+    svg.appendChild(svgEl("rect", {
+      x: labelW, y: y + 3, width: w.toFixed(1), height: rowH - 6,
+      class: i === top ? "bar top" : "bar", "data-value": values[i],
+    }));
+    svg.appendChild(svgEl("text", { x: labelW + barW + 6, y: y + 15 }, format(values[i])));
+  });
+  return svg;
+}
+
+function setStatus(text, isError = false) {
+  const s = document.getElementById("status");
+  s.textContent = text;
+  s.classList.toggle("error", isError);
+}
+
+async function loadModel() {
+  const target = document.getElementById("model");
+  try {
+    const res = await fetch("model");
+    const body = await res.json();
+    if (!res.ok) {
+      target.textContent = body.detail || `model unavailable (HTTP ${res.status})`;
+      target.classList.add("error");
+      return;
+    }
+    state.classes = body.classes;
+    const parts = [];
+    parts.push(body.name ? `Model ${body.name} v${body.version}` : `Model ${body.uri}`);
+    if (body.alias) parts[0] += ` (@${body.alias})`;
+    const m = body.metrics || {};
+    if (m.balanced_accuracy !== undefined) {
+      parts.push(`test balanced accuracy ${m.balanced_accuracy.toFixed(3)}`);
+    }
+    if (m.macro_f1 !== undefined) parts.push(`macro F1 ${m.macro_f1.toFixed(3)}`);
+    if (body.split_strategy) {
+      parts.push(`${body.split_strategy} split${body.split_leaky ? " (LEAKY: optimistic)" : ""}`);
+    }
+    target.textContent = parts.join(" · ");
+    target.classList.remove("error");
+  } catch (err) {
+    target.textContent = `cannot reach the server: ${err}`;
+    target.classList.add("error");
+  }
+}
+
+function resultCard(p, file, classes) {
+  const card = el("article", { class: "card", "data-testid": "result" });
+  card.appendChild(el("h3", {}, p.filename));
+  if (p.error) {
+    card.classList.add("failed");
+    card.appendChild(el("p", { class: "error", "data-testid": "error" },
+      `HTTP ${p.status}: ${p.error}`));
+    return card;
+  }
+  const head = el("p");
+  head.appendChild(el("span", { class: "stage", "data-testid": "stage" }, p.stage));
+  head.appendChild(document.createTextNode(` · confidence ${pct(p.confidence)}`));
+  if (p.low_confidence) head.appendChild(el("span", { class: "badge" }, "low confidence"));
+  card.appendChild(head);
+
+  const body = el("div", { class: "card-body" });
+  const images = el("div", { class: "images" });
+  if (file) {
+    const url = URL.createObjectURL(file);
+    state.objectUrls.push(url);
+    const fig = el("figure");
+    fig.appendChild(el("img", { src: url, alt: `original: ${p.filename}`, "data-testid": "original" }));
+    fig.appendChild(el("figcaption", {}, "original"));
+    images.appendChild(fig);
+  }
+  if (p.gradcam) {
+    const fig = el("figure");
+    fig.appendChild(el("img", {
+      src: p.gradcam, alt: `Grad-CAM for ${p.stage}`, "data-testid": "gradcam",
+    }));
+    fig.appendChild(el("figcaption", {}, `Grad-CAM: ${p.stage}`));
+    images.appendChild(fig);
+  }
+  body.appendChild(images);
+  const chart = el("figure", { "data-testid": "prob-chart" });
+  chart.appendChild(el("figcaption", {}, "calibrated probability per stage"));
+  chart.appendChild(barChart(classes, classes.map((c) => p.probabilities[c]), {
+    title: `probabilities for ${p.filename}`,
+  }));
+  body.appendChild(chart);
+  card.appendChild(body);
+  return card;
+}
+
+function renderSummary(data) {
+  const section = document.getElementById("summary");
+  const s = data.summary;
+  if (!s || data.predictions.length < 2) {
+    section.hidden = true;
+    return;
+  }
+  const chart = document.getElementById("dist-chart");
+  chart.replaceChildren(barChart(
+    data.classes, data.classes.map((c) => s.stage_counts[c]),
+    { max: Math.max(1, ...Object.values(s.stage_counts)), format: (v) => String(v),
+      title: "number of slices per predicted stage" },
+  ));
+  const text = document.getElementById("summary-text");
+  const mean = s.mean_confidence === null ? "n/a" : pct(s.mean_confidence);
+  text.textContent = `${s.n_predicted} of ${s.n_images} slices predicted; mean confidence ${mean}; `
+    + `${s.n_low_confidence} below ${pct(s.low_confidence_threshold)}`
+    + (s.n_errors ? `; ${s.n_errors} could not be read.` : ".");
+  const tbody = document.querySelector("#confidence-table tbody");
+  tbody.replaceChildren();
+  for (const p of data.predictions) {
+    const tr = el("tr");
+    tr.appendChild(el("td", {}, p.filename));
+    tr.appendChild(el("td", {}, p.error ? "error" : p.stage));
+    tr.appendChild(el("td", { class: "num" }, p.error ? "" : pct(p.confidence)));
+    tr.appendChild(el("td", {}, p.error ? `HTTP ${p.status}` : (p.low_confidence ? "low" : "")));
+    tbody.appendChild(tr);
+  }
+  section.hidden = false;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const input = document.getElementById("files");
+  const files = Array.from(input.files || []);
+  if (!files.length) {
+    setStatus("Choose at least one image first.", true);
+    return;
+  }
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  const explain = document.getElementById("gradcam").checked;
+  const button = document.getElementById("submit");
+  button.disabled = true;
+  setStatus(`Predicting ${files.length} slice${files.length > 1 ? "s" : ""}…`);
+  const results = document.getElementById("results");
+  state.objectUrls.forEach((u) => URL.revokeObjectURL(u));
+  state.objectUrls = [];
+  results.replaceChildren();
+  document.getElementById("summary").hidden = true;
+  try {
+    const res = await fetch(`predict?gradcam=${explain}`, { method: "POST", body: form });
+    let data;
+    try {
+      data = await res.json();
+    } catch {
+      data = { detail: `HTTP ${res.status} without a JSON body` };
+    }
+    const predictions = data.predictions || [];
+    const classes = data.classes || state.classes;
+    predictions.forEach((p) => results.appendChild(resultCard(p, files[p.index], classes)));
+    if (res.ok) {
+      renderSummary(data);
+      const m = data.model || {};
+      const used = m.name ? `${m.name} v${m.version}` : m.uri;
+      setStatus(`Done: ${data.summary.n_predicted} of ${files.length} predicted with ${used}.`);
+      if (!state.classes.length) loadModel();
+    } else {
+      setStatus(data.detail || `HTTP ${res.status}`, true);
+    }
+  } catch (err) {
+    setStatus(`Request failed: ${err}`, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function setupDrop() {
+  const drop = document.getElementById("drop");
+  const input = document.getElementById("files");
+  ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  }));
+  ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    if (e.dataTransfer && e.dataTransfer.files.length) input.files = e.dataTransfer.files;
+    setStatus(`${input.files.length} file(s) selected.`);
+  });
+  input.addEventListener("change", () => setStatus(`${input.files.length} file(s) selected.`));
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("upload").addEventListener("submit", submit);
+  setupDrop();
+  loadModel();
+});

@@ -1,0 +1,187 @@
+"""The web page in a real browser: upload scans, see stage, chart, Grad-CAM and summary.
+
+Debian's Chromium (``/usr/bin/chromium``) driven by Playwright, against ``alzstage
+serve``'s app running in uvicorn on 127.0.0.1 with the session's demo champion. The
+browser is started with the flags this machine's closed network needs, and the test
+also proves the page never asks for anything but this server (no CDN).
+
+The screenshot lands in ``reports/test-artifacts/`` (git-ignored; override with
+``ALZSTAGE_TEST_ARTIFACTS``) so a person can look at what the test saw.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alzstage.serve.demo import DemoChampion, ensure_demo_champion
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless, as root, on a machine with no route out: without the background-networking
+# flags Chromium keeps trying (and failing) to reach Google's services.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(
+    os.environ.get(
+        "ALZSTAGE_TEST_ARTIFACTS",
+        Path(__file__).resolve().parents[1] / "reports" / "test-artifacts",
+    )
+)
+
+pytestmark = [
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian chromium at /usr/bin/chromium "
+        "(apt-get install -y --no-install-recommends chromium)",
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoChampion:
+    return ensure_demo_champion(tmp_path_factory.getbasetemp() / "demo-champion")
+
+
+@pytest.fixture(scope="module")
+def server(demo: DemoChampion) -> Iterator[str]:
+    """The real app under uvicorn in a background thread; yields its base URL."""
+    import uvicorn
+
+    from alzstage.serve.app import ServeSettings, create_app
+
+    app = create_app(ServeSettings(model_uri=demo.uri, tracking_uri=demo.tracking_uri))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def _png(path: Path, seed: int, size: tuple[int, int] = (208, 176)) -> Path:
+    """A brain-ish slice: a bright ellipse on black with noise (something to look at)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.4 * w)) ** 2 < 1
+    img = np.where(inside, 140 + rng.normal(0, 25, size), 0).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_upload_shows_stage_chart_gradcam_and_summary(server: str, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    scans = [_png(tmp_path / "slice_a.png", 0), _png(tmp_path / "slice_b.png", 1)]
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not a PNG")
+    requested: list[str] = []
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1400})
+            page.on("request", lambda req: requested.append(req.url))
+            console_errors: list[str] = []
+            page.on(
+                "console", lambda m: console_errors.append(m.text) if m.type == "error" else None
+            )
+            page.goto(server + "/")
+
+            expect = sync_api.expect
+            expect(page.get_by_test_id("notice")).to_contain_text("Research use only")
+            expect(page.get_by_test_id("notice")).to_contain_text("not a diagnosis")
+            # The model version is shown before anything is uploaded.
+            expect(page.get_by_test_id("model-version")).to_contain_text(
+                "alzstage v1", timeout=60_000
+            )
+
+            page.set_input_files("#files", [str(p) for p in [*scans, bad]])
+            page.click("#submit")
+            stages = page.get_by_test_id("stage")
+            expect(stages).to_have_count(2, timeout=90_000)
+            classes = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
+            for i in range(2):
+                assert stages.nth(i).inner_text() in classes
+            # One probability chart per readable scan, one bar per class.
+            charts = page.get_by_test_id("prob-chart")
+            expect(charts).to_have_count(2)
+            assert charts.first.locator("rect.bar").count() == len(classes)
+            # Grad-CAM overlays decoded by the browser, beside the originals.
+            for kind in ("gradcam", "original"):
+                imgs = page.get_by_test_id(kind)
+                expect(imgs).to_have_count(2)
+                for i in range(2):
+                    assert imgs.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+            # The unreadable file is reported, the batch still answered.
+            expect(page.get_by_test_id("error")).to_contain_text("HTTP 415")
+            summary = page.get_by_test_id("summary")
+            expect(summary).to_be_visible()
+            assert page.get_by_test_id("distribution-chart").locator("rect.bar").count() == 4
+            expect(page.locator("#confidence-table tbody tr")).to_have_count(3)
+            expect(page.locator("#status")).to_contain_text("alzstage v1")
+
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shot = ARTIFACTS / "browser-predict.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+    outside = [u for u in requested if not u.startswith((server, "data:", "blob:"))]
+    assert outside == [], f"the page requested something other than its own server: {outside}"
+    assert not console_errors, console_errors
+
+
+def test_api_docs_render_offline(server: str) -> None:
+    """Swagger UI comes from the installed package (fastapi-offline), not a CDN."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    requested: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page()
+            page.on("request", lambda req: requested.append(req.url))
+            page.goto(server + "/docs")
+            sync_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text(
+                "alzstage", timeout=30_000
+            )
+            sync_api.expect(page.locator(".opblock-summary-path").first).to_be_visible()
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+            assert {"/predict", "/model", "/health"} <= {p.strip() for p in paths}
+        finally:
+            browser.close()
+    outside = [u for u in requested if not u.startswith((server, "data:", "blob:"))]
+    assert outside == [], outside

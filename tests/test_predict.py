@@ -1,0 +1,286 @@
+"""``alzstage predict``: input expansion, safe decoding, batch summary, Grad-CAM files, CLI.
+
+The model is a real registered champion (the project's network at 32x32, random
+weights, logged through the production pyfunc) built once per test session by
+:func:`alzstage.serve.demo.ensure_demo_champion`, so the CLI is exercised against the
+same contract as after ``dvc repro``, in seconds instead of minutes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from alzstage.cli import app
+from alzstage.model.predict import (
+    CorruptImage,
+    ImageTooLarge,
+    UnsupportedImage,
+    decode_image,
+    expand_inputs,
+    parse_registry_uri,
+    resolve_model_uri,
+    summarize,
+    unique_png,
+)
+from alzstage.serve.demo import DemoChampion, ensure_demo_champion
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_png(path: Path, seed: int, size: tuple[int, int] = (52, 44)) -> Path:
+    """A grayscale PNG with seed-dependent pixels (PNG: lossless, so pixels are exact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (52, 44)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)).save(
+        buf, format="PNG"
+    )
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoChampion:
+    """The session's registered demo champion (shared with test_serve / test_browser)."""
+    return ensure_demo_champion(tmp_path_factory.getbasetemp() / "demo-champion")
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: DemoChampion) -> Path:
+    """A project root with the repo's params.yaml, its registry pointed at the demo store."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    monkeypatch.setenv("ALZSTAGE_ROOT", str(root))
+    # Both set through monkeypatch: MLflow writes them into os.environ when configured,
+    # and only a monkeypatched variable is removed again after the test.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", demo.tracking_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", demo.tracking_uri)
+    return root
+
+
+def _pyfunc_probs(demo: DemoChampion, files: list[Path]) -> np.ndarray:
+    """Reference numbers: the registered pyfunc itself, on the pixels the CLI feeds it."""
+    import mlflow
+
+    from alzstage.model.inputs import load_gray
+    from alzstage.serve.demo import scoped_tracking_uri
+
+    with scoped_tracking_uri(demo.tracking_uri):
+        model = mlflow.pyfunc.load_model(demo.uri)
+    arrays = np.stack([load_gray(f, demo.input_size) for f in files])
+    return model.predict(arrays)[demo.classes].to_numpy()
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_expand_inputs_folders_globs_and_explicit_files(tmp_path: Path) -> None:
+    a = write_png(tmp_path / "scans" / "a.png", 0)
+    b = write_png(tmp_path / "scans" / "deep" / "b.PNG", 1)
+    (tmp_path / "scans" / "notes.txt").write_text("not an image")
+    c = write_png(tmp_path / "other" / "c.png", 2)
+    odd = tmp_path / "odd.dat"
+    odd.write_bytes(b"x")
+
+    assert expand_inputs([str(tmp_path / "scans")]) == sorted([a.resolve(), b.resolve()])
+    assert expand_inputs([str(tmp_path / "*" / "*.png")]) == sorted([a.resolve(), c.resolve()])
+    # Named explicitly: kept, so that predict reports it instead of skipping it silently.
+    assert expand_inputs([str(odd)]) == [odd.resolve()]
+    # Overlapping inputs are de-duplicated.
+    assert expand_inputs([str(a), str(tmp_path / "scans")]) == sorted([a.resolve(), b.resolve()])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        expand_inputs([str(tmp_path / "nope*.png")])
+
+
+def test_decode_image_classifies_failures(tmp_path: Path) -> None:
+    gray = decode_image(png_bytes(0, (30, 20)))
+    assert gray.shape == (30, 20) and gray.dtype == np.uint8
+
+    with pytest.raises(UnsupportedImage, match="not a JPEG or PNG") as exc:
+        decode_image(b"%PDF-1.4 definitely not an image", name="report.pdf")
+    assert exc.value.status == 415 and "report.pdf" in str(exc.value)
+
+    gif = io.BytesIO()
+    Image.new("L", (8, 8)).save(gif, format="GIF")
+    with pytest.raises(UnsupportedImage):  # a real image, but not a format we decode
+        decode_image(gif.getvalue())
+
+    with pytest.raises(CorruptImage, match="damaged or truncated") as exc:
+        decode_image(png_bytes(1, (64, 64))[:200])
+    assert exc.value.status == 422
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    big = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(big, format="PNG")  # ~9 MP, a few KB compressed
+    assert len(big.getvalue()) < 100_000
+    with pytest.raises(ImageTooLarge, match="decompression-bomb guard") as exc:
+        decode_image(big.getvalue(), max_pixels=1_000_000)
+    assert exc.value.status == 422
+    assert decode_image(big.getvalue(), max_pixels=10_000_000).shape == (3000, 3000)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_model_references() -> None:
+    assert resolve_model_uri(None, "alzstage") == "models:/alzstage@champion"
+    assert resolve_model_uri("3", "alzstage") == "models:/alzstage/3"
+    assert resolve_model_uri("@challenger", "alzstage") == "models:/alzstage@challenger"
+    assert resolve_model_uri("challenger", "alzstage") == "models:/alzstage@challenger"
+    assert parse_registry_uri("models:/alzstage@champion") == ("alzstage", None, "champion")
+    assert parse_registry_uri("models:/alzstage/7") == ("alzstage", "7", None)
+    assert parse_registry_uri("runs:/abc/model") is None
+
+
+def test_unique_png_never_clobbers(tmp_path: Path) -> None:
+    (tmp_path / "x.gradcam.png").write_bytes(b"existing")
+    taken: set[str] = set()
+    first = unique_png(tmp_path, "x", taken)
+    second = unique_png(tmp_path, "x", taken)  # same stem from another folder, same batch
+    assert first.name == "x.gradcam-2.png" and second.name == "x.gradcam-3.png"
+    assert (tmp_path / "x.gradcam.png").read_bytes() == b"existing"
+    assert unique_png(tmp_path, "../../etc/passwd", taken).parent == tmp_path
+    assert unique_png(tmp_path, "scan 01 (copy)", taken).name == "scan_01_copy.gradcam.png"
+
+
+def test_summarize_counts_only_readable_images() -> None:
+    classes = ["A", "B", "C"]
+    df = pd.DataFrame(
+        [
+            {
+                "file": "1",
+                "stage": "A",
+                "confidence": 0.9,
+                "error": "",
+                "A": 0.9,
+                "B": 0.05,
+                "C": 0.05,
+                "low_confidence": False,
+            },
+            {
+                "file": "2",
+                "stage": "A",
+                "confidence": 0.4,
+                "error": "",
+                "A": 0.4,
+                "B": 0.35,
+                "C": 0.25,
+                "low_confidence": True,
+            },
+            {
+                "file": "3",
+                "stage": "C",
+                "confidence": 0.7,
+                "error": "",
+                "A": 0.1,
+                "B": 0.2,
+                "C": 0.7,
+                "low_confidence": False,
+            },
+            {
+                "file": "bad",
+                "stage": "",
+                "confidence": np.nan,
+                "error": "unreadable",
+                "low_confidence": False,
+            },
+        ]
+    )
+    s = summarize(df, classes, 0.5)
+    assert s["n_images"] == 4 and s["n_predicted"] == 3 and s["n_errors"] == 1
+    assert s["stage_counts"] == {"A": 2, "B": 0, "C": 1}
+    assert s["stage_fractions"]["A"] == pytest.approx(2 / 3)
+    assert s["mean_confidence"] == pytest.approx((0.9 + 0.4 + 0.7) / 3)
+    assert s["mean_probabilities"]["B"] == pytest.approx((0.05 + 0.35 + 0.2) / 3)
+    assert s["n_low_confidence"] == 1 and s["low_confidence_files"] == ["2"]
+    empty = summarize(df.iloc[[3]], classes, 0.5)
+    assert empty["n_predicted"] == 0 and empty["mean_confidence"] is None
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_predict_json_matches_pyfunc_and_summarises(
+    project: Path, demo: DemoChampion, tmp_path: Path
+) -> None:
+    files = [write_png(tmp_path / "in" / f"s{i}.png", i) for i in range(3)]
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "in"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["model"] == "models:/alzstage@champion"
+    assert doc["model_version"] == demo.version and doc["model_name"] == "alzstage"
+    preds = doc["predictions"]
+    assert [Path(p["file"]).name for p in preds] == ["s0.png", "s1.png", "s2.png"]
+    got = np.array([[p[c] for c in demo.classes] for p in preds])
+    np.testing.assert_allclose(got, _pyfunc_probs(demo, files), atol=1e-6)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-6)
+    for p in preds:
+        assert p["stage"] == max(demo.classes, key=lambda c: p[c])
+        assert p["low_confidence"] == (p["confidence"] < 0.5)
+    s = doc["summary"]
+    assert s["n_images"] == 3 and sum(s["stage_counts"].values()) == 3
+    assert s["low_confidence_threshold"] == 0.5
+
+
+def test_predict_table_csv_and_bad_file_in_batch(project: Path, tmp_path: Path) -> None:
+    write_png(tmp_path / "in" / "good.png", 0)
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    table = CliRunner().invoke(app, ["predict", str(tmp_path / "in")])
+    assert table.exit_code == 1  # a file failed: say so in the exit code...
+    assert "good.png" in table.stdout and "batch summary" in table.stdout  # ...but still answer
+    assert "broken.png" in table.stdout
+
+    csv = CliRunner().invoke(app, ["predict", str(tmp_path / "in" / "good.png"), "-f", "csv"])
+    assert csv.exit_code == 0, csv.output
+    df = pd.read_csv(io.StringIO(csv.stdout))
+    assert list(df["file"].map(lambda f: Path(f).name)) == ["good.png"]
+    assert {"stage", "confidence", "low_confidence", "NonDemented"} <= set(df.columns)
+
+
+def test_predict_by_version_number(project: Path, demo: DemoChampion, tmp_path: Path) -> None:
+    img = write_png(tmp_path / "one.png", 5)
+    result = CliRunner().invoke(app, ["predict", str(img), "--model", demo.version, "-f", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == f"models:/alzstage/{demo.version}"
+
+
+def test_gradcam_overlays_named_by_stem_without_clobbering(project: Path, tmp_path: Path) -> None:
+    a = write_png(tmp_path / "one" / "scan.png", 0)
+    b = write_png(tmp_path / "two" / "scan.png", 1)  # same stem, different folder
+    out = tmp_path / "cams"
+    args = ["predict", str(a), str(b), "--gradcam", str(out), "-f", "json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["scan.gradcam-2.png", "scan.gradcam.png"]
+    doc = json.loads(first.stdout)
+    assert {Path(p["gradcam"]).name for p in doc["predictions"]} == set(written)
+    with Image.open(out / "scan.gradcam.png") as im:
+        assert im.mode == "RGB" and im.size == (44, 52)  # the original's own size
+    before = (out / "scan.gradcam.png").read_bytes()
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert len(list(out.iterdir())) == 4 and (out / "scan.gradcam.png").read_bytes() == before
+
+
+def test_gradcam_target_must_be_a_folder(project: Path, tmp_path: Path) -> None:
+    img = write_png(tmp_path / "one.png", 0)
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, ["predict", str(img), "--gradcam", str(blocker)])
+    assert result.exit_code == 2 and "not a folder" in result.output
