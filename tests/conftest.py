@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -78,3 +79,20 @@ def http_server(tmp_path: Path) -> Iterator[LocalServer]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (52, 44)) -> bytes:
+    """A grayscale PNG in memory (lossless, so the pixels a test sends are exact)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)).save(
+        buf, format="PNG"
+    )
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    """The session's registered demo champion, shared by the predict, serve and browser tests."""
+    from alzstage.serve.demo import ensure_demo_champion
+
+    return ensure_demo_champion(tmp_path_factory.getbasetemp() / "demo-champion")

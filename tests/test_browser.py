@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alzstage.serve.demo import DemoChampion, ensure_demo_champion
+from alzstage.serve.demo import DemoChampion
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless, as root, on a machine with no route out: without the background-networking
@@ -51,11 +51,6 @@ pytestmark = [
         "(apt-get install -y --no-install-recommends chromium)",
     ),
 ]
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoChampion:
-    return ensure_demo_champion(tmp_path_factory.getbasetemp() / "demo-champion")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import png_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -31,7 +32,7 @@ from alzstage.model.predict import (
     summarize,
     unique_png,
 )
-from alzstage.serve.demo import DemoChampion, ensure_demo_champion
+from alzstage.serve.demo import DemoChampion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,20 +43,6 @@ def write_png(path: Path, seed: int, size: tuple[int, int] = (52, 44)) -> Path:
     pixels = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
     Image.fromarray(pixels).save(path, format="PNG")
     return path
-
-
-def png_bytes(seed: int, size: tuple[int, int] = (52, 44)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)).save(
-        buf, format="PNG"
-    )
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoChampion:
-    """The session's registered demo champion (shared with test_serve / test_browser)."""
-    return ensure_demo_champion(tmp_path_factory.getbasetemp() / "demo-champion")
 
 
 @pytest.fixture

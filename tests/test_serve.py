@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_bytes
 from PIL import Image
 
-from alzstage.serve.demo import DemoChampion, ensure_demo_champion
+from alzstage.serve.demo import DemoChampion
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -33,19 +34,6 @@ from alzstage.serve.app import ServeSettings, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def png_bytes(seed: int, size: tuple[int, int] = (52, 44)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)).save(
-        buf, format="PNG"
-    )
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoChampion:
-    return ensure_demo_champion(tmp_path_factory.getbasetemp() / "demo-champion")
 
 
 def _app(demo: DemoChampion, **overrides: object):
