@@ -55,27 +55,37 @@ def _run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh git+DVC checkout of the repo with tiny params, after one ``dvc repro``."""
-    dest = tmp_path_factory.mktemp("repo") / "alzstage"
-    files = subprocess.run(
+def project_files() -> list[str]:
+    """What a fresh clone holds: tracked files plus untracked ones git does not ignore."""
+    return subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
-    for rel in files:
+
+
+def copy_tiny_project(dest: Path, overrides: dict | None = None) -> Path:
+    """A fresh git repo holding this repo's working tree, with TINY (+ overrides) params."""
+    for rel in project_files():
         src = REPO / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     params = _merge(yaml.safe_load((dest / "params.yaml").read_text()), TINY)
+    params = _merge(params, overrides or {})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], dest)
     _run(["git", "add", "-A"], dest)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git+DVC checkout of the repo with tiny params, after one ``dvc repro``."""
+    dest = copy_tiny_project(tmp_path_factory.mktemp("repo") / "alzstage")
     _run(["dvc", "repro"], dest)
     return dest
 

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
-from test_pipeline_integration import TINY, _merge
+from test_pipeline_integration import copy_tiny_project, project_files
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -74,29 +73,6 @@ def _git_commit(cwd: Path, message: str) -> None:
     _run(["git", "commit", "-qm", message], cwd)
 
 
-def _copy_project(dest: Path, overrides: dict | None = None) -> Path:
-    """A fresh git repo holding the working tree of this repo, with tiny params."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    params = _merge(yaml.safe_load((dest / "params.yaml").read_text()), TINY)
-    params = _merge(params, overrides or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], dest)
-    _run(["git", "add", "-A"], dest)
-    _git_commit(dest, "init")
-    return dest
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,7 +82,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def team_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project after ``dvc repro``, with dvc.lock committed as a team would."""
-    dest = _copy_project(tmp_path_factory.mktemp("team") / "alzstage")
+    dest = copy_tiny_project(tmp_path_factory.mktemp("team") / "alzstage")
     _run(["dvc", "repro"], dest)
     # promotion.json is `cache: false` (a record of a registry decision, not data): it
     # travels through git, not the DVC remote. /reports/ is git-ignored, hence -f.
@@ -436,7 +412,7 @@ def test_postgres_tracking_server_runs_the_pipeline_over_http(
     import mlflow
 
     model_name = f"alzstage-pg-{secrets.token_hex(4)}"  # unique on a shared server too
-    project = _copy_project(tmp_path / "alzstage", {"promote": {"model_name": model_name}})
+    project = copy_tiny_project(tmp_path / "alzstage", {"promote": {"model_name": model_name}})
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     pg = postgres_backend
@@ -566,13 +542,7 @@ def test_secret_patterns_catch_planted_secrets():
 
 
 def test_no_secrets_in_repository_files():
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    files = project_files()
     hits = []
     for rel in files:
         path = REPO / rel
