@@ -75,6 +75,16 @@ def test_class_weights_match_sklearn():
     np.testing.assert_allclose([ours[i] for i in range(4)], theirs)
 
 
+def test_class_weight_cap_bounds_only_the_rare_classes():
+    """A one-subject class must not get a weight that swamps every other class."""
+    y = np.array([0] * 52 + [1] * 36 + [2] * 14 + [3] * 1)
+    raw = class_weights(y, CLASSES, "balanced")
+    capped = class_weights(y, CLASSES, "balanced", max_weight=5.0)
+    assert raw[3] == pytest.approx(103 / 4) and capped[3] == 5.0
+    assert [capped[i] for i in range(3)] == [raw[i] for i in range(3)]
+    assert class_weights(y, CLASSES, {"NonDemented": 9.0}, max_weight=5.0)[0] == 9.0
+
+
 def test_two_logical_cpus_run_mirrored_strategy(tmp_path):
     """The training loop runs unchanged under MirroredStrategy over 2 logical CPU devices."""
     script = textwrap.dedent(

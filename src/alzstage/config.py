@@ -283,6 +283,10 @@ class TrainParams(_Section):
     fine_tune_epochs: int = Field(default=0, ge=0)
     fine_tune_learning_rate: float = Field(default=1e-4, gt=0)
     class_weight: Literal["balanced", "none"] | dict[str, float] = "balanced"
+    # A class with one or two training subjects gets a huge ``balanced`` weight (25.75 for
+    # the archive's ModerateDemented under the subject split), which can make the whole
+    # model predict that class; the cap keeps it strong but bounded. null = no cap.
+    max_class_weight: float | None = Field(default=5.0, gt=0)
     monitor: Literal["val_balanced_accuracy", "val_macro_f1"] = "val_balanced_accuracy"
     patience: int = Field(default=3, ge=1)
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"

@@ -44,8 +44,14 @@ HISTORY_COLUMNS = [
 ]
 
 
-def class_weights(labels: np.ndarray, classes: list[str], spec: Any) -> dict[int, float] | None:
-    """``balanced`` = n / (k * n_c) over classes present in training; or an explicit map."""
+def class_weights(
+    labels: np.ndarray, classes: list[str], spec: Any, max_weight: float | None = None
+) -> dict[int, float] | None:
+    """``balanced`` = n / (k * n_c) over classes present in training; or an explicit map.
+
+    ``max_weight`` caps the balanced weights only: an explicit map is taken as written,
+    because whoever wrote it chose those numbers.
+    """
     if spec == "none":
         return None
     if isinstance(spec, dict):
@@ -53,7 +59,10 @@ def class_weights(labels: np.ndarray, classes: list[str], spec: Any) -> dict[int
     counts = np.bincount(labels, minlength=len(classes))
     present = counts > 0
     n, k = counts.sum(), present.sum()
-    return {i: float(n / (k * counts[i])) if counts[i] else 0.0 for i in range(len(classes))}
+    weights = {i: float(n / (k * counts[i])) if counts[i] else 0.0 for i in range(len(classes))}
+    if max_weight is not None:
+        weights = {i: min(w, float(max_weight)) for i, w in weights.items()}
+    return weights
 
 
 def select_strategy() -> Any:
@@ -242,7 +251,7 @@ def train_model(
     set_seeds(params.base.seed)
     strategy = select_strategy()
     classes = params.base.classes
-    cw = class_weights(y, classes, params.train.class_weight)
+    cw = class_weights(y, classes, params.train.class_weight, params.train.max_class_weight)
     x4, xv4 = x[..., None].astype("float32"), x_val[..., None].astype("float32")
     bs = params.train.batch_size
     summary: dict[str, Any] = {
