@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from alzstage.config import Params
+from alzstage.model.activation_cache import ActivationCache
 from alzstage.model.train import class_weights, save_model_atomic, train_model
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
@@ -64,6 +65,66 @@ def test_focal_loss_and_fine_tune_phase_run():
     phases = [h["phase"] for h in summary["history"]]
     assert phases.count("fine_tune") == 1 and phases.count("head") >= 1
     assert summary["cut_cache_mb"] > 0
+
+
+def test_activation_cache_reuses_and_invalidates(tmp_path):
+    """A training-only change hits the disk cache; trunk weights or input bytes miss it."""
+    x, y = separable(32, 0)
+    xv, yv = separable(16, 1)
+    ft = {"epochs": 1, "fine_tune_from": "final_block", "fine_tune_epochs": 1}
+
+    def statuses(params, xs=x) -> list[str]:
+        cache = ActivationCache(tmp_path, max_entries=20)
+        _, summary = train_model(params, xs, y, xv, yv, cache=cache)
+        assert summary["activation_cache"] == cache.events
+        return [e["status"] for e in cache.events]
+
+    _, uncached = train_model(tiny_params(**ft), x, y, xv, yv)
+    first = ActivationCache(tmp_path, max_entries=20)
+    _, cached = train_model(tiny_params(**ft), x, y, xv, yv, cache=first)
+    assert [e["status"] for e in first.events] == ["miss", "miss"]
+    # Same tensors either way: the loss curve is identical with and without the cache.
+    assert [h["loss"] for h in cached["history"]] == pytest.approx(
+        [h["loss"] for h in uncached["history"]], rel=1e-5
+    )
+    assert statuses(tiny_params(learning_rate=0.003, **ft)) == ["hit", "hit"]
+    # model.weights none + another seed = other trunk weights; other bytes = other views.
+    other_seed = tiny_params(**ft).model_copy(
+        update={"base": tiny_params().base.model_copy(update={"seed": 1})}
+    )
+    assert statuses(other_seed) == ["miss", "miss"]
+    flipped = np.ascontiguousarray(x[:, :, ::-1])
+    assert statuses(tiny_params(**ft), flipped) == ["miss", "hit"]
+    assert len(list(tmp_path.glob("*.npy"))) == 5
+
+
+def test_activation_cache_recomputes_damaged_entries_and_evicts(tmp_path):
+    calls: list[int] = []
+
+    def compute(a: np.ndarray) -> np.ndarray:
+        calls.append(len(a))
+        return a.astype("float32") * 2
+
+    cache = ActivationCache(tmp_path, max_entries=2)
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    np.testing.assert_array_equal(cache.get_or_compute("t", "w", a, compute), a * 2.0)
+    cache.path(cache.key("w", a)).write_bytes(b"not an npy file")
+    np.testing.assert_array_equal(cache.get_or_compute("t", "w", a, compute), a * 2.0)
+    assert calls == [3, 3] and cache.events[-1]["status"] == "miss"
+    assert cache.events[-2]["status"].startswith("unreadable")
+    for i in range(3):
+        cache.get_or_compute("t", f"w{i}", a, compute)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_tf_config_worker_count_drives_the_multi_worker_warning():
+    from alzstage.model import train
+
+    two = '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}}'
+    assert train._tf_config_workers(two) == 2
+    assert train._tf_config_workers("not json") == 0
+    assert train._tf_config_workers('{"cluster": {"chief": ["a:1"]}}') == 1
 
 
 def test_class_weights_match_sklearn():

@@ -82,6 +82,8 @@ class Paths:
         self.metrics = self.reports / "metrics.json"
         self.promotion = self.reports / "promotion.json"
         self.cache = r / ".cache" / "alzstage"
+        # Shared by `dvc exp run` copies, like mlflow.db: a queued sweep reuses it.
+        self.activation_cache = tracking_home(r) / ".cache" / "alzstage" / "activations"
 
 
 # --------------------------------------------------------------------------- params
@@ -288,6 +290,10 @@ class TrainParams(_Section):
     # model predict that class; the cap keeps it strong but bounded. null = no cap.
     max_class_weight: float | None = Field(default=5.0, gt=0)
     monitor: Literal["val_balanced_accuracy", "val_macro_f1"] = "val_balanced_accuracy"
+    # Frozen-trunk activations on disk (.cache/alzstage/activations), keyed by the trunk's
+    # weight values and the exact input bytes, so only a change that alters them recomputes.
+    cache_activations: bool = True
+    activation_cache_entries: int = Field(default=4, ge=1)
     patience: int = Field(default=3, ge=1)
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: float = Field(default=2.0, ge=0)

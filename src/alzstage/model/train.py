@@ -8,13 +8,18 @@ dropout), at a fraction of the cost on a CPU.
 
 Phase 1 trains the head on pooled backbone features. Phase 2 (optional) unfreezes from
 ``train.fine_tune_from`` at a lower learning rate and trains that tail on cached
-activations at the cut.
+activations at the cut. The frozen activations also persist on disk
+(``.cache/alzstage/activations``, keyed by trunk weights and input bytes), so a re-run
+that changes only training params skips the frozen forward pass altogether.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +29,7 @@ import pandas as pd
 
 from alzstage.config import Params, Paths
 from alzstage.files import write_json
+from alzstage.model.activation_cache import ActivationCache, model_digest
 from alzstage.model.inputs import load_batch
 from alzstage.model.metrics import summary_metrics
 from alzstage.result import StageResult
@@ -74,6 +80,13 @@ def select_strategy() -> Any:
     import tensorflow as tf
 
     if os.environ.get("TF_CONFIG"):
+        if _tf_config_workers(os.environ["TF_CONFIG"]) > 1:
+            warnings.warn(
+                "TF_CONFIG lists several workers: Keras 3 model.fit under "
+                "MultiWorkerMirroredStrategy currently stops with 'Attempt to convert a value "
+                "(PerReplica...)' (keras-team/keras#20585); see docs/team.md, section 4",
+                stacklevel=2,
+            )
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
@@ -82,6 +95,15 @@ def select_strategy() -> Any:
     if os.environ.get("ALZSTAGE_MIRROR_CPUS") and len(cpus) > 1:
         return tf.distribute.MirroredStrategy([d.name for d in cpus])
     return tf.distribute.get_strategy()
+
+
+def _tf_config_workers(raw: str) -> int:
+    """Workers (chief included) in a TF_CONFIG cluster spec; 0 if it cannot be read."""
+    try:
+        cluster = json.loads(raw).get("cluster", {})
+    except (ValueError, AttributeError):
+        return 0
+    return sum(len(cluster.get(role, [])) for role in ("chief", "worker"))
 
 
 def make_loss(params: Params) -> Any:
@@ -235,6 +257,40 @@ def _predict(fn: Any, x: np.ndarray, batch: int) -> np.ndarray:
     return np.asarray(fn.predict(x, batch_size=batch, verbose=0))
 
 
+def _frozen_forward(
+    fn: Any,
+    x: np.ndarray,
+    x_val: np.ndarray,
+    batch: int,
+    cache: ActivationCache | None,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``fn`` over the uint8 train and val images, through the disk cache when given."""
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return _predict(fn, images[..., None].astype("float32"), batch)
+
+    if cache is None:
+        return run(x), run(x_val)
+    import keras
+
+    from alzstage.model import build
+
+    digest = model_digest(
+        fn,
+        {
+            "what": what,
+            "keras": keras.__version__,
+            # The preprocessing layer has no weights; its code is part of the function.
+            "build_py": hashlib.sha256(Path(build.__file__).read_bytes()).hexdigest(),
+        },
+    )
+    return (
+        cache.get_or_compute("train", digest, x, run),
+        cache.get_or_compute("val", digest, x_val, run),
+    )
+
+
 def train_model(
     params: Params,
     x: np.ndarray,
@@ -242,8 +298,14 @@ def train_model(
     x_val: np.ndarray,
     y_val: np.ndarray,
     tracker: StageRun | None = None,
+    cache: ActivationCache | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train on uint8 (N, H, W) images; returns the full Keras model and a summary."""
+    """Train on uint8 (N, H, W) images; returns the full Keras model and a summary.
+
+    With ``cache``, the frozen trunk's activations are loaded from disk when the trunk
+    weights and the input bytes are unchanged (see ``activation_cache``), so a sweep over
+    training params pays for the frozen forward pass once.
+    """
     import keras
 
     from alzstage.model.build import build_network, resolve_cut, split_backbone
@@ -271,15 +333,17 @@ def train_model(
             # The frozen trunk runs once per image; both phases reuse its activations.
             trunk, tail = split_backbone(net.backbone, cut)
             trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
-            a_train, a_val = _predict(trunk_fn, x4, bs), _predict(trunk_fn, xv4, bs)
+            a_train, a_val = _frozen_forward(trunk_fn, x, x_val, bs, cache, f"cut:{cut}")
             summary["cut_cache_mb"] = (a_train.nbytes + a_val.nbytes) / 2**20
             cut_in = keras.Input(a_train.shape[1:])
             pooled = keras.Model(cut_in, pool(tail(cut_in)))
             f_train, f_val = _predict(pooled, a_train, bs), _predict(pooled, a_val, bs)
         else:
             features = keras.Model(inp, pool(net.backbone(net.preprocess(inp))))
-            f_train, f_val = _predict(features, x4, bs), _predict(features, xv4, bs)
+            f_train, f_val = _frozen_forward(features, x, x_val, bs, cache, "pooled")
         summary["feature_seconds"] = time.perf_counter() - t0
+        if cache is not None:
+            summary["activation_cache"] = [dict(e) for e in cache.events]
         # Phase 1: frozen backbone; train the head on pooled features.
         head_in = keras.Input(f_train.shape[1:])
         h = head_in
@@ -388,7 +452,12 @@ def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageRe
     data = np.load(paths.augmented / "train.npz")
     x, y = data["images"], data["labels"]
     x_val, y_val, _ = load_split_images(paths, params, "val")
-    model, summary = train_model(params, x, y, x_val, y_val, tracker)
+    cache = (
+        ActivationCache(paths.activation_cache, params.train.activation_cache_entries)
+        if params.train.cache_activations
+        else None
+    )
+    model, summary = train_model(params, x, y, x_val, y_val, tracker, cache)
     save_model_atomic(model, paths.model_file)
     history = pd.DataFrame(summary.pop("history"), columns=HISTORY_COLUMNS)
     paths.plots.mkdir(parents=True, exist_ok=True)
