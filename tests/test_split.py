@@ -28,6 +28,7 @@ from alzstage.data.split import (
     fingerprint_split_file,
     leakage_report,
     load_thumbnails,
+    nearest_neighbour_scores,
     pseudo_subjects,
     run_split,
     split_by_source,
@@ -223,6 +224,11 @@ def test_stratified_is_flagged_leaky_and_near_duplicates_are_counted(tmp_path: P
     assert lt["fraction_near_duplicate"] > 0.8  # neighbouring slices sit in train
     assert leaky["leakage"]["shared_subjects"]["train_test"] > 0
     assert clean["leakage"]["test"]["fraction_near_duplicate"] < 0.2
+    # Copying the nearest training slice's label: near-perfect when the brain is in train
+    # (this fixture's classes are separable, so the clean split scores high too).
+    nn_leaky = lt["nearest_train_neighbour"]["balanced_accuracy"]
+    nn_clean = clean["leakage"]["test"]["nearest_train_neighbour"]["balanced_accuracy"]
+    assert nn_leaky > 0.9 and nn_clean <= nn_leaky
 
 
 def test_leakage_report_counts_exact_near_duplicates() -> None:
@@ -236,12 +242,29 @@ def test_leakage_report_counts_exact_near_duplicates() -> None:
             "path": list("abcdef"),
             "subject": list("abcdef"),
             "split": ["train", "train", "train", "test", "test", "val"],
+            "label": ["A", "B", "B", "A", "A", "B"],
         }
     )
     rep = leakage_report(df, x, threshold=0.95)
     assert rep["test"]["n_near_duplicate_in_train"] == 1
     assert rep["test"]["fraction_near_duplicate"] == 0.5
     assert rep["val"]["n_near_duplicate_in_train"] == 0
+    # Row 3 copies train row 0's label (A, right); row 4 copies whatever is closest.
+    corr = x[4] @ x[:3].T
+    row4 = "A" if corr.argmax() == 0 else "B"
+    expected = (1 + (row4 == "A")) / 2
+    nn = rep["test"]["nearest_train_neighbour"]
+    assert nn == {"accuracy": expected, "balanced_accuracy": expected}
+
+
+def test_nearest_neighbour_scores_by_hand() -> None:
+    truth = np.array(["a", "a", "a", "b"])
+    copied = np.array(["a", "b", "b", "b"])
+    # accuracy 2/4; recall a = 1/3, b = 1 -> balanced 2/3
+    assert nearest_neighbour_scores(truth, copied) == {
+        "accuracy": 0.5,
+        "balanced_accuracy": round(2 / 3, 6),
+    }
 
 
 def test_source_strategy_keeps_source_test_rows_in_test(project: Paths) -> None:

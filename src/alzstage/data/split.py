@@ -426,13 +426,37 @@ def assert_no_subject_leakage(df: pd.DataFrame) -> None:
 
 def _max_corr(queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
     """Each query's highest correlation with any row of ``pool`` (blocked products)."""
+    return _nearest(queries, pool)[0]
+
+
+def _nearest(queries: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(highest correlation, index of that row of ``pool``) per query; index -1 if no pool."""
     best = np.full(len(queries), -1.0, dtype=np.float32)
+    where = np.full(len(queries), -1, dtype=np.int64)
     if len(pool) == 0 or len(queries) == 0:
-        return best
+        return best, where
     for start in range(0, len(queries), _ROW_BLOCK):
         stop = min(len(queries), start + _ROW_BLOCK)
-        best[start:stop] = (queries[start:stop] @ pool.T).max(axis=1)
-    return best
+        corr = queries[start:stop] @ pool.T
+        where[start:stop] = corr.argmax(axis=1)
+        best[start:stop] = corr[np.arange(stop - start), where[start:stop]]
+    return best, where
+
+
+def nearest_neighbour_scores(truth: np.ndarray, copied: np.ndarray) -> dict[str, float]:
+    """Accuracy and balanced accuracy of copying the most similar training slice's label.
+
+    No learning at all, only look-up: on a split where a brain's neighbouring slices sit
+    in train, this alone scores high, which is the ceiling a memorising network reaches
+    too. On a subject-disjoint split it shows how much plain image similarity says.
+    """
+    if len(truth) == 0:
+        return {"accuracy": 0.0, "balanced_accuracy": 0.0}
+    recalls = [float((copied[truth == c] == c).mean()) for c in np.unique(truth)]
+    return {
+        "accuracy": round(float((copied == truth).mean()), 6),
+        "balanced_accuracy": round(float(np.mean(recalls)), 6),
+    }
 
 
 def _shared(a: set, b: set) -> int:
@@ -453,11 +477,14 @@ def leakage_report(df: pd.DataFrame, thumbs: np.ndarray, threshold: float) -> di
     split = df["split"].to_numpy()
     keys = _group_keys(df).to_numpy()
     train_x = thumbs[split == "train"]
+    labels = df["label"].to_numpy()
+    train_labels = labels[split == "train"]
     subjects = {s: set(keys[split == s].tolist()) for s in SPLITS}
     report: dict[str, Any] = {"threshold": float(threshold)}
     for s in ("val", "test"):
         q = np.flatnonzero(split == s)
-        best = _max_corr(thumbs[q], train_x)
+        best, nearest = _nearest(thumbs[q], train_x)
+        copied = train_labels[nearest] if len(train_labels) else np.full(len(q), "")
         n = len(q)
         n_dup = int((best >= threshold).sum())
         in_train = int(sum(k in subjects["train"] for k in keys[q]))
@@ -473,6 +500,7 @@ def leakage_report(df: pd.DataFrame, thumbs: np.ndarray, threshold: float) -> di
             },
             "n_images_subject_in_train": in_train,
             "fraction_subject_in_train": round(in_train / n, 6) if n else 0.0,
+            "nearest_train_neighbour": nearest_neighbour_scores(labels[q], copied),
         }
     report["shared_subjects"] = {
         "train_val": _shared(subjects["train"], subjects["val"]),
@@ -716,6 +744,9 @@ def run_split(params: Params, paths: Paths) -> StageResult:
         "leaky": float(report["leaky"]),
         "leak_val_fraction": float(leakage["val"]["fraction_near_duplicate"]),
         "leak_test_fraction": float(leakage["test"]["fraction_near_duplicate"]),
+        "nn_test_balanced_accuracy": float(
+            leakage["test"]["nearest_train_neighbour"]["balanced_accuracy"]
+        ),
         "shared_subjects_train_test": float(leakage["shared_subjects"]["train_test"]),
         "seconds_thumbnails": round(t1 - t0, 3),
         "seconds_grouping": round(t2 - t1, 3),
