@@ -33,7 +33,7 @@ app = typer.Typer(
 
 # Params sections each stage reads; dvc.yaml declares the same sections as dependencies.
 STAGE_SECTIONS = {
-    "download": ["base", "data"],
+    "download": ["base", "data", "neuro"],
     "validate": ["base", "validate"],
     "split": ["base", "split"],
     "augment": ["base", "augment", "model"],
@@ -216,7 +216,10 @@ def promote(
 @app.command()
 def predict(
     inputs: Annotated[
-        list[str], typer.Argument(help="Image files (JPEG/PNG), folders or glob patterns.")
+        list[str],
+        typer.Argument(
+            help="Image files (JPEG/PNG), NIfTI volumes (.nii/.nii.gz), folders or glob patterns."
+        ),
     ],
     model: Annotated[
         str | None,
@@ -232,7 +235,12 @@ def predict(
         ),
     ] = None,
 ) -> None:
-    """Predict the stage of each image with calibrated probabilities; batches get a summary."""
+    """Predict the stage of each image with calibrated probabilities; batches get a summary.
+
+    A NIfTI volume is registered to MNI152, cut into the training slice format, and gets
+    one subject-level stage pooled from its slices (neuro.aggregate); JSON output adds
+    the per-slice probabilities and QC, --gradcam the most informative slices.
+    """
     if output not in ("table", "json", "csv"):
         _fail(f"--format must be one of table, json, csv (got {output!r})")
     if gradcam is not None and gradcam.exists() and not gradcam.is_dir():
@@ -253,7 +261,9 @@ def predict(
     except FileNotFoundError as exc:
         _fail(str(exc))
     if not files:
-        _fail("no image files found in the given inputs (expected .jpg, .jpeg or .png)")
+        _fail(
+            "no image files found in the given inputs (expected .jpg, .jpeg, .png, .nii or .nii.gz)"
+        )
     uri = resolve_model_uri(model, params.promote.model_name)
     # Read-only: name the store explicitly instead of tracking.configure(), which would
     # create an experiment and repoint MLflow for the whole process.
@@ -269,10 +279,25 @@ def predict(
     except ModelNotFound as exc:
         _fail(str(exc), code=1)
     threshold = params.evaluate.low_confidence
+    from alzstage.neuro.volume import is_volume_path
+
+    volumes = [f for f in files if is_volume_path(f)]
+    images = [f for f in files if not is_volume_path(f)]
+    details: list[dict] = []
     try:
-        df = predict_files(loaded, files, threshold, gradcam_dir=gradcam)
+        df = predict_files(loaded, images, threshold, gradcam_dir=gradcam) if images else None
+        if volumes:
+            import pandas as pd
+
+            from alzstage.model.subject import predict_volume_files
+
+            vdf, details = predict_volume_files(loaded, volumes, params, threshold, gradcam)
+            df = vdf if df is None else pd.concat([df.assign(kind="image"), vdf])
+            order = {str(f): i for i, f in enumerate(files)}
+            df = df.sort_values("file", key=lambda s: s.map(order)).reset_index(drop=True)
     except ValueError as exc:  # Grad-CAM on a model that is not preprocess -> backbone -> head
         _fail(f"--gradcam: {exc}", code=1)
+    assert df is not None
     summary = summarize(df, loaded.classes, threshold)
     batch = len(df) > 1
     if output == "json":
@@ -283,6 +308,8 @@ def predict(
             "predictions": json.loads(df.to_json(orient="records")),
             "summary": summary,
         }
+        if volumes:
+            doc["volumes"] = json.loads(json.dumps(details, default=_json_number))
         typer.echo(json.dumps(doc, indent=2))
     elif output == "csv":
         typer.echo(df.to_csv(index=False), nl=False)
@@ -300,15 +327,16 @@ def predict(
             table.add_column(col)
         errors = []
         for _, r in df.iterrows():
+            shown = Path(r["file"]).name
+            if r.get("kind") == "volume" and not r.get("error"):
+                shown += f" (volume: {int(r['n_slices'])} slices, {r['aggregate']})"
             if r.get("error"):
-                table.add_row(
-                    Path(r["file"]).name, "[red]unreadable[/red]", "", *[""] * len(loaded.classes)
-                )
+                table.add_row(shown, "[red]unreadable[/red]", "", *[""] * len(loaded.classes))
                 errors.append(r["error"])
                 continue
             flag = " [yellow](low)[/yellow]" if r["low_confidence"] else ""
             table.add_row(
-                Path(r["file"]).name,
+                shown,
                 r["stage"],
                 f"{r['confidence']:.3f}{flag}",
                 *[f"{r[c]:.3f}" for c in loaded.classes],
@@ -316,6 +344,17 @@ def predict(
         console.print(table)
         for err in errors:  # in full below the table, where a long path does not wrap
             console.print(f"[red]error:[/red] {err}", highlight=False)
+        for d in details:
+            if "error" in d:
+                continue
+            where = ", ".join(
+                f"{i} (z={d['slices'][i]['z_mm']:g} mm)" for i in d["informative_slices"]
+            )
+            console.print(
+                f"{Path(d['file']).name}: registration score {d['qc']['registration_score']:.2f}; "
+                f"most informative slices for {d['stage']}: {where or 'none'}",
+                highlight=False,
+            )
         if batch:
             stats = Table(title="batch summary", show_footer=False)
             for col in ("stage", "images", "share", "mean probability"):
@@ -340,6 +379,13 @@ def predict(
         raise typer.Exit(1)
 
 
+def _json_number(o: object) -> object:
+    """numpy scalars in QC records -> plain numbers for JSON."""
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
 @app.command()
 def serve(
     host: Annotated[
@@ -358,12 +404,16 @@ def serve(
         float, typer.Option(help="Largest request body in MiB; larger gets 413.", min=0.001)
     ] = 200.0,
     max_files: Annotated[int, typer.Option(help="Most images in one request.", min=1)] = 64,
+    max_volume_mb: Annotated[
+        float,
+        typer.Option(help="Largest accepted NIfTI volume file in MiB; larger gets 413.", min=0.001),
+    ] = 128.0,
     max_pixels: Annotated[
         int, typer.Option(help="Decompression-bomb guard: most pixels per image.", min=1)
     ] = 4096 * 4096,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve the REST API (POST /predict, GET /model, /health, /docs) and the web page at /."""
+    """Serve the web page at / and the REST API (POST /predict, /predict/volume, /docs)."""
     params, paths = _load()
     import uvicorn
 
@@ -391,6 +441,10 @@ def serve(
         max_request_bytes=int(max_request_mb * 2**20),
         max_files=max_files,
         max_pixels=max_pixels,
+        max_volume_bytes=int(max_volume_mb * 2**20),
+        neuro=params.neuro,
+        nifti_qc=params.validate_.nifti,
+        image_size=tuple(params.base.image_size),
     )
     typer.echo(f"alzstage: serving {uri} at http://{host}:{port}/ (API docs: /docs)")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)

@@ -63,6 +63,7 @@ class Paths:
         self.raw = r / "data" / "raw"
         self.raw_images = self.raw / "images"
         self.raw_manifest = self.raw / "manifest.csv"
+        self.raw_volumes = self.raw / "volumes.csv"  # per-volume QC, data.source: nifti only
         self.interim = r / "data" / "interim"
         self.validated_manifest = self.interim / "manifest.csv"
         self.processed = r / "data" / "processed"
@@ -77,6 +78,8 @@ class Paths:
         self.validation_report = self.reports / "validation.json"
         self.validation_dir = self.reports / "validation"
         self.quarantine = self.validation_dir / "quarantine.csv"
+        self.volume_qc = self.validation_dir / "volumes.csv"
+        self.quarantine_volumes = self.validation_dir / "quarantine_volumes.csv"
         self.split_report = self.reports / "split.json"
         self.train_report = self.reports / "train.json"
         self.metrics = self.reports / "metrics.json"
@@ -181,8 +184,10 @@ def _check_sha256(v: str | None, name: str = "") -> str | None:
 
 
 class DataParams(_Section):
-    source: Literal["demo", "archive", "folder", "kaggle", "huggingface"] = "demo"
+    source: Literal["demo", "archive", "folder", "kaggle", "huggingface", "nifti"] = "demo"
     path: str | None = None
+    # source: nifti. A CSV in data.path with columns subject, file, label (docs/neuro.md).
+    subjects_csv: str = Field(default="subjects.csv", min_length=1)
     sha256: str | None = None
     max_extract_bytes: int = Field(default=8 * 1024**3, gt=0)
     max_compression_ratio: float = Field(default=200.0, gt=1)
@@ -220,11 +225,68 @@ class DataParams(_Section):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:
-        if self.source in ("archive", "folder") and not self.path:
+        if self.source in ("archive", "folder", "nifti") and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
         if self.source == "huggingface" and not self.hf_files:
             raise ValueError("data.hf_files must list at least one parquet file ({name: sha256})")
         return self
+
+
+def _ordered_pair(v: tuple[float, float], what: str) -> tuple[float, float]:
+    if not v[0] < v[1]:
+        raise ValueError(f"{what} must be [low, high] with low < high, got {list(v)}")
+    return v
+
+
+class NeuroPreprocessParams(_Section):
+    """How a NIfTI volume becomes Kaggle-like axial slices (alzstage.neuro)."""
+
+    registration_resolution: int = Field(default=2, ge=1, le=4)  # MNI152 grid, mm
+    clip_percentiles: tuple[
+        Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]
+    ] = (0.5, 99.5)
+    normalise: Literal["zscore", "minmax"] = "zscore"
+    brain_mask: Literal["template", "otsu", "both"] = "both"
+    tissue_segmentation: bool = True
+    z_range_mm: tuple[
+        Annotated[float, Field(ge=-72, le=110)], Annotated[float, Field(ge=-72, le=110)]
+    ] = (-18.0, 40.0)
+    n_slices: int = Field(default=32, ge=1, le=128)
+    max_volume_mb: float = Field(default=1024.0, gt=0)  # decompressed size guard
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _clip_order(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(v, "clip_percentiles")
+
+    @field_validator("z_range_mm")
+    @classmethod
+    def _z_order(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(v, "z_range_mm")
+
+
+class NeuroParams(_Section):
+    preprocess: NeuroPreprocessParams = Field(default_factory=NeuroPreprocessParams)
+    aggregate: Literal["mean_log", "mean", "vote"] = "mean_log"
+    gradcam_slices: int = Field(default=4, ge=0, le=128)
+
+
+class NiftiQCParams(_Section):
+    """Per-volume quality rules for NIfTI inputs (validate stage and predict)."""
+
+    voxel_size_mm: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (
+        0.5,
+        3.0,
+    )
+    min_brain_ml: float = Field(default=500.0, ge=0)
+    min_registration_score: float = Field(default=0.5, ge=0, le=1)
+
+    @field_validator("voxel_size_mm")
+    @classmethod
+    def _voxel_order(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] <= v[1]:
+            raise ValueError(f"voxel_size_mm must be [min, max] with min <= max, got {list(v)}")
+        return v
 
 
 class ValidateParams(_Section):
@@ -233,6 +295,7 @@ class ValidateParams(_Section):
     expected_mode: Literal["L", "RGB", "any"] = "L"
     check_size: bool = True
     blank_std_threshold: float = Field(default=1.0, ge=0)
+    nifti: NiftiQCParams = Field(default_factory=NiftiQCParams)
 
 
 class SplitParams(_Section):
@@ -320,6 +383,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     promote: PromoteParams = Field(default_factory=PromoteParams)
+    neuro: NeuroParams = Field(default_factory=NeuroParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -351,6 +415,7 @@ REQUIRED_SECTIONS = (
     "train",
     "evaluate",
     "promote",
+    "neuro",
 )
 
 

@@ -610,6 +610,11 @@ def collect(params: Params, paths: Paths, staging: Path) -> list[RawRecord]:
         return place_images(download_kaggle(data.kaggle_dataset), staging, base, move=False)
     if data.source == "huggingface":
         return collect_huggingface(data, base, paths, staging)
+    if data.source == "nifti":
+        from alzstage.neuro.dataset import collect_nifti
+
+        # Also writes staging/volumes.csv, the per-volume QC the validate stage judges.
+        return collect_nifti(params, paths, staging)
     assert data.path is not None  # enforced by DataParams
     if data.source == "folder":
         folder = Path(data.path).expanduser()
@@ -642,9 +647,18 @@ def run_download(params: Params, paths: Paths) -> StageResult:
     counts = manifest["label"].value_counts().to_dict()
     metrics = {"n_images": float(len(manifest))}
     metrics.update({f"n_{k}": float(v) for k, v in counts.items()})
+    artifacts = [paths.raw_manifest]
+    if params.data.source == "nifti":
+        import csv
+
+        with open(paths.raw_volumes, newline="") as f:
+            statuses = [row["status"] for row in csv.DictReader(f)]
+        metrics["n_volumes"] = float(len(statuses))
+        metrics["n_volumes_not_preprocessed"] = float(sum(s != "ok" for s in statuses))
+        artifacts.append(paths.raw_volumes)
     return StageResult(
         metrics=metrics,
-        artifacts=[paths.raw_manifest],
+        artifacts=artifacts,
         tags={"data.source": params.data.source},
         summary=f"{len(manifest)} images from source {params.data.source!r}: {counts}",
     )

@@ -371,6 +371,77 @@ def suite_frames(manifest: pd.DataFrame, params: Params) -> dict[str, pd.DataFra
     return {"manifest": m, "class_counts": class_counts, "label_conflicts": conflicts}
 
 
+# ================================================ NIfTI volumes (data.source: nifti)
+
+VOLUME_QUARANTINE_COLUMNS = ["file", "subject", "label", "reasons", "details", "n_slices"]
+_VOLUME_TEXT = ("subject", "file", "label", "status", "error", "shape", "slice_prefix")
+
+
+def volume_specs(params: Params) -> list[ExpectationSpec]:
+    """Expectations on ``data/raw/volumes.csv``: one per ``validate.nifti`` rule.
+
+    The rules themselves live in :mod:`alzstage.neuro.qc`, shared with ``predict``; a
+    volume that could not be preprocessed at all fails ``volume_preprocessed`` (its
+    other measurements are empty, and GX skips empty values in range checks).
+    """
+    from alzstage.neuro.qc import volume_rules
+
+    specs = [
+        ExpectationSpec(
+            "volume_preprocessed",
+            "volumes",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "status", "value_set": ["ok"]},
+            "Every volume in the subjects CSV could be read and preprocessed into slices.",
+            "see each volume's error; fix or remove the file, or fix its row in the CSV",
+            "volume_error",
+            index="file",
+        )
+    ]
+    for rule in volume_rules(params.validate_.nifti):
+        bounds = {"min_value": rule.min_value, "max_value": rule.max_value}
+        specs.append(
+            ExpectationSpec(
+                rule.key,
+                "volumes",
+                "ExpectColumnValuesToBeBetween",
+                {"column": rule.column, **{k: v for k, v in bounds.items() if v is not None}},
+                rule.description,
+                rule.hint,
+                rule.reason,
+                index="file",
+            )
+        )
+    return specs
+
+
+def read_volume_qc(path: Path) -> pd.DataFrame:
+    """Read ``volumes.csv`` with text columns as strings and measurements as numbers."""
+    df = pd.read_csv(path, dtype={c: str for c in _VOLUME_TEXT}, keep_default_na=False)
+    for col in df.columns:
+        if col in _VOLUME_TEXT:
+            df[col] = df[col].fillna("").astype(str)
+        else:
+            df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
+    return df
+
+
+def volume_frame(volumes: pd.DataFrame) -> pd.DataFrame:
+    """The frame the volume expectations see: empty status counts as missing."""
+    v = volumes.copy()
+    v["status"] = v["status"].where(v["status"].astype(str) != "", None).astype(object)
+    return v
+
+
+def _volume_detail(spec_reason: str, row: pd.Series, e: dict) -> str:
+    if spec_reason == "volume_error":
+        return f"{row['status']}: {row['error']}"
+    col = e["column"]
+    bounds = e["kwargs"]
+    limit = f">= {bounds['min_value']}" if "min_value" in bounds else f"<= {bounds['max_value']}"
+    return f"{col} = {row[col]} (must be {limit}). Fix: {e['hint']}"
+
+
 # ============================================================ expectation suite (GX shell)
 
 
@@ -425,8 +496,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run_manifest_suite(manifest: pd.DataFrame, params: Params, docs_dir: Path | None) -> dict:
+def run_manifest_suite(
+    manifest: pd.DataFrame,
+    params: Params,
+    docs_dir: Path | None,
+    volumes: pd.DataFrame | None = None,
+) -> dict:
     """Validate the manifest with Great Expectations; build Data Docs into ``docs_dir``.
+
+    With ``volumes`` (the per-volume QC of a ``nifti`` source) its expectations run in
+    the same suite, keyed by volume file instead of image path.
 
     Returns plain data (no GX objects) so callers and tests need not know GX::
 
@@ -448,6 +527,9 @@ def run_manifest_suite(manifest: pd.DataFrame, params: Params, docs_dir: Path | 
 
     specs = expectation_specs(params)
     frames = suite_frames(manifest, params)
+    if volumes is not None:
+        specs += volume_specs(params)
+        frames["volumes"] = volume_frame(volumes)
     context = _gx_context(docs_dir)
     source = context.data_sources.add_pandas(SUITE_PREFIX)
 
@@ -538,6 +620,9 @@ class Outcome:
     quarantine: pd.DataFrame  # QUARANTINE_COLUMNS
     dataset_problems: list[str] = field(default_factory=list)  # cannot be fixed by dropping rows
     class_counts: dict[str, int] = field(default_factory=dict)  # after quarantine
+    # NIfTI sources only: the volumes table with its verdict, and the failing volumes.
+    volumes: pd.DataFrame | None = None  # QC_COLUMNS + passed, reasons, details
+    volume_quarantine: pd.DataFrame | None = None  # VOLUME_QUARANTINE_COLUMNS
 
     @property
     def any_row_problem(self) -> bool:
@@ -566,12 +651,18 @@ def _row_detail(reason: str, row: pd.Series, params: Params) -> str:
 
 
 def decide(
-    manifest: pd.DataFrame, image_problems: pd.DataFrame, suite: dict, params: Params
+    manifest: pd.DataFrame,
+    image_problems: pd.DataFrame,
+    suite: dict,
+    params: Params,
+    volumes: pd.DataFrame | None = None,
 ) -> Outcome:
     """Turn check and expectation results into kept rows, quarantined rows and fatal problems.
 
     Exact duplicates keep the first copy by path (one copy is legitimate data); label
-    conflicts quarantine every copy (we cannot know which label is right).
+    conflicts quarantine every copy (we cannot know which label is right). A volume that
+    breaks a ``validate.nifti`` rule is quarantined whole: every one of its slices, and
+    the volume itself in the volume list (also when it produced no slices at all).
     """
     reasons: dict[str, list[tuple[str, str]]] = {}
     for rec in image_problems.itertuples(index=False):
@@ -580,6 +671,7 @@ def decide(
     paths = manifest["path"].astype(str)
     index_of = dict(zip(paths, manifest.index, strict=True))
     dataset_problems: list[str] = []
+    volume_reasons: dict[str, list[tuple[str, str]]] = {}
     for key, e in suite["expectations"].items():
         if e["exception"]:
             dataset_problems.append(f"expectation {key} could not be evaluated: {e['exception']}")
@@ -590,7 +682,21 @@ def decide(
             dataset_problems.append(_dataset_problem(key, e))
             continue
         flagged = sorted({"" if p is None else str(p) for p in e["unexpected"]})
-        if e["reason"] == "exact_duplicate":
+        if e["frame"] == "volumes" and volumes is not None:
+            by_file = volumes.set_index("file", drop=False)
+            for f in flagged:
+                if f not in by_file.index:
+                    continue
+                row = by_file.loc[f]
+                detail = f"volume {f} (subject {row['subject']}): " + _volume_detail(
+                    e["reason"], row, e
+                )
+                _add(volume_reasons, f, e["reason"], detail)
+                prefix = str(row.get("slice_prefix", "") or "")
+                if prefix:
+                    for p in paths[paths.str.startswith(prefix)]:
+                        _add(reasons, p, e["reason"], detail)
+        elif e["reason"] == "exact_duplicate":
             sub = manifest[paths.isin(flagged)]
             for _, group in sub.groupby("sha256", sort=True):
                 ordered = sorted(group["path"].astype(str))
@@ -641,6 +747,8 @@ def decide(
             f"{len(quarantine)} quarantined; reasons for unknown paths {unmatched[:5]}"
         )
 
+    vols, vol_quarantine = _volume_verdicts(volumes, volume_reasons)
+
     counts = clean["label"].value_counts()
     class_counts = {c: int(counts.get(c, 0)) for c in params.base.classes}
     need = params.validate_.min_per_class
@@ -650,7 +758,33 @@ def decide(
             f"after excluding bad rows, classes {short} have fewer than validate.min_per_class = "
             f"{need} valid images; fix the files listed above or lower validate.min_per_class"
         )
-    return Outcome(clean, quarantine.reset_index(drop=True), dataset_problems, class_counts)
+    return Outcome(
+        clean,
+        quarantine.reset_index(drop=True),
+        dataset_problems,
+        class_counts,
+        vols,
+        vol_quarantine,
+    )
+
+
+def _volume_verdicts(
+    volumes: pd.DataFrame | None, volume_reasons: dict[str, list[tuple[str, str]]]
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The volumes table with passed/reasons/details, and the quarantined volumes."""
+    if volumes is None:
+        return None, None
+    v = volumes.copy()
+    listed = [list(dict.fromkeys(volume_reasons.get(f, []))) for f in v["file"].astype(str)]
+    v["passed"] = [not r for r in listed]
+    v["reasons"] = [";".join(dict.fromkeys(code for code, _ in r)) for r in listed]
+    v["details"] = [" | ".join(f"{code}: {d}" for code, d in r) for r in listed]
+    unknown = sorted(set(volume_reasons) - set(v["file"].astype(str)))
+    failed = v[~v["passed"]]
+    quarantine = failed.reindex(columns=VOLUME_QUARANTINE_COLUMNS).reset_index(drop=True)
+    if unknown or len(failed) + int(v["passed"].sum()) != len(v):
+        raise RuntimeError(f"validation bookkeeping error for volumes: unknown {unknown[:5]}")
+    return v, quarantine
 
 
 def _dataset_problem(key: str, e: dict) -> str:
@@ -682,7 +816,7 @@ def build_report(
         image_problems.groupby("check")["path"].nunique().to_dict() if len(image_problems) else {}
     )
     clean_data = image_problems.empty and suite["success"]
-    return {
+    report: dict[str, Any] = {
         "success": bool(clean_data),
         "stage_passed": _stage_passes(outcome, image_problems, suite, params),
         "n_images": len(manifest),
@@ -695,6 +829,16 @@ def build_report(
         },
         "class_counts_valid": outcome.class_counts,
     }
+    if outcome.volumes is not None:
+        v = outcome.volumes
+        codes = [c for r in v["reasons"] for c in str(r).split(";") if c]
+        report["volumes"] = {
+            "n_volumes": len(v),
+            "n_valid": int(v["passed"].sum()),
+            "n_quarantined": int((~v["passed"]).sum()),
+            "checks": {c: codes.count(c) for c in sorted(set(codes))},
+        }
+    return report
 
 
 def _stage_passes(
@@ -740,7 +884,15 @@ def format_failure(
             lines += _examples(
                 f"{p}: {d}" for p, d in zip(group["path"], group["detail"], strict=True)
             )
-    failed = {k: e for k, e in suite["expectations"].items() if not e["success"]}
+    failed = {
+        k: e
+        for k, e in suite["expectations"].items()
+        if not e["success"] and e["frame"] != "volumes"
+    }
+    vq = outcome.volume_quarantine
+    if vq is not None and len(vq):
+        lines.append(f"  Volumes (NIfTI QC, validate.nifti): {len(vq)} volume(s) failed.")
+        lines += _examples(f"{f}: {d}" for f, d in zip(vq["file"], vq["details"], strict=True))
     if failed:
         lines.append("  Expectations (Great Expectations suite on the manifest):")
         for key, e in failed.items():
@@ -788,16 +940,23 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
         )
     manifest = read_manifest(paths.raw_manifest)
     image_problems = check_images(manifest, paths.raw, params)
+    # The per-volume QC table exists only for data.source: nifti (see alzstage.neuro.dataset).
+    volumes = read_volume_qc(paths.raw_volumes) if paths.raw_volumes.exists() else None
 
     docs_root = paths.validation_dir / "data_docs"
     with atomic_dir(docs_root) as tmp_docs:
-        suite = run_manifest_suite(manifest, params, tmp_docs)
+        suite = run_manifest_suite(manifest, params, tmp_docs, volumes)
     docs_index = docs_root / "index.html"
     suite["data_docs"] = str(docs_index)
 
-    outcome = decide(manifest, image_problems, suite, params)
+    outcome = decide(manifest, image_problems, suite, params, volumes)
     report = build_report(manifest, image_problems, suite, outcome, params)
     _write_csv(outcome.quarantine, paths.quarantine)
+    for stale in (paths.volume_qc, paths.quarantine_volumes):
+        stale.unlink(missing_ok=True)  # from an earlier run on a nifti source
+    if outcome.volumes is not None and outcome.volume_quarantine is not None:
+        _write_csv(outcome.volumes, paths.volume_qc)
+        _write_csv(outcome.volume_quarantine, paths.quarantine_volumes)
     write_json(paths.validation_report, report)
 
     rel = _relative_to(paths.root)
@@ -821,6 +980,14 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
             len(manifest),
             rel(paths.quarantine),
         )
+    vq = outcome.volume_quarantine
+    if vq is not None and len(vq):
+        log.warning(
+            "validate: quarantined %d volume(s) (subjects %s; reasons in %s)",
+            len(vq),
+            ", ".join(vq["subject"].astype(str)),
+            rel(paths.quarantine_volumes),
+        )
     _write_csv(outcome.clean, paths.validated_manifest)
 
     metrics: dict[str, float] = {
@@ -837,6 +1004,11 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
         }
     )
     metrics.update({f"class_count.{c}": float(n) for c, n in outcome.class_counts.items()})
+    if "volumes" in report:
+        metrics.update(
+            {f"volumes.{k}": float(report["volumes"][k]) for k in ("n_volumes", "n_valid")}
+        )
+        metrics["volumes.n_quarantined"] = float(report["volumes"]["n_quarantined"])
     return StageResult(
         metrics=metrics,
         artifacts=[paths.validation_report, paths.quarantine, docs_root],

@@ -403,6 +403,7 @@ def _provenance(params: Params, train_run: dict) -> dict:
         "folder": f"{d.path}",
         "kaggle": f"kaggle:{d.kaggle_dataset}",
         "huggingface": f"{d.hf_endpoint}/datasets/{d.hf_repo} @ {d.hf_revision}",
+        "nifti": f"{d.path} ({d.subjects_csv}; NIfTI volumes registered to MNI152)",
     }[d.source]
     return {
         "data_source": d.source,

@@ -366,6 +366,31 @@ class SubjectAggregate:
     n_slices: np.ndarray
 
 
+def pool_slices(probs: np.ndarray, rule: str = "mean_log") -> np.ndarray:
+    """One subject's class probabilities from its slices' probabilities (n, k) -> (k,).
+
+    ``mean_log`` (default) is the rule :func:`aggregate_by_subject` uses for the
+    subject-level test metrics, so a volume at predict time is scored the way evaluation
+    scored subjects. ``mean`` averages probabilities (one outlier slice weighs less);
+    ``vote`` is the share of slices predicting each class (ties: the higher mean
+    probability wins, because the returned vector's argmax is the stage).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or len(p) == 0:
+        raise ValueError(f"pool_slices: expected (n_slices, n_classes) with n >= 1, got {p.shape}")
+    if rule == "mean_log":
+        mean = np.log(np.clip(p, 1e-12, 1.0)).mean(axis=0)
+        out = np.exp(mean - mean.max())
+    elif rule == "mean":
+        out = p.mean(axis=0)
+    elif rule == "vote":
+        votes = np.bincount(p.argmax(axis=1), minlength=p.shape[1]).astype(np.float64)
+        out = votes + 1e-6 * p.mean(axis=0)  # tie-break by mean probability
+    else:
+        raise ValueError(f"pool_slices: unknown rule {rule!r}; use mean_log, mean or vote")
+    return out / out.sum()
+
+
 def aggregate_by_subject(
     probs: np.ndarray, y: np.ndarray, subjects: np.ndarray
 ) -> SubjectAggregate:

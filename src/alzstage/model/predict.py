@@ -61,12 +61,18 @@ def expand_inputs(items: Iterable[str]) -> list[Path]:
     """Files, folders (recursively) and glob patterns → a sorted, de-duplicated file list.
 
     A file named explicitly is always kept, whatever its suffix, so that a wrong file is
-    reported instead of silently skipped; folders and globs contribute image files only.
+    reported instead of silently skipped; folders and globs contribute image files and
+    NIfTI volumes (``.nii``, ``.nii.gz``) only.
     """
+    from alzstage.neuro.volume import is_volume_path
+
     found: list[Path] = []
 
+    def wanted(q: Path) -> bool:
+        return q.suffix.lower() in IMAGE_SUFFIXES or is_volume_path(q)
+
     def images_under(folder: Path) -> list[Path]:
-        return [q for q in folder.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+        return [q for q in folder.rglob("*") if q.is_file() and wanted(q)]
 
     for item in items:
         p = Path(item)
@@ -81,7 +87,7 @@ def expand_inputs(items: Iterable[str]) -> list[Path]:
             for m in matches:
                 if m.is_dir():
                     found += images_under(m)
-                elif m.suffix.lower() in IMAGE_SUFFIXES:
+                elif wanted(m):
                     found.append(m)
     return sorted(dict.fromkeys(q.resolve() for q in found))
 

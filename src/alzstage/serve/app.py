@@ -37,6 +37,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from alzstage.config import NeuroParams, NiftiQCParams
+
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
@@ -81,6 +83,11 @@ class ServeSettings:
     max_request_bytes: int = 200 * 2**20
     max_files: int = 64
     max_pixels: int = 4096 * 4096
+    # NIfTI volumes (POST /predict/volume): how they are cut into slices and judged.
+    max_volume_bytes: int = 128 * 2**20
+    neuro: NeuroParams = field(default_factory=NeuroParams)
+    nifti_qc: NiftiQCParams = field(default_factory=NiftiQCParams)
+    image_size: tuple[int, int] = (208, 176)
 
 
 # --------------------------------------------------------------------------- schema
@@ -117,6 +124,47 @@ class FileResult(BaseModel):
     height: int | None = Field(None, description="Height of the uploaded image in pixels.")
 
 
+class SliceResult(BaseModel):
+    """One axial slice of a volume, in the training image format."""
+
+    index: int = Field(description="Slice number, inferior to superior.")
+    z_mm: float = Field(description="MNI z coordinate of the slice in mm.")
+    stage: str = Field(description="The slice's own most probable stage.")
+    confidence: float
+    probabilities: dict[str, float]
+    informative: bool = Field(
+        description="One of the neuro.gradcam_slices slices that most support the volume's stage."
+    )
+    image: str = Field(description="The slice as the model saw it, a data:image/png URL.")
+    gradcam: str | None = Field(
+        None, description="Grad-CAM of the volume's stage on this slice (informative slices)."
+    )
+
+
+class VolumeResult(BaseModel):
+    """The subject-level outcome for one uploaded NIfTI volume."""
+
+    index: int = Field(description="Position of the file in the request.")
+    filename: str = Field(description="Client file name, for display only (never used on disk).")
+    status: int = Field(description="200, or the HTTP status this file alone would get.")
+    error: str | None = Field(None, description="Why the volume could not be used.")
+    stage: str | None = Field(None, description="Subject-level stage pooled from the slices.")
+    confidence: float | None = None
+    low_confidence: bool | None = None
+    probabilities: dict[str, float] | None = Field(
+        None, description="Pooled probability per class, in class order."
+    )
+    aggregate: str | None = Field(None, description="Pooling rule: mean_log, mean or vote.")
+    n_slices: int | None = None
+    registration_score: float | None = Field(
+        None, description="Correlation with MNI152 after affine registration (0..1)."
+    )
+    qc: dict[str, float | int | str] | None = Field(
+        None, description="Per-volume measurements (voxel size, brain volume, tissue fractions)."
+    )
+    slices: list[SliceResult] | None = None
+
+
 class Summary(BaseModel):
     """Batch statistics over the files that could be read."""
 
@@ -137,6 +185,13 @@ class PredictResponse(BaseModel):
     model: ModelRef
     classes: list[str]
     predictions: list[FileResult]
+    summary: Summary
+
+
+class VolumeResponse(BaseModel):
+    model: ModelRef
+    classes: list[str]
+    predictions: list[VolumeResult]
     summary: Summary
 
 
@@ -175,7 +230,7 @@ class HealthResponse(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Request, file or file count over the limit."},
-    415: {"model": ErrorResponse, "description": "No file was a JPEG or PNG."},
+    415: {"model": ErrorResponse, "description": "No file was a JPEG or PNG (or a NIfTI)."},
     422: {"model": ErrorResponse, "description": "Malformed request or no usable image."},
     503: {"model": ErrorResponse, "description": "No model to serve (no champion yet)."},
 }
@@ -350,7 +405,81 @@ def _run_batch(
     return model, [results[i] for i in sorted(results)]
 
 
-def _summary(model: LoadedModel, results: list[FileResult], threshold: float) -> Summary:
+def _slice_results(pred: Any) -> list[SliceResult]:
+    import numpy as np
+
+    out = []
+    for i, (z, p) in enumerate(zip(pred.z_mm, pred.slice_probabilities, strict=True)):
+        k = int(np.argmax(p))
+        overlay = pred.overlays.get(i)
+        out.append(
+            SliceResult(
+                index=i,
+                z_mm=round(float(z), 2),
+                stage=pred.classes[k],
+                confidence=float(p[k]),
+                probabilities={c: float(v) for c, v in zip(pred.classes, p, strict=True)},
+                informative=i in pred.informative,
+                image=_png_data_url(pred.slices[i]),
+                gradcam=None if overlay is None else _png_data_url(overlay),
+            )
+        )
+    return out
+
+
+def _run_volumes(
+    cache: ModelCache, uploads: list[_Upload], want_gradcam: bool
+) -> tuple[LoadedModel, list[VolumeResult]]:
+    """Preprocess (no lock: CPU-heavy, model-free), then predict under the model lock."""
+    from alzstage.model.inputs import ImageReadError
+    from alzstage.model.subject import (
+        predict_preprocessed,
+        preprocess_for_prediction,
+        volume_row,
+    )
+
+    model = cache.get()
+    s = cache.settings
+    results: list[VolumeResult] = []
+    for up in uploads:
+        if up.error is None:
+            try:
+                pre = preprocess_for_prediction(
+                    up.data or b"", s.neuro, s.nifti_qc, s.image_size, up.filename
+                )
+            except ImageReadError as exc:
+                up.error = str(exc)
+                up.status = int(getattr(exc, "status", 422))
+            finally:
+                up.data = None
+        if up.error is not None:
+            results.append(
+                VolumeResult(index=up.index, filename=up.filename, status=up.status, error=up.error)
+            )
+            continue
+        with cache.infer_lock:
+            pred = predict_preprocessed(model, pre, s.neuro, up.filename, want_gradcam)
+        row = volume_row(pred, s.low_confidence)
+        results.append(
+            VolumeResult(
+                index=up.index,
+                filename=up.filename,
+                status=200,
+                stage=row["stage"],
+                confidence=row["confidence"],
+                low_confidence=row["low_confidence"],
+                probabilities={c: row[c] for c in model.classes},
+                aggregate=pred.rule,
+                n_slices=row["n_slices"],
+                registration_score=row["registration_score"],
+                qc={k: v for k, v in pred.qc.items() if isinstance(v, (int, float, str))},
+                slices=_slice_results(pred),
+            )
+        )
+    return model, results
+
+
+def _summary(model: LoadedModel, results: list[Any], threshold: float) -> Summary:
     import pandas as pd
 
     from alzstage.model.predict import summarize
@@ -369,13 +498,18 @@ def _summary(model: LoadedModel, results: list[FileResult], threshold: float) ->
     return Summary(**summarize(pd.DataFrame(rows), model.classes, threshold))
 
 
-def _failure(results: list[FileResult]) -> JSONResponse:
+def _failure(results: list[Any]) -> JSONResponse:
     """No file was usable: answer with their common status (else 422) and every reason."""
     statuses = {r.status for r in results}
     status = statuses.pop() if len(statuses) == 1 else 422
     detail = "no usable image in the request: " + "; ".join(r.error or "" for r in results)
+    # Failed volumes carry only the fields of a failed image, so one schema serves both.
+    outcomes = [
+        FileResult(index=r.index, filename=r.filename, status=r.status, error=r.error)
+        for r in results
+    ]
     return JSONResponse(
-        ErrorResponse(detail=detail, predictions=results).model_dump(mode="json"),
+        ErrorResponse(detail=detail, predictions=outcomes).model_dump(mode="json"),
         status_code=status,
     )
 
@@ -528,6 +662,68 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         model, results = await run_in_threadpool(_run_batch, cache, uploads, gradcam)
         if any(r.status == 200 for r in results):
             body = PredictResponse(
+                model=_model_ref(model),
+                classes=model.classes,
+                predictions=results,
+                summary=_summary(model, results, settings.low_confidence),
+            )
+            return JSONResponse(body.model_dump(mode="json"))
+        return _failure(results)
+
+    @app.post(
+        "/predict/volume",
+        response_model=VolumeResponse,
+        responses=ERRORS,
+        summary="Subject-level stage of one or many uploaded NIfTI volumes",
+    )
+    async def predict_volume(
+        files: Annotated[
+            list[UploadFile],
+            File(min_length=1, description="One or more 3D NIfTI volumes (.nii or .nii.gz)."),
+        ],
+        gradcam: Annotated[
+            bool,
+            Query(description="Add Grad-CAM overlays on the most informative slices."),
+        ] = False,
+    ) -> JSONResponse:
+        """Each volume is registered to MNI152, cut into the training slice format
+        (``neuro.preprocess``), checked against ``validate.nifti`` and given one stage
+        pooled from its slices (``neuro.aggregate``), with every slice's probabilities
+        and image. Volumes fail independently, with a per-file ``status`` and ``error``
+        naming the problem and the fix (415 not NIfTI, 422 unusable, 413 too large)."""
+        try:
+            if len(files) > settings.max_files:
+                raise HTTPException(
+                    413,
+                    f"{len(files)} files in one request; the limit is {settings.max_files}. "
+                    "Split the batch or start the server with a larger --max-files",
+                )
+            uploads = []
+            for i, f in enumerate(files):
+                up = _Upload(index=i, filename=display_name(f.filename, i))
+                data = await f.read(settings.max_volume_bytes + 1)
+                if len(data) > settings.max_volume_bytes:
+                    up.error = (
+                        f"{up.filename}: file is over the limit of {settings.max_volume_bytes:,} "
+                        "bytes; start the server with a larger --max-volume-mb"
+                    )
+                    up.status = 413
+                else:
+                    up.data = data
+                uploads.append(up)
+        finally:
+            for f in files:
+                await f.close()
+        if all(up.error for up in uploads):
+            return _failure(
+                [
+                    VolumeResult(index=u.index, filename=u.filename, status=u.status, error=u.error)
+                    for u in uploads
+                ]
+            )
+        model, results = await run_in_threadpool(_run_volumes, cache, uploads, gradcam)
+        if any(r.status == 200 for r in results):
+            body = VolumeResponse(
                 model=_model_ref(model),
                 classes=model.classes,
                 predictions=results,

@@ -125,6 +125,69 @@ function resultCard(p, file, classes) {
   return card;
 }
 
+const isVolume = (f) => /\.nii(\.gz)?$/i.test(f.name);
+
+// One card per NIfTI volume: the pooled stage, then a strip of every slice (Grad-CAM
+// on the most informative ones, which are outlined), scrollable left to right.
+function volumeCard(v, classes) {
+  const card = el("article", { class: "card volume", "data-testid": "volume-result" });
+  card.appendChild(el("h3", {}, v.filename));
+  if (v.error) {
+    card.classList.add("failed");
+    card.appendChild(el("p", { class: "error", "data-testid": "error" },
+      `HTTP ${v.status}: ${v.error}`));
+    return card;
+  }
+  const head = el("p");
+  head.appendChild(el("span", { class: "stage", "data-testid": "stage" }, v.stage));
+  head.appendChild(document.createTextNode(
+    ` · subject-level, ${v.aggregate} of ${v.n_slices} slices · confidence ${pct(v.confidence)}`
+    + ` · registration ${v.registration_score.toFixed(2)}`));
+  if (v.low_confidence) head.appendChild(el("span", { class: "badge" }, "low confidence"));
+  card.appendChild(head);
+  const chart = el("figure", { "data-testid": "prob-chart" });
+  chart.appendChild(el("figcaption", {}, "pooled probability per stage"));
+  chart.appendChild(barChart(classes, classes.map((c) => v.probabilities[c]), {
+    title: `probabilities for ${v.filename}`,
+  }));
+  card.appendChild(chart);
+  const strip = el("div", { class: "strip", "data-testid": "slice-strip" });
+  for (const s of v.slices || []) {
+    const fig = el("figure", { class: s.informative ? "slice informative" : "slice" });
+    fig.appendChild(el("img", {
+      src: s.gradcam || s.image,
+      alt: `slice ${s.index} at z ${s.z_mm} mm${s.gradcam ? ", Grad-CAM" : ""}`,
+      "data-testid": s.gradcam ? "slice-gradcam" : "slice",
+    }));
+    fig.appendChild(el("figcaption", {}, `z ${s.z_mm} mm · ${s.stage} ${pct(s.confidence)}`));
+    strip.appendChild(fig);
+  }
+  card.appendChild(strip);
+  return card;
+}
+
+async function postFiles(url, files) {
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  const res = await fetch(url, { method: "POST", body: form });
+  let data;
+  try {
+    data = await res.json();
+  } catch {
+    data = { detail: `HTTP ${res.status} without a JSON body` };
+  }
+  return { res, data };
+}
+
+async function submitVolumes(files, explain) {
+  const target = document.getElementById("volumes");
+  const { res, data } = await postFiles(`predict/volume?gradcam=${explain}`, files);
+  const classes = data.classes || state.classes;
+  (data.predictions || []).forEach((v) => target.appendChild(volumeCard(v, classes)));
+  return res.ok ? `${data.summary.n_predicted} of ${files.length} volume(s) predicted`
+    : `volumes: ${data.detail || `HTTP ${res.status}`}`;
+}
+
 function renderSummary(data) {
   const section = document.getElementById("summary");
   const s = data.summary;
@@ -164,36 +227,41 @@ async function submit(event) {
     setStatus("Choose at least one image first.", true);
     return;
   }
-  const form = new FormData();
-  for (const f of files) form.append("files", f, f.name);
   const explain = document.getElementById("gradcam").checked;
+  const volumes = files.filter(isVolume);
+  const slices = files.filter((f) => !isVolume(f));
   const button = document.getElementById("submit");
   button.disabled = true;
-  setStatus(`Predicting ${files.length} slice${files.length > 1 ? "s" : ""}…`);
+  setStatus(volumes.length
+    ? `Registering and predicting ${volumes.length} volume(s) and ${slices.length} slice(s)…`
+    : `Predicting ${files.length} slice${files.length > 1 ? "s" : ""}…`);
   const results = document.getElementById("results");
   state.objectUrls.forEach((u) => URL.revokeObjectURL(u));
   state.objectUrls = [];
   results.replaceChildren();
+  document.getElementById("volumes").replaceChildren();
   document.getElementById("summary").hidden = true;
   try {
-    const res = await fetch(`predict?gradcam=${explain}`, { method: "POST", body: form });
-    let data;
-    try {
-      data = await res.json();
-    } catch {
-      data = { detail: `HTTP ${res.status} without a JSON body` };
+    const volumeStatus = volumes.length ? await submitVolumes(volumes, explain) : "";
+    if (!slices.length) {
+      setStatus(`Done: ${volumeStatus}.`, volumeStatus.startsWith("volumes:"));
+      if (!state.classes.length) loadModel();
+      return;
     }
+    const { res, data } = await postFiles(`predict?gradcam=${explain}`, slices);
     const predictions = data.predictions || [];
     const classes = data.classes || state.classes;
-    predictions.forEach((p) => results.appendChild(resultCard(p, files[p.index], classes)));
+    predictions.forEach((p) => results.appendChild(resultCard(p, slices[p.index], classes)));
+    const extra = volumeStatus ? ` ${volumeStatus}.` : "";
     if (res.ok) {
       renderSummary(data);
       const m = data.model || {};
       const used = m.name ? `${m.name} v${m.version}` : m.uri;
-      setStatus(`Done: ${data.summary.n_predicted} of ${files.length} predicted with ${used}.`);
+      setStatus(
+        `Done: ${data.summary.n_predicted} of ${slices.length} predicted with ${used}.${extra}`);
       if (!state.classes.length) loadModel();
     } else {
-      setStatus(data.detail || `HTTP ${res.status}`, true);
+      setStatus((data.detail || `HTTP ${res.status}`) + extra, true);
     }
   } catch (err) {
     setStatus(`Request failed: ${err}`, true);

@@ -1,0 +1,122 @@
+"""One volume in, Kaggle-like slices and a QC record out: the whole NIfTI preprocessing.
+
+    load (RAS) -> foreground -> clip -> register to MNI152 -> brain mask -> tissue classes
+    -> normalise -> axial slices in MNI space -> 8-bit, background black
+
+The same function serves the ``nifti`` data source (``rules=None``: measure everything,
+judge nothing, so the validate stage can decide with its own thresholds) and prediction
+(``rules`` given: stop at the first broken rule with an error naming the file).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alzstage.config import NeuroPreprocessParams
+from alzstage.neuro.errors import EmptyBrainMask
+from alzstage.neuro.qc import VolumeRule, check_measurements
+from alzstage.neuro.volume import Volume, load_volume
+
+STEPS = ("load", "normalise", "register", "mask", "slice")
+
+
+@dataclass
+class Preprocessed:
+    """What preprocessing made of one volume."""
+
+    slices: np.ndarray  # uint8 (n, height, width), training image format
+    z_mm: np.ndarray  # MNI z of each slice
+    qc: dict[str, Any]  # the measurements of data/raw/volumes.csv (QC_COLUMNS)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step (STEPS)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
+
+
+def preprocess_volume(
+    source: Path | bytes | Volume,
+    params: NeuroPreprocessParams,
+    image_size: tuple[int, int],
+    name: str | None = None,
+    rules: list[VolumeRule] | None = None,
+) -> Preprocessed:
+    """Turn one NIfTI volume into ``params.n_slices`` uint8 axial slices of ``image_size``.
+
+    Raises a :class:`~alzstage.neuro.errors.VolumeError` when no slices can be made
+    (unreadable, not 3D, nothing in the image, registration crashed) and, with
+    ``rules``, when a measurement breaks one of them.
+    """
+    from alzstage.neuro.intensity import clip_percentiles, normalise_intensity, to_uint8
+    from alzstage.neuro.mask import brain_mask, otsu_foreground, segment_tissue, tissue_fractions
+    from alzstage.neuro.register import register_to_mni
+    from alzstage.neuro.slices import sample_slices, slice_positions
+
+    timings: dict[str, float] = {}
+    with _timed(timings, "load"):
+        if isinstance(source, Volume):
+            volume = source
+        else:
+            max_bytes = int(params.max_volume_mb * 2**20)
+            volume = load_volume(source, name=name, max_bytes=max_bytes)
+    name = volume.name
+    zooms = volume.zooms
+    qc: dict[str, Any] = {
+        "shape": "x".join(str(s) for s in volume.shape_on_disk),
+        "voxel_min_mm": round(min(zooms), 4),
+        "voxel_max_mm": round(max(zooms), 4),
+        "n_nonfinite": volume.n_nonfinite,
+    }
+    if rules is not None:
+        check_measurements(qc, rules, name, {"voxel_min_mm", "voxel_max_mm", "n_nonfinite"})
+    # Non-finite voxels are reported above; here they only must not poison the maths.
+    data = np.nan_to_num(volume.data, nan=0.0, posinf=0.0, neginf=0.0)
+    affine = volume.affine
+
+    with _timed(timings, "normalise"):
+        foreground = otsu_foreground(data, affine)
+        if not foreground.any():
+            raise EmptyBrainMask(
+                f"{name}: no foreground found (the image is blank or constant); check that "
+                "it is a T1-weighted brain scan and that the export kept the voxel values"
+            )
+        clipped = clip_percentiles(data, foreground, params.clip_percentiles)
+
+    with _timed(timings, "register"):
+        reg = register_to_mni(clipped, affine, name, params.registration_resolution)
+    qc["registration_score"] = round(reg.score, 4)
+
+    with _timed(timings, "mask"):
+        mask = brain_mask(
+            clipped, affine, reg, params.brain_mask, params.registration_resolution, foreground
+        )
+        qc["brain_ml"] = round(float(mask.sum()) * float(np.prod(zooms)) / 1000.0, 2)
+        if params.tissue_segmentation:
+            fractions = tissue_fractions(segment_tissue(clipped, mask))
+            qc.update({f"{k}_fraction": round(v, 4) for k, v in fractions.items()})
+    if rules is not None:
+        check_measurements(qc, rules, name, {"registration_score", "brain_ml"})
+
+    with _timed(timings, "normalise"):
+        normalised = normalise_intensity(data, mask, params.normalise, params.clip_percentiles)
+
+    with _timed(timings, "slice"):
+        z_mm = slice_positions(params.z_range_mm, params.n_slices)
+        values = sample_slices(normalised, affine, reg.matrix, image_size, z_mm)
+        inside = sample_slices(mask.astype(np.uint8), affine, reg.matrix, image_size, z_mm, True)
+        slices = np.where(inside > 0, to_uint8(values, params.normalise), 0).astype(np.uint8)
+    qc["n_slices"] = len(slices)
+    qc["seconds"] = round(sum(timings.values()), 3)
+    return Preprocessed(slices=slices, z_mm=z_mm, qc=qc, timings=timings)
