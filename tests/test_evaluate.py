@@ -329,3 +329,17 @@ def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
     np.testing.assert_allclose(preds[[f"p_{c}" for c in CLASSES]].sum(1), 1.0, atol=1e-5)
     assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(result.metrics)
     assert all(isinstance(v, float) for v in result.metrics.values())
+
+
+def test_plot_column_problems_name_a_class_scheme_dvc_yaml_does_not_list(tmp_path) -> None:
+    """CN / MCI classes with the Kaggle names in dvc.yaml: the empty chart is reported."""
+    from alzstage.model.evaluate import plot_column_problems
+    from alzstage.model.metrics import roc_curves
+
+    y, p, _ = _fixture()
+    roc = tmp_path / "roc.csv"
+    roc_curves(y, p, ["CN", "MCI", "LMCI", "AD"]).to_csv(roc, index=False)
+    (problem,) = plot_column_problems(REPO / "dvc.yaml", {"roc": roc})
+    assert "reports/plots/roc.csv" in problem and "NonDemented" in problem and "CN" in problem
+    roc_curves(y, p, CLASSES).to_csv(roc, index=False)
+    assert plot_column_problems(REPO / "dvc.yaml", {"roc": roc}) == []

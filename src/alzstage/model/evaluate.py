@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -418,6 +419,42 @@ def _provenance(params: Params, train_run: dict) -> dict:
     }
 
 
+def plot_column_problems(dvc_yaml: Path, written: dict[str, Path]) -> list[str]:
+    """Curve columns that ``dvc.yaml``'s top-level plots name but the CSVs do not have.
+
+    The ROC/PR CSVs have one column per class in ``base.classes``; ``dvc.yaml`` has to
+    list them by name, so a new class scheme (CN / MCI / LMCI / AD) silently empties
+    those charts unless someone edits it. Saying so here turns that into a warning.
+    """
+    import yaml
+
+    if not dvc_yaml.exists():
+        return []
+    try:
+        plots = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("plots") or []
+    except yaml.YAMLError:
+        return []
+    by_name = {p.name: p for p in written.values()}
+    problems = []
+    for entry in plots:
+        if not isinstance(entry, dict):
+            continue
+        for props in entry.values():
+            for path, fields in ((props or {}).get("y") or {}).items():
+                csv = by_name.get(Path(path).name)
+                if csv is None or not csv.exists():
+                    continue
+                have = set(pd.read_csv(csv, nrows=0).columns)
+                fields = [fields] if isinstance(fields, str) else list(fields)
+                missing = [f for f in fields if f not in have]
+                if missing:
+                    problems.append(
+                        f"dvc.yaml plots: {path} has no column(s) {missing} (it has "
+                        f"{sorted(have)}); list base.classes there so dvc plots show draws them"
+                    )
+    return problems
+
+
 def run_evaluate(params: Params, paths: Paths) -> StageResult:
     import keras
 
@@ -472,6 +509,8 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
             pd.DataFrame(reliability_table(raw, probs, y)), paths.plots / "reliability.csv"
         ),
     }
+    for problem in plot_column_problems(paths.root / "dvc.yaml", csvs):
+        warnings.warn(problem, UserWarning, stacklevel=2)
     preds = rows[["path", "label", "subject"]].copy()
     preds["predicted"] = conf["predicted"]
     preds["confidence"] = np.round(probs.max(axis=1), 6)
