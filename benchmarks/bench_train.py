@@ -209,6 +209,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--input-size", type=int, nargs=2, default=[112, 96])
     ap.add_argument("--views", type=int, default=1)
+    ap.add_argument("--skip-warm", action="store_true", help="no warm-cache alzstage run")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--_child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
@@ -236,6 +237,8 @@ def main() -> None:
         results = []
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         for child in CHILDREN:
+            if args.skip_warm and child == "alzstage-warm":
+                continue
             proc = subprocess.run(
                 [sys.executable, __file__, "--_child", child, "--_spec", str(work / "spec.json")],
                 capture_output=True,
