@@ -6,10 +6,13 @@ and served from 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import io
+import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -96,3 +99,26 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     from alzstage.serve.demo import ensure_demo_champion
 
     return ensure_demo_champion(tmp_path_factory.getbasetemp() / "demo-champion")
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Serve an ASGI app on a free 127.0.0.1 port in a daemon thread; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import uvicorn_in_thread
 from PIL import Image
 
 from alzstage.serve.demo import DemoChampion
@@ -56,28 +54,11 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def server(demo: DemoChampion) -> Iterator[str]:
     """The real app under uvicorn in a background thread; yields its base URL."""
-    import uvicorn
-
     from alzstage.serve.app import ServeSettings, create_app
 
     app = create_app(ServeSettings(model_uri=demo.uri, tracking_uri=demo.tracking_uri))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_in_thread(app) as url:
+        yield url
 
 
 def _png(path: Path, seed: int, size: tuple[int, int] = (208, 176)) -> Path:

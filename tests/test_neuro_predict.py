@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import uvicorn_in_thread
 from neuro_volumes import corrupt_gzip, moved_affine, save_nifti, synthetic_volume
 from typer.testing import CliRunner
 
@@ -221,30 +219,10 @@ def test_rest_volume_size_limit(demo: DemoChampion, scans: dict[str, Path]) -> N
 
 @pytest.fixture
 def server(demo: DemoChampion) -> Iterator[str]:
-    import uvicorn
-
     from alzstage.serve.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(
-        uvicorn.Config(
-            create_app(_settings(demo)), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_in_thread(create_app(_settings(demo))) as url:
+        yield url
 
 
 def test_page_shows_a_slice_strip_with_overlays(

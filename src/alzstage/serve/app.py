@@ -612,6 +612,39 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             split_leaky=info.split_leaky,
         )
 
+    async def _read_uploads(
+        files: list[UploadFile], max_bytes: int, how_to_fix: str
+    ) -> list[_Upload]:
+        """Read every upload up to ``max_bytes`` (+1 to detect "too big"); always close them.
+
+        An oversized file becomes a per-file 413 so the rest of the batch still runs;
+        too many files fail the whole request, before anything is read.
+        """
+        try:
+            if len(files) > settings.max_files:
+                raise HTTPException(
+                    413,
+                    f"{len(files)} files in one request; the limit is {settings.max_files}. "
+                    "Split the batch or start the server with a larger --max-files",
+                )
+            uploads = []
+            for i, f in enumerate(files):
+                up = _Upload(index=i, filename=display_name(f.filename, i))
+                data = await f.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    up.error = (
+                        f"{up.filename}: file is over the limit of {max_bytes:,} bytes; "
+                        f"{how_to_fix}"
+                    )
+                    up.status = 413
+                else:
+                    up.data = data
+                uploads.append(up)
+            return uploads
+        finally:
+            for f in files:
+                await f.close()
+
     @app.post(
         "/predict",
         response_model=PredictResponse,
@@ -629,29 +662,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         """Each file is judged on its own: unreadable files get a per-file ``status`` and
         ``error`` while the others still get a stage. The request itself fails (413, 415
         or 422, with every file's outcome) only when no file could be used."""
-        try:
-            if len(files) > settings.max_files:
-                raise HTTPException(
-                    413,
-                    f"{len(files)} files in one request; the limit is {settings.max_files}. "
-                    "Split the batch or start the server with a larger --max-files",
-                )
-            uploads = []
-            for i, f in enumerate(files):
-                up = _Upload(index=i, filename=display_name(f.filename, i))
-                data = await f.read(settings.max_file_bytes + 1)
-                if len(data) > settings.max_file_bytes:
-                    up.error = (
-                        f"{up.filename}: file is over the limit of {settings.max_file_bytes:,} "
-                        "bytes; downscale it or start the server with a larger --max-upload-mb"
-                    )
-                    up.status = 413
-                else:
-                    up.data = data
-                uploads.append(up)
-        finally:
-            for f in files:
-                await f.close()
+        uploads = await _read_uploads(
+            files,
+            settings.max_file_bytes,
+            "downscale it or start the server with a larger --max-upload-mb",
+        )
         if all(up.error for up in uploads):  # nothing to decode: no need for the model
             return _failure(
                 [
@@ -691,29 +706,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         pooled from its slices (``neuro.aggregate``), with every slice's probabilities
         and image. Volumes fail independently, with a per-file ``status`` and ``error``
         naming the problem and the fix (415 not NIfTI, 422 unusable, 413 too large)."""
-        try:
-            if len(files) > settings.max_files:
-                raise HTTPException(
-                    413,
-                    f"{len(files)} files in one request; the limit is {settings.max_files}. "
-                    "Split the batch or start the server with a larger --max-files",
-                )
-            uploads = []
-            for i, f in enumerate(files):
-                up = _Upload(index=i, filename=display_name(f.filename, i))
-                data = await f.read(settings.max_volume_bytes + 1)
-                if len(data) > settings.max_volume_bytes:
-                    up.error = (
-                        f"{up.filename}: file is over the limit of {settings.max_volume_bytes:,} "
-                        "bytes; start the server with a larger --max-volume-mb"
-                    )
-                    up.status = 413
-                else:
-                    up.data = data
-                uploads.append(up)
-        finally:
-            for f in files:
-                await f.close()
+        uploads = await _read_uploads(
+            files, settings.max_volume_bytes, "start the server with a larger --max-volume-mb"
+        )
         if all(up.error for up in uploads):
             return _failure(
                 [
