@@ -645,6 +645,28 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             for f in files:
                 await f.close()
 
+    async def _answer(
+        uploads: list[_Upload], run: Any, result_type: Any, response_type: Any, gradcam: bool
+    ) -> JSONResponse:
+        """Run the uploads that could be read; fail the request only if none gave a result."""
+        if all(up.error for up in uploads):  # nothing to decode: no need for the model
+            return _failure(
+                [
+                    result_type(index=u.index, filename=u.filename, status=u.status, error=u.error)
+                    for u in uploads
+                ]
+            )
+        model, results = await run_in_threadpool(run, cache, uploads, gradcam)
+        if any(r.status == 200 for r in results):
+            body = response_type(
+                model=_model_ref(model),
+                classes=model.classes,
+                predictions=results,
+                summary=_summary(model, results, settings.low_confidence),
+            )
+            return JSONResponse(body.model_dump(mode="json"))
+        return _failure(results)
+
     @app.post(
         "/predict",
         response_model=PredictResponse,
@@ -667,23 +689,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             settings.max_file_bytes,
             "downscale it or start the server with a larger --max-upload-mb",
         )
-        if all(up.error for up in uploads):  # nothing to decode: no need for the model
-            return _failure(
-                [
-                    FileResult(index=u.index, filename=u.filename, status=u.status, error=u.error)
-                    for u in uploads
-                ]
-            )
-        model, results = await run_in_threadpool(_run_batch, cache, uploads, gradcam)
-        if any(r.status == 200 for r in results):
-            body = PredictResponse(
-                model=_model_ref(model),
-                classes=model.classes,
-                predictions=results,
-                summary=_summary(model, results, settings.low_confidence),
-            )
-            return JSONResponse(body.model_dump(mode="json"))
-        return _failure(results)
+        return await _answer(uploads, _run_batch, FileResult, PredictResponse, gradcam)
 
     @app.post(
         "/predict/volume",
@@ -709,22 +715,6 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         uploads = await _read_uploads(
             files, settings.max_volume_bytes, "start the server with a larger --max-volume-mb"
         )
-        if all(up.error for up in uploads):
-            return _failure(
-                [
-                    VolumeResult(index=u.index, filename=u.filename, status=u.status, error=u.error)
-                    for u in uploads
-                ]
-            )
-        model, results = await run_in_threadpool(_run_volumes, cache, uploads, gradcam)
-        if any(r.status == 200 for r in results):
-            body = VolumeResponse(
-                model=_model_ref(model),
-                classes=model.classes,
-                predictions=results,
-                summary=_summary(model, results, settings.low_confidence),
-            )
-            return JSONResponse(body.model_dump(mode="json"))
-        return _failure(results)
+        return await _answer(uploads, _run_volumes, VolumeResult, VolumeResponse, gradcam)
 
     return app
