@@ -314,7 +314,9 @@ def train_model(
     strategy = select_strategy()
     classes = params.base.classes
     cw = class_weights(y, classes, params.train.class_weight, params.train.max_class_weight)
-    x4, xv4 = x[..., None].astype("float32"), x_val[..., None].astype("float32")
+    # The frozen forward pass takes the uint8 arrays; a float32 copy of every training
+    # image is made only when the whole backbone trains (fine_tune_from: all).
+    xv4 = x_val[..., None].astype("float32")
     bs = params.train.batch_size
     summary: dict[str, Any] = {
         "strategy": type(strategy).__name__,
@@ -326,7 +328,7 @@ def train_model(
         cut = resolve_cut(params.model.backbone, params.train.fine_tune_from)
         fine_tune = cut is not None and params.train.fine_tune_epochs > 0
         net.backbone.trainable = False
-        inp = keras.Input(x4.shape[1:])
+        inp = keras.Input((*x.shape[1:], 1))
         pool = net.head.get_layer("pool")
         t0 = time.perf_counter()
         if fine_tune and cut != "all":
@@ -369,7 +371,7 @@ def train_model(
         if fine_tune:
             if cut == "all":
                 net.set_trainable(None)
-                tail_model, a_train, a_val = net.model, x4, xv4
+                tail_model, a_train, a_val = net.model, x[..., None].astype("float32"), xv4
             else:
                 net.set_trainable(tail.layers)
                 tail_in = keras.Input(a_train.shape[1:])
