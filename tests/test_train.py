@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -118,13 +119,16 @@ def test_activation_cache_recomputes_damaged_entries_and_evicts(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_tf_config_worker_count_drives_the_multi_worker_warning():
-    from alzstage.model import train
+def test_tf_task_tags_each_worker(monkeypatch):
+    from alzstage.tracking import tf_task
 
-    two = '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker"}}'
-    assert train._tf_config_workers(two) == 2
-    assert train._tf_config_workers("not json") == 0
-    assert train._tf_config_workers('{"cluster": {"chief": ["a:1"]}}') == 1
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert tf_task() is None
+    cluster = '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
+    monkeypatch.setenv("TF_CONFIG", cluster + '"task": {"type": "worker", "index": 1}}')
+    assert tf_task() == "worker:1"
+    monkeypatch.setenv("TF_CONFIG", "not json")
+    assert tf_task() is None
 
 
 def test_class_weights_match_sklearn():
@@ -170,6 +174,137 @@ def test_two_logical_cpus_run_mirrored_strategy(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert '"strategy": "MirroredStrategy"' in last and '"replicas": 2' in last
+
+
+def test_distributed_loop_matches_keras_fit():
+    """The custom loop used under MultiWorkerMirroredStrategy is ``fit``'s arithmetic.
+
+    Same initial weights, same batch order, class weights: after two epochs the weights
+    agree with plain ``model.fit``. A mistake in the loss scaling, the class weighting or
+    the optimizer step would move them apart.
+    """
+    import keras
+    import tensorflow as tf
+
+    from alzstage.model.train import fit_distributed
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(70, 6)).astype("float32")  # 70 = 4 full batches of 16 + 6
+    y = (x[:, 0] + x[:, 1] > 0.5).astype("int64")
+    cw = {0: 0.7, 1: 1.9}
+
+    def model() -> keras.Model:
+        keras.utils.set_random_seed(3)
+        m = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, activation="relu"),
+                keras.layers.Dense(2, activation="softmax"),
+            ]
+        )
+        m.compile(keras.optimizers.Adam(0.05), keras.losses.SparseCategoricalCrossentropy())
+        return m
+
+    reference = model()
+    reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, class_weight=cw, verbose=0)
+    ours = model()
+    seen: list[dict] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(dict(logs or {}))
+
+    fit_distributed(
+        ours,
+        x,
+        y,
+        strategy=tf.distribute.get_strategy(),
+        batch_size=16,
+        epochs=2,
+        class_weight=cw,
+        callback=Record(),
+        seed=0,
+        shuffle=False,
+    )
+    assert len(seen) == 2 and seen[1]["loss"] < seen[0]["loss"]
+    assert int(ours.optimizer.iterations) == int(reference.optimizer.iterations) == 10
+    for a, b in zip(ours.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    untrained = model()
+    assert not all(
+        np.allclose(a, b) for a, b in zip(ours.get_weights(), untrained.get_weights(), strict=True)
+    )
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.integration
+def test_two_workers_train_in_lockstep_under_tf_config(tmp_path):
+    """Two processes, one TF_CONFIG cluster on 127.0.0.1: both phases train in sync.
+
+    This is the multi-node recipe of docs/team.md on one machine. Keras 3 ``fit`` stops
+    here (keras-team/keras#20585); ``train_model`` must finish on both workers with
+    identical weights, because synchronous data-parallel training keeps them identical.
+    """
+    script = textwrap.dedent(
+        """
+        import hashlib, json, sys
+        sys.path.insert(0, %r)
+        from test_train import separable, tiny_params
+        from alzstage.model.train import train_model
+        x, y = separable(48, 0); xv, yv = separable(16, 1)
+        params = tiny_params(epochs=2, fine_tune_from="final_block", fine_tune_epochs=1)
+        model, s = train_model(params, x, y, xv, yv)
+        digest = hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
+        print("RESULT " + json.dumps({
+            "strategy": s["strategy"], "replicas": s["replicas"], "weights": digest,
+            "phases": [h["phase"] for h in s["history"]],
+            "losses": [h["loss"] for h in s["history"]],
+        }))
+        """
+    ) % os.path.dirname(__file__)
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=600)
+        finally:
+            for other in procs:
+                if other.poll() is None and proc.returncode is None:
+                    other.kill()
+        assert proc.returncode == 0, err[-3000:]
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
+        results.append(json.loads(line[7:]))
+    first, second = results
+    assert first["strategy"] == "MultiWorkerMirroredStrategy" and first["replicas"] == 2
+    assert first["phases"] == ["head", "head", "fine_tune"]
+    assert all(np.isfinite(first["losses"]))
+    assert first["losses"] == second["losses"], (first, second)
+    assert first["weights"] == second["weights"]
 
 
 def test_failed_save_leaves_no_model_and_no_temp(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import uuid
@@ -187,6 +188,22 @@ def _is_number(v: Any) -> bool:
     return True
 
 
+def tf_task() -> str | None:
+    """``worker:1`` for this process's ``TF_CONFIG`` task, or None outside a cluster.
+
+    Every worker of a multi-worker run logs its own MLflow run; this tag tells them apart
+    (worker 0, the chief, is the one whose outputs count).
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        task = json.loads(raw).get("task", {})
+    except (ValueError, AttributeError):
+        return None
+    return f"{task.get('type', 'worker')}:{task.get('index', 0)}"
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, root: Path, sections: list[str]) -> Iterator[StageRun]:
     """Open one MLflow run for a stage, tagged so runs of one pipeline can be found together."""
@@ -203,6 +220,9 @@ def stage_run(stage: str, params: Params, root: Path, sections: list[str]) -> It
     # `dvc exp run` (queued or not) hands each stage DVC_EXP_NAME and DVC_EXP_BASELINE_REV
     # (dvc/repo/experiments/queue/base.py): the same names `dvc exp show` prints, so an
     # experiment row there and its runs in MLflow can be matched by tag.
+    task = tf_task()
+    if task is not None:
+        tags["alzstage.tf_task"] = task
     for env_key, tag in EXP_TAGS.items():
         if os.environ.get(env_key):
             tags[tag] = os.environ[env_key]

@@ -16,10 +16,8 @@ that changes only training params skips the frozen forward pass altogether.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,18 +73,12 @@ def select_strategy() -> Any:
     """MirroredStrategy over every visible GPU (or several logical devices), else default.
 
     The same training code then runs on a laptop CPU, a multi-GPU box or, with
-    ``TF_CONFIG`` set, a MultiWorkerMirroredStrategy cluster.
+    ``TF_CONFIG`` set, a MultiWorkerMirroredStrategy cluster (where ``fit_phase`` swaps
+    Keras ``fit`` for ``fit_distributed``: keras-team/keras#20585).
     """
     import tensorflow as tf
 
     if os.environ.get("TF_CONFIG"):
-        if _tf_config_workers(os.environ["TF_CONFIG"]) > 1:
-            warnings.warn(
-                "TF_CONFIG lists several workers: Keras 3 model.fit under "
-                "MultiWorkerMirroredStrategy currently stops with 'Attempt to convert a value "
-                "(PerReplica...)' (keras-team/keras#20585); see docs/team.md, section 4",
-                stacklevel=2,
-            )
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
@@ -95,15 +87,6 @@ def select_strategy() -> Any:
     if os.environ.get("ALZSTAGE_MIRROR_CPUS") and len(cpus) > 1:
         return tf.distribute.MirroredStrategy([d.name for d in cpus])
     return tf.distribute.get_strategy()
-
-
-def _tf_config_workers(raw: str) -> int:
-    """Workers (chief included) in a TF_CONFIG cluster spec; 0 if it cannot be read."""
-    try:
-        cluster = json.loads(raw).get("cluster", {})
-    except (ValueError, AttributeError):
-        return 0
-    return sum(len(cluster.get(role, [])) for role in ("chief", "worker"))
 
 
 def make_loss(params: Params) -> Any:
@@ -238,19 +221,142 @@ def fit_phase(
         params.train.batch_size,
     )
     t0 = time.perf_counter()
-    model.fit(
-        x,
-        y,
-        batch_size=params.train.batch_size,
-        epochs=epochs,
-        class_weight=cw,
-        shuffle=True,
-        verbose=0,
-        callbacks=[cb],
-    )
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        fit_distributed(
+            model,
+            x,
+            y,
+            strategy=strategy,
+            batch_size=params.train.batch_size,
+            epochs=epochs,
+            class_weight=cw,
+            callback=cb,
+            seed=params.base.seed + offset,
+        )
+    else:
+        model.fit(
+            x,
+            y,
+            batch_size=params.train.batch_size,
+            epochs=epochs,
+            class_weight=cw,
+            shuffle=True,
+            verbose=0,
+            callbacks=[cb],
+        )
     cb.result.seconds = time.perf_counter() - t0
     cb.result.samples = len(x) * len(cb.result.history)
     return cb.result
+
+
+def fit_distributed(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    strategy: Any,
+    batch_size: int,
+    epochs: int,
+    class_weight: dict[int, float] | None,
+    callback: Any,
+    seed: int,
+    shuffle: bool = True,
+) -> None:
+    """``model.fit`` for a compiled model, as a custom loop under ``strategy``.
+
+    Keras 3 ``fit`` stops under MultiWorkerMirroredStrategy with more than one worker
+    ("Attempt to convert a value (PerReplica...)", keras-team/keras#20585); a loop over
+    ``strategy.run`` does not. It keeps what ``fit`` does here: ``batch_size`` is the
+    global batch, each is split across every replica of every worker, the loss is the
+    class-weighted mean over the global batch (Keras's ``sum_over_batch_size``), the
+    compiled optimizer and its schedule step once per global batch, and the callback
+    sees the same hooks and ``logs["loss"]``. Every worker reshuffles with the same seed,
+    so all hold the same data order and take their own slice of each batch.
+    """
+    import keras
+    import tensorflow as tf
+
+    n = len(x)
+    weights = np.ones(n, np.float32)
+    if class_weight:
+        weights = np.array([class_weight.get(int(c), 1.0) for c in y], np.float32)
+    loss_obj = model.loss
+    per_sample = loss_obj.call if isinstance(loss_obj, keras.losses.Loss) else loss_obj
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    replicas = strategy.num_replicas_in_sync
+    epoch_counter = [0]
+
+    def dataset_fn(ctx: Any) -> Any:
+        local = replicas // ctx.num_input_pipelines
+        first = ctx.input_pipeline_id * local
+
+        def pieces() -> Any:
+            rng = np.random.default_rng(seed + epoch_counter[0])
+            epoch_counter[0] += 1
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                scale = np.float32(1.0 / len(idx))
+                parts = np.array_split(idx, replicas)
+                for r in range(first, first + local):
+                    part = np.sort(parts[r])
+                    yield x[part], y[part], weights[part] * scale
+
+        signature = (
+            tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+            tf.TensorSpec((None,), tf.as_dtype(y.dtype)),
+            tf.TensorSpec((None,), tf.float32),
+        )
+        return tf.data.Dataset.from_generator(pieces, output_signature=signature).prefetch(2)
+
+    batches = strategy.distribute_datasets_from_function(dataset_fn)
+
+    def replica_step(xb: Any, yb: Any, wb: Any) -> Any:
+        with tf.GradientTape() as tape:
+            probs = model(xb, training=True)
+            loss = tf.reduce_sum(per_sample(yb, probs) * wb)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    @tf.function
+    def train_step(xb: Any, yb: Any, wb: Any) -> Any:
+        per_replica = strategy.run(replica_step, args=(xb, yb, wb))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    callback.set_model(model)
+    model.stop_training = False
+    callback.on_train_begin()
+    for epoch in range(epochs):
+        callback.on_epoch_begin(epoch)
+        total, steps = 0.0, 0
+        for xb, yb, wb in batches:
+            total += float(train_step(xb, yb, wb))
+            steps += 1
+        callback.on_epoch_end(epoch, {"loss": total / max(steps, 1)})
+        if model.stop_training:
+            break
+    callback.on_train_end()
+
+
+def _synchronize_batchnorm(model: Any, enabled: bool) -> list[Any]:
+    """Switch trainable BatchNorm layers of ``model`` to cross-replica statistics."""
+    import keras
+
+    if not enabled:
+        return []
+    layers = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+    for layer in layers:
+        layer.synchronized = True
+    return layers
 
 
 def _predict(fn: Any, x: np.ndarray, batch: int) -> np.ndarray:
@@ -319,7 +425,10 @@ def train_model(
     xv4 = x_val[..., None].astype("float32")
     bs = params.train.batch_size
     summary: dict[str, Any] = {
-        "strategy": type(strategy).__name__,
+        # tf.distribute.MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.
+        "strategy": type(strategy).__name__.replace(
+            "CollectiveAllReduceStrategy", "MultiWorkerMirroredStrategy"
+        ),
         "replicas": int(strategy.num_replicas_in_sync),
     }
     t_start = time.perf_counter()
@@ -376,6 +485,11 @@ def train_model(
                 net.set_trainable(tail.layers)
                 tail_in = keras.Input(a_train.shape[1:])
                 tail_model = keras.Model(tail_in, net.head(tail(tail_in)))
+            # Trainable BatchNorm (weights: none) normalises with batch statistics; with
+            # several replicas each sees only its slice of the batch, so its moving
+            # averages would drift apart per worker. Synchronised, the statistics are the
+            # global batch's: the same arithmetic as one device, the same weights on all.
+            synced = _synchronize_batchnorm(net.backbone, strategy.num_replicas_in_sync > 1)
             phase2 = fit_phase(
                 tail_model,
                 a_train,
@@ -390,6 +504,8 @@ def train_model(
                 tracker=tracker,
                 cw=cw,
             )
+            for layer in synced:
+                layer.synchronized = False  # a plain layer in the saved model
             history += phase2.history
             phases["fine_tune"] = phase2
     summary["train_seconds"] = time.perf_counter() - t_start
