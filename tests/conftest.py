@@ -10,9 +10,13 @@ import contextlib
 import functools
 import http.server
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,14 +105,76 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     return ensure_demo_champion(tmp_path_factory.getbasetemp() / "demo-champion")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(
+    backend_uri: str, workdir: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A real ``mlflow server`` process on 127.0.0.1; yields its URL, stops it after.
+
+    ``env`` is the server's whole environment (default: this process's). Its log is
+    ``workdir/mlflow-server.log``; a server that dies or never turns healthy fails with it.
+    """
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(workdir / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    log_path = workdir / "mlflow-server.log"
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ) if env is None else env,
+            cwd=workdir,
+        )
+        try:
+            deadline = time.monotonic() + 180  # first start migrates an empty database
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @contextlib.contextmanager
 def uvicorn_in_thread(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """Serve an ASGI app on a free 127.0.0.1 port in a daemon thread; yields its base URL."""
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

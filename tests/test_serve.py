@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import png_bytes
+from conftest import free_port, png_bytes
 from PIL import Image
 
 from alzstage.serve.demo import DemoChampion
@@ -339,12 +338,6 @@ def test_api_conforms_to_its_openapi_schema(demo: DemoChampion) -> None:
 # --------------------------------------------------------------------------- mlflow serve
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_mlflow_models_serve_returns_the_cli_probabilities(
     demo: DemoChampion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -364,7 +357,7 @@ def test_mlflow_models_serve_returns_the_cli_probabilities(
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "params.yaml").write_text((REPO / "params.yaml").read_text())
 
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ALZSTAGE_"))}
     env.update(
         MLFLOW_TRACKING_URI=demo.tracking_uri,

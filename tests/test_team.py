@@ -20,17 +20,16 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import free_port, mlflow_server
 from test_pipeline_integration import copy_tiny_project, project_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +70,6 @@ def _run(
 
 def _git_commit(cwd: Path, message: str) -> None:
     _run(["git", "commit", "-qm", message], cwd)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +278,7 @@ def _throwaway_cluster() -> Iterator[PgBackend]:
         prefix = ["runuser", "-u", "postgres", "--"]
     base = Path(tempfile.mkdtemp(prefix="alzstage-pg-"))
     password = secrets.token_urlsafe(18)  # lives only in this process and its children
-    port = _free_port()
+    port = free_port()
     data = base / "data"
     pwfile = base / "pwfile"
     pwfile.write_text(password + "\n")
@@ -358,52 +351,6 @@ def postgres_backend() -> Iterator[PgBackend]:
         yield backend
 
 
-@contextlib.contextmanager
-def _mlflow_server(backend_uri: str, workdir: Path, env: dict[str, str]) -> Iterator[str]:
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        backend_uri,
-        "--artifacts-destination",
-        str(workdir / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    log_path = workdir / "mlflow-server.log"
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(env), cwd=workdir
-        )
-        try:
-            deadline = time.monotonic() + 180  # first start migrates an empty database
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 @pytest.mark.integration
 @pytest.mark.postgres
 def test_postgres_tracking_server_runs_the_pipeline_over_http(
@@ -416,7 +363,7 @@ def test_postgres_tracking_server_runs_the_pipeline_over_http(
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     pg = postgres_backend
-    with _mlflow_server(pg.sqlalchemy_uri, server_dir, pg.env) as url:
+    with mlflow_server(pg.sqlalchemy_uri, server_dir, _env(pg.env)) as url:
         run_env = _env({"MLFLOW_TRACKING_URI": url})
         _run(["dvc", "repro"], project, env=run_env)
 

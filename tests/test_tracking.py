@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
+from conftest import mlflow_server
 
 from alzstage import tracking
 from alzstage.config import Params, tracking_home
@@ -38,59 +33,18 @@ def test_pipeline_id_env_override(monkeypatch):
     assert tracking.pipeline_id().startswith("adhoc-")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server_url(tmp_path):
     """A real ``mlflow server`` process on 127.0.0.1 with a sqlite store."""
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'server.db'}",
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-            if proc.poll() is not None:
-                raise RuntimeError((tmp_path / "server.log").read_text())
-        else:
-            raise RuntimeError("mlflow server did not become healthy in 60 s")
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.mark.integration
-def test_stage_run_and_registry_over_http(mlflow_server, tmp_path, monkeypatch):
+def test_stage_run_and_registry_over_http(mlflow_server_url, tmp_path, monkeypatch):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_url)
     monkeypatch.setenv("ALZSTAGE_PIPELINE_ID", "server-test")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     params = Params()
@@ -102,7 +56,7 @@ def test_stage_run_and_registry_over_http(mlflow_server, tmp_path, monkeypatch):
     with tracking.stage_run("train", params, tmp_path, ["train"]) as run:
         run.log_metrics({"val_balanced_accuracy": 0.5}, step=1)
         info = mlflow.pyfunc.log_model(name="model", python_model=Echo())
-    assert mlflow.get_tracking_uri() == mlflow_server
+    assert mlflow.get_tracking_uri() == mlflow_server_url
     v1 = tracking.register(info.model_uri, "alzstage-test", {"balanced_accuracy": "0.5"})
     tracking.set_alias("alzstage-test", tracking.ALIAS_CHAMPION, v1.version)
     v2 = tracking.register(info.model_uri, "alzstage-test", {"balanced_accuracy": "0.6"})
