@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
+from conftest import free_port
+
 from alzstage.config import Params
 from alzstage.model.activation_cache import ActivationCache
 from alzstage.model.train import class_weights, save_model_atomic, train_model
@@ -236,18 +238,6 @@ def test_distributed_loop_matches_keras_fit():
     )
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.mark.integration
 def test_two_workers_train_in_lockstep_under_tf_config(tmp_path):
     """Two processes, one TF_CONFIG cluster on 127.0.0.1: both phases train in sync.
@@ -273,7 +263,7 @@ def test_two_workers_train_in_lockstep_under_tf_config(tmp_path):
         }))
         """
     ) % os.path.dirname(__file__)
-    ports = _free_ports(2)
+    ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
