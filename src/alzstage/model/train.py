@@ -284,7 +284,8 @@ def fit_distributed(
     loss_obj = model.loss
     per_sample = loss_obj.call if isinstance(loss_obj, keras.losses.Loss) else loss_obj
     optimizer = model.optimizer
-    optimizer.build(model.trainable_variables)
+    if not optimizer.built:  # variables made now, under the strategy, not in a step
+        optimizer.build(model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
     epoch_counter = [0]
 
