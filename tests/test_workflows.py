@@ -130,6 +130,52 @@ def test_workflows_match_the_github_schema():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _run_scripts(tmp_path: Path) -> list[Path]:
+    """Each workflow ``run:`` block as a bash file, ``${{ }}`` expressions as a variable."""
+    scripts = []
+    for path in WORKFLOWS:
+        for job_name, job in _load(path)["jobs"].items():
+            for i, step in enumerate(job.get("steps", [])):
+                if "run" not in step:
+                    continue
+                body = re.sub(r"\$\{\{.*?\}\}", "${GH_EXPR}", step["run"], flags=re.S)
+                script = tmp_path / f"{path.stem}.{job_name}.{i}.sh"
+                script.write_text("#!/bin/bash -e\n" + body)
+                scripts.append(script)
+    return scripts
+
+
+def test_workflow_run_scripts_pass_shellcheck(tmp_path):
+    """The shell check actionlint runs on every ``run:`` block, without actionlint.
+
+    Same exclusions as actionlint's own shellcheck call (rules that misfire on
+    ``${{ }}`` placeholders), so this fails where actionlint would.
+    """
+    exe = _tool("shellcheck")
+    if exe is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck; .ci/run does)")
+    scripts = _run_scripts(tmp_path)
+    assert len(scripts) >= 10, scripts  # the workflows really have run blocks
+    proc = subprocess.run(
+        [exe, "--norc", "--shell", "bash", "-e", "SC1091,SC2194,SC2050,SC2154,SC2157,SC2043"]
+        + [str(s) for s in scripts],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shellcheck_helper_catches_a_bad_script(tmp_path):
+    exe = _tool("shellcheck")
+    if exe is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck; .ci/run does)")
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/bin/bash -e\nrm -rf $DIR/*\n")  # SC2115/SC2086: unquoted, may be empty
+    proc = subprocess.run([exe, "--norc", str(bad)], capture_output=True, text=True)
+    assert proc.returncode != 0
+
+
 def test_actionlint():
     exe = _tool("actionlint")
     if exe is None:
