@@ -18,6 +18,9 @@ marked as projected). alzstage decodes once, materialises augmented views (the
 then the final block on cached activations (``train`` stage). It runs twice: ``cold``
 computes the frozen activations, ``warm`` finds them in the on-disk activation cache, as
 a re-run that changes only training params does.
+
+This machine's speed drifts from run to run (the baseline alone moved between 54 and 91
+images/s across runs); ``--repeat 3`` runs three rounds and reports medians.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -188,6 +193,16 @@ def run_alzstage(spec: dict, warm: bool) -> dict:
     }
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One method over several rounds: the median of each figure, the rounds kept too."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in runs)
+    out["rounds"] = runs
+    return out
+
+
 CHILDREN = {
     "baseline": lambda spec: run_baseline(spec),
     "alzstage-cold": lambda spec: run_alzstage(spec, warm=False),
@@ -210,6 +225,12 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, nargs=2, default=[112, 96])
     ap.add_argument("--views", type=int, default=1)
     ap.add_argument("--skip-warm", action="store_true", help="no warm-cache alzstage run")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of (baseline, cold, warm); the table shows medians, the JSON every round",
+    )
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--_child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
@@ -234,21 +255,28 @@ def main() -> None:
             cache_dir=str(work / "activations"),
         )
         (work / "spec.json").write_text(json.dumps(spec))
-        results = []
+        rounds: list[list[dict]] = []
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        for child in CHILDREN:
-            if args.skip_warm and child == "alzstage-warm":
-                continue
-            proc = subprocess.run(
-                [sys.executable, __file__, "--_child", child, "--_spec", str(work / "spec.json")],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                sys.exit(f"{child} failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(line[-1][7:]))
+        for _ in range(args.repeat):
+            results = []
+            # Each round's cold run starts from an empty activation cache.
+            shutil.rmtree(work / "activations", ignore_errors=True)
+            for child in CHILDREN:
+                if args.skip_warm and child == "alzstage-warm":
+                    continue
+                cmd = [sys.executable, __file__, "--_child", child]
+                proc = subprocess.run(
+                    [*cmd, "--_spec", str(work / "spec.json")],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode != 0 or not line:
+                    sys.exit(f"{child} failed:\n{proc.stderr[-3000:]}")
+                results.append(json.loads(line[-1][7:]))
+            rounds.append(results)
+    results = [median_result([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     base = results[0]
     load = os.getloadavg()[0]
     print(
@@ -270,6 +298,17 @@ def main() -> None:
             f"{r['stage_images_per_second'] / base['stage_images_per_second']:.1f}x | "
             f"{r['peak_rss_mb']:.0f} |"
         )
+    if args.repeat > 1:
+        print(f"\nMedians of {args.repeat} rounds. Each round against its own baseline:")
+        for i, r in enumerate(results[1:], start=1):
+            per_epoch = [rd[i]["images_per_second"] / rd[0]["images_per_second"] for rd in rounds]
+            stage = [
+                rd[i]["stage_images_per_second"] / rd[0]["stage_images_per_second"] for rd in rounds
+            ]
+            print(
+                f"- {r['method']}: per epoch {', '.join(f'{v:.1f}x' for v in per_epoch)}; "
+                f"stage {', '.join(f'{v:.1f}x' for v in stage)}"
+            )
     if args.json_out:
         args.json_out.write_text(
             json.dumps(
