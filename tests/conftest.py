@@ -112,6 +112,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(
+    url: str, proc: subprocess.Popen, log_path: Path, what: str, timeout: float = 180
+) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if ``proc`` dies first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not come up:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def mlflow_server(
     backend_uri: str, workdir: Path, env: dict[str, str] | None = None
@@ -149,17 +166,8 @@ def mlflow_server(
             cwd=workdir,
         )
         try:
-            deadline = time.monotonic() + 180  # first start migrates an empty database
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
-                time.sleep(0.5)
+            # 180 s: the first start migrates an empty database.
+            wait_until_up(f"{url}/health", proc, log_path, "mlflow server")
             yield url
         finally:
             proc.terminate()

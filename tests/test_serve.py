@@ -15,13 +15,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, png_bytes
+from conftest import free_port, png_bytes, wait_until_up
 from PIL import Image
 
 from alzstage.serve.demo import DemoChampion
@@ -384,17 +383,7 @@ def test_mlflow_models_serve_returns_the_cli_probabilities(
             [[p[c] for c in demo.classes] for p in json.loads(cli.stdout)["predictions"]]
         )
 
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not come up:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log, "mlflow models serve")
 
         pixels = [load_gray(f, demo.input_size).tolist() for f in files]
         req = urllib.request.Request(
