@@ -220,9 +220,9 @@ def fit_phase(
         tracker,
         params.train.batch_size,
     )
-    t0 = time.perf_counter()
     import tensorflow as tf
 
+    t0 = time.perf_counter()
     strategy = tf.distribute.get_strategy()
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         fit_distributed(
@@ -287,30 +287,21 @@ def fit_distributed(
     if not optimizer.built:  # variables made now, under the strategy, not in a step
         optimizer.build(model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
-    epoch_counter = [0]
+    epoch_batches = _epoch_batches(n, batch_size, seed, shuffle)
 
     def dataset_fn(ctx: Any) -> Any:
         local = replicas // ctx.num_input_pipelines
         first = ctx.input_pipeline_id * local
 
         def pieces() -> Any:
-            rng = np.random.default_rng(seed + epoch_counter[0])
-            epoch_counter[0] += 1
-            order = rng.permutation(n) if shuffle else np.arange(n)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
+            for idx in epoch_batches():
                 scale = np.float32(1.0 / len(idx))
                 parts = np.array_split(idx, replicas)
                 for r in range(first, first + local):
-                    part = np.sort(parts[r])
+                    part = parts[r]
                     yield as_network_input(x[part]), y[part], weights[part] * scale
 
-        sample = as_network_input(x[:1])
-        signature = (
-            tf.TensorSpec((None, *sample.shape[1:]), tf.as_dtype(sample.dtype)),
-            tf.TensorSpec((None,), tf.as_dtype(y.dtype)),
-            tf.TensorSpec((None,), tf.float32),
-        )
+        signature = (*_specs(x, y), tf.TensorSpec((None,), tf.float32))
         return tf.data.Dataset.from_generator(pieces, output_signature=signature).prefetch(2)
 
     batches = strategy.distribute_datasets_from_function(dataset_fn)
@@ -396,24 +387,43 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: b
     """
     import tensorflow as tf
 
-    n = len(x)
-    epoch = [0]
+    epoch_batches = _epoch_batches(len(x), batch_size, seed, shuffle)
 
     def gen() -> Any:
+        for idx in epoch_batches():
+            yield as_network_input(x[idx]), y[idx]
+
+    steps = -(-len(x) // batch_size)
+    ds = tf.data.Dataset.from_generator(gen, output_signature=_specs(x, y))
+    return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, shuffle: bool) -> Any:
+    """Index batches for one epoch per call: order ``seed + epoch``, sorted within a batch.
+
+    Both feeds (``batches`` and ``fit_distributed``) draw from this, so every worker of a
+    cluster, and a single process, sees the same batches in the same order.
+    """
+    epoch = [0]
+
+    def one_epoch() -> Any:
         order = np.random.default_rng(seed + epoch[0]).permutation(n) if shuffle else np.arange(n)
         epoch[0] += 1
         for start in range(0, n, batch_size):
-            idx = np.sort(order[start : start + batch_size])
-            yield as_network_input(x[idx]), y[idx]
+            yield np.sort(order[start : start + batch_size])
+
+    return one_epoch
+
+
+def _specs(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+    """``tf.data`` signatures of (network input, label) batches sliced from ``x``, ``y``."""
+    import tensorflow as tf
 
     sample = as_network_input(x[:1])
-    signature = (
+    return (
         tf.TensorSpec((None, *sample.shape[1:]), tf.as_dtype(sample.dtype)),
         tf.TensorSpec((None,), tf.as_dtype(y.dtype)),
     )
-    steps = -(-n // batch_size)
-    ds = tf.data.Dataset.from_generator(gen, output_signature=signature)
-    return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
 
 def _frozen_forward(
