@@ -37,31 +37,89 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 
 
+def _subject_halves(files: list[tuple[Path, str]], cap: int, seed: int) -> tuple[list, list]:
+    """Split the archive's test/ into a validation and an evaluation set, subject-disjoint.
+
+    alzstage selects its best epoch on the validation set, so accuracy is scored on the
+    other half; slices of one brain never straddle the two (pseudo-subjects, as the
+    ``split`` stage finds them). Each half holds about ``cap`` images, class-stratified.
+    """
+    import numpy as np
+
+    from alzstage.config import SplitParams
+    from alzstage.data.split import load_thumbnails, pseudo_subjects
+
+    sp = SplitParams()
+    labels = np.array([c for _, c in files])
+    groups = pseudo_subjects(
+        load_thumbnails([p for p, _ in files], sp.thumb_size), labels, sp.group_threshold
+    )
+    rng = np.random.default_rng(seed)
+    halves: tuple[list, list] = ([], [])
+    share = min(1.0, cap / max(len(files) / 2, 1))
+    for cls in CLASSES:
+        ids = sorted(set(groups[labels == cls].tolist()))
+        target = round((labels == cls).sum() * share / 2) if share < 1 else len(files)
+        taken = [0, 0]
+        for g in rng.permutation(ids):
+            rows = [i for i in np.flatnonzero(groups == g)]
+            side = int(taken[1] < taken[0])
+            if taken[side] >= target:
+                side = 1 - side
+                if taken[side] >= target:
+                    continue
+            halves[side].extend(files[i] + (str(g),) for i in rows)
+            taken[side] += len(rows)
+    return halves
+
+
 def prepare(archive: Path, work: Path, limit: int, seed: int) -> dict:
-    """Unpack, pick a class-stratified sample of the archive's train/ and its test/ as val."""
+    """Unpack; a class-stratified sample of the archive's train/; test/ split into val/eval."""
     import numpy as np
 
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(work / "unpacked")
     root = next((work / "unpacked").rglob("train")).parent
     rng = np.random.default_rng(seed)
-    train, val = [], []
-    for split, out, cap in (("train", train, limit), ("test", val, max(limit // 4, 8))):
-        files = [(p, c) for c in CLASSES for p in sorted((root / split / c).glob("*.jpg"))]
-        idx = rng.permutation(len(files))[:cap]
-        out += [files[i] for i in sorted(idx)]
+    files = [(p, c) for c in CLASSES for p in sorted((root / "train" / c).glob("*.jpg"))]
+    train = [files[i] for i in sorted(rng.permutation(len(files))[:limit])]
+    test = [(p, c) for c in CLASSES for p in sorted((root / "test" / c).glob("*.jpg"))]
+    val, evaluation = _subject_halves(test, max(limit // 4, 8), seed)
     tree = work / "tree"
     for p, c in train:
         (tree / c).mkdir(parents=True, exist_ok=True)
         (tree / c / p.name).symlink_to(p)
     return {
         "train": [(str(p), c) for p, c in train],
-        "val": [(str(p), c) for p, c in val],
+        "val": [(str(p), c) for p, c, _ in val],
+        "eval": [(str(p), c, g) for p, c, g in evaluation],
         "tree": str(tree),
+    }
+
+
+def score(spec: dict, probs: Any) -> dict:
+    """Balanced accuracy on the evaluation half, with a subject-level bootstrap 95% CI."""
+    import numpy as np
+
+    from alzstage.model.metrics import bootstrap_ci, summary_metrics
+
+    y = np.array([CLASSES.index(c) for _, c, _ in spec["eval"]])
+    pred = np.asarray(probs).argmax(axis=1)
+    groups = np.array([g for _, _, g in spec["eval"]])
+    ci = bootstrap_ci(y, pred, len(CLASSES), groups=groups, n_resamples=2000, seed=0)
+    lo, hi = ci.intervals["balanced_accuracy"] or (float("nan"), float("nan"))
+    m = summary_metrics(y, pred, len(CLASSES))
+    return {
+        "eval_images": len(y),
+        "eval_subjects": ci.n_units,
+        "balanced_accuracy": m["balanced_accuracy"],
+        "balanced_accuracy_ci": [lo, hi],
+        "macro_f1": m["macro_f1"],
     }
 
 
@@ -72,6 +130,7 @@ def peak_rss_mb() -> float:
 def run_baseline(spec: dict) -> dict:
     import keras
     import numpy as np
+    import tensorflow as tf
 
     h, w = spec["input_size"]
     bs, epochs = spec["batch_size"], spec["baseline_epochs"]
@@ -120,6 +179,12 @@ def run_baseline(spec: dict) -> dict:
     t0 = time.perf_counter()
     model.fit(ds, epochs=epochs, class_weight=cw, verbose=0, callbacks=[Timer()])
     wall = time.perf_counter() - t0
+    # Scored outside the timed stage, decoded the way the baseline decodes for training.
+    paths = [p for p, _, _ in spec["eval"]]
+    ev = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda f: tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(f), channels=1), (h, w))
+    )
+    accuracy = score(spec, model.predict(ev.batch(bs), verbose=0))
     n = len(spec["train"])
     steady = times[1:] or times
     epoch_s = sum(steady) / len(steady)
@@ -136,6 +201,7 @@ def run_baseline(spec: dict) -> dict:
         "images_per_second": n / epoch_s,
         "stage_images_per_second": n * full / stage_wall,
         "peak_rss_mb": peak_rss_mb(),
+        **accuracy,
     }
 
 
@@ -146,7 +212,7 @@ def run_alzstage(spec: dict, warm: bool) -> dict:
     from alzstage.data.augment import build_views
     from alzstage.model.activation_cache import ActivationCache
     from alzstage.model.inputs import load_batch
-    from alzstage.model.train import train_model
+    from alzstage.model.train import predict_array, train_model
 
     params = Params.model_validate(
         {
@@ -169,8 +235,10 @@ def run_alzstage(spec: dict, warm: bool) -> dict:
     yv = np.array([CLASSES.index(c) for _, c in spec["val"]])
     x_all, y_all, _ = build_views(x, y, params.augment, 0, len(CLASSES))
     prep = time.perf_counter() - t0
-    _, summary = train_model(params, x_all, y_all, xv, yv, cache=cache)
+    model, summary = train_model(params, x_all, y_all, xv, yv, cache=cache)
     wall = time.perf_counter() - t0
+    xe = load_batch([p for p, _, _ in spec["eval"]], params.model.input_size)
+    accuracy = score(spec, predict_array(model, xe, spec["batch_size"]))
     statuses = [e["status"] for e in cache.events]
     if warm != (statuses == ["hit", "hit"]):
         raise SystemExit(f"activation cache {statuses} in the {'warm' if warm else 'cold'} run")
@@ -190,6 +258,7 @@ def run_alzstage(spec: dict, warm: bool) -> dict:
         "frozen_forward_seconds": summary["feature_seconds"],
         "head_epoch_seconds": n / summary["head_steady_images_per_second"],
         "peak_rss_mb": peak_rss_mb(),
+        **accuracy,
     }
 
 
@@ -199,8 +268,29 @@ def median_result(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, float):
             out[key] = statistics.median(r[key] for r in runs)
+    # The interval shown with the median accuracy is that round's own.
+    mid = min(runs, key=lambda r: abs(r["balanced_accuracy"] - out["balanced_accuracy"]))
+    out["balanced_accuracy_ci"] = mid["balanced_accuracy_ci"]
     out["rounds"] = runs
     return out
+
+
+def write_json(args: argparse.Namespace, results: list[dict]) -> None:
+    """The results so far, written to a temporary file and renamed over ``--json-out``."""
+    tmp = args.json_out.with_name(args.json_out.name + ".tmp")
+    body = {
+        "args": vars(args) | {"archive": str(args.archive), "json_out": str(args.json_out)},
+        "load_average": os.getloadavg()[0],
+        "rounds_done": len(results[0].get("rounds", [])),
+        "results": results,
+    }
+    tmp.write_text(json.dumps(body, indent=2, default=str))
+    tmp.replace(args.json_out)
+
+
+def accuracy_text(r: dict) -> str:
+    lo, hi = r["balanced_accuracy_ci"]
+    return f"{r['balanced_accuracy']:.3f} ({lo:.3f}-{hi:.3f})"
 
 
 CHILDREN = {
@@ -276,6 +366,10 @@ def main() -> None:
                     sys.exit(f"{child} failed:\n{proc.stderr[-3000:]}")
                 results.append(json.loads(line[-1][7:]))
             rounds.append(results)
+            if args.json_out:  # each finished round is kept, even if a later one fails
+                write_json(
+                    args, [median_result([r[i] for r in rounds]) for i in range(len(results))]
+                )
     results = [median_result([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     base = results[0]
     load = os.getloadavg()[0]
@@ -286,9 +380,9 @@ def main() -> None:
     )
     print(
         "| method | images/s per epoch, final block trainable | epoch s | train stage s "
-        "| stage images/s | stage speed-up | peak RSS MB |"
+        "| stage images/s | stage speed-up | peak RSS MB | eval balanced accuracy (95% CI) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         stage = f"{r['stage_seconds']:.0f}" + (" (projected)" if r["projected"] else "")
         print(
@@ -296,8 +390,14 @@ def main() -> None:
             f"({r['images_per_second'] / base['images_per_second']:.1f}x) | "
             f"{r['epoch_seconds']:.1f} | {stage} | {r['stage_images_per_second']:.1f} | "
             f"{r['stage_images_per_second'] / base['stage_images_per_second']:.1f}x | "
-            f"{r['peak_rss_mb']:.0f} |"
+            f"{r['peak_rss_mb']:.0f} | {accuracy_text(r)} |"
         )
+    ev = results[0]
+    print(
+        f"\nAccuracy: the evaluation half of the archive's test/ ({ev['eval_images']} images, "
+        f"{ev['eval_subjects']} pseudo-subjects, disjoint from the validation half that "
+        "alzstage selects its epoch on); CI: percentile bootstrap over subjects."
+    )
     if args.repeat > 1:
         print(f"\nMedians of {args.repeat} rounds. Each round against its own baseline:")
         for i, r in enumerate(results[1:], start=1):
@@ -309,19 +409,11 @@ def main() -> None:
                 f"- {r['method']}: per epoch {', '.join(f'{v:.1f}x' for v in per_epoch)}; "
                 f"stage {', '.join(f'{v:.1f}x' for v in stage)}"
             )
+        for i, r in enumerate(results):
+            accs = "; ".join(accuracy_text(rd[i]) for rd in rounds)
+            print(f"- {r['method']}, balanced accuracy per round: {accs}")
     if args.json_out:
-        args.json_out.write_text(
-            json.dumps(
-                {
-                    "args": vars(args)
-                    | {"archive": str(args.archive), "json_out": str(args.json_out)},
-                    "load_average": load,
-                    "results": results,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+        write_json(args, results)
 
 
 if __name__ == "__main__":
