@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
+
+from _child import run_child
 
 SETTINGS = {
     "float32": {},
@@ -113,16 +113,7 @@ def main() -> None:
                 "input_size": args.input_size,
                 **extra,
             }
-            proc = subprocess.run(
-                [sys.executable, __file__, "--_child", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            result = json.loads(line[-1][7:])
+            result = run_child([__file__, "--_child", json.dumps(spec)], env, name)
             best[name] = max(best.get(name, 0.0), result["images_per_second"])
             first[name] = min(first.get(name, 1e9), result["first_epoch_seconds"])
             cpu[name] = min(cpu.get(name, 1e9), result["cpu_ms_per_image"])

@@ -39,13 +39,13 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from _child import run_child
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 
@@ -369,17 +369,8 @@ def main() -> None:
             for child in CHILDREN:
                 if args.skip_warm and child == "alzstage-warm":
                     continue
-                cmd = [sys.executable, __file__, "--_child", child]
-                proc = subprocess.run(
-                    [*cmd, "--_spec", str(work / "spec.json")],
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                )
-                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not line:
-                    sys.exit(f"{child} failed:\n{proc.stderr[-3000:]}")
-                results.append(json.loads(line[-1][7:]))
+                argv = [__file__, "--_child", child, "--_spec", str(work / "spec.json")]
+                results.append(run_child(argv, env, child))
             rounds.append(results)
             if args.json_out:  # each finished round is kept, even if a later one fails
                 write_json(
