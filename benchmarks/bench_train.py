@@ -75,7 +75,7 @@ def _subject_halves(files: list[tuple[Path, str]], cap: int, seed: int) -> tuple
         target = round((labels == cls).sum() * share / 2) if share < 1 else len(files)
         taken = [0, 0]
         for g in rng.permutation(ids):
-            rows = [i for i in np.flatnonzero(groups == g)]
+            rows = np.flatnonzero(groups == g)
             side = int(taken[1] < taken[0])
             if taken[side] >= target:
                 side = 1 - side
@@ -276,9 +276,9 @@ def median_result(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, float):
             out[key] = statistics.median(r[key] for r in runs)
-    # The interval shown with the median accuracy is that round's own.
-    mid = min(runs, key=lambda r: abs(r["balanced_accuracy"] - out["balanced_accuracy"]))
-    out["balanced_accuracy_ci"] = mid["balanced_accuracy_ci"]
+    if "balanced_accuracy" in out:  # the interval shown is the median round's own
+        mid = min(runs, key=lambda r: abs(r["balanced_accuracy"] - out["balanced_accuracy"]))
+        out["balanced_accuracy_ci"] = mid["balanced_accuracy_ci"]
     out["rounds"] = runs
     return out
 
@@ -297,6 +297,8 @@ def write_json(args: argparse.Namespace, results: list[dict]) -> None:
 
 
 def accuracy_text(r: dict) -> str:
+    if "balanced_accuracy_ci" not in r:  # runs saved before the harness scored accuracy
+        return "not measured"
     lo, hi = r["balanced_accuracy_ci"]
     return f"{r['balanced_accuracy']:.3f} ({lo:.3f}-{hi:.3f})"
 
@@ -341,6 +343,8 @@ def main() -> None:
         print("RESULT " + json.dumps(CHILDREN[args._child](spec)))
         return
     if args.from_json:
+        if not args.from_json.is_file():
+            ap.error(f"--from-json {args.from_json}: no such file; give a file --json-out wrote")
         saved = json.loads(args.from_json.read_text())
         print_report(argparse.Namespace(**saved["args"]), saved["results"], saved["load_average"])
         return
@@ -384,7 +388,7 @@ def main() -> None:
 
 def print_report(args: argparse.Namespace, results: list[dict], load: float) -> None:
     """The markdown table (medians) and, for several rounds, each round's ratios."""
-    rounds = [list(rd) for rd in zip(*(r["rounds"] for r in results), strict=True)]
+    rounds = [list(rd) for rd in zip(*(r.get("rounds", [r]) for r in results), strict=True)]
     base = results[0]
     full = args.epochs + args.fine_tune_epochs
     print(
@@ -415,13 +419,14 @@ def print_report(args: argparse.Namespace, results: list[dict], load: float) -> 
         "each image and its materialised views, so its stage samples/s counts more samples "
         "than the wall-clock ratio does; the wall-clock column is what a user waits for."
     )
-    print(
-        f"Accuracy: the evaluation half of the archive's test/ ({ev['eval_images']} images, "
-        f"{ev['eval_subjects']} pseudo-subjects, disjoint from the validation half that "
-        "alzstage selects its epoch on); CI: percentile bootstrap over subjects. The "
-        "archive's test/ holds other slices of the train/ subjects, so this compares the "
-        "two methods with each other; it is not a generalisation estimate."
-    )
+    if "eval_images" in ev:
+        print(
+            f"Accuracy: the evaluation half of the archive's test/ ({ev['eval_images']} images, "
+            f"{ev['eval_subjects']} pseudo-subjects, disjoint from the validation half that "
+            "alzstage selects its epoch on); CI: percentile bootstrap over subjects. The "
+            "archive's test/ holds other slices of the train/ subjects, so this compares the "
+            "two methods with each other; it is not a generalisation estimate."
+        )
     if len(rounds) > 1:
         print(f"\nMedians of {len(rounds)} rounds. Each round against its own baseline:")
         for i, r in enumerate(results[1:], start=1):
