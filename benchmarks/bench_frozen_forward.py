@@ -41,14 +41,15 @@ def main() -> None:
     inp = keras.Input((h, w, 1))
     trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
     x = np.random.default_rng(0).integers(0, 256, (args.n, h, w), dtype=np.uint8)
-    print(f"| round | batch size | images/s | load avg {os.getloadavg()[0]:.1f} at start |")
-    print("|---|---|---|---|")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}\n")
+    print("| round | batch size | images/s |")
+    print("|---|---|---|")
     for rnd in range(1, args.rounds + 1):
         for bs in args.batch_sizes:
             predict_array(trunk_fn, x[: bs * 2], bs)  # trace this batch shape first
             t0 = time.perf_counter()
             predict_array(trunk_fn, x, bs)
-            print(f"| {rnd} | {bs} | {args.n / (time.perf_counter() - t0):.1f} | |", flush=True)
+            print(f"| {rnd} | {bs} | {args.n / (time.perf_counter() - t0):.1f} |", flush=True)
 
 
 if __name__ == "__main__":
