@@ -214,6 +214,61 @@ def test_model_card_without_leak_and_with_few_subjects() -> None:
     assert "top of its search range" in render_model_card(rep, SPLIT_INFO, PROVENANCE)
 
 
+def _baselines(pixel_beaten: bool) -> dict:
+    """A baselines.json body: the network beats majority, and the pixel model or not."""
+    from alzstage.model.baselines import compare_with_baselines
+
+    y = np.repeat(np.arange(4), 6)
+    subjects = np.repeat([f"s{i}" for i in range(8)], 3)
+    network = y.copy()
+    network[::2] = 0  # right on half the slices of each class but NonDemented
+    pixel = y if not pixel_beaten else (y + 1) % 4
+    return json_safe(
+        compare_with_baselines(
+            y,
+            network,
+            {"majority": np.zeros_like(y), "pixel": pixel},
+            subjects,
+            CLASSES,
+            seed=0,
+            n_resamples=200,
+        )
+    )
+
+
+def test_model_card_reports_a_network_that_does_not_beat_the_pixel_baseline() -> None:
+    # given: a pixel baseline that is right everywhere, a network that is not
+    rep = json_safe(_report())
+    baselines = _baselines(pixel_beaten=False)
+    # when
+    card = render_model_card(rep, SPLIT_INFO, PROVENANCE, baselines)
+    # then: said at the top and in the table, next to the numbers
+    top = card[: card.index("## Model")]
+    assert "> **The network does NOT beat the pixel baseline" in top
+    section = card[card.index("## Baselines") : card.index("## Calibration")]
+    assert "**NO**" in section and "| yes |" in section  # majority is beaten
+    assert "paired percentile bootstrap" in section and "8 subjects" in section
+    assert "- The network beats the majority-class baseline (" in section
+
+
+def test_model_card_of_a_network_that_beats_every_baseline_has_no_warning() -> None:
+    rep = json_safe(_report())
+    card = render_model_card(rep, SPLIT_INFO, PROVENANCE, _baselines(pixel_beaten=True))
+    assert "does NOT beat" not in card and "**NO**" not in card
+    assert "## Baselines" not in render_model_card(rep, SPLIT_INFO, PROVENANCE)
+
+
+def test_flat_metrics_carry_the_baseline_headline() -> None:
+    from alzstage.model.baselines import headline_metrics
+
+    rep = json_safe(_report())
+    rep.update(headline_metrics(_baselines(pixel_beaten=False)))
+    flat = flat_metrics(rep)
+    assert flat["beats_pixel_baseline"] == 0.0 and flat["beats_majority_baseline"] == 1.0
+    assert flat["baseline_pixel_balanced_accuracy"] == 1.0
+    assert flat["network_minus_pixel_balanced_accuracy"] < 0
+
+
 def test_dvc_plot_definitions_match_the_csv_columns() -> None:
     """dvc.yaml names curve columns; a renamed column would silently drop a chart."""
     from alzstage.model.calibration import reliability_table
@@ -255,15 +310,16 @@ def _tiny_project(root: Path) -> None:
 
     rng = np.random.default_rng(0)
     rows = []
+    # Subjects 0-1 of each class are test, 2-4 train (the baselines are fitted on them).
     for k, cls in enumerate(CLASSES):
-        for s in range(2):
+        for s in range(5):
             for j in range(3):
                 rel = f"images/{cls}/{cls}-{s}_s{j}.png"
                 (root / "data/raw" / rel).parent.mkdir(parents=True, exist_ok=True)
                 img = rng.integers(0, 60, (32, 32)).astype(np.uint8)
                 img[4 * k : 4 * k + 8, 8:24] = 200
                 Image.fromarray(img).save(root / "data/raw" / rel)
-                rows.append([rel, cls, f"{cls}-{s}", "given", "", "test"])
+                rows.append([rel, cls, f"{cls}-{s}", "given", "", "test" if s < 2 else "train"])
     split = pd.DataFrame(
         rows, columns=["path", "label", "subject", "subject_source", "source_split", "split"]
     )
@@ -329,6 +385,27 @@ def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
     np.testing.assert_allclose(preds[[f"p_{c}" for c in CLASSES]].sum(1), 1.0, atol=1e-5)
     assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(result.metrics)
     assert all(isinstance(v, float) for v in result.metrics.values())
+
+    # baselines: fitted on the 36 train slices, scored on the network's 8 test subjects
+    baselines = json.loads((tmp_path / "reports/baselines.json").read_text())
+    assert (tmp_path / "reports/baselines.json") in result.artifacts
+    assert baselines["n_train"] == 36 and baselines["n_test"] == 24
+    assert baselines["n_pixels"] == 32 * 32  # the split's 32x32 thumbnails, flattened
+    assert set(baselines["baselines"]) == {"majority", "nearest", "pixel"}
+    pixel = baselines["baselines"]["pixel"]
+    assert pixel["network_minus_baseline"]["unit"] == "subject"
+    assert pixel["network_minus_baseline"]["n_units"] == 8
+    # the bars make every class easy for a look-up; majority is exactly 1/4
+    assert baselines["baselines"]["nearest"]["balanced_accuracy"] == 1.0
+    assert rep["baseline_majority_balanced_accuracy"] == 0.25
+    assert rep["baseline_pixel_balanced_accuracy"] == pixel["balanced_accuracy"]
+    assert rep["beats_pixel_baseline"] is pixel["beats"]
+    assert result.metrics["beats_pixel_baseline"] == float(pixel["beats"])
+    assert "## Baselines" in card and pixel["verdict"][1:] in card
+    assert pixel["verdict"] in result.summary
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert "reports/baselines.json" in dvc["stages"]["evaluate"]["outs"]
+    assert "src/alzstage/model/baselines.py" in dvc["stages"]["evaluate"]["deps"]
 
 
 def test_plot_column_problems_name_a_class_scheme_dvc_yaml_does_not_list(tmp_path) -> None:

@@ -103,7 +103,19 @@ def load_thumbnails(paths: Sequence[Path], size: int) -> np.ndarray:
     workers = max(1, min(16, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         rows = list(pool.map(lambda p: _thumbnail(p, size), paths))
-    x = np.stack(rows).astype(np.float32)
+    return correlation_rows(np.stack(rows))
+
+
+def correlation_rows(images: np.ndarray) -> np.ndarray:
+    """Each image flattened to a zero-mean, unit-norm float32 row, so ``a @ b`` = correlation.
+
+    Split out of :func:`load_thumbnails` so that arrays already in memory (the evaluate
+    stage's baselines) are compared exactly as the split's leakage report compares files.
+    Idempotent: rows that are already zero-mean and unit-norm come back unchanged.
+    Constant images become all-zero rows (correlation 0 with everything).
+    """
+    x = np.asarray(images, dtype=np.float32)
+    x = x.reshape(len(x), int(np.prod(x.shape[1:]))).copy()  # (0, h, w) -> (0, h*w) too
     x -= x.mean(axis=1, keepdims=True)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     np.divide(x, norm, out=x, where=norm > 1e-6)
@@ -426,11 +438,16 @@ def assert_no_subject_leakage(df: pd.DataFrame) -> None:
 
 def _max_corr(queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
     """Each query's highest correlation with any row of ``pool`` (blocked products)."""
-    return _nearest(queries, pool)[0]
+    return most_correlated(queries, pool)[0]
 
 
-def _nearest(queries: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(highest correlation, index of that row of ``pool``) per query; index -1 if no pool."""
+def most_correlated(queries: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(highest correlation, index of that row of ``pool``) per query; index -1 if no pool.
+
+    Rows must come from :func:`correlation_rows` (or :func:`load_thumbnails`), so that
+    the dot product is the correlation. Ties go to the lowest pool index. Public because
+    the evaluate stage's nearest-slice baseline is this same look-up.
+    """
     best = np.full(len(queries), -1.0, dtype=np.float32)
     where = np.full(len(queries), -1, dtype=np.int64)
     if len(pool) == 0 or len(queries) == 0:
@@ -483,7 +500,7 @@ def leakage_report(df: pd.DataFrame, thumbs: np.ndarray, threshold: float) -> di
     report: dict[str, Any] = {"threshold": float(threshold)}
     for s in ("val", "test"):
         q = np.flatnonzero(split == s)
-        best, nearest = _nearest(thumbs[q], train_x)
+        best, nearest = most_correlated(thumbs[q], train_x)
         copied = train_labels[nearest] if len(train_labels) else np.full(len(q), "")
         n = len(q)
         n_dup = int((best >= threshold).sum())

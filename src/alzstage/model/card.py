@@ -123,8 +123,81 @@ def limitations(report: dict, split_info: dict, provenance: dict) -> list[str]:
     return out
 
 
-def render_model_card(report: dict, split_info: dict, provenance: dict) -> str:
-    """Markdown model card from metrics.json, split.json and run provenance (pure)."""
+def baselines_section(baselines: dict) -> list[str]:
+    """The baselines table: each baseline's scores and whether the network beats it.
+
+    A network is only worth its cost if it beats models that need no deep learning on
+    the same test subjects; the verdict is printed verbatim so that a model that does
+    not beat the pixel baseline is reported as such, not left for the reader to infer.
+    """
+    net = baselines.get("network", {})
+    blocks = baselines.get("baselines", {})
+    any_cmp = next(iter(blocks.values()), {}).get("network_minus_baseline", {})
+    fitted = ""
+    if "n_train" in baselines:  # absent when pooled out-of-fold predictions were compared
+        fitted = (
+            f", fitted on the {baselines['n_train']} original (not augmented) training "
+            f"slices, downsampled to {baselines.get('n_pixels', '?')} pixels each"
+        )
+    lines = [
+        "## Baselines",
+        "",
+        f"Scored on the same {baselines.get('n_test', '?')} test slices{fitted}. "
+        "Difference: the network's balanced accuracy minus the baseline's, with a "
+        f"{any_cmp.get('method', 'paired bootstrap')} over {any_cmp.get('n_units', '?')} "
+        f"{any_cmp.get('unit', 'unit')}s ({any_cmp.get('n_resamples', '?')} resamples). "
+        f"The network beats a baseline only when the whole {any_cmp.get('level', 0.95):.0%} "
+        "interval is above 0.",
+        "",
+    ]
+    rows = [
+        [
+            "network",
+            _num(net.get("balanced_accuracy")),
+            _num(net.get("accuracy")),
+            _num(net.get("macro_f1")),
+            "",
+            "",
+            "",
+        ]
+    ]
+    for name, b in blocks.items():
+        cmp = b.get("network_minus_baseline", {})
+        diff, iv = cmp.get("difference"), cmp.get("ci")
+        rows.append(
+            [
+                f"{name}: {b.get('description', '')}",
+                _num(b.get("balanced_accuracy")),
+                _num(b.get("accuracy")),
+                _num(b.get("macro_f1")),
+                "n/a" if diff is None else f"{diff:+.3f}",
+                "n/a" if not iv else f"{iv['low']:+.3f} to {iv['high']:+.3f}",
+                "yes" if b.get("beats") else "**NO**",
+            ]
+        )
+    lines += _table(
+        [
+            "model",
+            "balanced accuracy",
+            "accuracy",
+            "macro-F1",
+            "network minus baseline",
+            "CI",
+            "network beats it",
+        ],
+        rows,
+    )
+    lines += [f"- {b['verdict'][0].upper()}{b['verdict'][1:]}." for b in blocks.values()]
+    return [*lines, ""]
+
+
+def render_model_card(
+    report: dict, split_info: dict, provenance: dict, baselines: dict | None = None
+) -> str:
+    """Markdown model card from metrics.json, split.json, run provenance and baselines.json.
+
+    Pure. ``baselines`` None (a report from before baselines existed) omits that section.
+    """
     classes = provenance.get("classes") or list(report.get("per_class", {}))
     ci = report.get("ci", {})
     cal = report.get("calibration", {})
@@ -138,6 +211,12 @@ def render_model_card(report: dict, split_info: dict, provenance: dict) -> str:
         ]
         if report.get("split_warning"):
             lines += [f"> {report['split_warning']}", ""]
+
+    pixel = (baselines or {}).get("baselines", {}).get("pixel")
+    if pixel and not pixel.get("beats"):
+        # Said at the top: a network no better than PCA + logistic regression on 32x32
+        # thumbnails has not shown that it learned anything a linear model could not.
+        lines += [f"> **{pixel['verdict'][0].upper()}{pixel['verdict'][1:]}.**", ""]
 
     lines += ["## Model", ""]
     lines += [
@@ -263,6 +342,9 @@ def render_model_card(report: dict, split_info: dict, provenance: dict) -> str:
             "Test subjects per class: " + ", ".join(f"{c} {per.get(c, 0)}" for c in classes),
             "",
         ]
+
+    if baselines:
+        lines += baselines_section(baselines)
 
     lines += ["## Calibration", ""]
     if cal:

@@ -11,7 +11,10 @@ What "honest" means here, concretely:
 * slices of one brain are not independent, so confidence intervals resample subjects,
   and subject-level metrics (slices pooled per brain) are reported next to slice-level;
 * the stages are ordinal, so quadratic weighted kappa is reported next to accuracy;
-* a class that cannot be scored (absent from test) is named, never silently averaged.
+* a class that cannot be scored (absent from test) is named, never silently averaged;
+* the network is compared with baselines that need no deep learning (majority class,
+  nearest training slice, PCA + logistic regression on thumbnails) on the same test
+  subjects, and the report says plainly whether it beats each one.
 
 Pure functions (report assembly) come first; :func:`run_evaluate` is the thin I/O shell.
 """
@@ -29,6 +32,7 @@ import pandas as pd
 
 from alzstage.config import Params, Paths
 from alzstage.files import atomic_path, read_json, write_json, write_text
+from alzstage.model.baselines import THUMB_SIZE, headline_metrics, score_baselines
 from alzstage.model.calibration import (
     DEFAULT_BINS,
     apply_temperature,
@@ -266,6 +270,9 @@ def flat_metrics(report: dict) -> dict[str, float]:
         for k in ("accuracy", "balanced_accuracy", "macro_f1", "quadratic_weighted_kappa"):
             out[f"subject_{k}"] = sub.get(k)
         out["n_test_subjects"] = sub["n_subjects"]
+    out.update(
+        (k, v) for k, v in report.items() if k.startswith(("baseline_", "beats_", "network_minus_"))
+    )
     return {
         k: float(v)
         for k, v in out.items()
@@ -455,6 +462,40 @@ def plot_column_problems(dvc_yaml: Path, written: dict[str, Path]) -> list[str]:
     return problems
 
 
+def baseline_report(
+    paths: Paths,
+    params: Params,
+    test_rows: pd.DataFrame,
+    y: np.ndarray,
+    pred: np.ndarray,
+    subjects: np.ndarray | None,
+) -> dict:
+    """Fit the baselines on the original training slices and score them on the test slices.
+
+    Thumbnails are decoded from the files by the split stage's own
+    :func:`~alzstage.data.split.load_thumbnails`, not derived from the network's input
+    arrays: the nearest baseline then reproduces the nearest-neighbour number in
+    split.json (at the default ``split.thumb_size`` of 32), and the train split is
+    decoded once at 32x32 instead of at the network's input size.
+    Original slices, never the augmented set: a baseline sees what the split gave.
+    """
+    from alzstage.data.split import load_thumbnails
+
+    split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
+    train = split[split["split"] == "train"]
+    index = {c: i for i, c in enumerate(params.base.classes)}
+    return score_baselines(
+        load_thumbnails([paths.raw / p for p in train["path"]], THUMB_SIZE),
+        train["label"].map(index).to_numpy(np.int64),
+        load_thumbnails([paths.raw / p for p in test_rows["path"]], THUMB_SIZE),
+        y,
+        subjects,
+        pred,
+        list(params.base.classes),
+        seed=params.base.seed,
+    )
+
+
 def run_evaluate(params: Params, paths: Paths) -> StageResult:
     import keras
 
@@ -496,6 +537,12 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
 
     probs = apply_temperature(raw, report["calibration"]["temperature"])
     pred = probs.argmax(axis=1)
+    t_base = time.perf_counter()
+    baselines = json_safe(baseline_report(paths, params, rows, y, pred, subjects))
+    baselines_file = paths.reports / "baselines.json"
+    write_json(baselines_file, baselines)
+    report.update(headline_metrics(baselines))
+    timings["baselines"] = time.perf_counter() - t_base
     paths.plots.mkdir(parents=True, exist_ok=True)
     paths.figures.mkdir(parents=True, exist_ok=True)
     conf = pd.DataFrame(
@@ -553,7 +600,10 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     report = json_safe(report)
     write_json(paths.metrics, report)
     card_file = paths.reports / "model_card.md"
-    write_text(card_file, render_model_card(report, split_info, _provenance(params, train_run)))
+    write_text(
+        card_file,
+        render_model_card(report, split_info, _provenance(params, train_run), baselines),
+    )
 
     metrics = flat_metrics(report)
     metrics.update({f"seconds_{k}": v for k, v in timings.items()})
@@ -562,7 +612,14 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     ci_text = f" [95% CI {ci['low']:.3f}-{ci['high']:.3f}]" if ci else ""
     return StageResult(
         metrics=metrics,
-        artifacts=[paths.metrics, card_file, pred_file, *csvs.values(), *figs.values()],
+        artifacts=[
+            paths.metrics,
+            baselines_file,
+            card_file,
+            pred_file,
+            *csvs.values(),
+            *figs.values(),
+        ],
         tags={
             "split.strategy": report["split_strategy"],
             "split.leaky": str(report["split_leaky"]),
@@ -573,6 +630,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
         summary=(
             f"test balanced accuracy {report['balanced_accuracy']:.3f}{ci_text}, macro-F1 "
             f"{report['macro_f1']:.3f}, accuracy {report['accuracy']:.3f} on "
-            f"{report['n_test']} slices, split={report['split_strategy']}{leak}"
+            f"{report['n_test']} slices, split={report['split_strategy']}{leak}; "
+            f"{baselines['baselines']['pixel']['verdict']}"
         ),
     )
