@@ -63,3 +63,26 @@ def test_predict_without_champion_says_how_to_fix(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["predict", str(img)])
     assert result.exit_code == 1
     assert "dvc repro" in result.output and "alzstage promote" in result.output
+
+
+def test_every_error_class_in_alzstage_is_an_alzstage_error():
+    """The CLI catches AlzstageError once, so no error class may live outside it."""
+    import importlib
+    import pkgutil
+
+    import alzstage
+    from alzstage.errors import AlzstageError
+
+    names = [m.name for m in pkgutil.walk_packages(alzstage.__path__, "alzstage.")]
+    stray = []
+    for name in names:
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, Exception)
+                and obj.__module__.startswith("alzstage")
+                and not issubclass(obj, AlzstageError)
+            ):
+                stray.append(f"{name}.{attr}")
+    assert stray == []

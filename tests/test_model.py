@@ -12,7 +12,8 @@ from alzstage.errors import WeightsError  # noqa: E402
 from alzstage.model import build  # noqa: E402
 from alzstage.model.train import class_weights  # noqa: E402
 
-SMALL = {"input_size": (32, 32), "dense_units": 8, "dropout": 0.0}
+SMALL_SCRATCH = {"input_size": (32, 32), "dense_units": 8, "dropout": 0.0}
+SMALL = {"backbone": "resnet50", "input_size": (32, 32), "dense_units": 8, "dropout": 0.0}
 
 
 def test_weights_path_loads_the_given_file(tmp_path):
@@ -107,3 +108,30 @@ def test_balanced_class_weights_ignore_absent_classes():
     assert cw == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0), 2: 0.0}
     assert class_weights(y, ["a", "b", "c"], "none") is None
     assert class_weights(y, ["a", "b", "c"], {"b": 3.0}) == {0: 1.0, 1: 3.0, 2: 1.0}
+
+
+def test_compact_resnet_is_a_trunk_with_a_4d_output_and_trains_batchnorm():
+    """The from-scratch backbone plugs into the same preprocess -> backbone -> head chain."""
+    params = ModelParams(weights="none", widths=[8, 16, 32], blocks=[1, 2, 1], **SMALL_SCRATCH)
+    assert params.resolved_backbone == "resnet_compact"
+    net = build.build_network(params, n_classes=4, seed=0)
+    assert net.backbone.name == "resnet_compact"
+    # stem /2, then stages 2 and 3 /2 each: 32 -> 16 -> 8 -> 4
+    assert tuple(net.backbone.output.shape[1:]) == (4, 4, 32)
+    assert len([n for n in (lyr.name for lyr in net.backbone.layers) if n.endswith("_add")]) == 4
+    bns = [lyr for lyr in net.backbone.layers if isinstance(lyr, keras.layers.BatchNormalization)]
+    assert bns and all(b.trainable for b in bns) and not net.freeze_bn
+    out = net.model(np.zeros((2, 32, 32, 1), "float32"))
+    assert tuple(out.shape) == (2, 4)
+
+
+def test_compact_resnet_refuses_pretrained_weights():
+    with pytest.raises(ValueError, match="resnet_compact has no pretrained weights"):
+        from alzstage.config import Params
+
+        Params.model_validate({"model": {"backbone": "resnet_compact", "weights": "imagenet"}})
+
+
+def test_widths_and_blocks_need_one_entry_per_stage():
+    with pytest.raises(ValueError, match="one entry per stage"):
+        ModelParams(widths=[8, 16], blocks=[1])

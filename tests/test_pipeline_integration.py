@@ -15,8 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import balanced_accuracy_score
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,8 +29,15 @@ TINY = {
     "data": {"demo": {"subjects_per_class": [4, 4, 3, 3], "slices_per_subject": 4}},
     "split": {"min_subjects_per_class": 3},
     "augment": {"views": 1, "preview_count": 2},
-    "model": {"weights": "none", "input_size": [64, 64], "dense_units": 16},
-    "train": {"epochs": 1, "fine_tune_epochs": 0, "batch_size": 16},
+    "model": {
+        "weights": "none",
+        "input_size": [64, 64],
+        "dense_units": 16,
+        "widths": [8, 16],
+        "blocks": [1, 1],
+    },
+    "train": {"epochs": 1, "fine_tune_epochs": 0, "batch_size": 16, "scratch": {"epochs": 2}},
+    "cv": {"folds": [0, 1, 2], "bootstrap": 100},
 }
 
 
@@ -153,6 +162,33 @@ def test_registry_has_champion(project: Path) -> None:
     assert promo["promoted"] is True and promo["version"] == 1
 
 
+def test_cv_pipeline_tests_every_subject_once_and_is_cached(project: Path) -> None:
+    # given: the default pipeline has run; when: the CV pipeline runs (K = 3)
+    out = _run(["dvc", "repro", "cv/dvc.yaml"], project).stdout
+    assert "Running stage 'cv/dvc.yaml:cv_fold@2'" in out, out
+    # then: every subject is tested in exactly one fold, and the pooled numbers are the
+    # out-of-fold table's
+    folds = pd.read_csv(project / "data/processed/cv/folds.csv", keep_default_na=False)
+    oof = pd.read_csv(project / "reports/cv/predictions_oof.csv", keep_default_na=False)
+    assert sorted(oof["path"]) == sorted(folds.loc[folds["test_fold"] >= 0, "path"])
+    assert (oof.groupby("subject")["fold"].nunique() == 1).all()
+    assert set(oof["fold"]) == {0, 1, 2}
+    head = json.loads((project / "reports/cv/metrics.json").read_text())
+    assert head["k"] == 3
+    assert head["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(oof["label"], oof["predicted"]), abs=1e-4
+    )
+    # every fold is an MLflow run tagged with its fold
+    db = sqlite3.connect(project / "mlflow.db")
+    tagged = db.execute("SELECT value FROM tags WHERE key = 'cv.fold'").fetchall()
+    assert sorted(v for (v,) in tagged) == ["0", "1", "2"]
+    # DVC caches it, and `dvc metrics show` prints the CV headline next to the default run's
+    again = _run(["dvc", "repro", "cv/dvc.yaml"], project).stdout
+    assert "Running stage" not in again, again
+    shown = _run(["dvc", "metrics", "show"], project).stdout
+    assert "reports/cv/metrics.json" in shown, shown
+
+
 def test_second_repro_is_noop_and_metrics_show(project: Path) -> None:
     out = _run(["dvc", "repro"], project).stdout
     assert "didn't change" in out or "up to date" in out, out
@@ -181,7 +217,7 @@ def test_predict_prints_stage(project: Path) -> None:
     out = _run(["alzstage", "predict", str(img), "--format", "json"], project).stdout
     payload = json.loads(out[out.index("{") :])
     pred = payload["predictions"][0]
-    assert payload["model"] == "models:/alzstage@champion"
+    assert payload["model"] == "models:/alzstage-demo@champion"  # the demo data's champion
     assert pred["stage"] in TINY_CLASSES
     assert abs(sum(pred[c] for c in TINY_CLASSES) - 1.0) < 1e-4
 

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,12 +24,39 @@ from alzstage.model.train import class_weights, save_model_atomic, train_model
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 
 
+def backbone_weights(seed: int = 0) -> str:
+    """A MobileNetV2 (include_top=False, 32x32) weights file with seeded random values.
+
+    Stands in for pretrained weights (ImageNet, RadImageNet) in tests of the transfer
+    recipe's machinery; the file is written once per seed and shared across processes.
+    """
+    import keras
+
+    target = Path(tempfile.gettempdir()) / f"alzstage-test-mobilenetv2-32-s{seed}.weights.h5"
+    if not target.exists():
+        keras.utils.set_random_seed(seed)
+        net = keras.applications.MobileNetV2(
+            include_top=False, weights=None, input_shape=(32, 32, 3)
+        )
+        tmp = target.with_name(f".{os.getpid()}.{target.name}")
+        net.save_weights(tmp)
+        os.replace(tmp, target)
+    return str(target)
+
+
 def tiny_params(**train) -> Params:
+    """The transfer recipe on a tiny MobileNetV2 with "pretrained" weights from a file."""
     return Params.model_validate(
         {
             "base": {"seed": 0, "image_size": [32, 32], "classes": CLASSES[:2]},
             "data": {"demo": {"subjects_per_class": [1, 1]}},
-            "model": {"weights": "none", "input_size": [32, 32], "dense_units": 16, "dropout": 0.0},
+            "model": {
+                "backbone": "mobilenetv2",
+                "weights": backbone_weights(),
+                "input_size": [32, 32],
+                "dense_units": 16,
+                "dropout": 0.0,
+            },
             "train": {
                 "epochs": 6,
                 "batch_size": 16,
@@ -35,6 +64,28 @@ def tiny_params(**train) -> Params:
                 "fine_tune_epochs": 0,
                 "patience": 6,
                 **train,
+            },
+        }
+    )
+
+
+def scratch_params(**scratch) -> Params:
+    """The from-scratch recipe (the offline default) on a two-stage compact ResNet."""
+    return Params.model_validate(
+        {
+            "base": {"seed": 0, "image_size": [32, 32], "classes": CLASSES[:2]},
+            "data": {"demo": {"subjects_per_class": [1, 1]}},
+            "model": {
+                "weights": "none",
+                "input_size": [32, 32],
+                "dense_units": 16,
+                "dropout": 0.0,
+                "widths": [8, 16],
+                "blocks": [1, 1],
+            },
+            "train": {
+                "batch_size": 16,
+                "scratch": {"epochs": 6, "learning_rate": 0.01, "warmup_epochs": 1, **scratch},
             },
         }
     )
@@ -52,12 +103,56 @@ def separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_trivially_separable_set_is_learned():
     x, y = separable(96, 0)
     xv, yv = separable(32, 1)
-    model, summary = train_model(tiny_params(), x, y, xv, yv)
-    assert summary["head_best_val_balanced_accuracy"] >= 0.95, summary
+    model, summary = train_model(scratch_params(), x, y, xv, yv)
+    assert summary["scratch_best_val_balanced_accuracy"] >= 0.95, summary
     probs = model.predict(xv[..., None].astype("float32"), verbose=0)
     assert (probs.argmax(axis=1) == yv).mean() >= 0.95
     assert summary["temperature"] > 0
     assert [h["epoch"] for h in summary["history"]] == list(range(1, len(summary["history"]) + 1))
+
+
+def test_scratch_recipe_learns_with_every_layer_trained():
+    """The offline default: no frozen random trunk; every layer moves, and it learns."""
+    import keras
+
+    x, y = separable(96, 0)
+    xv, yv = separable(32, 1)
+    params = scratch_params()
+    assert params.recipe == "scratch" and params.model.resolved_backbone == "resnet_compact"
+    keras.utils.set_random_seed(params.base.seed)
+    from alzstage.model.build import build_network
+
+    initial = build_network(params.model, 2, params.base.seed).model.get_weights()
+    model, summary = train_model(params, x, y, xv, yv)
+    assert summary["recipe"] == "scratch" and summary["parameters"] > 0
+    assert summary["scratch_best_val_balanced_accuracy"] >= 0.95, summary
+    assert (
+        model.predict(xv[..., None].astype("float32"), verbose=0).argmax(1) == yv
+    ).mean() >= 0.95
+    trainable = [w for w in model.weights if w.trainable]
+    assert len(trainable) > 0
+    assert all(not w.path.endswith(("moving_mean", "moving_variance")) for w in trainable)
+    # Every convolution kernel changed from its initial value: nothing was frozen.
+    kernels = [
+        (w, i)
+        for i, w in enumerate(model.weights)
+        if w.path.endswith("kernel") and len(w.shape) == 4
+    ]
+    assert kernels
+    for w, i in kernels:
+        assert not np.allclose(w.numpy(), initial[i]), f"{w.path} did not train"
+
+
+def test_transfer_recipe_with_random_weights_is_refused():
+    with pytest.raises(ValueError, match=r"freezes the backbone, but model\.weights is none"):
+        Params.model_validate({"model": {"weights": "none"}, "train": {"recipe": "transfer"}})
+
+
+def test_recipe_follows_the_weights_when_auto(tmp_path):
+    assert Params.model_validate({}).recipe == "scratch"
+    weights = tmp_path / "w.weights.h5"
+    p = Params.model_validate({"model": {"weights": str(weights)}})
+    assert p.recipe == "transfer" and p.model.resolved_backbone == "resnet50"
 
 
 def test_focal_loss_and_fine_tune_phase_run():
@@ -91,11 +186,12 @@ def test_activation_cache_reuses_and_invalidates(tmp_path):
         [h["loss"] for h in uncached["history"]], rel=1e-5
     )
     assert statuses(tiny_params(learning_rate=0.003, **ft)) == ["hit", "hit"]
-    # model.weights none + another seed = other trunk weights; other bytes = other views.
-    other_seed = tiny_params(**ft).model_copy(
-        update={"base": tiny_params().base.model_copy(update={"seed": 1})}
+    # Another weights file = other trunk weights; other bytes = other views.
+    base = tiny_params(**ft)
+    other_trunk = base.model_copy(
+        update={"model": base.model.model_copy(update={"weights": backbone_weights(seed=1)})}
     )
-    assert statuses(other_seed) == ["miss", "miss"]
+    assert statuses(other_trunk) == ["miss", "miss"]
     flipped = np.ascontiguousarray(x[:, :, ::-1])
     assert statuses(tiny_params(**ft), flipped) == ["miss", "hit"]
     assert len(list(tmp_path.glob("*.npy"))) == 5
@@ -341,4 +437,57 @@ def test_killed_training_process_leaves_previous_model(tmp_path):
     proc.kill()
     proc.wait(timeout=30)
     assert target.read_bytes() == b"previous good model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+def test_temp_file_of_a_killed_save_is_removed_on_the_next_run(tmp_path):
+    """SIGKILL mid-save leaves .model.<pid>.tmp.keras; the next run removes it, not others'."""
+    from alzstage.model.train import remove_stale_temps
+
+    # given a process killed while its temp file was half written
+    target = tmp_path / "model.keras"
+    script = (
+        "import os, signal, sys; "
+        "open(os.path.join(sys.argv[1], f'.model.{os.getpid()}.tmp.keras'), 'wb').write(b'half'); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False)
+    assert killed.returncode == -9
+    stale = [p.name for p in tmp_path.glob(".model.*.tmp.keras")]
+    assert len(stale) == 1
+    # and a save in progress in a live process, and an unrelated model's temp file
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / f".model.{alive.pid}.tmp.keras"
+        busy.write_bytes(b"being written")
+        other = tmp_path / ".other.1.tmp.keras"
+        other.write_bytes(b"not ours")
+
+        # when the next run starts
+        removed = remove_stale_temps(target)
+
+        # then only the dead process's file is gone
+        assert [p.name for p in removed] == stale
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, other.name])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_save_removes_stale_temp_files_too(tmp_path):
+    class Saves:
+        def save(self, path):
+            with open(path, "wb") as f:
+                f.write(b"a model")
+
+    pid = int(  # a process that has ended
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    (tmp_path / f".model.{pid}.tmp.keras").write_bytes(b"half")
+    save_model_atomic(Saves(), tmp_path / "model.keras")
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]

@@ -35,11 +35,15 @@ app = typer.Typer(
 STAGE_SECTIONS = {
     "download": ["base", "data", "neuro"],
     "validate": ["base", "validate"],
-    "split": ["base", "split"],
+    "split": ["base", "split", "data"],
     "augment": ["base", "augment", "model"],
-    "train": ["base", "model", "train"],
+    "train": ["base", "model", "train", "augment"],
     "evaluate": ["base", "data", "model", "evaluate"],
     "promote": ["promote"],
+    # Subject k-fold cross-validation: cv/dvc.yaml
+    "cv_split": ["base", "split", "cv"],
+    "cv_fold": ["base", "model", "train", "augment", "cv"],
+    "cv_report": ["base", "cv"],
 }
 
 
@@ -63,8 +67,8 @@ def _run_stage(stage: str, fn: Callable[[Params, Paths, StageRun], StageResult])
     """Validate params, open the stage's MLflow run, run it, log what it returned."""
     params, paths = _load()
     from alzstage import tracking
+    from alzstage.errors import AlzstageError
 
-    known = _known_errors()
     try:
         with tracking.stage_run(stage, params, paths.root, STAGE_SECTIONS[stage]) as run:
             result = fn(params, paths, run)
@@ -73,27 +77,15 @@ def _run_stage(stage: str, fn: Callable[[Params, Paths, StageRun], StageResult])
                 run.set_tags(result.tags)
             for art in result.artifacts:
                 run.log_artifact(art)
-    except known as exc:
+    except AlzstageError as exc:  # written for a person: the message, no traceback
         _fail(f"{stage}: {exc}", code=1)
+    except FileNotFoundError as exc:  # an earlier stage's output is not there (yet)
+        _fail(
+            f"{stage}: {exc.filename or exc}: not found; run the stages before it first "
+            f"(`dvc repro {stage}`)",
+            code=1,
+        )
     typer.echo(f"[{stage}] {result.summary}".rstrip())
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message is already written for a person: print it, no traceback."""
-    from alzstage.config import ConfigError
-    from alzstage.data.download import DownloadError
-    from alzstage.data.validate import ValidationFailed
-    from alzstage.errors import WeightsError
-    from alzstage.model.inputs import ImageReadError
-
-    return (
-        ConfigError,
-        DownloadError,
-        ImageReadError,
-        FileNotFoundError,
-        ValidationFailed,
-        WeightsError,
-    )
 
 
 @app.command()
@@ -146,7 +138,7 @@ def train() -> None:
             "classes": params.base.classes,
             "input_size": [h, w],
             "temperature": read_json(paths.train_report)["temperature"],
-            "backbone": params.model.backbone,
+            "backbone": params.model.resolved_backbone,
         }
         example = np.zeros((1, h, w), dtype=np.uint8)
         model_uri = log_pyfunc(paths.model_file, meta, example)
@@ -158,12 +150,43 @@ def train() -> None:
                 "runs_uri": f"runs:/{run.run_id}/model",
                 "temperature": meta["temperature"],
                 "input_size": [h, w],
+                # What promote tags on the registry version. ``transfer`` (frozen trunk,
+                # then fine-tuning) is the only recipe where Params has no ``recipe``.
+                "recipe": getattr(params, "recipe", "transfer"),
+                "backbone": meta["backbone"],
+                "weights": params.model.weights,
             },
         )
         result.artifacts.append(paths.train_run)
         return result
 
     _run_stage("train", _train)
+
+
+@app.command("cv-split")
+def cv_split() -> None:
+    """Assign every subject to one of cv.folds test folds (plus val subjects per fold)."""
+    from alzstage.model.crossval import run_cv_split
+
+    _run_stage("cv_split", lambda p, paths, run: run_cv_split(p, paths))
+
+
+@app.command("cv-fold")
+def cv_fold(
+    fold: Annotated[int, typer.Option(help="fold id, one of cv.folds")],
+) -> None:
+    """Train on one fold's training subjects and predict its test subjects."""
+    from alzstage.model.crossval import run_cv_fold
+
+    _run_stage("cv_fold", lambda p, paths, run: run_cv_fold(p, paths, fold, run))
+
+
+@app.command("cv-report")
+def cv_report() -> None:
+    """Pool the folds' out-of-fold predictions: CIs, per-fold spread, baselines."""
+    from alzstage.model.crossval import run_cv_report
+
+    _run_stage("cv_report", lambda p, paths, run: run_cv_report(p, paths))
 
 
 @app.command()
@@ -197,16 +220,25 @@ def promote(
     version: Annotated[
         int | None, typer.Option(help="Set an alias on this version by hand.")
     ] = None,
-    alias: Annotated[str, typer.Option(help="Alias to set with --version.")] = "champion",
+    alias: Annotated[
+        str | None, typer.Option(help="Alias to set with --version (default: champion).")
+    ] = None,
 ) -> None:
     """Register the new model as challenger; move champion only if it is better."""
+    if version is None and alias is not None:
+        _fail(f"--alias {alias!r} needs --version: alzstage promote --version 3 --alias champion")
     if version is not None:
+        alias = "champion" if alias is None else alias
         params, paths = _load()
         from alzstage import tracking
+        from alzstage.errors import AlzstageError
         from alzstage.model.promote import set_alias_by_hand
 
         tracking.configure(paths.root)
-        typer.echo(set_alias_by_hand(params, version, alias))
+        try:
+            typer.echo(set_alias_by_hand(params, paths, version, alias))
+        except AlzstageError as exc:  # the configured dataset cannot be named yet
+            _fail(str(exc), code=1)
         return
     from alzstage.model.promote import run_promote
 
@@ -247,12 +279,13 @@ def predict(
         _fail(f"--gradcam {gradcam}: exists and is not a folder; give a folder to write PNGs into")
     params, paths = _load()
     from alzstage import tracking
+    from alzstage.errors import AlzstageError, ModelNotFound
     from alzstage.model.predict import (
         LoadedModel,
-        ModelNotFound,
+        choose_model,
         expand_inputs,
+        missing_champion_hint,
         predict_files,
-        resolve_model_uri,
         summarize,
     )
 
@@ -264,19 +297,28 @@ def predict(
         _fail(
             "no image files found in the given inputs (expected .jpg, .jpeg, .png, .nii or .nii.gz)"
         )
-    uri = resolve_model_uri(model, params.promote.model_name)
     # Read-only: name the store explicitly instead of tracking.configure(), which would
     # create an experiment and repoint MLflow for the whole process.
     store = tracking.tracking_uri(paths.root)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or store
+    choice = None
     try:
+        # Default: the champion of the dataset params.yaml configures, said on stderr so
+        # that JSON and CSV on stdout stay clean.
+        choice = choose_model(model, params, paths)
+        uri = choice.uri
+        typer.echo(f"model: {choice.reason}", err=True)
         loaded = LoadedModel(
             uri,
             params.base.classes,
             params.model.input_size,
             tracking_uri=store,
-            registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or store,
+            registry_uri=registry,
         )
     except ModelNotFound as exc:
+        hint = choice and missing_champion_hint(choice, params.promote.model_name, store, registry)
+        _fail(f"{exc}; {hint}" if hint else str(exc), code=1)
+    except AlzstageError as exc:  # unknown dataset, unreadable model
         _fail(str(exc), code=1)
     threshold = params.evaluate.low_confidence
     from alzstage.neuro.volume import is_volume_path
@@ -305,6 +347,11 @@ def predict(
             "model": uri,
             "model_name": loaded.info.name,
             "model_version": loaded.info.version,
+            "model_choice": choice.reason,
+            "dataset": loaded.info.dataset,
+            "recipe": loaded.info.recipe,
+            "synthetic_demo": loaded.info.synthetic_demo,
+            "provenance": loaded.info.provenance,
             "predictions": json.loads(df.to_json(orient="records")),
             "summary": summary,
         }
@@ -313,6 +360,7 @@ def predict(
         typer.echo(json.dumps(doc, indent=2))
     elif output == "csv":
         typer.echo(df.to_csv(index=False), nl=False)
+        typer.echo(f"# model {loaded.info.label}: {loaded.info.provenance}", err=True)
         if batch:  # stdout stays one clean CSV table; the summary is for the person
             typer.echo(f"# summary: {json.dumps(summary)}", err=True)
     else:
@@ -342,6 +390,8 @@ def predict(
                 *[f"{r[c]:.3f}" for c in loaded.classes],
             )
         console.print(table)
+        style = "bold red" if loaded.info.synthetic_demo else "dim"
+        console.print(f"model {loaded.info.label}: {loaded.info.provenance}", style=style)
         for err in errors:  # in full below the table, where a long path does not wrap
             console.print(f"[red]error:[/red] {err}", highlight=False)
         for d in details:
@@ -418,10 +468,15 @@ def serve(
     import uvicorn
 
     from alzstage import tracking
-    from alzstage.model.predict import resolve_model_uri
+    from alzstage.errors import AlzstageError
+    from alzstage.model.predict import choose_model
     from alzstage.serve.app import ServeSettings, create_app
 
-    uri = resolve_model_uri(model, params.promote.model_name)
+    try:
+        choice = choose_model(model, params, paths)
+    except AlzstageError as exc:
+        _fail(str(exc), code=1)
+    uri = choice.uri
     store = tracking.tracking_uri(paths.root)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(
@@ -432,6 +487,7 @@ def serve(
         )
     settings = ServeSettings(
         model_uri=uri,
+        model_choice=choice.reason,
         tracking_uri=store,
         registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or store,
         classes=list(params.base.classes),
@@ -446,7 +502,7 @@ def serve(
         nifti_qc=params.validate_.nifti,
         image_size=tuple(params.base.image_size),
     )
-    typer.echo(f"alzstage: serving {uri} at http://{host}:{port}/ (API docs: /docs)")
+    typer.echo(f"alzstage: serving {choice.reason} at http://{host}:{port}/ (API docs: /docs)")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
 

@@ -16,11 +16,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alzstage.errors import ConfigError  # defined there, importable from here as before
+
 PARAMS_FILE = "params.yaml"
-
-
-class ConfigError(ValueError):
-    """A params.yaml problem, phrased for a person: the key, the value, how to fix it."""
 
 
 # --------------------------------------------------------------------------- paths
@@ -84,6 +82,9 @@ class Paths:
         self.train_report = self.reports / "train.json"
         self.metrics = self.reports / "metrics.json"
         self.promotion = self.reports / "promotion.json"
+        # Subject k-fold cross-validation (cv/dvc.yaml)
+        self.cv_folds = self.processed / "cv" / "folds.csv"
+        self.cv_reports = self.reports / "cv"
         self.cache = r / ".cache" / "alzstage"
         # Shared by `dvc exp run` copies, like mlflow.db: a queued sweep reuses it.
         self.activation_cache = tracking_home(r) / ".cache" / "alzstage" / "activations"
@@ -183,8 +184,16 @@ def _check_sha256(v: str | None, name: str = "") -> str | None:
     return v.lower() if v else v
 
 
+# Letters, digits, '-', '_' and '.': what MLflow accepts in a registered model name and what
+# reads well in ``models:/alzstage-<dataset>@champion``.
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class DataParams(_Section):
     source: Literal["demo", "archive", "folder", "kaggle", "huggingface", "nifti"] = "demo"
+    # The dataset's name in the registry (one champion per dataset). null: ``demo`` for the
+    # demo source, else ``<source>-<fingerprint of the image hashes>`` (data/identity.py).
+    name: str | None = Field(default=None, pattern=DATASET_NAME_PATTERN)
     path: str | None = None
     # source: nifti. A CSV in data.path with columns subject, file, label (docs/neuro.md).
     subjects_csv: str = Field(default="subjects.csv", min_length=1)
@@ -222,6 +231,16 @@ class DataParams(_Section):
                 raise ValueError(f"{name!r}: give a bare file name (it is looked up under data/)")
             _check_sha256(digest, name)
         return v
+
+    @model_validator(mode="after")
+    def _demo_name_reserved(self) -> DataParams:
+        # The demo label marks a model as trained on synthetic images; real data must not
+        # share its registry entry or its champion.
+        if self.name == "demo" and self.source != "demo":
+            raise ValueError(
+                f"data.name 'demo' is reserved for data.source: demo (source is {self.source!r})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:
@@ -308,6 +327,17 @@ class SplitParams(_Section):
     tiny_class_policy: Literal["share_subjects", "train_only", "drop"] = "share_subjects"
     min_subjects_per_class: int = Field(default=3, ge=1)
 
+    @model_validator(mode="after")
+    def _train_keeps_some_data(self) -> SplitParams:
+        # Checked here, not in the split stage, so `check-params` refuses it at once.
+        if self.test_size + self.val_size >= 1:
+            raise ValueError(
+                f"split.test_size ({self.test_size}) + split.val_size ({self.val_size}) = "
+                f"{self.test_size + self.val_size:g} leaves nothing to train on; "
+                "lower one of them so that the sum is below 1"
+            )
+        return self
+
 
 class AugmentParams(_Section):
     views: int = Field(default=1, ge=0, le=16)
@@ -322,13 +352,45 @@ class AugmentParams(_Section):
 
 
 class ModelParams(_Section):
-    backbone: Literal["resnet50", "resnet101", "mobilenetv2", "efficientnetb0", "densenet121"] = (
-        "resnet50"
-    )
+    # ``auto``: ResNet50 when pretrained weights are given (the transfer recipe), the compact
+    # ResNet when they are not (the from-scratch recipe); see ``resolved_backbone``.
+    backbone: Literal[
+        "auto",
+        "resnet_compact",
+        "resnet50",
+        "resnet101",
+        "mobilenetv2",
+        "efficientnetb0",
+        "densenet121",
+    ] = "auto"
     weights: str = "none"
     input_size: tuple[Annotated[int, Field(ge=32)], Annotated[int, Field(ge=32)]] = (112, 96)
     dense_units: int = Field(default=128, ge=1)
     dropout: float = Field(default=0.3, ge=0, lt=1)
+    # resnet_compact only: channels and basic blocks per stage (each stage after the first
+    # halves the resolution). ResNet-18 is [64, 128, 256, 512] x [2, 2, 2, 2].
+    widths: list[Annotated[int, Field(ge=4, le=1024)]] = Field(
+        default_factory=lambda: [32, 64, 128, 256], min_length=1, max_length=6
+    )
+    blocks: list[Annotated[int, Field(ge=1, le=8)]] = Field(
+        default_factory=lambda: [1, 1, 1, 1], min_length=1, max_length=6
+    )
+
+    @model_validator(mode="after")
+    def _stages_match(self) -> ModelParams:
+        if len(self.widths) != len(self.blocks):
+            raise ValueError(
+                f"model.widths ({len(self.widths)} stages) and model.blocks "
+                f"({len(self.blocks)} stages) need one entry per stage each"
+            )
+        return self
+
+    @property
+    def resolved_backbone(self) -> str:
+        """The backbone actually built: ``auto`` picks by whether weights are pretrained."""
+        if self.backbone != "auto":
+            return self.backbone
+        return "resnet_compact" if self.weights == "none" else "resnet50"
 
     @field_validator("weights")
     @classmethod
@@ -340,7 +402,30 @@ class ModelParams(_Section):
         return v
 
 
+class ScratchParams(_Section):
+    """The from-scratch recipe: every layer trains, one phase, warm-up then cosine decay.
+
+    A randomly initialised trunk has nothing worth freezing (issue 14 measured a frozen
+    random ResNet50 at chance on new brains), so nothing is frozen and the schedule is the
+    one from-scratch CNNs need: a short linear warm-up, cosine decay, decoupled weight
+    decay, on-the-fly augmentation and early stopping on validation balanced accuracy.
+    """
+
+    epochs: int = Field(default=30, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    warmup_epochs: float = Field(default=2.0, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    patience: int = Field(default=10, ge=1)
+    # Random shift/rotation/zoom/flip/brightness/contrast of every batch, from the augment
+    # section's ranges: a new view each epoch instead of the few materialised ones.
+    online_augment: bool = True
+
+
 class TrainParams(_Section):
+    # auto: ``scratch`` when model.weights is none, ``transfer`` (the reference project's
+    # two-phase ResNet50 recipe) when pretrained weights are given.
+    recipe: Literal["auto", "scratch", "transfer"] = "auto"
+    scratch: ScratchParams = Field(default_factory=ScratchParams)
     epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
@@ -360,6 +445,29 @@ class TrainParams(_Section):
     patience: int = Field(default=3, ge=1)
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: float = Field(default=2.0, ge=0)
+
+
+class CVParams(_Section):
+    """Subject-level K-fold cross-validation (``dvc repro cv/dvc.yaml``).
+
+    ``folds`` lists the fold ids, [0, 1, ..., K-1]: the CV pipeline's ``foreach`` reads
+    this very list, so K is written once and dvc.yaml cannot disagree with it.
+    """
+
+    folds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # Validation subjects (early stopping, temperature) carved out of each fold's
+    # training subjects, as a fraction of its images, per class.
+    val_size: float = Field(default=0.15, gt=0, lt=0.5)
+    bootstrap: int = Field(default=1000, ge=100)
+
+    @field_validator("folds")
+    @classmethod
+    def _fold_ids(cls, v: list[int]) -> list[int]:
+        if len(v) < 2 or v != list(range(len(v))):
+            raise ValueError(
+                f"must be the fold ids 0..K-1 with K >= 2, e.g. [0, 1, 2, 3, 4]; got {v}"
+            )
+        return v
 
 
 class EvaluateParams(_Section):
@@ -383,9 +491,34 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     promote: PromoteParams = Field(default_factory=PromoteParams)
+    cv: CVParams = Field(default_factory=CVParams)
     neuro: NeuroParams = Field(default_factory=NeuroParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def recipe(self) -> str:
+        """``scratch`` or ``transfer``: ``train.recipe`` with ``auto`` resolved."""
+        if self.train.recipe != "auto":
+            return self.train.recipe
+        return "scratch" if self.model.weights == "none" else "transfer"
+
+    @model_validator(mode="after")
+    def _recipe_fits_weights(self) -> Params:
+        # The transfer recipe freezes the trunk; frozen random weights are noise features
+        # (balanced accuracy at chance in issue 14), so that combination is refused.
+        if self.train.recipe == "transfer" and self.model.weights == "none":
+            raise ValueError(
+                "train.recipe: transfer freezes the backbone, but model.weights is none "
+                "(random weights); set train.recipe: scratch (or auto), or give pretrained "
+                "weights in model.weights"
+            )
+        if self.recipe == "transfer" and self.model.resolved_backbone == "resnet_compact":
+            raise ValueError(
+                "model.backbone: resnet_compact has no pretrained weights; use it with "
+                "model.weights: none, or pick a keras.applications backbone such as resnet50"
+            )
+        return self
 
     @model_validator(mode="after")
     def _class_weight_keys(self) -> Params:
@@ -431,7 +564,11 @@ def _format_error(err: ValidationError, source: str) -> str:
             msg = f"must be one of {ctx['expected']}"
         elif e["type"] == "extra_forbidden":
             msg = "unknown key (check spelling; see params.yaml in the repository for the keys)"
-        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
+        elif e["type"] == "value_error":  # our validators' messages already name the values
+            msg = msg.removeprefix("Value error, ")
+        # A cross-field rule's input is the whole section: its message names the values.
+        quiet = e["type"] in ("missing", "extra_forbidden") or isinstance(e.get("input"), dict)
+        got = "" if quiet else f" (got {e.get('input')!r})"
         lines.append(f"{source}: {loc}: {msg}{got}")
     return "; ".join(lines)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from alzstage.config import AugmentParams, Params, Paths
+from alzstage.errors import DataError
 from alzstage.files import atomic_dir, atomic_path
 from alzstage.model.inputs import load_batch
 from alzstage.result import StageResult
@@ -120,7 +121,7 @@ def run_augment(params: Params, paths: Paths) -> StageResult:
     classes = params.base.classes
     unknown = sorted(set(train["label"]) - set(classes))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"{paths.split_file}: labels {unknown} are not in base.classes {classes}; "
             "re-run `dvc repro` from download after changing the class list"
         )

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from alzstage.config import BaseParams, DataParams, Params, Paths
 from alzstage.data.manifest import RawRecord, build_manifest
+from alzstage.errors import DownloadError, UnsafeArchiveError
 from alzstage.files import atomic_dir, atomic_path, sha256_file
 from alzstage.result import StageResult
 
@@ -39,14 +40,6 @@ SPLIT_NAMES = {
     "valid": "val",
     "validation": "val",
 }
-
-
-class DownloadError(RuntimeError):
-    """A source could not be fetched or unpacked; the message says which and how to fix it."""
-
-
-class UnsafeArchiveError(DownloadError):
-    """An archive entry that would escape, link or explode on extraction."""
 
 
 # ------------------------------------------------------------------ archive safety

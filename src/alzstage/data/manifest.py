@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from alzstage.errors import DataError
+
 MANIFEST_COLUMNS = [
     "path",  # relative to data/raw, posix
     "label",  # canonical class name from base.classes
@@ -110,7 +112,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
     )
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path}: manifest is missing columns {missing}; re-run `alzstage download`"
         )
     return df

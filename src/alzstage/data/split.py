@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 
 from alzstage.config import Params, Paths
+from alzstage.data.identity import dataset_name
+from alzstage.errors import ConfigError, DataError, MissingInputError, SplitLeakageError
 from alzstage.files import atomic_path, write_json
 from alzstage.result import StageResult
 
@@ -63,10 +65,6 @@ LEAKY_WARNINGS = {
 }
 
 
-class SplitLeakageError(RuntimeError):
-    """A subject-level split put one subject in two splits (a bug, never a data issue)."""
-
-
 # --------------------------------------------------------------------------- thumbnails
 
 
@@ -78,12 +76,12 @@ def _thumbnail(path: Path, size: int) -> np.ndarray:
             small = im.convert("L").resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(small, dtype=np.float32).reshape(-1)
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path}: image listed in the manifest is missing; re-run `alzstage download` "
             "(or `dvc repro download validate`) to restore data/raw"
         ) from None
     except Exception as exc:  # any decode error gets the same advice
-        raise ValueError(
+        raise DataError(
             f"{path}: cannot decode image for the split thumbnails ({exc}); re-run "
             "`alzstage validate` with validate.on_failure: quarantine, or remove the file"
         ) from None
@@ -212,8 +210,8 @@ def _rng(seed: int, *parts: str) -> np.random.Generator:
 
 def _check_fractions(params: Params) -> None:
     sp = params.split
-    if sp.test_size + sp.val_size >= 1:
-        raise ValueError(
+    if sp.test_size + sp.val_size >= 1:  # also refused when params load; kept for callers
+        raise ConfigError(
             f"params.yaml: split.test_size ({sp.test_size}) + split.val_size ({sp.val_size}) "
             "must be < 1 so that train keeps some data; lower one of them"
         )
@@ -385,7 +383,7 @@ def split_by_source(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     unknown = sorted(set(src.tolist()) - {"train", "test", "val", "validation"})
     if unknown:
         bad = df.loc[src.isin(unknown), "path"].iloc[0]
-        raise ValueError(
+        raise DataError(
             f"split.strategy=source: manifest column source_split has values {unknown} "
             f"(e.g. row {bad!r}); it must be train/val/test for every row. The source gives "
             "no usable split: set split.strategy to subject (or stratified) in params.yaml"
@@ -410,6 +408,52 @@ def split_by_source(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     out = df.copy()
     out["split"] = split
     return _finish(out, decisions, "source")
+
+
+def subject_folds(df: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """Subject-level K-fold roles: one column ``fold_<i>`` (train/val/test) per fold.
+
+    Test folds come from scikit-learn's ``StratifiedGroupKFold`` over subjects, so every
+    subject is tested exactly once and the folds are stratified by class. Each fold's
+    validation subjects (early stopping, temperature scaling) are then carved out of its
+    training subjects per class by ``_allocate``, which seeds train first: a class with
+    two subjects keeps one in training whenever the other is tested. ``drop`` and
+    ``train_only`` from ``split.tiny_class_policy`` apply as in the single split.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    k = len(params.cv.folds)
+    df, decisions, train_only = _tiny_class_policy(df, params)
+    df = df.sort_values("path", kind="stable").reset_index(drop=True)
+    keys = _group_keys(df)
+    testable = ~df["label"].isin(train_only).to_numpy()
+    test_fold = np.full(len(df), -1)
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=params.base.seed)
+    with warnings.catch_warnings():
+        # "The least populated class in y has only 2 members": a tiny class is tested in
+        # fewer than K folds. Recorded per class in ``tiny_classes`` instead.
+        warnings.simplefilter("ignore", UserWarning)
+        folds = sgkf.split(df.index[testable], df["label"][testable], keys[testable])
+        for fold, (_, test_idx) in enumerate(folds):
+            test_fold[np.flatnonzero(testable)[test_idx]] = fold
+    out = df.copy()
+    out["test_fold"] = test_fold
+    sizes = keys.value_counts()
+    for fold in range(k):
+        role = pd.Series(np.where(test_fold == fold, "test", "train"), index=df.index)
+        for cls in sorted(set(df["label"].tolist()) - train_only):
+            pool = (df["label"] == cls) & (role == "train")
+            members = {str(g): int(sizes[g]) for g in sorted(set(keys[pool].tolist()))}
+            if len(members) < 2:
+                continue
+            rng = _rng(params.base.seed, "cv", str(fold), str(cls))
+            frac = params.cv.val_size
+            assign = _allocate(members, {"train": 1 - frac, "val": frac}, ["train", "val"], rng)
+            role[pool] = keys[pool].map(assign)
+        out[f"fold_{fold}"] = role.to_numpy()
+        assert_no_subject_leakage(out.assign(split=out[f"fold_{fold}"]))
+    out.attrs["tiny_classes"] = decisions
+    return out
 
 
 STRATEGIES = {
@@ -551,7 +595,7 @@ def test_fingerprint(csv_text: str) -> str:
         return hashlib.sha256(b"").hexdigest()
     header = next(csv.reader([lines[0]]))
     if "split" not in header:
-        raise ValueError("split.csv has no 'split' column; re-run `alzstage split`")
+        raise DataError("split.csv has no 'split' column; re-run `alzstage split`")
     col = header.index("split")
     h = hashlib.sha256()
     for line in lines[1:]:
@@ -669,21 +713,21 @@ def _read_input(params: Params, paths: Paths) -> pd.DataFrame:
 
     src = paths.validated_manifest
     if not src.exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{src}: validated manifest not found; run `alzstage validate` "
             "(or `dvc repro validate`) first"
         )
     df = read_manifest(src)
     if df.empty:
-        raise ValueError(f"{src}: manifest has no rows; nothing to split (check data.source)")
+        raise DataError(f"{src}: manifest has no rows; nothing to split (check data.source)")
     dup = df["path"][df["path"].duplicated()]
     if len(dup):
-        raise ValueError(
+        raise DataError(
             f"{src}: path {dup.iloc[0]!r} appears more than once; re-run `alzstage download`"
         )
     unknown = sorted(set(df["label"].tolist()) - set(params.base.classes))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"{src}: labels {unknown} are not in params.yaml base.classes "
             f"{params.base.classes}; add them (or base.class_aliases) and re-run download"
         )
@@ -732,6 +776,9 @@ def run_split(params: Params, paths: Paths) -> StageResult:
     csv_text = split_csv_text(out)
     fingerprint = test_fingerprint(csv_text)
     report = summarize_split(out, params, leakage, fingerprint, all_labels=df["label"].tolist())
+    # Named here, where the validated manifest is read anyway; promote reads it downstream.
+    report["dataset"] = dataset_name(params.data.source, df["sha256"], params.data.name)
+    report["data_source"] = params.data.source
     missing = [f"{c} ({s})" for s, cs in report["absent"].items() for c in cs]
     missing += [f"{c} (all: dropped)" for c in report["dropped_classes"]]
     missing += [f"{c} (all: no images in the manifest)" for c in report["classes_without_data"]]
@@ -783,6 +830,7 @@ def run_split(params: Params, paths: Paths) -> StageResult:
             "split.leaky": str(report["leaky"]).lower(),
             "split.subject_ids": report["subject_ids"],
             "split.fingerprint": fingerprint,
+            "data.name": report["dataset"],
         },
         summary=summary,
     )

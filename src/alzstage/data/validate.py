@@ -38,6 +38,8 @@ import pandas as pd
 
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import MANIFEST_COLUMNS, read_manifest
+from alzstage.errors import MissingInputError
+from alzstage.errors import ValidationError as ValidationFailed
 from alzstage.files import atomic_dir, atomic_path, write_json
 from alzstage.result import StageResult
 
@@ -76,10 +78,6 @@ _CHANNELS = {
     "RGBA": 4,
     "CMYK": 4,
 }
-
-
-class ValidationFailed(RuntimeError):
-    """The raw data broke a validation rule; the message lists files and how to fix them."""
 
 
 # ============================================================== image checks (per file)
@@ -935,7 +933,7 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
     the person fixing the data has them; the validated manifest only when it passes.
     """
     if not paths.raw_manifest.exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{paths.raw_manifest} not found; run `dvc repro download` (alzstage download) first"
         )
     manifest = read_manifest(paths.raw_manifest)

@@ -20,6 +20,7 @@ from alzstage.errors import WeightsError
 
 # keras.applications constructors and how each expects its pixels.
 BACKBONES: dict[str, tuple[str, str]] = {
+    "resnet_compact": ("build_compact_resnet", "gray"),  # ours, not keras.applications
     "resnet50": ("ResNet50", "caffe"),
     "resnet101": ("ResNet101", "caffe"),
     "mobilenetv2": ("MobileNetV2", "tf"),
@@ -40,6 +41,7 @@ FINAL_BLOCK = {
     "mobilenetv2": "block_16_expand",
     "efficientnetb0": "block7a_expand_conv",
     "densenet121": "conv5_block1_0_bn",
+    "resnet_compact": "stage4_block1_1_conv",
 }
 
 
@@ -66,6 +68,8 @@ class GrayscaleToBackbone(layers.Layer):
             return x - ops.convert_to_tensor(self.CAFFE_MEAN, dtype="float32")
         if self.mode == "tf":
             return x / 127.5 - 1.0
+        if self.mode == "gray":  # one channel in [-1, 1]: a network of our own needs no RGB
+            return x[..., :1] / 127.5 - 1.0
         if self.mode == "torch":
             mean = ops.convert_to_tensor(self.TORCH_MEAN, dtype="float32")
             std = ops.convert_to_tensor(self.TORCH_STD, dtype="float32")
@@ -81,9 +85,52 @@ def keras_cache_file(backbone: str) -> Path:
     return home / "models" / IMAGENET_NOTOP_FILES.get(backbone, f"{backbone}_notop.h5")
 
 
+def _basic_block(x: keras.KerasTensor, width: int, stride: int, name: str) -> keras.KerasTensor:
+    """ResNet's basic block (two 3x3 convs, He et al. 2016), projection shortcut on change."""
+    h = layers.Conv2D(width, 3, stride, padding="same", use_bias=False, name=f"{name}_1_conv")(x)
+    h = layers.BatchNormalization(momentum=0.9, name=f"{name}_1_bn")(h)
+    h = layers.ReLU(name=f"{name}_1_relu")(h)
+    h = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_2_conv")(h)
+    h = layers.BatchNormalization(momentum=0.9, name=f"{name}_2_bn")(h)
+    shortcut = x
+    if stride != 1 or x.shape[-1] != width:
+        shortcut = layers.Conv2D(width, 1, stride, use_bias=False, name=f"{name}_0_conv")(x)
+        shortcut = layers.BatchNormalization(momentum=0.9, name=f"{name}_0_bn")(shortcut)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([h, shortcut]))
+
+
+def build_compact_resnet(params: ModelParams) -> keras.Model:
+    """A small ResNet of basic blocks for training from scratch on a CPU.
+
+    ResNet50 has 23.5 M weights for ImageNet's 1,000 classes; a few thousand grayscale
+    slices of four classes neither need nor can train that many from random weights on
+    two cores. Stem: one stride-2 3x3 conv. Stage k halves the resolution (k > 0) and has
+    ``widths[k]`` channels in ``blocks[k]`` basic blocks. [32, 64, 128, 256] x 1 is
+    1.2 M weights; the output is the last block's feature map (no pooling), so Grad-CAM
+    and the head treat it like a ``keras.applications`` trunk.
+    """
+    h, w = params.input_size
+    inp = keras.Input((h, w, 1), name="gray")
+    x = layers.Conv2D(params.widths[0], 3, 2, padding="same", use_bias=False, name="stem_conv")(inp)
+    x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for stage, (width, n_blocks) in enumerate(zip(params.widths, params.blocks, strict=True)):
+        for block in range(n_blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            x = _basic_block(x, width, stride, f"stage{stage + 1}_block{block + 1}")
+    return keras.Model(inp, x, name="resnet_compact")
+
+
 def build_backbone(params: ModelParams) -> keras.Model:
-    """The ``keras.applications`` backbone with the requested weights, or a clear error."""
-    ctor_name, _ = BACKBONES[params.backbone]
+    """The backbone with the requested weights, or a clear error."""
+    if params.resolved_backbone == "resnet_compact":
+        if params.weights != "none":
+            raise WeightsError(
+                "model.backbone: resnet_compact has no pretrained weights; set "
+                "model.weights: none or choose a keras.applications backbone"
+            )
+        return build_compact_resnet(params)
+    ctor_name, _ = BACKBONES[params.resolved_backbone]
     ctor = getattr(keras.applications, ctor_name)
     h, w = params.input_size
     shape = (h, w, 3)
@@ -94,8 +141,9 @@ def build_backbone(params: ModelParams) -> keras.Model:
             return ctor(include_top=False, weights="imagenet", input_shape=shape)
         except Exception as exc:
             raise WeightsError(
-                f"model.weights: 'imagenet' could not be loaded for {params.backbone} ({exc}). "
-                f"Keras looks for the cached file {keras_cache_file(params.backbone)}; copy it "
+                f"model.weights: 'imagenet' could not be loaded for {params.resolved_backbone} "
+                f"({exc}). Keras looks for the cached file "
+                f"{keras_cache_file(params.resolved_backbone)}; copy it "
                 "there, set model.weights to a local weights file, or set model.weights: none"
             ) from None
     path = Path(params.weights).expanduser()
@@ -167,7 +215,7 @@ def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
             layer.trainable = not freeze_bn
             if not freeze_bn:
                 layer.momentum = 0.9
-    _, mode = BACKBONES[params.backbone]
+    _, mode = BACKBONES[params.resolved_backbone]
     preprocess = GrayscaleToBackbone(mode=mode, name="preprocess")
     init = keras.initializers.GlorotUniform(seed=seed)
     head = keras.Sequential(
@@ -184,7 +232,7 @@ def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
     )
     inputs = keras.Input((h, w, 1), name="image")
     outputs = head(backbone(preprocess(inputs)))
-    model = keras.Model(inputs, outputs, name=f"alzstage_{params.backbone}")
+    model = keras.Model(inputs, outputs, name=f"alzstage_{params.resolved_backbone}")
     return Network(
         model=model, preprocess=preprocess, backbone=backbone, head=head, freeze_bn=freeze_bn
     )

@@ -85,8 +85,8 @@ def limitations(report: dict, split_info: dict, provenance: dict) -> list[str]:
         )
     if provenance.get("weights") == "none":
         out.append(
-            "The backbone was trained from random initialisation (`model.weights: none`), not "
-            "from pretrained weights; low accuracy is expected and is reported as measured."
+            "No pretrained weights (`model.weights: none`): the whole network was trained "
+            "from random initialisation on this dataset alone (the `scratch` recipe)."
         )
     if provenance.get("data_source") == "demo":
         out.append(
@@ -224,6 +224,12 @@ def render_model_card(
         f"- Architecture: {provenance.get('backbone', '?')} backbone "
         f"(weights: `{provenance.get('weights', '?')}`) with a small dense head; input "
         f"{'x'.join(str(v) for v in provenance.get('input_size', []))} grayscale.",
+        f"- Recipe: `{provenance.get('recipe', '?')}` "
+        + (
+            "(every layer trained from random weights, one phase, warm-up + cosine)."
+            if provenance.get("recipe") == "scratch"
+            else "(pretrained trunk: head first, then fine-tuning from `train.fine_tune_from`)."
+        ),
         f"- Output: calibrated class probabilities (temperature "
         f"{_num(cal.get('temperature'), 3)}; {cal.get('temperature_source', 'n/a')}).",
         f"- MLflow run: `{provenance.get('run_id', '')}`; "

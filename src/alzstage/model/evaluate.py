@@ -417,7 +417,8 @@ def _provenance(params: Params, train_run: dict) -> dict:
         "data_source": d.source,
         "data_reference": ref,
         "classes": list(params.base.classes),
-        "backbone": params.model.backbone,
+        "backbone": params.model.resolved_backbone,
+        "recipe": params.recipe,
         "weights": params.model.weights,
         "input_size": list(params.model.input_size),
         "seed": params.base.seed,
@@ -533,6 +534,8 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     report["split_leaky"] = bool(split_info.get("leaky", params.split.strategy != "subject"))
     report["split_fingerprint"] = split_info.get("fingerprint", "")
     report["split_warning"] = split_info.get("warning", "")
+    report["dataset"] = split_info.get("dataset", "")
+    report["data_source"] = split_info.get("data_source", params.data.source)
     timings["metrics"] = time.perf_counter() - t1
 
     probs = apply_temperature(raw, report["calibration"]["temperature"])
@@ -624,6 +627,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
             "split.strategy": report["split_strategy"],
             "split.leaky": str(report["split_leaky"]),
             "split.fingerprint": report["split_fingerprint"],
+            "data.name": report["dataset"],
             "calibration.temperature_source": t_source,
             "ci.unit": report["ci"]["unit"],
         },

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from alzstage.errors import ImageReadError
 
-class ImageReadError(ValueError):
-    """An input file is not a readable image; the message names it."""
+__all__ = ["ImageReadError", "load_batch", "load_gray", "to_model_array"]
 
 
 def to_model_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

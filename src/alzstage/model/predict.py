@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.model.inputs import ImageReadError, to_model_array
+from alzstage.errors import ImageReadError, ModelNotFound  # re-exported
+from alzstage.model.inputs import to_model_array
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 IMAGE_FORMATS = ("JPEG", "PNG")
@@ -30,10 +31,6 @@ IMAGE_FORMATS = ("JPEG", "PNG")
 DEFAULT_MAX_PIXELS = 4096 * 4096
 # Registry tags (written by ``promote``) that describe how good the model is.
 METRIC_TAGS = ("balanced_accuracy", "macro_f1", "accuracy")
-
-
-class ModelNotFound(RuntimeError):
-    """No model behind the reference; the message says how to create one."""
 
 
 class UnsupportedImage(ImageReadError):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from alzstage.config import Params, Paths
+from alzstage.config import AugmentParams, Params, Paths
 from alzstage.files import write_json
 from alzstage.model.activation_cache import ActivationCache, model_digest
 from alzstage.model.inputs import load_batch
@@ -201,20 +201,42 @@ def fit_phase(
     offset: int,
     tracker: StageRun | None,
     cw: dict[int, float] | None,
+    warmup_epochs: float = 0.0,
+    weight_decay: float = 0.0,
+    patience: int | None = None,
+    augment: Any = None,
 ) -> PhaseResult:
-    """Compile and fit one phase; best weights (by balanced metric) are restored."""
+    """Compile and fit one phase; best weights (by balanced metric) are restored.
+
+    ``warmup_epochs`` ramps the learning rate linearly from 0 before the cosine decay (a
+    from-scratch network's first steps, with BatchNorm statistics still settling, diverge
+    at the full rate); ``weight_decay`` > 0 switches Adam to AdamW; ``augment`` maps each
+    training batch (see ``online_augmenter``).
+    """
     import keras
 
-    steps = max(1, int(np.ceil(len(x) / params.train.batch_size))) * epochs
-    schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.1)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=make_loss(params))
+    steps_per_epoch = max(1, int(np.ceil(len(x) / params.train.batch_size)))
+    warmup = round(warmup_epochs * steps_per_epoch)
+    steps = max(1, steps_per_epoch * epochs - warmup)
+    if warmup:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=steps, alpha=0.01, warmup_target=lr, warmup_steps=warmup
+        )
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.1)
+    optimizer = (
+        keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+        if weight_decay
+        else keras.optimizers.Adam(schedule)
+    )
+    model.compile(optimizer=optimizer, loss=make_loss(params))
     monitor = params.train.monitor
     cb = _make_callback(
         x_val,
         y_val,
         len(params.base.classes),
         monitor,
-        params.train.patience,
+        patience or params.train.patience,
         phase,
         offset,
         tracker,
@@ -238,7 +260,7 @@ def fit_phase(
         )
     else:
         model.fit(
-            batches(x, y, params.train.batch_size, seed=params.base.seed + offset),
+            batches(x, y, params.train.batch_size, seed=params.base.seed + offset, augment=augment),
             epochs=epochs,
             class_weight=cw,
             shuffle=False,  # `batches` reshuffles every epoch itself
@@ -378,12 +400,48 @@ def predict_array(model: Any, x: np.ndarray, batch: int, chunk_batches: int = 32
     return out
 
 
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool = True) -> Any:
+def online_augmenter(p: AugmentParams, seed: int) -> Any:
+    """Random shift, rotation, zoom, flip, brightness and contrast for training batches.
+
+    Runs in the input pipeline, not in the saved model: every epoch sees new views, and
+    inference never pays for (or depends on) layers that only matter in training. The
+    ranges are the ``augment`` section's, so both kinds of augmentation share one meaning.
+    """
+    import keras
+    from keras import layers
+
+    steps: list[Any] = []
+    if p.shift:
+        steps.append(layers.RandomTranslation(p.shift, p.shift, fill_mode="constant", seed=seed))
+    if p.rotation_deg:
+        steps.append(layers.RandomRotation(p.rotation_deg / 360, fill_mode="constant", seed=seed))
+    if p.zoom:
+        steps.append(layers.RandomZoom(p.zoom, fill_mode="constant", seed=seed))
+    if p.horizontal_flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed))
+    if p.brightness:
+        steps.append(layers.RandomBrightness(p.brightness, value_range=(0, 255), seed=seed))
+    if p.contrast:
+        steps.append(layers.RandomContrast(p.contrast, seed=seed))
+    if not steps:
+        return None
+    pipeline = keras.Sequential(steps, name="online_augment")
+    return lambda images: pipeline(images, training=True)
+
+
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    augment: Any = None,
+) -> Any:
     """A ``tf.data`` pipeline of (x, y) batches sliced from the arrays on the fly.
 
     ``fit`` on the arrays themselves would copy them whole (see ``predict_array``); this
     reads one batch at a time, reshuffled every epoch from ``seed``, so the training
-    arrays are held once.
+    arrays are held once. ``augment`` (float32 batch -> batch) runs in the pipeline.
     """
     import tensorflow as tf
 
@@ -395,6 +453,8 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: b
 
     steps = -(-len(x) // batch_size)
     ds = tf.data.Dataset.from_generator(gen, output_signature=_specs(x, y))
+    if augment is not None:
+        ds = ds.map(lambda xb, yb: (augment(xb), yb), num_parallel_calls=1)
     return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
 
@@ -492,10 +552,20 @@ def train_model(
         ),
         "replicas": int(strategy.num_replicas_in_sync),
     }
+    summary["recipe"] = params.recipe
+    summary["backbone"] = params.model.resolved_backbone
     t_start = time.perf_counter()
+    if params.recipe == "scratch":
+        with strategy.scope():
+            net = build_network(params.model, len(classes), params.base.seed)
+            summary["parameters"] = int(net.model.count_params())
+            phase = train_from_scratch(net, x, y, x_val, y_val, params, tracker, cw)
+        summary["build_seconds"] = 0.0
+        summary["feature_seconds"] = 0.0
+        return _finish(params, net.model, summary, t_start, {"scratch": phase}, x_val, y_val, cw)
     with strategy.scope():
         net = build_network(params.model, len(classes), params.base.seed)
-        cut = resolve_cut(params.model.backbone, params.train.fine_tune_from)
+        cut = resolve_cut(params.model.resolved_backbone, params.train.fine_tune_from)
         fine_tune = cut is not None and params.train.fine_tune_epochs > 0
         net.backbone.trainable = False
         inp = keras.Input((*x.shape[1:], 1))
@@ -572,6 +642,65 @@ def train_model(
             phases["fine_tune"] = phase2
             # The val inputs of the last phase give the full network's output there.
             head_model, f_val = tail_model, a_val
+    summary["parameters"] = int(net.model.count_params())
+    return _finish(params, net.model, summary, t_start, phases, f_val, y_val, cw, head_model)
+
+
+def train_from_scratch(
+    net: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    params: Params,
+    tracker: StageRun | None,
+    cw: dict[int, float] | None,
+) -> PhaseResult:
+    """Every layer trainable, one phase: the recipe for ``model.weights: none``."""
+    sp = params.train.scratch
+    net.set_trainable(None)
+    augment = online_augmenter(params.augment, params.base.seed) if sp.online_augment else None
+    return fit_phase(
+        net.model,
+        x,
+        y,
+        x_val,
+        y_val,
+        lr=sp.learning_rate,
+        epochs=sp.epochs,
+        params=params,
+        phase="scratch",
+        offset=0,
+        tracker=tracker,
+        cw=cw,
+        warmup_epochs=sp.warmup_epochs,
+        weight_decay=sp.weight_decay,
+        patience=sp.patience,
+        augment=augment,
+    )
+
+
+def _finish(
+    params: Params,
+    model: Any,
+    summary: dict[str, Any],
+    t_start: float,
+    phases: dict[str, PhaseResult],
+    f_val: np.ndarray,
+    y_val: np.ndarray,
+    cw: dict[int, float] | None,
+    head_model: Any = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Calibrate on validation and summarise the phases; shared by both recipes.
+
+    ``head_model`` on ``f_val`` must equal the full model on the val images: the transfer
+    recipe passes its trained tail and the cached val activations, the scratch recipe the
+    model itself and the images.
+    """
+    classes = params.base.classes
+    bs = params.train.batch_size
+    head_model = model if head_model is None else head_model
+    history = [row for ph in phases.values() for row in ph.history]
     summary["train_seconds"] = time.perf_counter() - t_start
     # Temperature scaling on the validation split: calibrated probabilities are what
     # predict returns; argmax (and so every accuracy figure) is unchanged.
@@ -603,12 +732,13 @@ def train_model(
         steady = [h["epoch_seconds"] for h in ph.history[1:]] or [ph.seconds]
         n_per_epoch = ph.samples / max(len(ph.history), 1)
         summary[f"{name}_steady_images_per_second"] = n_per_epoch / (sum(steady) / len(steady))
-    return net.model, summary
+    return model, summary
 
 
 def save_model_atomic(model: Any, target: Path) -> None:
     """Keras insists on a ``.keras`` suffix, so the temp file gets one too."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.keras")
     try:
         model.save(tmp)
@@ -616,6 +746,33 @@ def save_model_atomic(model: Any, target: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete ``.<stem>.<pid>.tmp.keras`` files beside ``target`` whose process is gone.
+
+    A SIGKILL during ``model.save`` leaves the half-written temp file behind (nothing in
+    the process runs to remove it); the next run removes it. A temp file of a process
+    that still runs (another worker saving right now) is left alone. Returns the removed.
+    """
+    removed = []
+    for tmp in target.parent.glob(f".{target.stem}.*.tmp.keras"):
+        pid = tmp.name.removeprefix(f".{target.stem}.").removesuffix(".tmp.keras")
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def load_split_images(
@@ -635,6 +792,7 @@ def load_split_images(
 
 
 def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageResult:
+    remove_stale_temps(paths.model_file)  # left by a run killed while saving
     data = np.load(paths.augmented / "train.npz")
     x, y = data["images"], data["labels"]
     x_val, y_val, _ = load_split_images(paths, params, "val")
@@ -656,5 +814,10 @@ def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageRe
     return StageResult(
         metrics=metrics,
         artifacts=[paths.train_report, hist_file],
-        summary=f"trained on {len(x)} samples in {summary['train_seconds']:.1f}s",
+        # The resolved recipe and backbone (params hold ``auto``): what was actually trained.
+        tags={"train.recipe": summary["recipe"], "model.backbone": summary["backbone"]},
+        summary=(
+            f"{summary['recipe']} recipe ({summary['backbone']}, {summary['parameters']:,} "
+            f"weights): trained on {len(x)} samples in {summary['train_seconds']:.1f}s"
+        ),
     )

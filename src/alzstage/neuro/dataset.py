@@ -29,16 +29,13 @@ import pandas as pd
 
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord
+from alzstage.errors import SubjectsCsvError
 from alzstage.neuro.errors import MissingVolume, VolumeError
 from alzstage.neuro.qc import QC_COLUMNS
 
 log = logging.getLogger(__name__)
 CSV_COLUMNS = ("subject", "file", "label")
 VOLUMES_FILE = "volumes.csv"
-
-
-class SubjectsCsvError(ValueError):
-    """The subjects CSV itself is unusable (missing columns, unknown labels, duplicates)."""
 
 
 def read_subjects_csv(csv: Path, params: Params) -> pd.DataFrame:

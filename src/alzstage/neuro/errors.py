@@ -1,6 +1,6 @@
 """Errors for NIfTI inputs, each naming the file and saying how to fix it.
 
-They extend :class:`alzstage.model.inputs.ImageReadError`, so everything that already
+They extend :class:`alzstage.errors.ImageReadError`, so everything that already
 handles an unreadable slice (``alzstage predict`` error rows, the REST API's per-file
 ``status``) handles an unusable volume the same way. This module imports nothing heavy:
 the CLI and the API catch these without loading nibabel or SimpleITK.
@@ -8,7 +8,7 @@ the CLI and the API catch these without loading nibabel or SimpleITK.
 
 from __future__ import annotations
 
-from alzstage.model.inputs import ImageReadError
+from alzstage.errors import ImageReadError
 
 
 class VolumeError(ImageReadError):
