@@ -167,3 +167,19 @@ def test_load_params_errors(tmp_path: Path) -> None:
 def test_seed_must_be_non_negative() -> None:
     """numpy's default_rng([seed, ...]) (augment, split) rejects negative seeds."""
     assert "base.seed: " in config_error(sections(base={"seed": -1}))
+
+
+@pytest.mark.parametrize(("test_size", "val_size"), [(0.5, 0.5), (0.6, 0.5), (0.9, 0.2)])
+def test_split_fractions_that_leave_no_training_data_fail_at_load(
+    test_size: float, val_size: float
+) -> None:
+    message = config_error(sections(split={"test_size": test_size, "val_size": val_size}))
+    assert message.startswith("params.yaml: split: split.test_size (")
+    assert f"split.test_size ({test_size}) + split.val_size ({val_size})" in message
+    assert "lower one of them" in message
+    assert "Value error" not in message and "(got {" not in message  # no pydantic noise
+
+
+def test_cross_field_messages_do_not_dump_the_section() -> None:
+    message = config_error(sections(train={"class_weight": {"Healthy": 1.0}}))
+    assert "(got {" not in message and "Value error" not in message

@@ -148,6 +148,59 @@ def test_not_an_archive(tmp_path: Path) -> None:
         run_download(params_for(source="archive", path=str(junk)), Paths(tmp_path / "proj"))
 
 
+# --------------------------------------------------------------------------- damaged archives
+
+
+def forge_sizes(archive: Path) -> Path:
+    """Halve every declared uncompressed size, in the local headers and the central directory."""
+    import struct
+
+    data = bytearray(archive.read_bytes())
+    for magic, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = data.find(magic)
+        while at >= 0:
+            size = struct.unpack_from("<I", data, at + offset)[0]
+            struct.pack_into("<I", data, at + offset, size // 2)
+            at = data.find(magic, at + 4)
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+def cut_in_half(archive: Path) -> Path:
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    return archive
+
+
+DAMAGED = {
+    "zip with forged sizes": (
+        lambda src, t: forge_sizes(make_zip(src, t / "a.zip")),
+        r"a\.zip: the archive is corrupt or truncated \(Bad CRC-32 .*download it again",
+    ),
+    "truncated zip": (
+        lambda src, t: cut_in_half(make_zip(src, t / "a.zip")),
+        r"a\.zip: starts like a zip archive .* truncated or corrupt; download it again",
+    ),
+    "truncated tar.gz": (
+        lambda src, t: cut_in_half(make_tar(src, t / "a.tar.gz")),
+        r"a\.tar\.gz: .*(corrupt or truncated|truncated or corrupt).*download it again",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_damaged_archive_is_named_as_corrupt(tmp_path: Path, kaggle_tree: Path, case: str) -> None:
+    # given an archive damaged in transit or on purpose
+    make, message = DAMAGED[case]
+    archive = make(kaggle_tree, tmp_path)
+    paths = Paths(tmp_path / "proj")
+    # when it is downloaded, then the error names the file and says to fetch it again
+    with pytest.raises(DownloadError, match=message):
+        run_download(params_for(source="archive", path=str(archive)), paths)
+    assert not paths.raw.exists()
+    assert leftovers(paths) == []
+
+
 # --------------------------------------------------------------------------- unsafe archives
 
 

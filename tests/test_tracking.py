@@ -72,3 +72,26 @@ def test_stage_run_and_registry_over_http(mlflow_server_url, tmp_path, monkeypat
     assert got.data.params["train.epochs"] == str(params.train.epochs)
     loaded = mlflow.pyfunc.load_model(tracking.alias_uri("alzstage-test", "champion"))
     assert loaded is not None
+
+
+# --------------------------------------------------------------------------- aliases
+
+
+def test_alias_on_a_missing_version_names_the_versions_that_exist(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from alzstage.errors import InputError, ModelError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.configure(tmp_path)
+    with pytest.raises(ModelError, match=r"no model 'm' is registered yet.*no version 999"):
+        tracking.set_alias("m", "champion", 999)
+    store = MlflowClient()
+    store.create_registered_model("m")
+    store.create_model_version("m", source=(tmp_path / "model").as_uri())
+    with pytest.raises(ModelError, match=r"^m has no version 999; registered versions are 1: "):
+        tracking.set_alias("m", "champion", 999)
+    with pytest.raises(InputError, match=r"^--alias '': .*cannot be empty.*e\.g\. champion"):
+        tracking.set_alias("m", "", 1)
+    tracking.set_alias("m", "champion", 1)
+    assert str(store.get_model_version_by_alias("m", "champion").version) == "1"

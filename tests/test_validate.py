@@ -240,6 +240,31 @@ def test_missing_class_is_reported(tmp_path: Path) -> None:
     assert suite["expectations"]["class_min_count"]["unexpected"] == ["ModerateDemented"]
 
 
+def test_empty_class_folder_names_only_that_class(tmp_path: Path) -> None:
+    # given a download whose ModerateDemented folder was empty
+    paths, manifest = make_dataset(tmp_path)
+    manifest[manifest["label"] != "ModerateDemented"].to_csv(paths.raw_manifest, index=False)
+    # when / then: the three classes present are not reported missing
+    with pytest.raises(ValidationFailed) as err:
+        run_validate(make_params(), paths)
+    msg = str(err.value)
+    assert "Missing ['ModerateDemented'] (observed ['MildDemented', 'NonDemented', " in msg
+
+
+def test_wrong_size_reports_the_size_found_not_only_the_configured_one(tmp_path: Path) -> None:
+    # given 32x40 images while base.image_size asks for 32x48 (WxH)
+    paths, _ = make_dataset(tmp_path)
+    params = Params.model_validate({"base": {"image_size": [H + 8, W]}})
+    # when
+    with pytest.raises(ValidationFailed) as err:
+        run_validate(params, paths)
+    # then the rule says what it wants and the failure says what the images are
+    msg = str(err.value)
+    assert f"Images must be {W}x{H + 8}" in msg
+    assert f"Found {W}x{H} (12 images)." in msg
+    assert f"Images are {W}x{H + 8}" not in msg
+
+
 def test_missing_manifest_column_is_named(tmp_path: Path) -> None:
     _, manifest = make_dataset(tmp_path, per_class=1)
     with pytest.raises(ValidationFailed, match="pixel_hash"):

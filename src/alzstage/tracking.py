@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alzstage.config import Params, tracking_home
+from alzstage.errors import InputError, ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
@@ -269,4 +270,36 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> Any:
 
 
 def set_alias(name: str, alias: str, version: int | str) -> None:
-    client().set_registered_model_alias(name, alias, str(version))
+    """Point ``alias`` at a version; a bad alias or a missing version is a one-line error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        why = exc.message.splitlines()[0] if exc.message else str(exc.error_code)
+        if exc.error_code == "INVALID_PARAMETER_VALUE":
+            raise InputError(
+                f"--alias {alias!r}: {why} Use letters, digits, '_' or '-' (e.g. champion); "
+                "'latest' and v<number> are reserved"
+            ) from None
+        versions = _registered_versions(name)
+        if not versions:
+            raise ModelError(
+                f"no model {name!r} is registered yet, so there is no version {version}; "
+                "run `dvc repro` first (its promote stage registers each trained model)"
+            ) from None
+        if int(version) not in versions:
+            raise ModelError(
+                f"{name} has no version {version}; registered versions are "
+                f"{', '.join(map(str, versions))}: pass one of those to --version"
+            ) from None
+        raise ModelError(f"{name} v{version}: cannot set alias @{alias}: {why}") from None
+
+
+def _registered_versions(name: str) -> list[int]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return sorted(int(v.version) for v in client().search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return []

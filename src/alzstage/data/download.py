@@ -9,7 +9,9 @@ an interrupted download or a refused archive leaves no half-extracted ``data/raw
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
 import shutil
 import stat
@@ -20,6 +22,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -137,11 +140,46 @@ def check_limits(
 
 
 def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = None) -> None:
-    """Safely extract a zip or tar(.gz/.bz2/.xz) into ``dest`` (which must exist)."""
-    from tqdm import tqdm
+    """Safely extract a zip or tar(.gz/.bz2/.xz) into ``dest`` (which must exist).
 
+    A damaged archive (bad CRC, forged sizes, cut short) is a :class:`DownloadError`
+    naming the file; ``dest`` may then hold part of it, which the caller discards.
+    """
     limits = limits or ArchiveLimits()
     size = archive.stat().st_size
+    try:
+        _extract(archive, dest, limits, size)
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError) as exc:
+        raise _damaged(archive, exc) from None
+    except OSError as exc:
+        # gzip and bz2 report damaged data as OSErrors ("Invalid data stream" is bz2's);
+        # any other OSError (disk full, permissions) is not the archive's fault.
+        if not isinstance(exc, gzip.BadGzipFile) and "Invalid data stream" not in str(exc):
+            raise
+        raise _damaged(archive, exc) from None
+
+
+def _damaged(archive: Path, exc: BaseException) -> DownloadError:
+    why = str(exc).strip() or type(exc).__name__
+    return DownloadError(
+        f"{archive}: the archive is corrupt or truncated ({why}); download it again (pin "
+        "data.sha256 so that a damaged copy is refused before unpacking)"
+    )
+
+
+# Leading bytes of the archive formats extract_archive reads, to tell a damaged archive
+# from a file that is not an archive at all.
+_ARCHIVE_MAGIC = (
+    (b"PK\x03\x04", "zip"),
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
+
+
+def _extract(archive: Path, dest: Path, limits: ArchiveLimits, size: int) -> None:
+    from tqdm import tqdm
+
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             entries = _zip_entries(zf, archive)
@@ -185,6 +223,15 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
                 with src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out)
         return
+    with open(archive, "rb") as f:
+        head = f.read(8)
+    kind = next((k for magic, k in _ARCHIVE_MAGIC if head.startswith(magic)), None)
+    if kind is not None:  # the start of an archive whose index or data is missing
+        raise DownloadError(
+            f"{archive}: starts like a {kind} archive but cannot be read: the file is "
+            "truncated or corrupt; download it again (pin data.sha256 so that a damaged copy "
+            "is refused before unpacking)"
+        )
     raise DownloadError(
         f"{archive}: neither a zip nor a tar archive; point data.path at a .zip or .tar.gz"
     )

@@ -296,7 +296,8 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
                     "manifest",
                     "ExpectColumnValuesToBeInSet",
                     {"column": col, "value_set": [want]},
-                    f"Images are {b.width}x{b.height} (WxH; base.image_size is [height, width]).",
+                    f"Images must be {b.width}x{b.height} (WxH; base.image_size is "
+                    "[height, width]).",
                     "resize the images, fix base.image_size, or set validate.check_size: false",
                     "wrong_size",
                 )
@@ -677,7 +678,7 @@ def decide(
         if e["success"]:
             continue
         if e["reason"] is None:
-            dataset_problems.append(_dataset_problem(key, e))
+            dataset_problems.append(_dataset_problem(key, e, manifest))
             continue
         flagged = sorted({"" if p is None else str(p) for p in e["unexpected"]})
         if e["frame"] == "volumes" and volumes is not None:
@@ -785,12 +786,14 @@ def _volume_verdicts(
     return v, quarantine
 
 
-def _dataset_problem(key: str, e: dict) -> str:
+def _dataset_problem(key: str, e: dict, manifest: pd.DataFrame) -> str:
     if key == "class_min_count":
         shown = dict(zip(e["unexpected"], e["values"], strict=False))
         return f"class_min_count: {e['description']} Too few: {shown}. Fix: {e['hint']}."
     if key == "classes_present":
-        observed = set(e["observed_value"] or [])
+        # GX leaves observed_value empty for this rule, so the labels are counted here:
+        # an empty class folder names that class, not all of them.
+        observed = set(manifest["label"].astype(str))
         missing = [c for c in e["kwargs"]["value_set"] if c not in observed]
         return (
             f"classes_present: {e['description']} Missing {missing} (observed "
@@ -857,6 +860,14 @@ def _examples(items: Iterable[str], limit: int = EXAMPLES_PER_PROBLEM) -> list[s
     return shown
 
 
+def _found_sizes(manifest: pd.DataFrame, flagged: list[str]) -> str:
+    """`` Found 128x128 (12 images).``: the sizes of the flagged images, most common first."""
+    rows = manifest[manifest["path"].astype(str).isin(set(map(str, flagged)))]
+    sizes = (rows["width"].astype(str) + "x" + rows["height"].astype(str)).value_counts()
+    shown = ", ".join(f"{size} ({n} images)" for size, n in sizes.head(5).items())
+    return f" Found {shown}." if shown else ""
+
+
 def format_failure(
     manifest_name: str,
     manifest: pd.DataFrame,
@@ -896,9 +907,10 @@ def format_failure(
         for key, e in failed.items():
             if e["reason"] is None or e["exception"]:
                 continue
+            found = _found_sizes(manifest, e["unexpected"]) if e["reason"] == "wrong_size" else ""
             lines.append(
                 f"    {key} ({e['type']} on {e['column']}): {e['unexpected_count']} row(s). "
-                f"{e['description']} Fix: {e['hint']}"
+                f"{e['description']}{found} Fix: {e['hint']}"
             )
             lines += _examples(
                 f"{p}: {e['column']}={v!r}"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.errors import ImageReadError, ModelNotFound  # re-exported
+from alzstage.errors import ImageReadError, ModelError, ModelNotFound  # re-exported
 from alzstage.model.inputs import to_model_array
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -147,6 +147,12 @@ def resolve_model_uri(ref: str | None, model_name: str) -> str:
         return ref
     if Path(ref).exists():
         return str(Path(ref).resolve())
+    if ref.endswith(".keras") or any(c in ref for c in "/\\") or ref.startswith((".", "~")):
+        # An alias cannot hold these, so the person meant a file that is not there.
+        raise ModelNotFound(
+            f"--model {ref}: no such file; give the path of an existing .keras file or MLflow "
+            "model folder, a version number or an alias (e.g. champion)"
+        )
     return f"models:/{model_name}@{ref}"
 
 
@@ -236,6 +242,35 @@ def _resolve_registry(
     return info, location
 
 
+def _load_keras_file(path: Path) -> Any:
+    """A ``.keras`` file, or a :class:`ModelError` that tells a missing file from a bad one."""
+    import zipfile
+
+    if not path.is_file():
+        raise ModelNotFound(
+            f"--model {path}: no such file; give the path of an existing .keras file "
+            "(`alzstage train` writes models/model.keras)"
+        )
+    if not zipfile.is_zipfile(path):  # Keras says "File not found" for these
+        raise ModelError(
+            f"--model {path}: not a Keras model file (a .keras file is a zip archive); it is "
+            "damaged or something else renamed: re-export it with model.save() or re-run "
+            "`alzstage train`"
+        )
+    import keras
+
+    import alzstage.model.build  # noqa: F401
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a damaged archive
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"--model {path}: cannot load this Keras model ({first}); it is damaged or was "
+            "saved by an incompatible Keras: re-export it or re-run `alzstage train`"
+        ) from None
+
+
 class LoadedModel:
     """Either a pyfunc from MLflow or a bare ``.keras`` file, behind one ``predict``.
 
@@ -255,11 +290,7 @@ class LoadedModel:
         self.uri = uri
         self.info = ModelInfo(uri=uri)
         if uri.endswith(".keras"):
-            import keras
-
-            import alzstage.model.build  # noqa: F401
-
-            self._keras = keras.models.load_model(uri, compile=False)
+            self._keras = _load_keras_file(Path(uri))
             self.classes, self.size, self.temperature = list(classes), tuple(input_size), 1.0
             self._pyfunc = None
             return
