@@ -201,6 +201,83 @@ def test_damaged_archive_is_named_as_corrupt(tmp_path: Path, kaggle_tree: Path, 
     assert leftovers(paths) == []
 
 
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_with_repeated_entry_names_is_refused(tmp_path: Path, kind: str) -> None:
+    name = "Alzheimer_s Dataset/train/NonDemented/0.jpg"
+    jpeg = (tmp_path / "x.jpg", tmp_path / "y.jpg")
+    write_jpeg(jpeg[0], 1), write_jpeg(jpeg[1], 2)
+    archive = tmp_path / f"dup.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf, pytest.warns(UserWarning, match="Duplicate"):
+            zf.write(jpeg[0], name)
+            zf.write(jpeg[1], name)
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(jpeg[0], arcname=name)
+            tf.add(jpeg[1], arcname="./" + name)  # the same file, spelt differently
+    paths = Paths(tmp_path / "proj")
+    with pytest.raises(UnsafeArchiveError, match=rf"'{name}' \(2 times\).*overwrite"):
+        run_download(params_for(source="archive", path=str(archive)), paths)
+    assert not paths.raw.exists()
+
+
+def test_every_file_is_kept_or_listed_with_a_reason(tmp_path: Path, kaggle_tree: Path) -> None:
+    # given class folders that also hold other formats, an extensionless JPEG and clutter
+    folder = kaggle_tree / "Alzheimer_s Dataset" / "train" / "MildDemented"
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8)
+    for fmt, suffix in (("BMP", ".bmp"), ("TIFF", ".tif"), ("GIF", ".gif"), ("WEBP", ".webp")):
+        Image.fromarray(pixels).save(folder / f"scan{suffix}", format=fmt)
+    Image.fromarray(pixels).save(folder / "noext_png", format="PNG")
+    Image.fromarray(pixels).save(folder / "noext_bmp", format="BMP")
+    (folder / "notes.txt").write_text("scanner settings\n")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (kaggle_tree / "README.md").write_text("# the dataset\n")
+    archive = make_zip(kaggle_tree, tmp_path / "a.zip")
+    n_files = len(zipfile.ZipFile(archive).namelist()) - sum(
+        n.endswith("/") for n in zipfile.ZipFile(archive).namelist()
+    )
+    paths = Paths(tmp_path / "proj")
+
+    # when
+    result = run_download(params_for(source="archive", path=str(archive)), paths)
+
+    # then every file is either in the manifest or in skipped.csv, with its reason
+    manifest = read_manifest(paths.raw_manifest)
+    skipped = pd.read_csv(paths.raw / "skipped.csv", keep_default_na=False)
+    assert len(manifest) + len(skipped) == n_files
+    assert "images/train/MildDemented/noext_png.png" in set(manifest["path"])
+    reasons = dict(
+        zip(skipped["path"].str.rsplit("/", n=1).str[-1], skipped["reason"], strict=True)
+    )
+    assert reasons == {
+        "scan.bmp": "unsupported_format",
+        "scan.tif": "unsupported_format",
+        "scan.gif": "unsupported_format",
+        "scan.webp": "unsupported_format",
+        "noext_bmp": "unsupported_format",
+        "notes.txt": "unsupported_format",
+        ".DS_Store": "hidden",
+        "README.md": "not_in_class_folder",
+    }
+    details = dict(
+        zip(skipped["path"].str.rsplit("/", n=1).str[-1], skipped["detail"], strict=True)
+    )
+    assert details["scan.webp"] == "WEBP image" and details["noext_bmp"] == "BMP image"
+    assert set(skipped.loc[skipped["reason"] == "unsupported_format", "label"]) == {"MildDemented"}
+    # and the summary says so, naming them
+    assert "skipped 8 file(s)" in result.summary and "scan.bmp (BMP image)" in result.summary
+    assert result.metrics["n_skipped"] == 8
+
+
+def test_a_source_with_nothing_to_skip_writes_an_empty_skip_list(
+    tmp_path: Path, kaggle_tree: Path
+) -> None:
+    paths = Paths(tmp_path / "proj")
+    result = run_download(params_for(source="folder", path=str(kaggle_tree)), paths)
+    assert (paths.raw / "skipped.csv").read_text().strip() == "path,label,reason,detail"
+    assert "skipped" not in result.summary
+
+
 # --------------------------------------------------------------------------- unsafe archives
 
 

@@ -265,6 +265,26 @@ def test_wrong_size_reports_the_size_found_not_only_the_configured_one(tmp_path:
     assert f"Images are {W}x{H + 8}" not in msg
 
 
+def test_files_skipped_at_download_are_listed_in_quarantine_csv(tmp_path: Path) -> None:
+    # given a download that skipped a BMP in a class folder
+    paths, raw_manifest = make_dataset(tmp_path)
+    (paths.raw / "skipped.csv").write_text(
+        "path,label,reason,detail\n"
+        "train/MildDemented/scan.bmp,MildDemented,unsupported_format,BMP image\n"
+    )
+    # when validation passes
+    result = run_validate(make_params(), paths)
+    # then the file is listed with its reason, and no valid row is lost
+    quarantine = pd.read_csv(paths.quarantine, keep_default_na=False)
+    assert list(quarantine.columns) == QUARANTINE_COLUMNS
+    row = quarantine.set_index("path").loc["train/MildDemented/scan.bmp"]
+    assert row["reasons"] == "unsupported_format" and "BMP image" in row["details"]
+    assert "convert the file to PNG" in row["details"]
+    assert len(read_manifest(paths.validated_manifest)) == len(raw_manifest)
+    assert json.loads(paths.validation_report.read_text())["n_skipped_at_download"] == 1
+    assert "1 skipped at download" in result.summary
+
+
 def test_missing_manifest_column_is_named(tmp_path: Path) -> None:
     _, manifest = make_dataset(tmp_path, per_class=1)
     with pytest.raises(ValidationFailed, match="pixel_hash"):

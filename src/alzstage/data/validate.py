@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from alzstage.config import Params, Paths
+from alzstage.data.download import SKIP_REASONS, SKIPPED_FILE, Skipped, read_skipped
 from alzstage.data.manifest import MANIFEST_COLUMNS, read_manifest
 from alzstage.errors import MissingInputError
 from alzstage.errors import ValidationError as ValidationFailed
@@ -933,6 +934,21 @@ def format_failure(
 # ============================================================================ stage (I/O)
 
 
+def skipped_rows(skipped: list[Skipped]) -> pd.DataFrame:
+    """Download's skip list as quarantine rows (path relative to the source, not data/raw)."""
+    rows = [
+        {
+            "path": s.path,
+            "label": s.label,
+            "reasons": s.reason,
+            "details": f"{s.reason}: skipped at download, not in data/raw: {s.detail}; "
+            + SKIP_REASONS.get(s.reason, ""),
+        }
+        for s in skipped
+    ]
+    return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+
+
 def _write_csv(df: pd.DataFrame, target: Path) -> None:
     with atomic_path(target) as tmp:
         df.to_csv(tmp, index=False)
@@ -961,7 +977,12 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
 
     outcome = decide(manifest, image_problems, suite, params, volumes)
     report = build_report(manifest, image_problems, suite, outcome, params)
-    _write_csv(outcome.quarantine, paths.quarantine)
+    # Files download saw but did not keep are listed here too: one list of everything
+    # that is not trained on. They never reached the manifest, so they fail no rule.
+    skipped = skipped_rows(read_skipped(paths.raw / SKIPPED_FILE))
+    report["n_skipped_at_download"] = len(skipped)
+    listed = [df for df in (outcome.quarantine, skipped) if len(df)] or [outcome.quarantine]
+    _write_csv(pd.concat(listed, ignore_index=True), paths.quarantine)
     for stale in (paths.volume_qc, paths.quarantine_volumes):
         stale.unlink(missing_ok=True)  # from an earlier run on a nifti source
     if outcome.volumes is not None and outcome.volume_quarantine is not None:
@@ -990,6 +1011,12 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
             len(manifest),
             rel(paths.quarantine),
         )
+    if len(skipped):
+        log.warning(
+            "validate: %d file(s) skipped at download are listed in %s",
+            len(skipped),
+            rel(paths.quarantine),
+        )
     vq = outcome.volume_quarantine
     if vq is not None and len(vq):
         log.warning(
@@ -1004,6 +1031,7 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
         "n_images": float(report["n_images"]),
         "n_valid": float(report["n_valid"]),
         "n_quarantined": float(report["n_quarantined"]),
+        "n_skipped_at_download": float(len(skipped)),
         "success": float(report["success"]),
     }
     metrics.update({f"check.{k}": float(n) for k, n in report["checks"].items()})
@@ -1028,7 +1056,9 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
         },
         summary=(
             f"validated {len(manifest)} images: {len(outcome.clean)} valid, "
-            f"{len(outcome.quarantine)} quarantined; Data Docs {rel(docs_index)}"
+            f"{len(outcome.quarantine)} quarantined"
+            + (f", {len(skipped)} skipped at download" if len(skipped) else "")
+            + f"; Data Docs {rel(docs_index)}"
         ),
     )
 
