@@ -74,6 +74,76 @@ def test_stage_run_and_registry_over_http(mlflow_server_url, tmp_path, monkeypat
     assert loaded is not None
 
 
+# --------------------------------------------------------------------------- kill hygiene
+
+_STAGE_THEN_SIGNAL = """
+import os, signal, sys
+from pathlib import Path
+from alzstage import tracking
+from alzstage.config import Params
+root = Path(sys.argv[1])
+with tracking.stage_run("validate", Params(), root, ["validate"]) as run:
+    print(run.run_id, flush=True)
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    signal.pause()  # SIGKILL never returns here; SIGTERM unwinds the with-block
+"""
+
+
+def _stage_killed_by(signal_name: str, root) -> tuple[str, int]:
+    """Run one stage in a child process that sends itself ``signal_name``; (run id, exit)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _STAGE_THEN_SIGNAL, str(root), signal_name],
+        capture_output=True,
+        text=True,
+        env={**env, "ALZSTAGE_PIPELINE_ID": "killed"},
+        timeout=300,
+    )
+    return proc.stdout.split()[0], proc.returncode
+
+
+def _status(root, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking.tracking_uri(root)).get_run(run_id).info.status
+
+
+def test_run_killed_by_sigkill_is_marked_failed_when_the_stage_starts_again(tmp_path, monkeypatch):
+    # given a validate run whose process was SIGKILLed, so MLflow still says RUNNING
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    killed, code = _stage_killed_by("SIGKILL", tmp_path)
+    assert code == -9 and _status(tmp_path, killed) == "RUNNING"
+    # when validate starts again
+    with tracking.stage_run("validate", Params(), tmp_path, ["validate"]) as run:
+        pass
+    # then the abandoned run is FAILED, with the reason; the new run finished normally
+    assert _status(tmp_path, killed) == "FAILED"
+    assert _status(tmp_path, run.run_id) == "FINISHED"
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking.tracking_uri(tmp_path)).get_run(killed).data.tags
+    assert "ended (killed)" in tags["alzstage.failure"]
+
+
+def test_a_run_whose_process_still_lives_is_not_failed():
+    assert tracking.process_gone(tracking.process_id()) is False
+    assert tracking.process_gone("another-host:1:0.00") is False  # cannot check: leave it
+    assert tracking.process_gone("garbage") is False
+
+
+def test_sigterm_marks_the_own_run_failed(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    run_id, code = _stage_killed_by("SIGTERM", tmp_path)
+    assert code == 143
+    assert _status(tmp_path, run_id) == "FAILED"
+
+
 # --------------------------------------------------------------------------- aliases
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 EXPERIMENT = "alzstage"
 TAG_STAGE = "alzstage.stage"
 TAG_PIPELINE = "alzstage.pipeline_id"
+TAG_PROCESS = "alzstage.process"  # host:pid:start time, to find runs a SIGKILL abandoned
 TAG_GIT = "mlflow.source.git.commit"
 ALIAS_CHAMPION = "champion"
 ALIAS_CHALLENGER = "challenger"
@@ -207,13 +208,19 @@ def tf_task() -> str | None:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, root: Path, sections: list[str]) -> Iterator[StageRun]:
-    """Open one MLflow run for a stage, tagged so runs of one pipeline can be found together."""
+    """Open one MLflow run for a stage, tagged so runs of one pipeline can be found together.
+
+    Runs are never left RUNNING: SIGTERM ends this one as FAILED, and a run of the same
+    stage that a SIGKILL left RUNNING is marked FAILED here (:func:`fail_abandoned_runs`).
+    """
     configure(root)
     import mlflow
 
+    fail_abandoned_runs(stage)
     tags = {
         TAG_STAGE: stage,
         TAG_PIPELINE: pipeline_id(),
+        TAG_PROCESS: process_id(),
         TAG_GIT: git_commit(root),
         "alzstage.root": str(root),
         **dvc_dep_hashes(root, stage),
@@ -229,10 +236,96 @@ def stage_run(stage: str, params: Params, root: Path, sections: list[str]) -> It
             tags[tag] = os.environ[env_key]
     dumped = params.model_dump(by_alias=True, mode="json")
     logged = flatten({s: dumped[s] for s in sections})
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+    with mlflow.start_run(run_name=stage, tags=tags) as run, _sigterm_unwinds():
         # MLflow caps param values at 6000 chars; ours are short scalars and lists.
         mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
         yield StageRun(run_id=run.info.run_id, stage=stage)
+
+
+# ------------------------------------------------------------------ kill hygiene
+
+
+def process_id() -> str:
+    """``host:pid:start time`` of this process: enough to tell later whether it still runs."""
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
+def process_gone(ident: str) -> bool:
+    """True when the process named by :func:`process_id` has ended (this host only).
+
+    A process on another host, or a tag that cannot be parsed, counts as alive: a run
+    is never failed on a guess. A reused pid is told apart by its start time.
+    """
+    import socket
+
+    import psutil
+
+    try:
+        host, pid, started = ident.rsplit(":", 2)
+        if host != socket.gethostname():
+            return False
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) > 0.05
+    except psutil.NoSuchProcess:
+        return True
+    except (ValueError, psutil.Error):
+        return False
+
+
+def fail_abandoned_runs(stage: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``stage`` whose process is gone; return their ids.
+
+    A SIGKILL (the OOM killer, ``kill -9``, a lost container) ends a stage without its
+    ``finally``, so MLflow would show it RUNNING forever. Runs from before the process
+    tag existed are left as they are.
+    """
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return []
+    runs = client().search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'RUNNING'",
+    )
+    failed = []
+    for r in runs:
+        ident = r.data.tags.get(TAG_PROCESS)
+        if ident and process_gone(ident):
+            client().set_tag(r.info.run_id, "alzstage.failure", f"process {ident} ended (killed)")
+            client().set_terminated(r.info.run_id, status="FAILED")
+            failed.append(r.info.run_id)
+    return failed
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) so the run's ``with`` ends it as FAILED.
+
+    Only in the main thread (where Python runs signal handlers) and only when nobody
+    else handles SIGTERM; the previous handler is restored afterwards.
+    """
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ------------------------------------------------------------------ registry
