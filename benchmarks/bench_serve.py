@@ -80,12 +80,18 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str]:
     from alzstage.tracking import tracking_uri
 
     if not args.demo:
+        from alzstage.config import Paths, load_params
+        from alzstage.model.predict import choose_model
+
         uri = tracking_uri(ROOT)
         try:
+            # The champion of the dataset params.yaml configures, as `alzstage serve` picks.
+            choice = choose_model(None, load_params(ROOT / "params.yaml"), Paths(ROOT))
+            name = choice.uri.removeprefix("models:/").removesuffix("@champion")
             mv = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
-                "alzstage", "champion"
+                name, "champion"
             )
-            return "models:/alzstage@champion", uri, f"repo champion v{mv.version}"
+            return choice.uri, uri, f"repo champion {name} v{mv.version}"
         except Exception:
             print("no champion in the repo's registry; using a demo model (see --demo)")
     from alzstage.serve.demo import ensure_demo_champion

@@ -99,8 +99,11 @@ def test_upload_shows_stage_chart_gradcam_and_summary(server: str, tmp_path: Pat
             expect(page.get_by_test_id("notice")).to_contain_text("not a diagnosis")
             # The model version is shown before anything is uploaded.
             expect(page.get_by_test_id("model-version")).to_contain_text(
-                "alzstage v1", timeout=60_000
+                "alzstage-demo v1", timeout=60_000
             )
+            # ...with what it was trained on: the demo model is flagged as synthetic.
+            expect(page.get_by_test_id("model-version")).to_contain_text("trained on dataset demo")
+            expect(page.get_by_test_id("synthetic-demo")).to_be_visible()
 
             page.set_input_files("#files", [str(p) for p in [*scans, bad]])
             page.click("#submit")
@@ -125,7 +128,7 @@ def test_upload_shows_stage_chart_gradcam_and_summary(server: str, tmp_path: Pat
             expect(summary).to_be_visible()
             assert page.get_by_test_id("distribution-chart").locator("rect.bar").count() == 4
             expect(page.locator("#confidence-table tbody tr")).to_have_count(3)
-            expect(page.locator("#status")).to_contain_text("alzstage v1")
+            expect(page.locator("#status")).to_contain_text("alzstage-demo v1 (synthetic demo")
 
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shot = ARTIFACTS / "browser-predict.png"

@@ -209,8 +209,10 @@ def test_predict_json_matches_pyfunc_and_summarises(
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "in"), "--format", "json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["model"] == "models:/alzstage@champion"
-    assert doc["model_version"] == demo.version and doc["model_name"] == "alzstage"
+    assert doc["model"] == "models:/alzstage-demo@champion"  # the configured demo data's
+    assert doc["model_version"] == demo.version and doc["model_name"] == "alzstage-demo"
+    assert doc["dataset"] == "demo" and doc["synthetic_demo"] is True
+    assert "data.source: demo" in doc["model_choice"] and "SYNTHETIC" in doc["provenance"]
     preds = doc["predictions"]
     assert [Path(p["file"]).name for p in preds] == ["s0.png", "s1.png", "s2.png"]
     got = np.array([[p[c] for c in demo.classes] for p in preds])
@@ -243,7 +245,8 @@ def test_predict_by_version_number(project: Path, demo: DemoChampion, tmp_path: 
     img = write_png(tmp_path / "one.png", 5)
     result = CliRunner().invoke(app, ["predict", str(img), "--model", demo.version, "-f", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["model"] == f"models:/alzstage/{demo.version}"
+    # a bare version is one of the configured dataset's (demo) registered model
+    assert json.loads(result.stdout)["model"] == f"models:/alzstage-demo/{demo.version}"
 
 
 def test_gradcam_overlays_named_by_stem_without_clobbering(project: Path, tmp_path: Path) -> None:

@@ -82,6 +82,8 @@ def _setup(tmp_path, monkeypatch, value, fp=FP):
                 "split_fingerprint": fp,
                 "split_strategy": "subject",
                 "split_leaky": False,
+                "dataset": "demo",
+                "data_source": "demo",
             }
         )
     )

@@ -63,7 +63,9 @@ def test_model_reports_version_alias_and_registry_metrics(client, demo: DemoCham
     r = client.get("/model")
     assert r.status_code == 200
     body = r.json()
-    assert body["name"] == "alzstage" and body["alias"] == "champion"
+    assert body["name"] == "alzstage-demo" and body["alias"] == "champion"
+    assert body["dataset"] == "demo" and body["synthetic_demo"] is True
+    assert "SYNTHETIC" in body["provenance"] and body["recipe"] == "untrained"
     assert body["version"] == demo.version
     assert body["metrics"] == {"balanced_accuracy": 0.625, "macro_f1": 0.6, "accuracy": 0.7}
     assert body["split_strategy"] == "subject" and body["split_leaky"] is False
@@ -84,9 +86,14 @@ def test_predict_one_good_file_matches_the_pyfunc(client, demo: DemoChampion) ->
     body = r.json()
     assert body["model"] == {
         "uri": demo.uri,
-        "name": "alzstage",
+        "name": "alzstage-demo",
         "version": demo.version,
         "alias": "champion",
+        "dataset": "demo",
+        "recipe": "untrained",
+        "synthetic_demo": True,
+        "provenance": "trained on dataset demo (SYNTHETIC demo images, not real MRI: "
+        "meaningless on real scans), recipe untrained (resnet50)",
     }
     (p,) = body["predictions"]
     assert p["status"] == 200 and p["error"] is None and p["gradcam"] is None
@@ -260,7 +267,8 @@ def test_serve_command_binds_loopback_unless_told(
     assert call["host"] == "127.0.0.1" and call["port"] == 8000
     settings = call["app"].state.settings
     assert settings.max_file_bytes == 2 * 2**20 and settings.max_files == 5
-    assert settings.model_uri == "models:/alzstage@champion"
+    assert settings.model_uri == "models:/alzstage-demo@champion"  # params: data.source demo
+    assert "data.source: demo" in settings.model_choice
     assert settings.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert call["app"].state.model_cache.loaded is False  # lazy: nothing loaded at start
     assert "warning" not in result.output

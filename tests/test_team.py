@@ -360,6 +360,7 @@ def test_postgres_tracking_server_runs_the_pipeline_over_http(
 
     model_name = f"alzstage-pg-{secrets.token_hex(4)}"  # unique on a shared server too
     project = copy_tiny_project(tmp_path / "alzstage", {"promote": {"model_name": model_name}})
+    registered = f"{model_name}-demo"  # one registered model per dataset; the tiny one is demo
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     pg = postgres_backend
@@ -377,8 +378,8 @@ def test_postgres_tracking_server_runs_the_pipeline_over_http(
         assert {r.info.run_name for r in runs} == STAGES
         assert len(runs) == len(STAGES)
         assert len({r.data.tags["alzstage.pipeline_id"] for r in runs}) == 1
-        champion = client.get_model_version_by_alias(model_name, "champion")
-        challenger = client.get_model_version_by_alias(model_name, "challenger")
+        champion = client.get_model_version_by_alias(registered, "champion")
+        challenger = client.get_model_version_by_alias(registered, "challenger")
         assert champion.version == challenger.version == "1"
         assert champion.run_id in {r.info.run_id for r in runs}
         promo = json.loads((project / "reports" / "promotion.json").read_text())
@@ -394,7 +395,7 @@ def test_postgres_tracking_server_runs_the_pipeline_over_http(
                 "--format",
                 "json",
                 "--model",
-                f"models:/{model_name}@champion",
+                f"models:/{registered}@champion",
             ],
             project,
             env=run_env,
@@ -417,7 +418,7 @@ def test_postgres_tracking_server_runs_the_pipeline_over_http(
             cur.execute(
                 "SELECT alias, version FROM registered_model_aliases WHERE name = %s "
                 "ORDER BY alias",
-                (model_name,),
+                (registered,),
             )
             assert cur.fetchall() == [("challenger", 1), ("champion", 1)]
     finally:

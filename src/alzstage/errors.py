@@ -82,3 +82,7 @@ class ModelNotFound(ModelError):
 
 class WeightsError(ModelError):
     """``model.weights`` could not be honoured; never silently replaced by random weights."""
+
+
+class DatasetUnknown(DataError):
+    """The configured dataset, and so its champion, cannot be named until the pipeline ran."""

@@ -341,6 +341,43 @@ def alias_uri(name: str, alias: str) -> str:
     return f"models:/{name}@{alias}"
 
 
+# One registered model per dataset, ``<promote.model_name>-<dataset>``, rather than one
+# name with per-dataset aliases: MLflow scopes aliases and version numbers to a registered
+# model, so champion/challenger keep their plain names, ``models:/alzstage-demo@champion``
+# is a URI every MLflow tool loads, the UI lists each dataset's history on its own, and
+# promote can only ever compare a challenger with a champion of the same data.
+def registered_name(model_name: str, dataset: str) -> str:
+    return f"{model_name}-{dataset}"
+
+
+def champion_uri(model_name: str, dataset: str) -> str:
+    return alias_uri(registered_name(model_name, dataset), ALIAS_CHAMPION)
+
+
+def dataset_champions(
+    model_name: str, tracking_uri: str | None = None, registry_uri: str | None = None
+) -> list[str]:
+    """The datasets of ``model_name`` that have a champion, sorted.
+
+    For messages that name the alternatives when the configured dataset has none; the
+    store is named explicitly so a read-only caller need not repoint MLflow.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    prefix = f"{model_name}-"
+    store = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+    try:
+        models = store.search_registered_models(filter_string=f"name LIKE '{prefix}%'")
+    except MlflowException:
+        return []
+    return sorted(
+        m.name[len(prefix) :]
+        for m in models
+        if m.name.startswith(prefix) and ALIAS_CHAMPION in (m.aliases or {})
+    )
+
+
 def version_uri(name: str, version: int | str) -> str:
     return f"models:/{name}/{version}"
 

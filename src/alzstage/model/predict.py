@@ -1,8 +1,10 @@
 """Prediction for ``alzstage predict`` and ``alzstage serve``: pixels in, stage + probabilities out.
 
-By default the model is the registry's ``champion``; ``--model`` takes a version number,
-an alias, a ``models:/`` or ``runs:/`` URI, or a local path (an MLflow model directory or
-a ``.keras`` file), so the same command works on a laptop and against a team server.
+By default the model is the ``champion`` of the dataset params.yaml configures (one per
+dataset, see :func:`choose_model`); ``--model`` takes a version number or an alias of
+that dataset's model, a ``models:/`` or ``runs:/`` URI, or a local path (an MLflow model
+directory or a ``.keras`` file), so the same command works on a laptop and against a team
+server.
 
 The CLI and the REST API share everything here (decoding, the model wrapper, the batch
 summary), so a file gets the same numbers whichever way it is sent; the probabilities
@@ -16,13 +18,18 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from alzstage import tracking
+from alzstage.data.identity import DEMO, ConfiguredDataset, configured_dataset
 from alzstage.errors import ImageReadError, ModelError, ModelNotFound  # re-exported
 from alzstage.model.inputs import to_model_array
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.config import Params, Paths
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 IMAGE_FORMATS = ("JPEG", "PNG")
@@ -135,8 +142,21 @@ def decode_image(
 # --------------------------------------------------------------------------- model
 
 
+def refers_to_dataset_model(ref: str | None) -> bool:
+    """Nothing, a version number or an alias: a model of the configured dataset.
+
+    Anything else (a URI, a path, a missing path) names its model by itself.
+    """
+    if not ref or ref.isdigit() or ref.startswith("@"):
+        return True
+    return re.fullmatch(r"[A-Za-z0-9_-]+", ref) is not None and not Path(ref).exists()
+
+
 def resolve_model_uri(ref: str | None, model_name: str) -> str:
-    """Turn the user's ``--model`` into something MLflow or Keras can load."""
+    """Turn the user's ``--model`` into something MLflow or Keras can load.
+
+    ``model_name`` is the registered model that a bare version or alias refers to.
+    """
     if ref is None or ref == "":
         return f"models:/{model_name}@champion"
     if ref.isdigit():
@@ -154,6 +174,55 @@ def resolve_model_uri(ref: str | None, model_name: str) -> str:
             "model folder, a version number or an alias (e.g. champion)"
         )
     return f"models:/{model_name}@{ref}"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model predict or serve will load, and why that one (said to the user)."""
+
+    uri: str
+    dataset: ConfiguredDataset | None = None  # None: --model named the model by itself
+
+    @property
+    def reason(self) -> str:
+        if self.dataset is None:
+            return f"{self.uri}, as given by --model"
+        return f"{self.uri}, for dataset {self.dataset.name} ({self.dataset.why})"
+
+
+def choose_model(ref: str | None, params: Params, paths: Paths) -> ModelChoice:
+    """``--model`` as given, or (by default) the champion of the configured dataset.
+
+    A bare version number or alias also refers to the configured dataset's registered
+    model. Raises :class:`~alzstage.errors.DatasetUnknown` when that dataset cannot be
+    named (a non-demo source that the pipeline has not split yet, and no ``data.name``).
+    """
+    if not refers_to_dataset_model(ref):
+        return ModelChoice(resolve_model_uri(ref, params.promote.model_name))
+    dataset = configured_dataset(params, paths)
+    name = tracking.registered_name(params.promote.model_name, dataset.name)
+    return ModelChoice(resolve_model_uri(ref, name), dataset)
+
+
+def missing_champion_hint(
+    choice: ModelChoice, model_name: str, tracking_uri: str | None, registry_uri: str | None
+) -> str:
+    """When the configured dataset has no such model: which datasets have a champion."""
+    if choice.dataset is None:
+        return ""
+    others = [
+        d
+        for d in tracking.dataset_champions(model_name, tracking_uri, registry_uri)
+        if d != choice.dataset.name
+    ]
+    hint = f"dataset {choice.dataset.name} ({choice.dataset.why}) has no such model"
+    if others:
+        hint += (
+            f"; champions exist for dataset(s) {', '.join(others)}: configure that data "
+            f"(or data.name) in params.yaml, or pass --model models:/{model_name}-<dataset>"
+            "@champion"
+        )
+    return hint
 
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -196,6 +265,32 @@ class ModelInfo:
     def split_leaky(self) -> bool | None:
         v = self.tags.get("split_leaky")
         return None if v in (None, "") else v == "True"
+
+    @property
+    def dataset(self) -> str | None:
+        return self.tags.get("dataset") or None
+
+    @property
+    def recipe(self) -> str | None:
+        return self.tags.get("recipe") or None
+
+    @property
+    def synthetic_demo(self) -> bool:
+        """Trained on the synthetic demo images (``data.name: demo`` is reserved for them)."""
+        return self.tags.get("data_source") == DEMO or self.dataset == DEMO
+
+    @property
+    def provenance(self) -> str:
+        """What the model was trained on, one line for the CLI, the API and the page."""
+        if not self.dataset:
+            return "training dataset not recorded (a file, or registered without a dataset tag)"
+        text = f"trained on dataset {self.dataset}"
+        if self.synthetic_demo:
+            text += " (SYNTHETIC demo images, not real MRI: meaningless on real scans)"
+        if self.recipe:
+            backbone = self.tags.get("backbone")
+            text += f", recipe {self.recipe}" + (f" ({backbone})" if backbone else "")
+        return text
 
     @property
     def label(self) -> str:

@@ -1,6 +1,9 @@
 """The ``promote`` stage: register the new model and move ``champion`` only on evidence.
 
-A challenger replaces the champion only if it is better on the configured metric *and*
+Each dataset has its own registered model, ``<promote.model_name>-<dataset>``, and so its
+own champion (``tracking.registered_name``): a model trained on the synthetic demo images
+is never compared with, or kept in place of, one trained on real scans. Within a dataset,
+a challenger replaces the champion only if it is better on the configured metric *and*
 both were scored on the same test split (same fingerprint): comparing numbers from
 different test sets, or from a leaky split against an honest one, is not evidence.
 """
@@ -12,6 +15,8 @@ from typing import Any
 
 from alzstage import tracking
 from alzstage.config import Params, Paths
+from alzstage.data.identity import configured_dataset
+from alzstage.errors import DatasetUnknown
 from alzstage.files import read_json, write_json
 from alzstage.result import StageResult
 
@@ -60,6 +65,13 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
     p = params.promote
     train_run = read_json(paths.train_run)
     metrics = read_json(paths.metrics)
+    dataset = metrics.get("dataset")
+    if not dataset:
+        raise DatasetUnknown(
+            f"{paths.metrics} names no dataset, so there is no champion to compare with; "
+            "re-run `alzstage split` and `alzstage evaluate` (or `dvc repro`)"
+        )
+    name = tracking.registered_name(p.model_name, dataset)
     tags = {
         "balanced_accuracy": str(metrics["balanced_accuracy"]),
         "macro_f1": str(metrics["macro_f1"]),
@@ -68,17 +80,24 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
         "split_strategy": str(metrics.get("split_strategy", "")),
         "split_leaky": str(metrics.get("split_leaky", "")),
         "train_run_id": train_run["run_id"],
+        # What predict, serve and the page show about the model they use.
+        "dataset": dataset,
+        "data_source": str(metrics.get("data_source", "")),
+        "recipe": str(train_run.get("recipe", "")),
+        "backbone": str(train_run.get("backbone", "")),
+        "weights": str(train_run.get("weights", "")),
     }
-    mv = tracking.register(train_run["model_uri"], p.model_name, tags)
-    tracking.set_alias(p.model_name, tracking.ALIAS_CHALLENGER, mv.version)
-    champ = tracking.get_alias_version(p.model_name, tracking.ALIAS_CHAMPION)
+    mv = tracking.register(train_run["model_uri"], name, tags)
+    tracking.set_alias(name, tracking.ALIAS_CHALLENGER, mv.version)
+    champ = tracking.get_alias_version(name, tracking.ALIAS_CHAMPION)
     decision = decide(
         tags, dict(champ.tags) if champ else None, p.metric, p.min_improvement, p.allow_leaky
     )
     if decision.promote:
-        tracking.set_alias(p.model_name, tracking.ALIAS_CHAMPION, mv.version)
+        tracking.set_alias(name, tracking.ALIAS_CHAMPION, mv.version)
     report = {
-        "model_name": p.model_name,
+        "model_name": name,
+        "dataset": dataset,
         "version": int(mv.version),
         "promoted": decision.promote,
         "reason": decision.reason,
@@ -88,18 +107,27 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
         "champion_version": int(mv.version)
         if decision.promote
         else (int(champ.version) if champ else None),
-        "model_uri": tracking.alias_uri(p.model_name, tracking.ALIAS_CHAMPION),
+        "model_uri": tracking.champion_uri(p.model_name, dataset),
     }
     write_json(paths.promotion, report)
     verdict = "promoted to champion" if decision.promote else "kept as challenger"
+    if tags["data_source"] == "demo":
+        verdict += " (synthetic demo data)"
     return StageResult(
         metrics={"promoted": float(decision.promote), "version": float(mv.version)},
         artifacts=[paths.promotion],
-        tags={"registry.version": str(mv.version), "registry.promoted": str(decision.promote)},
-        summary=f"{p.model_name} v{mv.version} {verdict}: {decision.reason}",
+        tags={
+            "registry.name": name,
+            "registry.version": str(mv.version),
+            "registry.promoted": str(decision.promote),
+        },
+        summary=f"{name} v{mv.version} {verdict}: {decision.reason}",
     )
 
 
-def set_alias_by_hand(params: Params, version: int, alias: str) -> str:
-    tracking.set_alias(params.promote.model_name, alias, version)
-    return f"{params.promote.model_name} v{version} is now @{alias}"
+def set_alias_by_hand(params: Params, paths: Paths, version: int, alias: str) -> str:
+    """Set ``alias`` on a version of the configured dataset's registered model."""
+    dataset = configured_dataset(params, paths)
+    name = tracking.registered_name(params.promote.model_name, dataset.name)
+    tracking.set_alias(name, alias, version)
+    return f"{name} v{version} is now @{alias} (dataset {dataset.name}: {dataset.why})"

@@ -66,7 +66,8 @@ class ServeSettings:
     model carries its own in the pyfunc.
     """
 
-    model_uri: str = "models:/alzstage@champion"
+    model_uri: str = "models:/alzstage-demo@champion"
+    model_choice: str = ""  # why this model (predict.ModelChoice.reason), shown by /model
     tracking_uri: str | None = None
     registry_uri: str | None = None
     classes: list[str] = field(
@@ -94,12 +95,22 @@ class ServeSettings:
 
 
 class ModelRef(BaseModel):
-    """Which registered model version produced the answer."""
+    """Which registered model version produced the answer, and what it was trained on."""
 
     uri: str = Field(description="The reference the server was started with.")
     name: str | None = Field(None, description="Registered model name.")
     version: str | None = Field(None, description="Registry version actually loaded.")
     alias: str | None = Field(None, description="Alias it was loaded through, e.g. champion.")
+    dataset: str | None = Field(
+        None, description="Dataset the model was trained on (one champion per dataset)."
+    )
+    recipe: str | None = Field(None, description="Training recipe: scratch or transfer.")
+    synthetic_demo: bool = Field(
+        False,
+        description="True when trained on the synthetic demo images: the answers mean "
+        "nothing for real scans.",
+    )
+    provenance: str = Field("", description="The same facts as one line, as the CLI prints.")
 
 
 class FileResult(BaseModel):
@@ -209,6 +220,16 @@ class ModelResponse(BaseModel):
     name: str | None
     version: str | None
     alias: str | None
+    dataset: str | None = Field(None, description="Dataset the model was trained on.")
+    recipe: str | None = Field(None, description="Training recipe: scratch or transfer.")
+    backbone: str | None = None
+    synthetic_demo: bool = Field(
+        False, description="True when trained on the synthetic demo images, not real MRI."
+    )
+    provenance: str = Field("", description="Dataset and recipe as one line.")
+    chosen_because: str = Field(
+        "", description="Why the server serves this model (the configured dataset's champion)."
+    )
     classes: list[str]
     input_size: list[int]
     temperature: float = Field(description="Calibration temperature applied to every output.")
@@ -516,7 +537,16 @@ def _failure(results: list[Any]) -> JSONResponse:
 
 def _model_ref(model: LoadedModel) -> ModelRef:
     i = model.info
-    return ModelRef(uri=i.uri, name=i.name, version=i.version, alias=i.alias)
+    return ModelRef(
+        uri=i.uri,
+        name=i.name,
+        version=i.version,
+        alias=i.alias,
+        dataset=i.dataset,
+        recipe=i.recipe,
+        synthetic_demo=i.synthetic_demo,
+        provenance=i.provenance,
+    )
 
 
 # --------------------------------------------------------------------------- app
@@ -593,9 +623,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         summary="The model being served and its evaluation metrics",
     )
     async def model_info() -> ModelResponse:
-        """Name, version and alias of the loaded model, with the test metrics and split
-        protocol that ``promote`` recorded on the registry version. Loads the model if
-        needed, so the page can show the version before the first upload."""
+        """Name, version and alias of the loaded model, the dataset and recipe it was
+        trained on (``synthetic_demo`` flags the demo images), with the test metrics and
+        split protocol that ``promote`` recorded on the registry version. Loads the model
+        if needed, so the page can show the version before the first upload."""
         model = await run_in_threadpool(cache.get)
         info = model.info
         return ModelResponse(
@@ -603,6 +634,12 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             name=info.name,
             version=info.version,
             alias=info.alias,
+            dataset=info.dataset,
+            recipe=info.recipe,
+            backbone=info.tags.get("backbone") or None,
+            synthetic_demo=info.synthetic_demo,
+            provenance=info.provenance,
+            chosen_because=settings.model_choice,
             classes=model.classes,
             input_size=list(model.size),
             temperature=model.temperature,

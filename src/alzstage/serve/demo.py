@@ -1,6 +1,6 @@
 """A tiny registered champion in seconds, for tests, the benchmark and a first look at the page.
 
-Why: the serving code needs a real ``models:/alzstage@champion`` (pyfunc, signature,
+Why: the serving code needs a real ``models:/alzstage-demo@champion`` (pyfunc, signature,
 registry tags, alias) to be exercised honestly, but running the pipeline takes minutes.
 This builds the project's own network at 32x32 with random weights, logs it through the
 same :func:`alzstage.model.pyfunc.log_pyfunc` the ``train`` stage uses, and registers it
@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from alzstage.tracking import registered_name
+
 DEMO_CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 DEMO_TAGS = {
     "balanced_accuracy": "0.625",
@@ -25,6 +27,12 @@ DEMO_TAGS = {
     "split_strategy": "subject",
     "split_leaky": "False",
     "split_fingerprint": "demo",
+    # The demo dataset's champion (one per dataset), labelled synthetic wherever shown.
+    "dataset": "demo",
+    "data_source": "demo",
+    "recipe": "untrained",
+    "backbone": "resnet50",
+    "weights": "none",
 }
 
 
@@ -34,7 +42,7 @@ class DemoChampion:
 
     root: Path
     tracking_uri: str
-    model_name: str
+    model_name: str  # the registered name: ``<promote.model_name>-demo``
     version: str
     classes: list[str]
     input_size: tuple[int, int]
@@ -127,10 +135,11 @@ def ensure_demo_champion(
         )
         with mlflow.start_run(experiment_id=exp_id, run_name="demo-train"):
             model_uri = log_pyfunc(model_file, meta, example)
-        mv = mlflow.register_model(model_uri, model_name, tags=DEMO_TAGS)
-        client.set_registered_model_alias(model_name, "champion", mv.version)
+        registered = registered_name(model_name, DEMO_TAGS["dataset"])
+        mv = mlflow.register_model(model_uri, registered, tags=DEMO_TAGS)
+        client.set_registered_model_alias(registered, "champion", mv.version)
     info = {
-        "model_name": model_name,
+        "model_name": registered,
         "version": str(mv.version),
         "classes": DEMO_CLASSES,
         "input_size": list(input_size),

@@ -73,8 +73,14 @@ async function loadModel() {
     if (body.split_strategy) {
       parts.push(`${body.split_strategy} split${body.split_leaky ? " (LEAKY: optimistic)" : ""}`);
     }
+    // Dataset and recipe, in the words the CLI prints (ModelInfo.provenance).
+    if (body.provenance) parts.push(body.provenance);
     target.textContent = parts.join(" · ");
     target.classList.remove("error");
+    if (body.synthetic_demo) {
+      target.appendChild(el("strong", { class: "badge demo", "data-testid": "synthetic-demo" },
+        "synthetic demo model: not trained on real MRI"));
+    }
   } catch (err) {
     target.textContent = `cannot reach the server: ${err}`;
     target.classList.add("error");
@@ -256,7 +262,8 @@ async function submit(event) {
     if (res.ok) {
       renderSummary(data);
       const m = data.model || {};
-      const used = m.name ? `${m.name} v${m.version}` : m.uri;
+      let used = m.name ? `${m.name} v${m.version}` : m.uri;
+      if (m.synthetic_demo) used += " (synthetic demo model)";
       setStatus(
         `Done: ${data.summary.n_predicted} of ${slices.length} predicted with ${used}.${extra}`);
       if (!state.classes.length) loadModel();
