@@ -340,7 +340,7 @@ class SplitParams(_Section):
 
 
 class AugmentParams(_Section):
-    views: int = Field(default=1, ge=0, le=16)
+    views: int = Field(default=0, ge=0, le=16)
     rotation_deg: float = Field(default=8.0, ge=0, le=45)
     shift: float = Field(default=0.05, ge=0, le=0.3)
     zoom: float = Field(default=0.05, ge=0, le=0.3)
@@ -412,7 +412,7 @@ class ScratchParams(_Section):
     """
 
     epochs: int = Field(default=30, ge=1)
-    learning_rate: float = Field(default=3e-3, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
     warmup_epochs: float = Field(default=2.0, ge=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     patience: int = Field(default=10, ge=1)
