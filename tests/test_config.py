@@ -39,6 +39,28 @@ def test_repository_params_parse() -> None:
     assert params.data.source in ("demo", "archive", "folder", "kaggle", "huggingface")
 
 
+def leaves(tree: dict, prefix: str = "") -> dict:
+    """``{"train.scratch.epochs": 30, ...}``: every path to a value that is not a mapping."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_model_defaults_are_the_repository_params_key_by_key() -> None:
+    # given: params.yaml as shipped, and Params() built from config.py's defaults alone
+    shipped = leaves(yaml.safe_load(REPO_PARAMS.read_text()))
+    defaults = leaves(Params().model_dump(by_alias=True, mode="json"))
+    # then: params.yaml is complete, and no default is a second opinion
+    assert sorted(set(defaults) - set(shipped)) == [], "keys with a default, not in params.yaml"
+    assert sorted(set(shipped) - set(defaults)) == [], "keys in params.yaml without a model"
+    differ = {k: f"config.py {defaults[k]!r}, params.yaml {shipped[k]!r}" for k in defaults}
+    assert {k: v for k, v in differ.items() if defaults[k] != shipped[k]} == {}
+
+
 def test_empty_sections_take_the_defaults() -> None:
     params = parse_params(sections(base=None))  # a bare `base:` is also "defaults"
     assert params == Params()

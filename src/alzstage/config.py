@@ -4,6 +4,10 @@
 pydantic models so that a typo or a wrong type fails *before* any work starts, with a
 message naming the key (``train.epochs``) and the allowed values, instead of surfacing
 as a stack trace twenty minutes into training.
+
+Every default below is the value the shipped ``params.yaml`` holds
+(``tests/test_config.py`` compares them key by key): a key left out of a params file
+means what the repository's file says, not a second opinion kept here.
 """
 
 from __future__ import annotations
@@ -426,11 +430,11 @@ class TrainParams(_Section):
     # two-phase ResNet50 recipe) when pretrained weights are given.
     recipe: Literal["auto", "scratch", "transfer"] = "auto"
     scratch: ScratchParams = Field(default_factory=ScratchParams)
-    epochs: int = Field(default=4, ge=1)
+    epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
-    fine_tune_from: str | None = None
-    fine_tune_epochs: int = Field(default=0, ge=0)
+    fine_tune_from: str | None = "final_block"
+    fine_tune_epochs: int = Field(default=3, ge=0)
     fine_tune_learning_rate: float = Field(default=1e-4, gt=0)
     class_weight: Literal["balanced", "none"] | dict[str, float] = "balanced"
     # A class with one or two training subjects gets a huge ``balanced`` weight (25.75 for
