@@ -9,7 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from alzstage.cli import STAGE_SECTIONS, app
+from alzstage.cli import app
+from alzstage.stages import STAGES
 
 HEAVY = ("tensorflow", "keras", "mlflow", "great_expectations", "sklearn")
 
@@ -23,8 +24,27 @@ def test_importing_cli_loads_no_heavy_library():
 def test_help_lists_every_stage_and_predict():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in [*STAGE_SECTIONS, "predict", "promote"]:
-        assert name.replace("_", "-") in result.output
+    for name in [*(s.command for s in STAGES), "predict", "promote"]:
+        assert name in result.output
+
+
+def test_stage_commands_are_the_registry_names_with_dashes():
+    assert [s.command for s in STAGES] == [s.name.replace("_", "-") for s in STAGES]
+
+
+def test_each_stage_command_runs_its_registry_stage(monkeypatch):
+    from alzstage import cli
+
+    # given: the runner replaced by a recorder
+    calls = []
+    monkeypatch.setattr(cli, "_run_stage", lambda stage, **options: calls.append((stage, options)))
+    # when: every stage command is invoked (cv-fold with its --fold)
+    for stage in STAGES:
+        args = [stage.command, *(["--fold", "2"] if stage.per_fold else [])]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    # then: each ran its own stage, and only cv-fold got a fold
+    assert calls == [(s, {"fold": 2} if s.per_fold else {}) for s in STAGES]
 
 
 def _write_params(tmp_path, mutate):

@@ -334,6 +334,8 @@ def _tiny_project(root: Path) -> None:
                 "fingerprint": "f" * 64,
                 "subject_ids": "given",
                 "warning": "",
+                "dataset": "demo",
+                "data_source": "demo",
             }
         )
     )
@@ -353,7 +355,9 @@ def _tiny_project(root: Path) -> None:
     (root / "models").mkdir()
     keras.Model(inp, head(backbone(x))).save(root / "models/model.keras")
     (root / "models/train_run.json").write_text(
-        json.dumps({"run_id": "r1", "model_uri": "models:/m-1", "temperature": 1.3})
+        json.dumps(
+            {"run_id": "r1", "model_uri": "models:/m-1", "temperature": 1.3, "recipe": "transfer"}
+        )
     )
 
 
@@ -385,6 +389,9 @@ def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
     np.testing.assert_allclose(preds[[f"p_{c}" for c in CLASSES]].sum(1), 1.0, atol=1e-5)
     assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(result.metrics)
     assert all(isinstance(v, float) for v in result.metrics.values())
+    assert rep["dataset"] == "demo" and rep["data_source"] == "demo"
+    # the recipe train_run.json says ran, though params.yaml (weights: none) now says scratch
+    assert "- Recipe: `transfer`" in card
 
     # baselines: fitted on the 36 train slices, scored on the network's 8 test subjects
     baselines = json.loads((tmp_path / "reports/baselines.json").read_text())

@@ -1,4 +1,7 @@
-"""The ``alzstage`` command line: one command per pipeline stage, plus predict and promote.
+"""The ``alzstage`` command line: one command per pipeline stage, plus predict and serve.
+
+The stage commands come from the registry (:mod:`alzstage.stages`); ``promote`` adds
+options to set an alias by hand.
 
 Nothing heavy is imported at module level: TensorFlow, MLflow and great-expectations load
 inside the command that needs them, so ``alzstage --help`` answers instantly.
@@ -10,14 +13,14 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from alzstage.stages import BY_NAME, STAGES, Stage
+
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
-    from alzstage.result import StageResult
-    from alzstage.tracking import StageRun
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,21 +33,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-# Params sections each stage reads; dvc.yaml declares the same sections as dependencies.
-STAGE_SECTIONS = {
-    "download": ["base", "data", "neuro"],
-    "validate": ["base", "validate"],
-    "split": ["base", "split", "data"],
-    "augment": ["base", "augment", "model"],
-    "train": ["base", "model", "train", "augment"],
-    "evaluate": ["base", "data", "model", "evaluate"],
-    "promote": ["promote"],
-    # Subject k-fold cross-validation: cv/dvc.yaml
-    "cv_split": ["base", "split", "cv"],
-    "cv_fold": ["base", "model", "train", "augment", "cv"],
-    "cv_report": ["base", "cv"],
-}
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -63,159 +51,54 @@ def _load() -> tuple[Params, Paths]:
         raise  # unreachable; keeps type checkers happy
 
 
-def _run_stage(stage: str, fn: Callable[[Params, Paths, StageRun], StageResult]) -> None:
+def _run_stage(stage: Stage, **options: Any) -> None:
     """Validate params, open the stage's MLflow run, run it, log what it returned."""
     params, paths = _load()
     from alzstage import tracking
     from alzstage.errors import AlzstageError
 
     try:
-        with tracking.stage_run(stage, params, paths.root, STAGE_SECTIONS[stage]) as run:
-            result = fn(params, paths, run)
+        with tracking.stage_run(stage.name, params, paths.root, list(stage.params)) as run:
+            result = stage.run(params, paths, run, **options)
             run.log_metrics(result.metrics)
             if result.tags:
                 run.set_tags(result.tags)
             for art in result.artifacts:
                 run.log_artifact(art)
     except AlzstageError as exc:  # written for a person: the message, no traceback
-        _fail(f"{stage}: {exc}", code=1)
+        _fail(f"{stage.name}: {exc}", code=1)
     except FileNotFoundError as exc:  # an earlier stage's output is not there (yet)
         _fail(
-            f"{stage}: {exc.filename or exc}: not found; run the stages before it first "
-            f"(`dvc repro {stage}`)",
+            f"{stage.name}: {exc.filename or exc}: not found; run the stages before it first "
+            f"(`dvc repro {stage.name}`)",
             code=1,
         )
-    typer.echo(f"[{stage}] {result.summary}".rstrip())
+    typer.echo(f"[{stage.name}] {result.summary}".rstrip())
 
 
-@app.command()
-def download() -> None:
-    """Fetch the configured source (data.source) into data/raw with a manifest."""
-    from alzstage.data.download import run_download
+def _stage_command(stage: Stage) -> Callable[..., None]:
+    """The typer command of a registry stage: no options, or --fold for a per-fold stage."""
+    if stage.per_fold:
 
-    _run_stage("download", lambda p, paths, run: run_download(p, paths))
+        def command(fold: Annotated[int, typer.Option(help="fold id, one of cv.folds")]) -> None:
+            _run_stage(stage, fold=fold)
 
+    else:
 
-@app.command()
-def validate() -> None:
-    """Check the manifest and every image (great-expectations); fail or quarantine."""
-    from alzstage.data.validate import run_validate
+        def command() -> None:
+            _run_stage(stage)
 
-    _run_stage("validate", lambda p, paths, run: run_validate(p, paths))
-
-
-@app.command()
-def split() -> None:
-    """Split into train/val/test by subject (default), slice (leaky) or source."""
-    from alzstage.data.split import run_split
-
-    _run_stage("split", lambda p, paths, run: run_split(p, paths))
+    command.__doc__ = stage.help
+    return command
 
 
-@app.command()
-def augment() -> None:
-    """Materialise augmented views of the training split only."""
-    from alzstage.data.augment import run_augment
-
-    _run_stage("augment", lambda p, paths, run: run_augment(p, paths))
+# Every stage's command, from the registry; promote also sets aliases by hand (below).
+for _stage in STAGES:
+    if _stage.name != "promote":
+        app.command(_stage.command)(_stage_command(_stage))
 
 
-@app.command()
-def train() -> None:
-    """Transfer-learn the classifier; log the model to MLflow with a signature."""
-
-    def _train(params: Params, paths: Paths, run: StageRun) -> StageResult:
-        from alzstage.files import read_json, write_json
-        from alzstage.model.train import run_train
-
-        result = run_train(params, paths, run)
-        import numpy as np
-
-        from alzstage.model.pyfunc import log_pyfunc
-
-        h, w = params.model.input_size
-        meta = {
-            "classes": params.base.classes,
-            "input_size": [h, w],
-            "temperature": read_json(paths.train_report)["temperature"],
-            "backbone": params.model.resolved_backbone,
-        }
-        example = np.zeros((1, h, w), dtype=np.uint8)
-        model_uri = log_pyfunc(paths.model_file, meta, example)
-        write_json(
-            paths.train_run,
-            {
-                "run_id": run.run_id,
-                "model_uri": model_uri,
-                "runs_uri": f"runs:/{run.run_id}/model",
-                "temperature": meta["temperature"],
-                "input_size": [h, w],
-                # What promote tags on the registry version. ``transfer`` (frozen trunk,
-                # then fine-tuning) is the only recipe where Params has no ``recipe``.
-                "recipe": getattr(params, "recipe", "transfer"),
-                "backbone": meta["backbone"],
-                "weights": params.model.weights,
-            },
-        )
-        result.artifacts.append(paths.train_run)
-        return result
-
-    _run_stage("train", _train)
-
-
-@app.command("cv-split")
-def cv_split() -> None:
-    """Assign every subject to one of cv.folds test folds (plus val subjects per fold)."""
-    from alzstage.model.crossval import run_cv_split
-
-    _run_stage("cv_split", lambda p, paths, run: run_cv_split(p, paths))
-
-
-@app.command("cv-fold")
-def cv_fold(
-    fold: Annotated[int, typer.Option(help="fold id, one of cv.folds")],
-) -> None:
-    """Train on one fold's training subjects and predict its test subjects."""
-    from alzstage.model.crossval import run_cv_fold
-
-    _run_stage("cv_fold", lambda p, paths, run: run_cv_fold(p, paths, fold, run))
-
-
-@app.command("cv-report")
-def cv_report() -> None:
-    """Pool the folds' out-of-fold predictions: CIs, per-fold spread, baselines."""
-    from alzstage.model.crossval import run_cv_report
-
-    _run_stage("cv_report", lambda p, paths, run: run_cv_report(p, paths))
-
-
-@app.command()
-def evaluate() -> None:
-    """Score the trained model on the test split; write reports/metrics.json and plots."""
-
-    def _evaluate(params: Params, paths: Paths, run: StageRun) -> StageResult:
-        from alzstage import tracking
-        from alzstage.files import read_json
-        from alzstage.model.evaluate import run_evaluate
-
-        result = run_evaluate(params, paths)
-        train_run = read_json(paths.train_run)
-        run.set_tags({"alzstage.train_run_id": train_run["run_id"]})
-        # The test numbers also go on the training run, where the model lives in the UI.
-        client = tracking.client()
-        for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "roc_auc_macro", "ece"):
-            if k in result.metrics:  # qwk / AUC are absent when undefined on this test set
-                client.log_metric(train_run["run_id"], f"test_{k}", result.metrics[k])
-        # The model card belongs next to the model it describes.
-        card = paths.reports / "model_card.md"
-        if card.exists():
-            client.log_artifact(train_run["run_id"], str(card))
-        return result
-
-    _run_stage("evaluate", _evaluate)
-
-
-@app.command()
+@app.command(help=BY_NAME["promote"].help)
 def promote(
     version: Annotated[
         int | None, typer.Option(help="Set an alias on this version by hand.")
@@ -224,7 +107,6 @@ def promote(
         str | None, typer.Option(help="Alias to set with --version (default: champion).")
     ] = None,
 ) -> None:
-    """Register the new model as challenger; move champion only if it is better."""
     if version is None and alias is not None:
         _fail(f"--alias {alias!r} needs --version: alzstage promote --version 3 --alias champion")
     if version is not None:
@@ -240,9 +122,7 @@ def promote(
         except AlzstageError as exc:  # the configured dataset cannot be named yet
             _fail(str(exc), code=1)
         return
-    from alzstage.model.promote import run_promote
-
-    _run_stage("promote", lambda p, paths, run: run_promote(p, paths))
+    _run_stage(BY_NAME["promote"])
 
 
 @app.command()

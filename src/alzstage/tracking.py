@@ -234,8 +234,12 @@ def stage_run(stage: str, params: Params, root: Path, sections: list[str]) -> It
     for env_key, tag in EXP_TAGS.items():
         if os.environ.get(env_key):
             tags[tag] = os.environ[env_key]
-    dumped = params.model_dump(by_alias=True, mode="json")
-    logged = flatten({s: dumped[s] for s in sections})
+    # Sections as dvc.yaml lists them: ``train`` or one key of it, ``model.input_size``.
+    logged = {
+        k: v
+        for k, v in flatten(params.model_dump(by_alias=True, mode="json")).items()
+        if any(k == s or k.startswith(f"{s}.") for s in sections)
+    }
     with mlflow.start_run(run_name=stage, tags=tags) as run, _sigterm_unwinds():
         # MLflow caps param values at 6000 chars; ours are short scalars and lists.
         mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})

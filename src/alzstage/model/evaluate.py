@@ -16,7 +16,8 @@ What "honest" means here, concretely:
   nearest training slice, PCA + logistic regression on thumbnails) on the same test
   subjects, and the report says plainly whether it beats each one.
 
-Pure functions (report assembly) come first; :func:`run_evaluate` is the thin I/O shell.
+Pure functions (report assembly) come first; :func:`run_evaluate` is the thin I/O shell,
+and :func:`run_evaluate_stage` links its results to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ GALLERY_PER_KIND = 2  # right and wrong examples per class in the Grad-CAM galle
 KNOWN_SUBJECT_SOURCES = ("given", "pseudo")
 FIGURES = ("confusion", "roc", "pr", "reliability", "gradcam_gallery")
 CURVES = ("roc", "pr", "reliability")
+# Test figures that also go on the training run, where the model lives in the MLflow UI.
+TRAIN_RUN_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "roc_auc_macro", "ece")
 
 
 # --------------------------------------------------------------------------- pure: report
@@ -418,7 +421,7 @@ def _provenance(params: Params, train_run: dict) -> dict:
         "data_reference": ref,
         "classes": list(params.base.classes),
         "backbone": params.model.resolved_backbone,
-        "recipe": params.recipe,
+        "recipe": train_run["recipe"],  # what the train stage ran, not what params say now
         "weights": params.model.weights,
         "input_size": list(params.model.input_size),
         "seed": params.base.seed,
@@ -530,12 +533,13 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
         subject_ids=str(split_info.get("subject_ids", "given")),
         seed=params.base.seed,
     )
-    report["split_strategy"] = split_info.get("strategy", params.split.strategy)
-    report["split_leaky"] = bool(split_info.get("leaky", params.split.strategy != "subject"))
-    report["split_fingerprint"] = split_info.get("fingerprint", "")
-    report["split_warning"] = split_info.get("warning", "")
-    report["dataset"] = split_info.get("dataset", "")
-    report["data_source"] = split_info.get("data_source", params.data.source)
+    # From split.json (a declared dependency), never from params.split: the split that ran.
+    report["split_strategy"] = split_info["strategy"]
+    report["split_leaky"] = bool(split_info["leaky"])
+    report["split_fingerprint"] = split_info["fingerprint"]
+    report["split_warning"] = split_info["warning"]
+    report["dataset"] = split_info["dataset"]
+    report["data_source"] = split_info["data_source"]
     timings["metrics"] = time.perf_counter() - t1
 
     probs = apply_temperature(raw, report["calibration"]["temperature"])
@@ -638,3 +642,21 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
             f"{baselines['baselines']['pixel']['verdict']}"
         ),
     )
+
+
+def run_evaluate_stage(params: Params, paths: Paths) -> StageResult:
+    """:func:`run_evaluate`, then its figures and the model card onto the training run."""
+    from alzstage import tracking
+
+    result = run_evaluate(params, paths)
+    train_run_id = read_json(paths.train_run)["run_id"]
+    result.tags["alzstage.train_run_id"] = train_run_id
+    client = tracking.client()
+    for k in TRAIN_RUN_METRICS:
+        if k in result.metrics:  # qwk / AUC are absent when undefined on this test set
+            client.log_metric(train_run_id, f"test_{k}", result.metrics[k])
+    # The model card belongs next to the model it describes.
+    card = paths.reports / "model_card.md"
+    if card.exists():
+        client.log_artifact(train_run_id, str(card))
+    return result

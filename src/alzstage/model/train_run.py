@@ -1,0 +1,51 @@
+"""The ``train`` stage as DVC runs it: train, log the model to MLflow, record where it went.
+
+``models/train_run.json`` is a stage output like ``models/model.keras``: evaluate reads
+the temperature and the run id from it, promote the model URI and what to tag. It is
+written here, by the stage, so the train stage's code dependencies cover it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from alzstage.files import read_json, write_json
+from alzstage.model.pyfunc import log_pyfunc
+from alzstage.model.train import run_train
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.config import Params, Paths
+    from alzstage.result import StageResult
+    from alzstage.tracking import StageRun
+
+
+def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageResult:
+    """:func:`run_train`, then the pyfunc on ``tracker``'s run and ``models/train_run.json``."""
+    result = run_train(params, paths, tracker)
+    report = read_json(paths.train_report)
+    h, w = params.model.input_size
+    meta = {
+        "classes": params.base.classes,
+        "input_size": [h, w],
+        "temperature": report["temperature"],
+        "backbone": params.model.resolved_backbone,
+    }
+    model_uri = log_pyfunc(paths.model_file, meta, np.zeros((1, h, w), dtype=np.uint8))
+    write_json(
+        paths.train_run,
+        {
+            "run_id": tracker.run_id,
+            "model_uri": model_uri,
+            "runs_uri": f"runs:/{tracker.run_id}/model",
+            "temperature": meta["temperature"],
+            "input_size": [h, w],
+            # What promote tags on the registry version: the recipe that actually trained.
+            "recipe": report["recipe"],
+            "backbone": meta["backbone"],
+            "weights": params.model.weights,
+        },
+    )
+    result.artifacts.append(paths.train_run)
+    return result

@@ -1,0 +1,283 @@
+"""The stage registry: every pipeline stage defined once.
+
+A :class:`Stage` names the stage as ``dvc.yaml`` does, its ``alzstage`` command, its run
+function, the params it reads (spelled as ``dvc.yaml`` lists them) and the data it reads.
+Its code is not written down anywhere: :func:`code_deps` computes it as the import
+closure of the run function's module inside ``alzstage``. The CLI builds the stage
+commands from :data:`STAGES`, and ``tests/test_stages.py`` checks ``dvc.yaml`` and
+``cv/dvc.yaml`` against it, so a stage cannot silently miss a dependency again.
+
+Nothing here imports a stage module: the run function is named by a string and loaded
+only when the stage runs, so ``alzstage --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.result import StageResult
+
+PACKAGE = "alzstage"
+SRC = Path(__file__).resolve().parent  # src/alzstage
+REPO_SRC = SRC.parent.parent  # what dvc.yaml's paths are relative to
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: what DVC runs, what it reads, and the function that does it."""
+
+    name: str  # the stage's key in its dvc.yaml (cv_fold: the foreach template)
+    command: str  # ``alzstage <command>``
+    entry: str  # ``module:function``, called as function(params, paths[, fold][, tracker])
+    help: str
+    params: tuple[str, ...]  # params.yaml sections or keys, as dvc.yaml lists them
+    reads: tuple[str, ...] = ()  # data and reports it reads, as dvc.yaml lists them
+    dvcfile: str = "dvc.yaml"
+    per_fold: bool = False  # one run per id in cv.folds: the command takes --fold
+    takes_tracker: bool = False  # the function logs as it goes: it gets the StageRun
+
+    def function(self) -> Callable[..., StageResult]:
+        """The run function, imported now (this is where TensorFlow & co. get loaded)."""
+        module, _, name = self.entry.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def run(self, params: Any, paths: Any, tracker: Any, **options: Any) -> StageResult:
+        """Call the run function with what it takes: params, paths, --fold, the run."""
+        extra = {"tracker": tracker} if self.takes_tracker else {}
+        return self.function()(params, paths, **options, **extra)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "download",
+        "download",
+        "alzstage.data.download:run_download",
+        "Fetch the configured source (data.source) into data/raw with a manifest.",
+        params=("base", "data", "neuro.preprocess"),
+    ),
+    Stage(
+        "validate",
+        "validate",
+        "alzstage.data.validate:run_validate",
+        "Check the manifest and every image (great-expectations); fail or quarantine.",
+        params=("base", "validate"),
+        reads=("data/raw",),
+    ),
+    Stage(
+        "split",
+        "split",
+        "alzstage.data.split:run_split",
+        "Split into train/val/test by subject (default), slice (leaky) or source.",
+        # data.source with data.name: the dataset's registry name
+        params=("base", "split", "data.source", "data.name"),
+        # pixels for the thumbnails that recover subjects and measure leakage
+        reads=("data/interim/manifest.csv", "data/raw"),
+    ),
+    Stage(
+        "augment",
+        "augment",
+        "alzstage.data.augment:run_augment",
+        "Materialise augmented views of the training split only.",
+        params=("base", "augment", "model.input_size"),
+        reads=("data/processed/split.csv", "data/raw"),
+    ),
+    Stage(
+        "train",
+        "train",
+        "alzstage.model.train_run:run_train_stage",
+        "Train the classifier; log it to MLflow with a signature; write models/train_run.json.",
+        # augment: online augmentation ranges (train.scratch.online_augment)
+        params=("base", "model", "train", "augment"),
+        # val (and, from scratch, train) slices are decoded from data/raw
+        reads=("data/processed/augmented", "data/processed/split.csv", "data/raw"),
+        takes_tracker=True,
+    ),
+    Stage(
+        "evaluate",
+        "evaluate",
+        "alzstage.model.evaluate:run_evaluate_stage",
+        "Score the trained model on the test split; write reports/metrics.json and plots.",
+        params=("base", "data", "model", "evaluate"),
+        reads=(
+            "models/model.keras",
+            "models/train_run.json",
+            "data/processed/split.csv",
+            "reports/split.json",
+            "data/raw",  # test slices and the baselines' training thumbnails
+        ),
+    ),
+    Stage(
+        "promote",
+        "promote",
+        "alzstage.model.promote:run_promote",
+        "Register the new model as challenger; move champion only if it is better.",
+        params=("promote",),
+        reads=("models/train_run.json", "reports/metrics.json"),
+    ),
+    # Subject k-fold cross-validation: cv/dvc.yaml (its stages run with wdir: ..)
+    Stage(
+        "cv_split",
+        "cv-split",
+        "alzstage.model.crossval:run_cv_split",
+        "Assign every subject to one of cv.folds test folds (plus val subjects per fold).",
+        params=("base", "split", "cv"),
+        reads=("data/processed/split.csv",),
+        dvcfile="cv/dvc.yaml",
+    ),
+    Stage(
+        "cv_fold",
+        "cv-fold",
+        "alzstage.model.crossval:run_cv_fold",
+        "Train on one fold's training subjects and predict its test subjects.",
+        params=("base", "model", "train", "augment", "cv"),
+        reads=("data/processed/cv/folds.csv", "data/raw"),
+        dvcfile="cv/dvc.yaml",
+        per_fold=True,
+        takes_tracker=True,
+    ),
+    Stage(
+        "cv_report",
+        "cv-report",
+        "alzstage.model.crossval:run_cv_report",
+        "Pool the folds' out-of-fold predictions: CIs, per-fold spread, baselines.",
+        # train.recipe and model.weights: the report names the recipe (Params.recipe)
+        params=("base", "cv", "train.recipe", "model.weights"),
+        reads=(
+            "data/processed/cv/folds.csv",
+            "reports/cv/folds.json",
+            "reports/cv/folds",  # every cv_fold stage's output
+        ),
+        dvcfile="cv/dvc.yaml",
+    ),
+)
+
+BY_NAME = {s.name: s for s in STAGES}
+
+
+# --------------------------------------------------------------------------- code deps
+
+
+def module_file(module: str) -> Path | None:
+    """The file of an ``alzstage`` module (``alzstage.data.split``), or None if not one."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = SRC.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(nodes: Iterable[ast.AST]) -> set[str]:
+    """The ``alzstage`` modules that ``nodes`` import, at any depth.
+
+    Imports under ``if TYPE_CHECKING:`` never run and are left out. ``from alzstage.model
+    import build`` names the module ``alzstage.model.build``.
+    """
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if module_file(sub) else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for node in nodes:
+        visit(node)
+    return {m for m in found if module_file(m)}
+
+
+def _parse(module: str) -> ast.Module:
+    path = module_file(module)
+    if path is None:
+        raise ValueError(f"{module}: not a module of {PACKAGE} (looked under {SRC})")
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def imported_modules(module: str) -> set[str]:
+    """Every ``alzstage`` module that ``module`` imports, at the top or inside functions."""
+    return _imports([_parse(module)])
+
+
+def entry_imports(module: str, function: str) -> set[str]:
+    """The modules imported by what ``function`` can reach inside its own module.
+
+    That is the module's top-level statements (they run on import) plus ``function`` and
+    every top-level function or class those name, transitively. So three stages whose
+    run functions share ``crossval.py`` do not each depend on the others' lazy imports.
+    """
+    tree = _parse(module)
+    defined = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    defs = {n.name: n for n in tree.body if isinstance(n, defined)}
+    if function not in defs:
+        raise ValueError(f"{module}: defines no {function}")
+    reached = [n for n in tree.body if not isinstance(n, defined)]
+    todo = [defs[function]]
+    names = {function}
+    while todo:
+        node = todo.pop()
+        reached.append(node)
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and sub.id in defs and sub.id not in names:
+                names.add(sub.id)
+                todo.append(defs[sub.id])
+    return _imports(reached)
+
+
+def import_closure(module: str, function: str | None = None) -> set[str]:
+    """``module`` and every ``alzstage`` module it imports, transitively.
+
+    With ``function``, ``module`` itself counts only what that function reaches
+    (:func:`entry_imports`). Every other module counts whole: a lazy import anywhere in it
+    counts, even in a function this stage never calls. That can only add a dependency (a
+    needless re-run), never miss one.
+    """
+    seen = {module}
+    todo = list(entry_imports(module, function) if function else imported_modules(module))
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(imported_modules(name) - seen)
+    return seen
+
+
+def code_deps(stage: Stage) -> list[str]:
+    """The source files a stage runs, as dvc.yaml lists them (``src/alzstage/...``).
+
+    Package ``__init__.py`` files are left out: they hold docstrings and a version string
+    only (``tests/test_stages.py`` keeps it that way), so no stage output depends on them.
+    """
+    module, _, function = stage.entry.partition(":")
+    files = {module_file(m) for m in import_closure(module, function)}
+    return sorted(
+        str(f.relative_to(REPO_SRC)) for f in files if f is not None and f.name != "__init__.py"
+    )
+
+
+def dvc_deps(stage: Stage) -> list[str]:
+    """Everything the stage's dvc.yaml entry must list under ``deps``: data, then code."""
+    return [*stage.reads, *code_deps(stage)]
