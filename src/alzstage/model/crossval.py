@@ -26,6 +26,7 @@ its metrics describe; CV says how much to trust that recipe, not which weights t
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -168,7 +169,13 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
     return StageResult(
         metrics={**metrics, "test_accuracy": acc},
         artifacts=[pred_file, hist_file, out / "train.json"],
-        tags={"cv.fold": str(fold), "cv.k": str(len(params.cv.folds))},
+        # cv.folds_sha links the K fold runs even when DVC re-ran only some of them (then
+        # their pipeline ids differ): the same folds.csv means the same CV.
+        tags={
+            "cv.fold": str(fold),
+            "cv.k": str(len(params.cv.folds)),
+            "cv.folds_sha": hashlib.sha256(paths.cv_folds.read_bytes()).hexdigest()[:12],
+        },
         summary=f"fold {fold}: trained on {len(x)} slices, test accuracy {acc:.3f}",
     )
 
@@ -298,7 +305,10 @@ def run_cv_report(params: Params, paths: Paths) -> StageResult:
     return StageResult(
         metrics={key: float(v) for key, v in head.items() if isinstance(v, (int, float))},
         artifacts=[paths.cv_reports / "report.json", paths.cv_reports / "metrics.json", oof],
-        tags={"cv.k": str(k)},
+        tags={
+            "cv.k": str(k),
+            "cv.folds_sha": hashlib.sha256(paths.cv_folds.read_bytes()).hexdigest()[:12],
+        },
         summary=(
             f"{k}-fold subject CV: pooled balanced accuracy {report['balanced_accuracy']:.3f} "
             f"[95% CI {ci.get('low', float('nan')):.3f}-{ci.get('high', float('nan')):.3f}], "
