@@ -302,7 +302,7 @@ def test_dvc_plot_definitions_match_the_csv_columns() -> None:
 
 
 def _tiny_project(root: Path) -> None:
-    """Images, split.csv, split.json, a small untrained model and train_run.json."""
+    """Images, split.csv, split.json, validation.json, an untrained model, train_run.json."""
     import keras
     from PIL import Image
 
@@ -336,9 +336,13 @@ def _tiny_project(root: Path) -> None:
                 "warning": "",
                 "dataset": "demo",
                 "data_source": "demo",
+                "leakage": {
+                    "test": {"fraction_subject_in_train": 0.0, "fraction_near_duplicate": 0.25}
+                },
             }
         )
     )
+    (root / "reports/validation.json").write_text(json.dumps({"n_images": 62, "n_valid": 60}))
     keras.utils.set_random_seed(0)
     layers = keras.layers
     b_in = keras.Input((32, 32, 3))
@@ -393,6 +397,14 @@ def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
     # the recipe train_run.json says ran, though params.yaml (weights: none) now says scratch
     assert "- Recipe: `transfer`" in card
 
+    # the headline: the report's figures, split.json's leak and validate's counts
+    head = json.loads((tmp_path / "reports/headline.json").read_text())
+    assert (tmp_path / "reports/headline.json") in result.artifacts
+    assert head["bacc"] == round(rep["balanced_accuracy"], 3)
+    assert head["f1"] == round(rep["macro_f1"], 3)
+    assert head["subj_bacc"] == round(rep["subject_level"]["balanced_accuracy"], 3)
+    assert head["leak"] == 0.25 and head["valid"] == "60/62"
+
     # baselines: fitted on the 36 train slices, scored on the network's 8 test subjects
     baselines = json.loads((tmp_path / "reports/baselines.json").read_text())
     assert (tmp_path / "reports/baselines.json") in result.artifacts
@@ -413,6 +425,47 @@ def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert "reports/baselines.json" in dvc["stages"]["evaluate"]["outs"]
     assert "src/alzstage/model/baselines.py" in dvc["stages"]["evaluate"]["deps"]
+
+
+def _split_and_validation(subject_leak: float = 0.0, near_duplicates: float = 0.0):
+    leakage = {
+        "fraction_subject_in_train": subject_leak,
+        "fraction_near_duplicate": near_duplicates,
+    }
+    return {"leakage": {"test": leakage}}, {"n_images": 5120, "n_valid": 5120}
+
+
+def test_headline_is_eight_short_keys_rounded_for_a_narrow_row() -> None:
+    from alzstage.model.headline import headline
+
+    # given: a full report (subject ids known) and an honest split
+    report = json_safe(_report())
+    # when
+    head = headline(report, *_split_and_validation())
+    # then: the figures, rounded to 3 digits; the CI as text; the counts as valid/checked
+    ci = report["ci"]["balanced_accuracy"]
+    assert head == {
+        "bacc": round(report["balanced_accuracy"], 3),
+        "bacc_ci": f"{ci['low']:.2f}-{ci['high']:.2f}",
+        "f1": round(report["macro_f1"], 3),
+        "qwk": round(report["quadratic_weighted_kappa"], 3),
+        "ece": round(report["ece"], 3),
+        "subj_bacc": round(report["subject_level"]["balanced_accuracy"], 3),
+        "leak": 0.0,
+        "valid": "5120/5120",
+    }
+    assert all(len(k) <= 9 for k in head)  # dvc metrics show: one column per key
+
+
+def test_headline_leak_is_the_larger_measured_leak_and_missing_figures_are_null() -> None:
+    from alzstage.model.headline import headline
+
+    # given: no subject ids, and a slice-level split that leaks subjects into test
+    report = json_safe(_report(subjects=False))
+    report["quadratic_weighted_kappa"] = None  # undefined on this test set
+    head = headline(report, *_split_and_validation(subject_leak=0.9, near_duplicates=0.4))
+    assert head["leak"] == 0.9
+    assert head["subj_bacc"] is None and head["qwk"] is None
 
 
 def test_plot_column_problems_name_a_class_scheme_dvc_yaml_does_not_list(tmp_path) -> None:

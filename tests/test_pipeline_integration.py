@@ -107,6 +107,7 @@ def test_outputs_exist(project: Path) -> None:
         "data/processed/augmented/train.npz",
         "models/model.keras",
         "models/train_run.json",
+        "reports/headline.json",
         "reports/metrics.json",
         "reports/validation.json",
         "reports/split.json",
@@ -122,6 +123,23 @@ def test_outputs_exist(project: Path) -> None:
     cm = metrics["confusion_matrix"]
     assert sum(map(sum, cm)) == metrics["n_test"] > 0
     assert metrics["split_strategy"] == "subject" and metrics["split_leaky"] is False
+
+
+def test_metrics_show_prints_the_headline_under_100_columns(project: Path) -> None:
+    # when: a person asks DVC for the metrics (before the CV pipeline adds its row)
+    shown = _run(["dvc", "metrics", "show"], project).stdout
+    # then: one row per metrics file, the run's headline among them, none 100 columns wide
+    lines = shown.rstrip("\n").splitlines()
+    assert max(len(line) for line in lines) < 100, shown
+    header = lines[0].split()
+    head = json.loads((project / "reports/headline.json").read_text())
+    assert sorted(head) == sorted(
+        ["bacc", "bacc_ci", "f1", "qwk", "ece", "subj_bacc", "leak", "valid"]
+    )
+    assert [k for k, v in head.items() if v is not None and k not in header] == [], shown
+    row = next(line for line in lines if line.startswith("reports/headline.json")).split()
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert float(row[header.index("bacc")]) == round(metrics["balanced_accuracy"], 3)
 
 
 def test_every_stage_logged_under_one_pipeline_id(project: Path) -> None:
@@ -149,8 +167,9 @@ def test_registry_has_champion(project: Path) -> None:
         "import mlflow, json;"
         f"mlflow.set_tracking_uri('sqlite:///{project / 'mlflow.db'}');"
         "c = mlflow.MlflowClient();"
-        "mv = c.get_model_version_by_alias('alzstage', 'champion');"
-        "ch = c.get_model_version_by_alias('alzstage', 'challenger');"
+        # one registered model per dataset: <promote.model_name>-<dataset>
+        "mv = c.get_model_version_by_alias('alzstage-demo', 'champion');"
+        "ch = c.get_model_version_by_alias('alzstage-demo', 'challenger');"
         "print(json.dumps([mv.version, ch.version, mv.tags.get('split_fingerprint', '')]))"
     )
     out = _run([sys.executable, "-c", code], project).stdout.strip().splitlines()[-1]
@@ -193,8 +212,10 @@ def test_second_repro_is_noop_and_metrics_show(project: Path) -> None:
     out = _run(["dvc", "repro"], project).stdout
     assert "didn't change" in out or "up to date" in out, out
     assert "Running stage" not in out
-    shown = _run(["dvc", "metrics", "show", "--json"], project).stdout
-    assert "balanced_accuracy" in shown
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project).stdout)
+    files = shown[""]["data"]
+    assert set(files) == {"reports/headline.json", "reports/cv/metrics.json"}, files
+    assert "bacc" in files["reports/headline.json"]["data"]
     plots = _run(["dvc", "plots", "show", "--json"], project).stdout
     assert "train_history" in plots and "confusion" in plots
 

@@ -143,3 +143,23 @@ def test_code_deps_are_repository_paths_of_existing_files() -> None:
     for stage in STAGES:
         for dep in code_deps(stage):
             assert dep.startswith("src/alzstage/") and (REPO / dep).is_file(), dep
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_dvc_metrics_are_the_headlines_only() -> None:
+    # The detail (metrics.json, split.json, validation.json, train.json) is stage outputs.
+    main = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert main["metrics"] == ["reports/headline.json"]
+    per_stage = {}
+    for name, (_, spec) in dvc_stages().items():
+        for entry in spec.get("metrics", []):
+            per_stage[name] = [
+                *per_stage.get(name, []),
+                *(entry if isinstance(entry, dict) else [entry]),
+            ]
+    assert per_stage == {
+        "evaluate": ["reports/headline.json"],
+        "cv_report": ["reports/cv/metrics.json"],
+    }

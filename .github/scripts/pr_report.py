@@ -32,6 +32,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 SMALL_SAMPLE = HERE / "small_sample.py"
 # The metrics a reviewer looks at first; the full diff follows in a collapsed block.
+# reports/headline.json is the pipeline's only DVC metric; the detail files are stage
+# outputs, which `dvc metrics diff` reads when they are named as targets.
+DIFF_TARGETS = ["reports/headline.json", "reports/metrics.json", "reports/train.json"]
 HEADLINE = [
     ("reports/metrics.json", "balanced_accuracy"),
     ("reports/metrics.json", "macro_f1"),
@@ -189,7 +192,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             "in a worktree. Figures from one epoch on a few dozen synthetic slices: they "
             "show that the pipeline works and which way a change moves, not model quality."
         )
-        proc = sh(["dvc", "metrics", "diff", rev, "--all", "--json"], repo, check=False)
+        proc = sh(
+            ["dvc", "metrics", "diff", rev, "--all", "--json", "--targets", *DIFF_TARGETS],
+            repo,
+            check=False,
+        )
         if proc.returncode == 0 and proc.stdout.strip():
             diff = json.loads(proc.stdout)
     else:
@@ -204,7 +211,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if rev:
         params_md = sh(["dvc", "params", "diff", rev, "--md"], repo, check=False).stdout
         parts += ["", "### `dvc params diff`", "", params_md.strip() or "No parameter changes."]
-        metrics_md = sh(["dvc", "metrics", "diff", rev, "--md"], repo, check=False).stdout
+        metrics_md = sh(
+            ["dvc", "metrics", "diff", rev, "--md", "--targets", *DIFF_TARGETS], repo, check=False
+        ).stdout
         parts += [
             "",
             "<details><summary><code>dvc metrics diff</code> (every changed metric)</summary>",

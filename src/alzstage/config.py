@@ -84,7 +84,8 @@ class Paths:
         self.quarantine_volumes = self.validation_dir / "quarantine_volumes.csv"
         self.split_report = self.reports / "split.json"
         self.train_report = self.reports / "train.json"
-        self.metrics = self.reports / "metrics.json"
+        self.metrics = self.reports / "metrics.json"  # evaluate's detail
+        self.headline = self.reports / "headline.json"  # the run's `dvc metrics show` row
         self.promotion = self.reports / "promotion.json"
         # Subject k-fold cross-validation (cv/dvc.yaml)
         self.cv_folds = self.processed / "cv" / "folds.csv"

@@ -102,13 +102,14 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         "evaluate",
         "alzstage.model.evaluate:run_evaluate_stage",
-        "Score the trained model on the test split; write reports/metrics.json and plots.",
+        "Score the trained model on the test split; write reports/headline.json and detail.",
         params=("base", "data", "model", "evaluate"),
         reads=(
             "models/model.keras",
             "models/train_run.json",
             "data/processed/split.csv",
             "reports/split.json",
+            "reports/validation.json",  # the validation counts in the headline
             "data/raw",  # test slices and the baselines' training thumbnails
         ),
     ),

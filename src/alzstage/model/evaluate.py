@@ -40,6 +40,7 @@ from alzstage.model.calibration import (
     calibration_report,
     reliability_table,
 )
+from alzstage.model.headline import headline
 from alzstage.model.metrics import (
     aggregate_by_subject,
     bootstrap_ci,
@@ -521,6 +522,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     train_run = read_json(paths.train_run)
     temperature, t_source = _temperature(train_run)
     split_info = read_json(paths.split_report)
+    validation = read_json(paths.validation_report)
     known = known_subjects(rows)
     subjects = np.where(known, rows["subject"].astype(str).str.strip(), "") if known.any() else None
     report = build_report(
@@ -606,6 +608,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
 
     report = json_safe(report)
     write_json(paths.metrics, report)
+    write_json(paths.headline, headline(report, split_info, validation))
     card_file = paths.reports / "model_card.md"
     write_text(
         card_file,
@@ -620,6 +623,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     return StageResult(
         metrics=metrics,
         artifacts=[
+            paths.headline,
             paths.metrics,
             baselines_file,
             card_file,
