@@ -105,3 +105,30 @@ def corrupt_gzip(path: Path, source: Path) -> Path:
 
 def gzip_bytes(data: bytes) -> bytes:
     return gzip.compress(data)
+
+
+def header_bomb(path: Path, shape: tuple[int, ...], dtype=np.uint8) -> Path:
+    """A .nii.gz with a valid header declaring ``shape`` and that many zero voxels.
+
+    Tiny on disk (zeros compress ~1000:1), huge once inflated: issue 16's 640^3 volume
+    was 249 KB. Written in chunks, so making it never holds the voxels in memory.
+    """
+    import zlib
+
+    import nibabel as nib
+
+    header = nib.Nifti1Image(np.zeros((1, 1, 1), dtype), np.eye(4)).header
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_data_offset(352)
+    n_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = bytes(16 << 20)
+    with open(path, "wb") as f:
+        f.write(z.compress(header.binaryblock + b"\x00" * 4))
+        left = n_bytes
+        while left > 0:
+            f.write(z.compress(chunk[: min(left, len(chunk))]))
+            left -= len(chunk)
+        f.write(z.flush())
+    return path

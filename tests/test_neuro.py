@@ -7,12 +7,19 @@ transforms and resampled to coarse 3-4 mm grids so registration takes a second o
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from neuro_volumes import corrupt_gzip, moved_affine, save_nifti, synthetic_volume
+from neuro_volumes import (
+    corrupt_gzip,
+    header_bomb,
+    moved_affine,
+    save_nifti,
+    synthetic_volume,
+)
 
 from alzstage.config import ConfigError, NeuroPreprocessParams, NiftiQCParams, Params, parse_params
 from alzstage.model.inputs import ImageReadError
@@ -266,11 +273,80 @@ def test_corrupt_gzip_and_non_nifti_are_named(tmp_path: Path, template_scan: Pat
     _expect(CorruptVolume, lambda: load_volume(short), str(short), "truncated")
 
 
-def test_gzip_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
-    bomb = tmp_path / "bomb.nii.gz"
-    bomb.write_bytes(gzip.compress(b"\x00" * (8 << 20)))
-    err = _expect(VolumeTooLarge, lambda: load_volume(bomb, max_bytes=1 << 20), "max_volume_mb")
+def test_gzip_bomb_is_refused_from_its_header_before_inflating(tmp_path: Path) -> None:
+    # given issue 16's volume: a valid header declaring 640^3 uint8, 262 MB of zeros inside
+    bomb = header_bomb(tmp_path / "bomb.nii.gz", (640, 640, 640))
+    assert bomb.stat().st_size < 1 << 20
+    # when it is loaded, with a byte limit it would pass (1 GiB)
+    inflated: list[int] = []
+    real = zlib.decompressobj
+
+    def counting(*args: object) -> object:
+        d = real(*args)
+
+        class Counted:
+            eof = property(lambda self: d.eof)
+            unused_data = property(lambda self: d.unused_data)
+
+            def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+                out = d.decompress(data, max_length)
+                inflated.append(len(out))
+                return out
+
+        return Counted()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zlib, "decompressobj", counting)
+        err = _expect(VolumeTooLarge, lambda: load_volume(bomb), "640x640x640", "resample")
+    # then the voxel count is refused from the header: nothing past it was inflated
+    assert err.status == 413 and sum(inflated) <= 540
+
+
+def test_declared_bytes_over_the_limit_and_headerless_gzip_are_refused(tmp_path: Path) -> None:
+    f = header_bomb(tmp_path / "f64.nii.gz", (128, 128, 128), np.float64)  # 16.8 MB
+    err = _expect(VolumeTooLarge, lambda: load_volume(f, max_bytes=1 << 20), "max_volume_mb")
     assert err.status == 413
+    zeros = tmp_path / "zeros.nii.gz"
+    zeros.write_bytes(gzip.compress(b"\x00" * (8 << 20)))
+    _expect(UnsupportedVolume, lambda: load_volume(zeros), "not a NIfTI")
+
+
+def test_rgb_voxels_are_refused_from_the_header(tmp_path: Path) -> None:
+    rgb = np.zeros((16, 16, 16), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    f = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), f)
+    _expect(UnsupportedVolume, lambda: load_volume(f), "data type", "T1")
+
+
+def test_scaled_integer_voxels_read_as_nibabel_reads_them(tmp_path: Path) -> None:
+    data, affine = synthetic_volume(resolution=4.0)
+    img = nib.Nifti1Image(np.rint(data).astype(np.int16), affine)
+    img.header.set_slope_inter(0.5, 10.0)
+    f = tmp_path / "scaled.nii"
+    nib.save(img, f)
+    vol = load_volume(f)
+    np.testing.assert_allclose(vol.data, nib.load(f).get_fdata(), rtol=1e-6, atol=1e-3)
+
+
+def test_finer_than_1mm_is_resampled_at_load_and_qc_keeps_the_stored_size(
+    tmp_path: Path,
+) -> None:
+    # given a 0.5 mm volume: a coarse head with each voxel repeated 4x per axis
+    data, _ = synthetic_volume(resolution=4.0)
+    fine = np.repeat(np.repeat(np.repeat(data, 4, 0), 4, 1), 4, 2)
+    affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    f = save_nifti(tmp_path / "fine.nii.gz", fine, affine)
+    # when it is loaded
+    vol = load_volume(f)
+    # then it is held at 1 mm (half the voxels per axis) with exact geometry, and the
+    # stored voxel size is kept for the voxel-size rule
+    np.testing.assert_allclose(vol.zooms, (1.0, 1.0, 1.0))
+    assert vol.voxel_mm_on_disk == pytest.approx((0.5, 0.5, 0.5))
+    assert vol.data.shape == tuple((n - 1) // 2 + 1 for n in fine.shape)
+    np.testing.assert_allclose(vol.affine, np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert vol.data.mean() == pytest.approx(fine.astype(np.float32).mean(), rel=0.02)
+    block = (40, 48, 40)  # the middle of a 4-voxel block: its value survives the blur
+    assert vol.data[block] == pytest.approx(float(fine[80 + 1, 96 + 1, 80 + 1]), rel=0.05)
 
 
 def test_nan_voxels_and_voxel_size_break_the_rules(tmp_path: Path) -> None:

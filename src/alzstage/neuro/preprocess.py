@@ -72,18 +72,24 @@ def preprocess_volume(
             max_bytes = int(params.max_volume_mb * 2**20)
             volume = load_volume(source, name=name, max_bytes=max_bytes)
     name = volume.name
-    zooms = volume.zooms
+    zooms = volume.zooms  # after any resampling to 1 mm: what the arrays below are on
+    on_disk = volume.voxel_mm_on_disk
     qc: dict[str, Any] = {
         "shape": "x".join(str(s) for s in volume.shape_on_disk),
-        "voxel_min_mm": round(min(zooms), 4),
-        "voxel_max_mm": round(max(zooms), 4),
+        "voxel_min_mm": round(min(on_disk), 4),
+        "voxel_max_mm": round(max(on_disk), 4),
         "n_nonfinite": volume.n_nonfinite,
     }
     if rules is not None:
         check_measurements(qc, rules, name, {"voxel_min_mm", "voxel_max_mm", "n_nonfinite"})
     # Non-finite voxels are reported above; here they only must not poison the maths.
-    data = np.nan_to_num(volume.data, nan=0.0, posinf=0.0, neginf=0.0)
+    # In place when this function loaded the volume (no one else holds it): one array
+    # of the volume's size less at the peak.
+    data = np.nan_to_num(
+        volume.data, copy=isinstance(source, Volume), nan=0.0, posinf=0.0, neginf=0.0
+    )
     affine = volume.affine
+    del volume
 
     with _timed(timings, "normalise"):
         foreground = otsu_foreground(data, affine)
@@ -109,8 +115,12 @@ def preprocess_volume(
     if rules is not None:
         check_measurements(qc, rules, name, {"registration_score", "brain_ml"})
 
+    # Volume-sized arrays are dropped as soon as no later step needs them (issue 16:
+    # memory must stay bounded per request).
+    del clipped, foreground
     with _timed(timings, "normalise"):
         normalised = normalise_intensity(data, mask, params.normalise, params.clip_percentiles)
+    del data
 
     with _timed(timings, "slice"):
         z_mm = slice_positions(params.z_range_mm, params.n_slices)
