@@ -224,24 +224,25 @@ def fold_spread(pooled: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The few numbers ``dvc metrics show`` prints for CV (detail stays in report.json)."""
-    ci = report["ci"].get("balanced_accuracy") or {}
-    sub = report.get("subject_level", {})
-    spread = report["fold_spread"]["balanced_accuracy"]
-    pixel = report["baselines"]["baselines"].get("pixel", {})
-    diff = pixel.get("network_minus_baseline", {})
+    """The CV row of ``dvc metrics show``: the keys of ``reports/headline.json`` it shares.
+
+    Same names, so the default run and the CV line up in one table under 100 columns
+    (``alzstage.model.headline`` explains the width budget). The per-fold spread and the
+    baseline comparisons are in ``reports/cv/report.json`` and the stage summary.
+    """
+    from alzstage.model.headline import CI_DIGITS, _rounded
+
+    ci = report["ci"].get("balanced_accuracy")
+    subject = report.get("subject_level", {})
     return {
-        "k": report["k"],
-        "balanced_accuracy": round(report["balanced_accuracy"], 4),
-        "balanced_accuracy_ci_low": ci.get("low"),
-        "balanced_accuracy_ci_high": ci.get("high"),
-        "macro_f1": round(report["macro_f1"], 4),
-        "fold_balanced_accuracy_mean": round(spread["mean"], 4),
-        "fold_balanced_accuracy_sd": round(spread["sd"], 4),
-        "subject_balanced_accuracy": sub.get("balanced_accuracy"),
-        "baseline_pixel_balanced_accuracy": pixel.get("balanced_accuracy"),
-        "minus_pixel_ci_low": (diff.get("ci") or {}).get("low"),
-        "beats_pixel_baseline": bool(pixel.get("beats", False)),
+        "bacc": _rounded(report["balanced_accuracy"]),
+        "bacc_ci": f"{ci['low']:.{CI_DIGITS}f}-{ci['high']:.{CI_DIGITS}f}" if ci else None,
+        "f1": _rounded(report["macro_f1"]),
+        "qwk": _rounded(report["quadratic_weighted_kappa"]),
+        "ece": _rounded(report["ece"]),
+        "subj_bacc": _rounded(
+            subject.get("balanced_accuracy") if subject.get("available") else None
+        ),
     }
 
 
@@ -303,7 +304,16 @@ def run_cv_report(params: Params, paths: Paths) -> StageResult:
     spread = report["fold_spread"]["balanced_accuracy"]
     verdict = report["baselines"]["baselines"]["pixel"]["verdict"]
     return StageResult(
-        metrics={key: float(v) for key, v in head.items() if isinstance(v, (int, float))},
+        metrics={
+            **{key: float(v) for key, v in head.items() if isinstance(v, (int, float))},
+            "fold_bacc_mean": spread["mean"],
+            "fold_bacc_sd": spread["sd"],
+            **{
+                f"{name}_baseline_bacc": float(b["balanced_accuracy"])
+                for name, b in report["baselines"]["baselines"].items()
+            },
+            "beats_pixel_baseline": float(report["baselines"]["baselines"]["pixel"]["beats"]),
+        },
         artifacts=[paths.cv_reports / "report.json", paths.cv_reports / "metrics.json", oof],
         tags={
             "cv.k": str(k),
