@@ -97,6 +97,38 @@ def png_bytes(seed: int, size: tuple[int, int] = (52, 44)) -> bytes:
     return buf.getvalue()
 
 
+def png_of(gray: np.ndarray) -> bytes:
+    """A uint8 (H, W) array as PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(gray, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def mri_slices(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
+    """Real-like 208x176 slices from the demo generator, of subjects (seed 123) that the
+    demo champion's input check never saw: what the out-of-distribution check must pass.
+
+    Plain random-noise images (``png_bytes``) are flagged by it, so tests that need a
+    stage send these.
+    """
+    from alzstage.data.demo import generate_demo
+
+    records = generate_demo(
+        tmp_path_factory.mktemp("mri-slices"),
+        classes=CLASSES,
+        subjects_per_class=[1, 1, 1, 1],
+        slices_per_subject=4,
+        image_size=(208, 176),
+        seed=123,
+    )
+    out = []
+    for r in records:
+        with Image.open(r.path) as im:
+            out.append(np.asarray(im.convert("L")))
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory):
     """The session's registered demo champion, shared by the predict, serve and browser tests."""

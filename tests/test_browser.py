@@ -61,22 +61,24 @@ def server(demo: DemoChampion) -> Iterator[str]:
         yield url
 
 
-def _png(path: Path, seed: int, size: tuple[int, int] = (208, 176)) -> Path:
-    """A brain-ish slice: a bright ellipse on black with noise (something to look at)."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    inside = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.4 * w)) ** 2 < 1
-    img = np.where(inside, 140 + rng.normal(0, 25, size), 0).clip(0, 255).astype(np.uint8)
+def _png(path: Path, gray: np.ndarray) -> Path:
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
+    Image.fromarray(gray).save(buf, format="PNG")
     path.write_bytes(buf.getvalue())
     return path
 
 
-def test_upload_shows_stage_chart_gradcam_and_summary(server: str, tmp_path: Path) -> None:
+def test_upload_shows_stage_chart_gradcam_and_summary(
+    server: str, tmp_path: Path, mri_slices: list[np.ndarray]
+) -> None:
+    from test_ood import photo_like
+
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    scans = [_png(tmp_path / "slice_a.png", 0), _png(tmp_path / "slice_b.png", 1)]
+    scans = [
+        _png(tmp_path / "slice_a.png", mri_slices[0]),
+        _png(tmp_path / "slice_b.png", mri_slices[1]),
+    ]
+    holiday = _png(tmp_path / "holiday.png", photo_like(0))  # not a brain: no stage
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"this is not a PNG")
     requested: list[str] = []
@@ -105,7 +107,7 @@ def test_upload_shows_stage_chart_gradcam_and_summary(server: str, tmp_path: Pat
             expect(page.get_by_test_id("model-version")).to_contain_text("trained on dataset demo")
             expect(page.get_by_test_id("synthetic-demo")).to_be_visible()
 
-            page.set_input_files("#files", [str(p) for p in [*scans, bad]])
+            page.set_input_files("#files", [str(p) for p in [*scans, holiday, bad]])
             page.click("#submit")
             stages = page.get_by_test_id("stage")
             expect(stages).to_have_count(2, timeout=90_000)
@@ -116,18 +118,24 @@ def test_upload_shows_stage_chart_gradcam_and_summary(server: str, tmp_path: Pat
             charts = page.get_by_test_id("prob-chart")
             expect(charts).to_have_count(2)
             assert charts.first.locator("rect.bar").count() == len(classes)
-            # Grad-CAM overlays decoded by the browser, beside the originals.
-            for kind in ("gradcam", "original"):
+            # Grad-CAM overlays decoded by the browser, beside the originals (the
+            # out-of-distribution image is shown too, without an overlay).
+            for kind, n in (("gradcam", 2), ("original", 3)):
                 imgs = page.get_by_test_id(kind)
-                expect(imgs).to_have_count(2)
-                for i in range(2):
+                expect(imgs).to_have_count(n)
+                for i in range(n):
                     assert imgs.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+            # The photograph gets no stage, only why.
+            expect(page.get_by_test_id("ood")).to_have_count(1)
+            expect(page.get_by_test_id("ood")).to_contain_text("Out of distribution")
+            expect(page.get_by_test_id("ood-reason")).to_contain_text("not like the training MRI")
             # The unreadable file is reported, the batch still answered.
             expect(page.get_by_test_id("error")).to_contain_text("HTTP 415")
             summary = page.get_by_test_id("summary")
             expect(summary).to_be_visible()
             assert page.get_by_test_id("distribution-chart").locator("rect.bar").count() == 4
-            expect(page.locator("#confidence-table tbody tr")).to_have_count(3)
+            expect(page.locator("#confidence-table tbody tr")).to_have_count(4)
+            expect(page.locator("#confidence-table")).to_contain_text("out of distribution")
             expect(page.locator("#status")).to_contain_text("alzstage-demo v1 (synthetic demo")
 
             ARTIFACTS.mkdir(parents=True, exist_ok=True)

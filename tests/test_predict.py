@@ -38,10 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_png(path: Path, seed: int, size: tuple[int, int] = (52, 44)) -> Path:
-    """A grayscale PNG with seed-dependent pixels (PNG: lossless, so pixels are exact)."""
+    """A grayscale noise PNG (lossless): decodable, but out of distribution for the model."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
     Image.fromarray(pixels).save(path, format="PNG")
+    return path
+
+
+def write_slice(path: Path, gray: np.ndarray) -> Path:
+    """A real-like slice (from the ``mri_slices`` fixture) as a PNG: gets a stage."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(gray).save(path, format="PNG")
     return path
 
 
@@ -69,7 +76,7 @@ def _pyfunc_probs(demo: DemoChampion, files: list[Path]) -> np.ndarray:
     with scoped_tracking_uri(demo.tracking_uri):
         model = mlflow.pyfunc.load_model(demo.uri)
     arrays = np.stack([load_gray(f, demo.input_size) for f in files])
-    return model.predict(arrays)[demo.classes].to_numpy()
+    return model.predict(arrays)[demo.classes].to_numpy(dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -203,9 +210,9 @@ def test_summarize_counts_only_readable_images() -> None:
 
 
 def test_predict_json_matches_pyfunc_and_summarises(
-    project: Path, demo: DemoChampion, tmp_path: Path
+    project: Path, demo: DemoChampion, tmp_path: Path, mri_slices: list[np.ndarray]
 ) -> None:
-    files = [write_png(tmp_path / "in" / f"s{i}.png", i) for i in range(3)]
+    files = [write_slice(tmp_path / "in" / f"s{i}.png", mri_slices[i]) for i in range(3)]
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "in"), "--format", "json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -221,18 +228,25 @@ def test_predict_json_matches_pyfunc_and_summarises(
     for p in preds:
         assert p["stage"] == max(demo.classes, key=lambda c: p[c])
         assert p["low_confidence"] == (p["confidence"] < 0.5)
+        assert p["out_of_distribution"] is False and p["seen_in_training"] is False
     s = doc["summary"]
     assert s["n_images"] == 3 and sum(s["stage_counts"].values()) == 3
     assert s["low_confidence_threshold"] == 0.5
 
 
-def test_predict_table_csv_and_bad_file_in_batch(project: Path, tmp_path: Path) -> None:
-    write_png(tmp_path / "in" / "good.png", 0)
+def test_predict_table_csv_and_bad_file_in_batch(
+    project: Path, tmp_path: Path, mri_slices: list[np.ndarray]
+) -> None:
+    write_slice(tmp_path / "in" / "good.png", mri_slices[0])
+    write_png(tmp_path / "in" / "noise.png", 0, (208, 176))
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    table = CliRunner().invoke(app, ["predict", str(tmp_path / "in")])
+    table = CliRunner().invoke(app, ["predict", str(tmp_path / "in")], env={"COLUMNS": "200"})
     assert table.exit_code == 1  # a file failed: say so in the exit code...
     assert "good.png" in table.stdout and "batch summary" in table.stdout  # ...but still answer
     assert "broken.png" in table.stdout
+    # the noise is answered without a stage, and the reason is printed in full below
+    assert "out of distribution" in table.stdout
+    assert "noise.png: out of distribution, no stage: not like the training" in table.stdout
 
     csv = CliRunner().invoke(app, ["predict", str(tmp_path / "in" / "good.png"), "-f", "csv"])
     assert csv.exit_code == 0, csv.output
@@ -249,9 +263,11 @@ def test_predict_by_version_number(project: Path, demo: DemoChampion, tmp_path: 
     assert json.loads(result.stdout)["model"] == f"models:/alzstage-demo/{demo.version}"
 
 
-def test_gradcam_overlays_named_by_stem_without_clobbering(project: Path, tmp_path: Path) -> None:
-    a = write_png(tmp_path / "one" / "scan.png", 0)
-    b = write_png(tmp_path / "two" / "scan.png", 1)  # same stem, different folder
+def test_gradcam_overlays_named_by_stem_without_clobbering(
+    project: Path, tmp_path: Path, mri_slices: list[np.ndarray]
+) -> None:
+    a = write_slice(tmp_path / "one" / "scan.png", mri_slices[0])
+    b = write_slice(tmp_path / "two" / "scan.png", mri_slices[1])  # same stem, other folder
     out = tmp_path / "cams"
     args = ["predict", str(a), str(b), "--gradcam", str(out), "-f", "json"]
     first = CliRunner().invoke(app, args)
@@ -261,7 +277,7 @@ def test_gradcam_overlays_named_by_stem_without_clobbering(project: Path, tmp_pa
     doc = json.loads(first.stdout)
     assert {Path(p["gradcam"]).name for p in doc["predictions"]} == set(written)
     with Image.open(out / "scan.gradcam.png") as im:
-        assert im.mode == "RGB" and im.size == (44, 52)  # the original's own size
+        assert im.mode == "RGB" and im.size == (176, 208)  # the original's own size
     before = (out / "scan.gradcam.png").read_bytes()
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0, second.output
@@ -274,3 +290,18 @@ def test_gradcam_target_must_be_a_folder(project: Path, tmp_path: Path) -> None:
     blocker.write_text("")
     result = CliRunner().invoke(app, ["predict", str(img), "--gradcam", str(blocker)])
     assert result.exit_code == 2 and "not a folder" in result.output
+
+
+def test_predicting_a_training_slice_says_it_was_seen_in_training(
+    project: Path, demo: DemoChampion
+) -> None:
+    from alzstage.serve.demo import demo_training_files
+
+    train_file = demo_training_files(demo.root / "training-slices")[3]
+    result = CliRunner().invoke(app, ["predict", str(train_file), "-f", "json"])
+    assert result.exit_code == 0, result.output
+    (p,) = json.loads(result.stdout)["predictions"]
+    assert p["seen_in_training"] is True and p["training_correlation"] >= 0.999
+    assert p["stage"] in demo.classes
+    table = CliRunner().invoke(app, ["predict", str(train_file)], env={"COLUMNS": "200"})
+    assert "(seen in training)" in table.stdout

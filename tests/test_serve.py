@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, png_bytes, wait_until_up
+from conftest import free_port, png_bytes, png_of, wait_until_up
 from PIL import Image
 
 from alzstage.serve.demo import DemoChampion
@@ -73,14 +74,14 @@ def test_model_reports_version_alias_and_registry_metrics(client, demo: DemoCham
     assert client.get("/health").json()["model_loaded"] is True
 
 
-def test_predict_one_good_file_matches_the_pyfunc(client, demo: DemoChampion) -> None:
+def test_predict_one_good_file_matches_the_pyfunc(
+    client, demo: DemoChampion, mri_slices: list[np.ndarray]
+) -> None:
     import mlflow
 
-    from alzstage.model.inputs import to_model_array
-    from alzstage.model.predict import decode_image
     from alzstage.serve.demo import scoped_tracking_uri
 
-    data = png_bytes(0)
+    data = png_of(mri_slices[0])
     r = client.post("/predict", files=_files(("slice.png", data, "image/png")))
     assert r.status_code == 200, r.text
     body = r.json()
@@ -97,25 +98,31 @@ def test_predict_one_good_file_matches_the_pyfunc(client, demo: DemoChampion) ->
     }
     (p,) = body["predictions"]
     assert p["status"] == 200 and p["error"] is None and p["gradcam"] is None
-    assert (p["width"], p["height"]) == (44, 52)
+    assert (p["width"], p["height"]) == (176, 208)
+    assert p["out_of_distribution"] is False and p["ood_reason"] == ""
+    assert p["seen_in_training"] is False and 0.5 < p["training_correlation"] < 0.99
     assert list(p["probabilities"]) == demo.classes
     with scoped_tracking_uri(demo.tracking_uri):
         ref = mlflow.pyfunc.load_model(demo.uri)
-    expected = ref.predict(to_model_array(decode_image(data), demo.input_size)[None])
+    # the pyfunc takes the slice at its own size, as a client sends it
+    expected = ref.predict(mri_slices[0][None])
     got = np.array([p["probabilities"][c] for c in demo.classes])
-    np.testing.assert_allclose(got, expected[demo.classes].to_numpy()[0], atol=1e-6)
+    np.testing.assert_allclose(got, expected[demo.classes].to_numpy(np.float64)[0], atol=1e-6)
     assert p["stage"] == expected["stage"][0] and p["confidence"] == pytest.approx(got.max())
+    assert expected["out_of_distribution"][0] is False
 
 
-def test_predict_with_gradcam_returns_an_overlay_png(client) -> None:
-    r = client.post("/predict?gradcam=true", files=_files(("s.png", png_bytes(1), "image/png")))
+def test_predict_with_gradcam_returns_an_overlay_png(client, mri_slices: list[np.ndarray]) -> None:
+    r = client.post(
+        "/predict?gradcam=true", files=_files(("s.png", png_of(mri_slices[1]), "image/png"))
+    )
     assert r.status_code == 200
     url = r.json()["predictions"][0]["gradcam"]
     assert url.startswith("data:image/png;base64,")
     import base64
 
     with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
-        assert im.format == "PNG" and im.mode == "RGB" and im.size == (44, 52)
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (176, 208)
 
 
 def test_bad_file_alone_is_415_and_corrupt_file_is_422(client) -> None:
@@ -128,14 +135,14 @@ def test_bad_file_alone_is_415_and_corrupt_file_is_422(client) -> None:
     assert "truncated" in r.json()["detail"]
 
 
-def test_mixed_batch_still_answers_the_good_files(client) -> None:
+def test_mixed_batch_still_answers_the_good_files(client, mri_slices: list[np.ndarray]) -> None:
     r = client.post(
         "/predict",
         files=_files(
-            ("a.png", png_bytes(3), "image/png"),
+            ("a.png", png_of(mri_slices[2]), "image/png"),
             ("notes.txt", b"plain text", "text/plain"),
             ("cut.png", png_bytes(4)[:120], "image/png"),
-            ("b.png", png_bytes(5), "image/png"),
+            ("b.png", png_of(mri_slices[3]), "image/png"),
         ),
     )
     assert r.status_code == 200
@@ -156,6 +163,67 @@ def test_mixed_batch_still_answers_the_good_files(client) -> None:
 def test_missing_files_field_is_422_with_a_message(client) -> None:
     r = client.post("/predict")
     assert r.status_code == 422 and "multipart/form-data" in r.json()["detail"]
+
+
+# --------------------------------------------------------------------------- input check
+
+
+def test_out_of_distribution_images_get_no_stage_and_say_why(
+    client, mri_slices: list[np.ndarray]
+) -> None:
+    from test_ood import photo_like
+
+    # given two real-like slices and four things that are not brain MRI slices
+    files = _files(
+        ("brain.png", png_of(mri_slices[0]), "image/png"),
+        ("black.png", png_of(np.zeros((208, 176), np.uint8)), "image/png"),
+        ("dot.png", png_of(np.full((1, 1), 128, np.uint8)), "image/png"),
+        ("noise.png", png_bytes(3, (208, 176)), "image/png"),
+        ("holiday.png", png_of(photo_like(0)), "image/png"),
+        ("brain2.png", png_of(mri_slices[1]), "image/png"),
+    )
+    # when they are sent together
+    r = client.post("/predict", files=files)
+    # then each non-brain image is answered (200) with the reason and no stage at all
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["out_of_distribution"] for p in preds] == [False, True, True, True, True, False]
+    for p in preds[1:5]:
+        assert p["status"] == 200 and p["error"] is None
+        assert p["stage"] is None and p["probabilities"] is None and p["confidence"] is None
+        assert p["ood_reason"].startswith("not like the training MRI slices")
+    assert "1x1 pixels" in preds[2]["ood_reason"]
+    assert preds[0]["stage"] and preds[5]["stage"]
+    s = r.json()["summary"]
+    assert (s["n_images"], s["n_predicted"], s["n_out_of_distribution"]) == (6, 2, 4)
+    assert s["out_of_distribution_files"] == ["black.png", "dot.png", "noise.png", "holiday.png"]
+    assert sum(s["stage_counts"].values()) == 2
+
+
+def test_only_out_of_distribution_images_is_still_an_answer(client) -> None:
+    r = client.post("/predict", files=_files(("n.png", png_bytes(1, (208, 176)), "image/png")))
+    assert r.status_code == 200
+    assert r.json()["summary"]["n_predicted"] == 0
+    assert r.json()["predictions"][0]["out_of_distribution"] is True
+
+
+def test_a_training_slice_is_flagged_seen_in_training(client, demo: DemoChampion) -> None:
+    from alzstage.serve.demo import demo_training_files
+
+    train_file = demo_training_files(demo.root / "training-slices")[7]
+    r = client.post("/predict", files=_files(("again.jpg", train_file.read_bytes(), "image/jpeg")))
+    (p,) = r.json()["predictions"]
+    assert p["seen_in_training"] is True and p["training_correlation"] >= 0.999
+    assert p["stage"] and p["out_of_distribution"] is False  # valid input, optimistic answer
+    assert r.json()["summary"]["seen_in_training_files"] == ["again.jpg"]
+
+
+def test_model_describes_its_input_check(client) -> None:
+    check = client.get("/model").json()["input_check"]
+    assert check["n_images"] == 96 and check["sizes"] == {"208x176": 96}
+    assert check["n_training_thumbnails"] == 96 and check["seen_threshold"] == 0.99
+    assert set(check["bounds"]) >= {"contrast", "foreground_fraction", "mean_correlation"}
+    assert "mean_thumbnail" not in check
 
 
 # --------------------------------------------------------------------------- limits
@@ -223,6 +291,85 @@ def test_no_disk_use_of_client_names_and_temp_files_cleaned(
     assert r.json()["predictions"][0]["filename"] == "alzstage-evil.png"  # display only
     assert not Path("/tmp/alzstage-evil.png").exists()
     assert list(spool.iterdir()) == []
+
+
+def test_request_pixel_budget_refuses_files_past_it(demo: DemoChampion) -> None:
+    # given three 3000x3000 PNGs (9 M pixels each, a few KB on the wire)
+    blank = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(blank, format="PNG")
+    files = _files(*[(f"{i}.png", blank.getvalue(), "image/png") for i in range(3)])
+    # when the request may decode 20 M pixels in total
+    with TestClient(_app(demo, max_request_pixels=20_000_000)) as c:
+        r = c.post("/predict", files=files)
+    # then the first two are decoded and the third is refused alone, naming the setting
+    preds = r.json()["predictions"]
+    assert [p["status"] for p in preds] == [200, 200, 413]
+    assert "max_request_pixels" in preds[2]["error"] and "20,000,000" in preds[2]["error"]
+
+
+def test_large_jpeg_is_shrunk_while_decoding() -> None:
+    from alzstage.model.inputs import PixelBudget, RequestTooLarge, decode_slice
+
+    big = io.BytesIO()
+    Image.new("L", (4000, 3000), 90).save(big, format="JPEG")
+    d = decode_slice(big.getvalue(), max_side=512)
+    assert (d.width, d.height) == (4000, 3000)  # the file's size, for the input check
+    assert 512 <= max(d.gray.shape) <= 1024  # decoded at 1/4 scale by the JPEG decoder
+    png = io.BytesIO()
+    Image.new("L", (4000, 3000), 90).save(png, format="PNG")
+    assert 512 <= max(decode_slice(png.getvalue(), max_side=512).gray.shape) <= 1024
+    budget = PixelBudget(13_000_000)
+    decode_slice(big.getvalue(), budget=budget)
+    with pytest.raises(RequestTooLarge):
+        decode_slice(big.getvalue(), budget=budget)
+
+
+def test_inference_gate_queues_then_answers_503_with_retry_after() -> None:
+    import asyncio
+
+    from alzstage.serve.guards import InferenceGate
+
+    release = asyncio.Event()
+    idle_calls: list[int] = []
+
+    async def slow_app(scope, receive, send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    gate = InferenceGate(slow_app, max_active=1, max_queued=2, on_idle=lambda: idle_calls.append(1))
+
+    async def call(path: str = "/predict") -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+        await gate(scope, receive, send)
+        return sent
+
+    async def scenario() -> tuple[list[list[dict]], list[dict], list[dict], tuple[int, int]]:
+        admitted = [asyncio.create_task(call()) for _ in range(3)]  # 1 runs, 2 wait
+        await asyncio.sleep(0.05)
+        state = (gate.active, gate.waiting)
+        refused = await call()  # the fourth finds every slot and queue place taken
+        other = asyncio.create_task(call("/health"))  # not gated
+        await asyncio.sleep(0.05)
+        release.set()
+        return [await t for t in admitted], refused, await other, state
+
+    done, refused, other, state = asyncio.run(scenario())
+    assert state == (1, 2)
+    assert [m[0]["status"] for m in done] == [200, 200, 200] and other[0]["status"] == 200
+    assert refused[0]["status"] == 503
+    headers = dict(refused[0]["headers"])
+    assert headers[b"retry-after"] == b"5"
+    assert b"server busy" in refused[1]["body"]
+    assert (gate.active, gate.waiting) == (0, 0) and idle_calls  # memory handed back
 
 
 # --------------------------------------------------------------------------- no champion
@@ -305,6 +452,92 @@ def test_openapi_docs_are_served_without_a_cdn(client) -> None:
     assert client.get(js).status_code == 200
 
 
+# --------------------------------------------------------------------------- headers & origins
+
+
+def test_every_response_says_nosniff(client, demo: DemoChampion) -> None:
+    docs_js = client.get("/docs").text.split('src="', 1)[1].split('"', 1)[0]
+    responses = [
+        client.get("/"),
+        client.get("/health"),
+        client.get("/model"),
+        client.get("/docs"),
+        client.get(docs_js),
+        client.get("/openapi.json"),
+        client.get("/static/app.js"),
+        client.get("/static/missing.js"),
+        client.get("/no-such-route"),
+        client.post("/predict"),  # 422
+        client.post("/predict", files=_files(("x.txt", b"text", "text/plain"))),  # 415
+        client.post("/predict", headers={"Origin": "http://evil.example"}),  # 403
+    ]
+    with TestClient(_app(demo, max_request_bytes=10)) as small:
+        responses.append(small.post("/predict", content=b"x" * 100))  # 413 from middleware
+    for r in responses:
+        assert r.headers.get("x-content-type-options") == "nosniff", (r.url, r.status_code)
+        assert r.headers.get("x-frame-options") == "DENY"
+    assert "default-src 'self'" in responses[0].headers["content-security-policy"]
+
+
+def test_cross_origin_post_is_refused_before_the_body_is_read(
+    client, mri_slices: list[np.ndarray], demo: DemoChampion
+) -> None:
+    files = _files(("a.png", png_of(mri_slices[0]), "image/png"))
+    # a page on another site: refused, and no CORS header lets it read anything
+    r = client.post("/predict", files=files, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin POST" in r.json()["detail"]
+    assert "access-control-allow-origin" not in r.headers
+    r = client.post("/predict", files=files, headers={"Origin": "null"})  # sandboxed page
+    assert r.status_code == 403
+    # the server's own page (same scheme, host and port) and scripts (no Origin) are served
+    assert client.post("/predict", files=files, headers={"Origin": "http://testserver"}).is_success
+    assert client.post("/predict", files=files).is_success
+    # GETs are not refused: they change nothing
+    assert client.get("/health", headers={"Origin": "http://evil.example"}).status_code == 200
+    # an origin the operator allows
+    app = _app(demo, allowed_origins=("https://dashboard.team",))
+    with TestClient(app) as c:
+        r = c.post("/predict", files=files, headers={"Origin": "https://dashboard.team"})
+    assert r.status_code == 200
+
+
+def test_dns_rebinding_host_is_refused_on_loopback() -> None:
+    import asyncio
+
+    from alzstage.serve.guards import OriginGuard
+
+    async def ok_app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = OriginGuard(ok_app, allowed_hosts=("alz.internal",))
+
+    def status(host: str, server: str = "127.0.0.1") -> int:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/model",
+            "scheme": "http",
+            "server": (server, 8000),
+            "headers": [(b"host", host.encode())],
+        }
+        asyncio.run(guard(scope, receive, send))
+        return sent[0]["status"]
+
+    for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "alz.internal:8000"):
+        assert status(host) == 200, host
+    assert status("attacker.example:8000") == 421  # rebound to 127.0.0.1
+    assert status("attacker.example:8000", server="10.0.0.5") == 200  # not loopback: no rule
+
+
 # --------------------------------------------------------------------------- schemathesis
 
 
@@ -345,21 +578,39 @@ def test_api_conforms_to_its_openapi_schema(demo: DemoChampion) -> None:
 # --------------------------------------------------------------------------- mlflow serve
 
 
+def _invoke(port: int, payload: object) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
 @pytest.mark.integration
-def test_mlflow_models_serve_returns_the_cli_probabilities(
-    demo: DemoChampion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_mlflow_models_serve_takes_native_slices_like_the_cli(
+    demo: DemoChampion,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mri_slices: list[np.ndarray],
 ) -> None:
-    """``mlflow models serve`` on the champion == ``alzstage predict`` within 1e-5."""
+    """The real ``mlflow models serve`` on the champion: native 208x176 slices give the
+    CLI's numbers (1e-5), a network-size slice is accepted, an out-of-distribution one is
+    flagged with the same fields, and a malformed request is a 400, not a 500."""
     from typer.testing import CliRunner
 
     from alzstage.cli import app
-    from alzstage.model.inputs import load_gray
+    from alzstage.model.inputs import to_model_array
 
     files = []
     for i in range(3):
         path = tmp_path / "in" / f"s{i}.png"
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(png_bytes(20 + i, (60, 50)))
+        path.write_bytes(png_of(mri_slices[i]))
         files.append(path)
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "params.yaml").write_text((REPO / "params.yaml").read_text())
@@ -387,25 +638,34 @@ def test_mlflow_models_serve_returns_the_cli_probabilities(
         monkeypatch.setenv("ALZSTAGE_ROOT", str(tmp_path / "project"))
         cli = CliRunner().invoke(app, ["predict", *map(str, files), "-f", "json"])
         assert cli.exit_code == 0, cli.output
-        cli_probs = np.array(
-            [[p[c] for c in demo.classes] for p in json.loads(cli.stdout)["predictions"]]
-        )
+        cli_preds = json.loads(cli.stdout)["predictions"]
+        cli_probs = np.array([[p[c] for c in demo.classes] for p in cli_preds])
 
         wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log, "mlflow models serve")
 
-        pixels = [load_gray(f, demo.input_size).tolist() for f in files]
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": pixels}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as r:
-            served = json.loads(r.read())["predictions"]
+        # native 208x176 slices, as exported: the CLI's probabilities and fields
+        status, body = _invoke(port, {"inputs": [g.tolist() for g in mri_slices[:3]]})
+        assert status == 200, body
+        served = body["predictions"]
         served_probs = np.array([[p[c] for c in demo.classes] for p in served])
         np.testing.assert_allclose(served_probs, cli_probs, atol=1e-5)
-        assert [p["stage"] for p in served] == [
-            p["stage"] for p in json.loads(cli.stdout)["predictions"]
-        ]
+        assert [p["stage"] for p in served] == [p["stage"] for p in cli_preds]
+        for p in served:
+            assert p["out_of_distribution"] is False and p["seen_in_training"] is False
+        # a slice already at the network's input size is accepted too
+        small = to_model_array(mri_slices[0], demo.input_size)
+        status, body = _invoke(port, {"inputs": [small.tolist()]})
+        assert status == 200 and body["predictions"][0]["stage"] in demo.classes
+        # an out-of-distribution slice: no stage, null probabilities, the reason
+        status, body = _invoke(port, {"inputs": [np.zeros((208, 176), np.uint8).tolist()]})
+        (p,) = body["predictions"]
+        assert status == 200 and p["out_of_distribution"] is True and p["stage"] is None
+        assert p[demo.classes[0]] is None and "contrast 0" in p["ood_reason"]
+        # malformed: one 2D slice without the batch axis, and pixel values that are text
+        for bad in ({"inputs": mri_slices[0].tolist()}, {"inputs": [[["a", "b"]]]}):
+            status, body = _invoke(port, bad)
+            assert status == 400, (status, body)
+            assert "Traceback" not in body.get("message", "")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -253,7 +253,7 @@ def predict(
         table.add_column("stage", overflow="fold")
         for col in ["confidence", *loaded.classes]:
             table.add_column(col)
-        errors = []
+        errors, notes = [], []
         for _, r in df.iterrows():
             shown = Path(r["file"]).name
             if r.get("kind") == "volume" and not r.get("error"):
@@ -262,10 +262,16 @@ def predict(
                 table.add_row(shown, "[red]unreadable[/red]", "", *[""] * len(loaded.classes))
                 errors.append(r["error"])
                 continue
+            if r.get("out_of_distribution") is True:  # no stage: alzstage.model.ood
+                ood = "[yellow]out of distribution[/yellow]"
+                table.add_row(shown, ood, "", *[""] * len(loaded.classes))
+                notes.append(f"{shown}: out of distribution, no stage: {r['ood_reason']}")
+                continue
             flag = " [yellow](low)[/yellow]" if r["low_confidence"] else ""
+            seen = r.get("seen_in_training") is True
             table.add_row(
                 shown,
-                r["stage"],
+                r["stage"] + (" [cyan](seen in training)[/cyan]" if seen else ""),
                 f"{r['confidence']:.3f}{flag}",
                 *[f"{r[c]:.3f}" for c in loaded.classes],
             )
@@ -274,6 +280,8 @@ def predict(
         console.print(f"model {loaded.info.label}: {loaded.info.provenance}", style=style)
         for err in errors:  # in full below the table, where a long path does not wrap
             console.print(f"[red]error:[/red] {err}", highlight=False)
+        for note in notes:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
         for d in details:
             if "error" in d:
                 continue

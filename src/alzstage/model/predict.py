@@ -26,36 +26,25 @@ import pandas as pd
 from alzstage import tracking
 from alzstage.data.identity import DEMO, ConfiguredDataset, configured_dataset
 from alzstage.errors import ImageReadError, ModelError, ModelNotFound  # re-exported
-from alzstage.model.inputs import to_model_array
+from alzstage.model.inputs import (  # decoding lives with the other input code; re-exported
+    DEFAULT_MAX_PIXELS,
+    IMAGE_FORMATS,  # noqa: F401
+    CorruptImage,  # noqa: F401
+    DecodedImage,
+    ImageTooLarge,  # noqa: F401
+    UnsupportedImage,  # noqa: F401
+    decode_image,  # noqa: F401
+    decode_slice,
+    to_model_array,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
+    from alzstage.model.ood import InputCheck
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-IMAGE_FORMATS = ("JPEG", "PNG")
-# A 4096 x 4096 slice is already far beyond any MRI export; the cap exists so a tiny
-# compressed file cannot make the decoder allocate gigabytes (a decompression bomb).
-DEFAULT_MAX_PIXELS = 4096 * 4096
 # Registry tags (written by ``promote``) that describe how good the model is.
 METRIC_TAGS = ("balanced_accuracy", "macro_f1", "accuracy")
-
-
-class UnsupportedImage(ImageReadError):
-    """Not a JPEG or PNG at all (HTTP 415)."""
-
-    status = 415
-
-
-class CorruptImage(ImageReadError):
-    """Looks like a JPEG/PNG but cannot be decoded: truncated or damaged (HTTP 422)."""
-
-    status = 422
-
-
-class ImageTooLarge(ImageReadError):
-    """More pixels than the decompression-bomb guard allows (HTTP 422)."""
-
-    status = 422
 
 
 # --------------------------------------------------------------------------- inputs
@@ -94,49 +83,6 @@ def expand_inputs(items: Iterable[str]) -> list[Path]:
                 elif wanted(m):
                     found.append(m)
     return sorted(dict.fromkeys(q.resolve() for q in found))
-
-
-def decode_image(
-    source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
-) -> np.ndarray:
-    """Decode a JPEG or PNG (path or bytes) to grayscale uint8 (H, W) at its own size.
-
-    Only JPEG and PNG decoders are tried, so an upload cannot reach Pillow's rarer (and
-    historically buggier) format plugins. The pixel count is checked from the header
-    before any pixel is decoded. Errors are :class:`ImageReadError` subclasses whose
-    ``status`` is the HTTP code the API answers with; ``name`` labels bytes in messages.
-    """
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    name = name or (str(source) if isinstance(source, Path) else "upload")
-    fp = source if isinstance(source, Path) else io.BytesIO(source)
-    try:
-        with Image.open(fp, formats=IMAGE_FORMATS) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageTooLarge(
-                    f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
-                    "(decompression-bomb guard); downscale the image (alzstage serve: --max-pixels)"
-                )
-            im.load()
-            gray = im.convert("L")
-    except ImageReadError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{name}: {exc}") from None
-    except UnidentifiedImageError:
-        raise UnsupportedImage(
-            f"{name}: not a JPEG or PNG image; send a .jpg/.jpeg or .png MRI slice"
-        ) from None
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise CorruptImage(
-            f"{name}: the image is damaged or truncated ({exc}); re-export it as JPEG or PNG"
-        ) from None
-    return np.asarray(gray, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------- model
@@ -317,24 +263,15 @@ def _resolve_registry(
     report is exactly the one whose weights were loaded, even if the alias moves while
     loading, and a local store needs no download into a temp folder.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     parsed = parse_registry_uri(uri)
     assert parsed is not None
     name, version, alias = parsed
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
     try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, str(version))
-        )
-        location = client.get_model_version_download_uri(name, mv.version)
-    except MlflowException as exc:
-        raise _no_model(uri, exc.message.splitlines()[0]) from None
-    info = ModelInfo(uri=uri, name=name, version=str(mv.version), alias=alias, tags=dict(mv.tags))
-    return info, location
+        found = tracking.resolve_registered(name, version, alias, tracking_uri, registry_uri)
+    except ModelNotFound as exc:
+        raise _no_model(uri, str(exc)) from None
+    info = ModelInfo(uri=uri, name=name, version=found.version, alias=alias, tags=found.tags)
+    return info, found.location
 
 
 def _load_keras_file(path: Path) -> Any:
@@ -372,6 +309,9 @@ class LoadedModel:
     ``tracking_uri`` / ``registry_uri`` (default: MLflow's current ones) name the store
     explicitly, so neither the CLI nor the API server has to change MLflow's process-wide
     settings (which MLflow also copies into ``os.environ``) just to read a model.
+
+    A registry model carries its input check and training thumbnails (``check``); a bare
+    ``.keras`` file has neither, and its results say ``out_of_distribution: null``.
     """
 
     def __init__(
@@ -382,42 +322,60 @@ class LoadedModel:
         tracking_uri: str | None = None,
         registry_uri: str | None = None,
     ) -> None:
+        from alzstage.model.pyfunc import ClassifierBundle
+
         self.uri = uri
         self.info = ModelInfo(uri=uri)
         if uri.endswith(".keras"):
-            self._keras = _load_keras_file(Path(uri))
-            self.classes, self.size, self.temperature = list(classes), tuple(input_size), 1.0
-            self._pyfunc = None
+            keras_model = _load_keras_file(Path(uri))
+            self.bundle = ClassifierBundle(keras_model, list(classes), tuple(input_size))
             return
-        import mlflow.pyfunc
-        from mlflow.exceptions import MlflowException
-
         location = uri
         if parse_registry_uri(uri):
             self.info, location = _resolve_registry(uri, tracking_uri, registry_uri)
         try:
-            self._pyfunc = mlflow.pyfunc.load_model(location)
-        except (MlflowException, OSError) as exc:
-            first = getattr(exc, "message", str(exc)).splitlines()[0]
-            raise _no_model(uri, first) from None
-        inner: Any = self._pyfunc.unwrap_python_model()
-        self.classes, self.size = list(inner.classes), tuple(inner.size)
-        self.temperature = float(inner.temperature)
-        self._keras = inner.model
+            _, inner = tracking.load_pyfunc(location)
+        except ModelNotFound as exc:
+            raise _no_model(uri, str(exc)) from None
+        # Models logged before the bundle existed unpickle into the same class and
+        # rebuild it in load_context, so every registry model has one.
+        self.bundle = inner.bundle
+
+    @property
+    def classes(self) -> list[str]:
+        return self.bundle.classes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.bundle.size
+
+    @property
+    def temperature(self) -> float:
+        return self.bundle.temperature
+
+    @property
+    def has_input_check(self) -> bool:
+        return self.bundle.guard is not None
 
     @property
     def keras_model(self) -> Any:
         """The Keras network itself (for Grad-CAM, which needs gradients, not a pyfunc)."""
-        return self._keras
+        return self.bundle.model
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities (N, n_classes) for uint8 (N, H, W) images."""
-        from alzstage.model.pyfunc import probabilities
+        """Calibrated probabilities (N, n_classes) for uint8 (N, H, W) images.
 
-        if self._pyfunc is None:
-            return probabilities(self._keras, images, self.size, self.temperature)
-        out = self._pyfunc.predict(np.asarray(images, dtype=np.uint8))
-        return out[self.classes].to_numpy(dtype=np.float64)
+        The pyfunc's own numbers (same function, same temperature), without its input
+        check: callers run :meth:`check` first, on the images at their native size.
+        """
+        return self.bundle.probabilities(np.asarray(images, dtype=np.uint8))
+
+    def check(
+        self, grays: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[InputCheck | None]:
+        """The stored input check's verdict per image (``None`` each without a check)."""
+        found = self.bundle.check(list(grays), None if sizes is None else list(sizes))
+        return [None] * len(grays) if found is None else list(found)
 
     def gradcam_overlays(
         self, model_arrays: np.ndarray, display: Sequence[np.ndarray]
@@ -431,14 +389,19 @@ class LoadedModel:
 
         if len(model_arrays) == 0:
             return []
-        maps = gradcam(self._keras, np.asarray(model_arrays, dtype=np.uint8))
+        maps = gradcam(self.keras_model, np.asarray(model_arrays, dtype=np.uint8))
         return [overlay(img, m) for img, m in zip(display, maps, strict=True)]
 
 
 # --------------------------------------------------------------------------- batch
 
 
-def display_image(gray: np.ndarray, max_side: int = 512) -> np.ndarray:
+# Decoded slices are kept at most this large (shrunk while decoding): the Grad-CAM
+# display size, well above the network input and the input check's 64 px.
+DISPLAY_MAX_SIDE = 512
+
+
+def display_image(gray: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
     """The original slice, shrunk to at most ``max_side`` so overlays stay small files."""
     h, w = gray.shape
     scale = max_side / max(h, w)
@@ -458,6 +421,29 @@ def prediction_row(classes: list[str], probs: np.ndarray, low_confidence: float)
     }
     row.update({c: float(v) for c, v in zip(classes, probs, strict=True)})
     return row
+
+
+def check_fields(check: InputCheck | None) -> dict[str, Any]:
+    """The input check's columns of a result row; nulls for a model stored without one."""
+    if check is None:
+        return {
+            "out_of_distribution": None,
+            "ood_reason": "",
+            "seen_in_training": None,
+            "training_correlation": None,
+        }
+    return check.as_dict()
+
+
+def out_of_distribution_row(check: InputCheck) -> dict[str, Any]:
+    """No stage, no probabilities: only why the image is not like the training slices."""
+    return {
+        "stage": "",
+        "confidence": np.nan,
+        "low_confidence": False,
+        "error": "",
+        **check_fields(check),
+    }
 
 
 def unique_png(out_dir: Path, stem: str, taken: set[str]) -> Path:
@@ -485,16 +471,16 @@ def predict_files(
 ) -> pd.DataFrame:
     """One row per file; unreadable files get an error row, the others still get results.
 
-    With ``gradcam_dir``, each readable file also gets an overlay PNG there (column
+    Each readable file is judged by the model's input check first: one that is out of
+    distribution gets ``out_of_distribution`` and its reason instead of a stage. With
+    ``gradcam_dir``, each predicted file also gets an overlay PNG there (column
     ``gradcam``), named after its stem.
     """
-    good: list[Path] = []
-    arrays: list[np.ndarray] = []
-    originals: list[np.ndarray] = []
+    decoded: list[tuple[Path, DecodedImage]] = []
     rows: list[dict[str, Any]] = []
     for f in files:
         try:
-            gray = decode_image(Path(f), max_pixels)
+            decoded.append((f, decode_slice(Path(f), max_pixels, max_side=DISPLAY_MAX_SIDE)))
         except ImageReadError as exc:
             rows.append(
                 {
@@ -505,12 +491,15 @@ def predict_files(
                     "error": str(exc),
                 }
             )
-            continue
-        arrays.append(to_model_array(gray, model.size))
-        originals.append(gray)
-        good.append(f)
-    if arrays:
-        batch = np.stack(arrays)
+    checks = model.check([d.gray for _, d in decoded], [(d.height, d.width) for _, d in decoded])
+    good = []
+    for (f, d), check in zip(decoded, checks, strict=True):
+        if check is not None and check.out_of_distribution:
+            rows.append({"file": str(f), **out_of_distribution_row(check)})
+        else:
+            good.append((f, d, check))
+    if good:
+        batch = np.stack([to_model_array(d.gray, model.size) for _, d, _ in good])
         probs = model.predict(batch)
         overlays: list[Path | None] = [None] * len(good)
         if gradcam_dir is not None:
@@ -518,18 +507,25 @@ def predict_files(
 
             gradcam_dir.mkdir(parents=True, exist_ok=True)
             taken: set[str] = set()
-            pictures = model.gradcam_overlays(batch, [display_image(g) for g in originals])
-            for i, (f, rgb) in enumerate(zip(good, pictures, strict=True)):
+            pictures = model.gradcam_overlays(batch, [display_image(d.gray) for _, d, _ in good])
+            for i, ((f, _, _), rgb) in enumerate(zip(good, pictures, strict=True)):
                 target = unique_png(gradcam_dir, Path(f).stem, taken)
                 Image.fromarray(rgb).save(target, format="PNG")
                 overlays[i] = target
-        for f, p, ov in zip(good, probs, overlays, strict=True):
-            row = {"file": str(f), **prediction_row(model.classes, p, low_confidence)}
+        for (f, _, check), p, ov in zip(good, probs, overlays, strict=True):
+            row = {
+                "file": str(f),
+                **prediction_row(model.classes, p, low_confidence),
+                **check_fields(check),
+            }
             if gradcam_dir is not None:
                 row["gradcam"] = str(ov)
             rows.append(row)
     df = pd.DataFrame(rows)
     df["low_confidence"] = df["low_confidence"].astype(bool)
+    for c in model.classes:  # present (NaN) even when no file got probabilities
+        if c not in df:
+            df[c] = np.nan
     if gradcam_dir is not None:
         df["gradcam"] = df["gradcam"].fillna("") if "gradcam" in df else ""
     order = {str(f): i for i, f in enumerate(files)}
@@ -542,15 +538,30 @@ def summarize(df: pd.DataFrame, classes: list[str], low_confidence: float) -> di
     The mean probability per class is reported too: unlike the count of argmax stages,
     it does not hide a batch that is split 51/49 between two neighbouring stages.
     """
-    ok = df[df["error"].fillna("") == ""] if len(df) else df
+    file_col = "file" if "file" in df else "filename"
+    readable = df[df["error"].fillna("") == ""] if len(df) else df
+    ood = (
+        readable["out_of_distribution"].eq(True)  # None (unchecked) is not True
+        if "out_of_distribution" in readable
+        else pd.Series(False, index=readable.index)
+    )
+    seen = (
+        readable["seen_in_training"].eq(True)
+        if "seen_in_training" in readable
+        else pd.Series(False, index=readable.index)
+    )
+    ok = readable[~ood]
     n_ok = len(ok)
     counts = {c: int((ok["stage"] == c).sum()) if n_ok else 0 for c in classes}
     low = ok[ok["low_confidence"].astype(bool)] if n_ok else ok
-    file_col = "file" if "file" in df else "filename"
     return {
         "n_images": len(df),
         "n_predicted": n_ok,
-        "n_errors": len(df) - n_ok,
+        "n_errors": len(df) - len(readable),
+        "n_out_of_distribution": int(ood.sum()),
+        "out_of_distribution_files": [str(x) for x in readable[ood][file_col]],
+        "n_seen_in_training": int(seen.sum()),
+        "seen_in_training_files": [str(x) for x in readable[seen][file_col]],
         "stage_counts": counts,
         "stage_fractions": {c: (counts[c] / n_ok if n_ok else 0.0) for c in classes},
         "mean_probabilities": {

@@ -1,22 +1,34 @@
-"""The MLflow pyfunc that the registry serves: raw grayscale arrays in, probabilities out.
+"""The model the registry serves: raw grayscale slices in, checked probabilities out.
 
-Wrapping the Keras file in a pyfunc fixes the contract in one place (input size,
-class order, calibration temperature), so ``alzstage predict``, ``mlflow models serve``
-and the REST API all return the same numbers for the same pixels.
+Wrapping the Keras file with its ``meta.json`` fixes the contract in one place (input
+size, class order, calibration temperature, the input check fitted at train time), so
+``alzstage predict``, ``alzstage serve`` and ``mlflow models serve`` return the same
+numbers and the same ``out_of_distribution`` verdict for the same pixels.
+
+Slices come at any H x W (the Kaggle export is 208 x 176, the network takes its
+``input_size``) and are resized here, exactly as ``alzstage predict`` does, after the
+input check has judged them at their own size. The MLflow ``PythonModel`` adapter itself
+lives in :mod:`alzstage.tracking` (the one module that imports MLflow);
+:class:`ClassifierBundle` is everything it does.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
 from alzstage.model.calibration import apply_temperature
 from alzstage.model.inputs import to_model_array
+from alzstage.model.ood import THUMBNAILS_FILE, InputCheck, InputGuard, save_thumbnails_file
+
+# Columns after the per-class probabilities, in every pyfunc answer.
+CHECK_COLUMNS = ("out_of_distribution", "ood_reason", "seen_in_training", "training_correlation")
 
 
 def probabilities(
@@ -37,64 +49,191 @@ def probabilities(
     return apply_temperature(probs, temperature)
 
 
-class AlzstageModel(mlflow.pyfunc.PythonModel):
-    """pyfunc over ``model.keras`` + ``meta.json`` (classes, input size, temperature)."""
+def as_images(model_input: Any) -> list[np.ndarray]:
+    """The slices in a pyfunc input: a (N, H, W[, C]) array, one (H, W) slice, a list of
+    slices (sizes may differ) or a DataFrame of such arrays, each as a 2D/3D array."""
+    if isinstance(model_input, pd.DataFrame):
+        model_input = [np.asarray(v) for v in model_input.iloc[:, 0]]
+    if isinstance(model_input, list | tuple):
+        return [np.asarray(a) for a in model_input]
+    arr = np.asarray(model_input)
+    if arr.ndim == 2:
+        return [arr]
+    return list(arr)
 
-    def load_context(self, context: Any) -> None:
+
+@dataclass
+class ClassifierBundle:
+    """A Keras network with its contract: classes, input size, temperature, input check."""
+
+    model: Any
+    classes: list[str]
+    size: tuple[int, int]
+    temperature: float = 1.0
+    guard: InputGuard | None = None
+
+    @classmethod
+    def from_artifacts(cls, artifacts: dict[str, str]) -> ClassifierBundle:
+        """From the pyfunc's artifact paths, as MLflow hands them to ``load_context``."""
+        thumbs = artifacts.get("training_thumbnails")
+        keras_file, meta_file = Path(artifacts["keras_model"]), Path(artifacts["meta"])
+        return cls.load(keras_file, meta_file, Path(thumbs) if thumbs else None)
+
+    @classmethod
+    def load(cls, keras_file: Path, meta_file: Path, thumbnails: Path | None) -> ClassifierBundle:
+        """From the pyfunc's artifacts (``thumbnails`` absent in models older than the check)."""
         import keras
 
         import alzstage.model.build  # noqa: F401 - registers the custom preprocessing layer
 
-        self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
-        meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        self.classes: list[str] = meta["classes"]
-        self.size = tuple(meta["input_size"])
-        self.temperature = float(meta.get("temperature", 1.0))
+        meta = json.loads(Path(meta_file).read_text())
+        return cls(
+            model=keras.models.load_model(keras_file, compile=False),
+            classes=list(meta["classes"]),
+            size=(int(meta["input_size"][0]), int(meta["input_size"][1])),
+            temperature=float(meta.get("temperature", 1.0)),
+            guard=InputGuard.from_meta(meta, thumbnails),
+        )
 
-    # No type hints here: MLflow would try to derive (and enforce) a schema from them.
-    def predict(self, context, model_input, params=None):
-        """Probabilities per class plus the argmax stage for (N, H, W) grayscale arrays."""
-        arr = np.asarray(model_input)
-        probs = probabilities(self.model, arr, self.size, self.temperature)
-        out = pd.DataFrame(probs, columns=self.classes)
-        out.insert(0, "stage", [self.classes[i] for i in probs.argmax(axis=1)])
-        return out
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, n_classes); no input check (callers check first)."""
+        return probabilities(self.model, images, self.size, self.temperature)
+
+    def check(
+        self, grays: list[np.ndarray], sizes: list[tuple[int, int]] | None = None
+    ) -> list[InputCheck] | None:
+        """The input check's verdicts, or None for a model stored without one."""
+        return None if self.guard is None else self.guard.check(grays, sizes)
+
+    def predict_frame(self, model_input: Any) -> pd.DataFrame:
+        """The pyfunc answer: stage, one column per class, then :data:`CHECK_COLUMNS`.
+
+        An out-of-distribution slice gets no stage and no probabilities (nulls), only
+        the reason; the others are resized to the network's input and predicted.
+        """
+        grays = [_gray(a) for a in as_images(model_input)]
+        checks = self.check(grays)
+        usable = [i for i, c in enumerate(checks or [None] * len(grays)) if not _flagged(c)]
+        probs = (
+            self.probabilities(np.stack([to_model_array(grays[i], self.size) for i in usable]))
+            if usable
+            else np.zeros((0, len(self.classes)))
+        )
+        rows: list[dict[str, Any]] = []
+        by_index = dict(zip(usable, probs, strict=True))
+        for i in range(len(grays)):
+            p = by_index.get(i)
+            row: dict[str, Any] = {
+                "stage": None if p is None else self.classes[int(np.argmax(p))],
+                **{c: (None if p is None else float(p[k])) for k, c in enumerate(self.classes)},
+            }
+            if checks is None:
+                row.update(dict.fromkeys(CHECK_COLUMNS))
+            else:
+                row.update(checks[i].as_dict())
+            rows.append(row)
+        columns = ["stage", *self.classes, *CHECK_COLUMNS]
+        # object columns keep None as null in MLflow's JSON (a float column would send NaN)
+        return pd.DataFrame(rows, columns=columns, dtype=object)
 
 
-def log_pyfunc(model_file: Path, meta: dict, example: np.ndarray) -> str:
-    """Log the pyfunc into the active run, with signature and input example; returns its URI."""
+def _flagged(check: InputCheck | None) -> bool:
+    return check is not None and check.out_of_distribution
+
+
+def _gray(a: np.ndarray) -> np.ndarray:
+    """A 2D or (H, W, C) pixel array as uint8 (H, W) at its own size; else ImageReadError."""
+    arr = np.asarray(a)
+    return to_model_array(arr, (arr.shape[0], arr.shape[1]) if arr.ndim >= 2 else (1, 1))
+
+
+def example_input(meta: dict[str, Any]) -> np.ndarray:
+    """A blank slice at the most common training size (else the network's input size)."""
+    sizes = (meta.get("input_check") or {}).get("sizes") or {}
+    if sizes:
+        h, w = (int(v) for v in Counter(sizes).most_common(1)[0][0].split("x"))
+    else:
+        h, w = meta["input_size"]
+    return np.zeros((1, h, w), dtype=np.uint8)
+
+
+def log_pyfunc(
+    model_file: Path,
+    meta: dict,
+    example: np.ndarray | None = None,
+    training_thumbnails: np.ndarray | None = None,
+) -> str:
+    """Log the model into the active MLflow run; returns its URI.
+
+    ``meta`` (classes, input_size, temperature, backbone and, from the train command,
+    ``input_check``) becomes ``meta.json``; ``training_thumbnails`` (uint8 (N, 32, 32))
+    the leak guard's file. ``example`` is kept for callers of the old signature: the
+    logged example is a blank slice of the training size (:func:`example_input`), as a
+    client sends it.
+    """
     import tempfile
 
-    from mlflow.models import infer_signature
+    from alzstage import tracking
 
     with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"keras_model": Path(model_file)}
         meta_file = Path(tmp) / "meta.json"
         meta_file.write_text(json.dumps(meta, indent=2))
-        wrapper = AlzstageModel()
-        classes = meta["classes"]
-        out_example = pd.DataFrame(
-            np.full((len(example), len(classes)), 1.0 / len(classes)), columns=classes
+        artifacts["meta"] = meta_file
+        if training_thumbnails is not None:
+            thumbs = Path(tmp) / THUMBNAILS_FILE
+            save_thumbnails_file(thumbs, training_thumbnails)
+            artifacts["training_thumbnails"] = thumbs
+        return tracking.log_pyfunc_model(
+            artifacts,
+            ClassifierBundle.from_artifacts,
+            output_columns(meta["classes"]),
+            example_input(meta),
+            _requirements(),
         )
-        out_example.insert(0, "stage", classes[0])
-        signature = infer_signature(example, out_example)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=wrapper,
-            artifacts={"keras_model": str(model_file), "meta": str(meta_file)},
-            signature=signature,
-            input_example=example,
-            pip_requirements=_requirements(),
-        )
-    return info.model_uri
+
+
+def output_columns(classes: list[str]) -> dict[str, str]:
+    """Column name -> MLflow type of the answer, for the logged signature."""
+    return {
+        "stage": "string",
+        **dict.fromkeys(classes, "double"),
+        "out_of_distribution": "boolean",
+        "ood_reason": "string",
+        "seen_in_training": "boolean",
+        "training_correlation": "double",
+    }
 
 
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    pkgs = ["mlflow", "keras", "numpy", "pandas", "pillow"]
+    pkgs = ["mlflow", "keras", "numpy", "pandas", "pillow", "pydantic"]
     reqs = [f"{p}=={version(p)}" for p in pkgs]
     try:
         reqs.append(f"tensorflow-cpu=={version('tensorflow-cpu')}")
     except Exception:
         reqs.append(f"tensorflow=={version('tensorflow')}")
     return reqs
+
+
+_LEGACY_CLASS: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``AlzstageModel``: the class of models registered before the adapter moved to
+    :mod:`alzstage.tracking`. Their pickles name ``alzstage.model.pyfunc.AlzstageModel``
+    and carry no loader, so this subclass supplies :meth:`ClassifierBundle.from_artifacts`;
+    made on first use, so importing this module does not import MLflow."""
+    global _LEGACY_CLASS
+    if name != "AlzstageModel":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _LEGACY_CLASS is None:
+        from alzstage import tracking
+
+        _LEGACY_CLASS = type(
+            "AlzstageModel",
+            (tracking.AlzstageModel,),
+            {"load_bundle": staticmethod(ClassifierBundle.from_artifacts), "__module__": __name__},
+        )
+    return _LEGACY_CLASS

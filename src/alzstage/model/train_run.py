@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from alzstage.files import read_json, write_json
+from alzstage.model.ood import fit_from_split
 from alzstage.model.pyfunc import log_pyfunc
 from alzstage.model.train import run_train
 
@@ -32,7 +33,11 @@ def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageRes
         "temperature": report["temperature"],
         "backbone": params.model.resolved_backbone,
     }
-    model_uri = log_pyfunc(paths.model_file, meta, np.zeros((1, h, w), dtype=np.uint8))
+    # The input check and leak guard travel with the model (alzstage.model.ood).
+    check, thumbnails = fit_from_split(paths.split_file, paths.raw, (h, w))
+    meta["input_check"] = check.model_dump(mode="json")
+    example = np.zeros((1, h, w), dtype=np.uint8)
+    model_uri = log_pyfunc(paths.model_file, meta, example, training_thumbnails=thumbnails)
     write_json(
         paths.train_run,
         {

@@ -4,12 +4,21 @@ One FastAPI app serves three audiences from the same code path as ``alzstage pre
 scripts (``POST /predict``), people (the page at ``/``, with Grad-CAM so a prediction can
 be questioned, not just read) and operators (``/health``, ``/model``, ``/docs``).
 
-Hardening that matters for a service that decodes images from strangers:
+Hardening that matters for a service that decodes images from strangers
+(``docs/threat-model.md`` has the full list, with what is *not* defended):
 
 - request bodies and single files have size caps (413), checked before parsing where
   the client sends ``Content-Length`` and while streaming where it does not;
-- only JPEG and PNG decoders run, and the pixel count is capped before decoding
-  (decompression bombs);
+- only JPEG and PNG decoders run; the pixel count is capped per file and per request
+  before decoding (decompression bombs), and large images are shrunk while decoding;
+- NIfTI volumes are judged from their header (dimensions, data type, voxel count)
+  before a voxel is read (:mod:`alzstage.neuro.volume`);
+- at most ``max_concurrent`` prediction requests run and ``max_queued`` wait; more get
+  503, and freed memory goes back to the OS when the server is idle again;
+- each image is checked against the training images (:mod:`alzstage.model.ood`): one
+  that is not like them gets ``out_of_distribution`` and no stage;
+- cross-origin POSTs and DNS-rebound Host names are refused, and every response says
+  ``X-Content-Type-Options: nosniff`` (:mod:`alzstage.serve.guards`);
 - nothing a client sends (file names included) is used as a path; uploads stay in
   memory or in Starlette's anonymous spooled temp files, closed after each request;
 - errors are JSON with a message a person can act on, never a stack trace.
@@ -27,21 +36,42 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from alzstage.config import NeuroParams, NiftiQCParams
+from alzstage.errors import ImageReadError
+from alzstage.serve.guards import (
+    SECURITY_HEADERS,
+    BodyLimit,
+    InferenceGate,
+    OriginGuard,
+    SecurityHeaders,
+)
+from alzstage.serve.memory import release_memory
+from alzstage.serve.schemas import (
+    ERRORS,
+    ErrorResponse,
+    FileResult,
+    HealthResponse,
+    ModelRef,
+    ModelResponse,
+    PredictResponse,
+    SliceResult,
+    Summary,
+    VolumeResponse,
+    VolumeResult,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
+    from alzstage.model.inputs import DecodedImage
     from alzstage.model.predict import LoadedModel
 
 log = logging.getLogger("alzstage.serve")
@@ -84,177 +114,24 @@ class ServeSettings:
     max_request_bytes: int = 200 * 2**20
     max_files: int = 64
     max_pixels: int = 4096 * 4096
+    # Decoded pixels (from the headers) of all images in one request together: four
+    # maximum-size images, or 64 slices of 1024 x 1024. Without it, 64 files of 4096^2
+    # passed every per-file cap and cost 1 GB (issue 16).
+    max_request_pixels: int = 4 * 4096 * 4096
+    # Prediction requests running at once, and waiting; more get 503. Two overlap one
+    # request's decoding with another's inference; more would only share the same cores
+    # while multiplying peak memory.
+    max_concurrent: int = 2
+    max_queued: int = 8
+    # Origins besides this server's own that may POST (e.g. a team's dashboard), and
+    # Host names besides loopback ones served over loopback (e.g. behind a local proxy).
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     # NIfTI volumes (POST /predict/volume): how they are cut into slices and judged.
     max_volume_bytes: int = 128 * 2**20
     neuro: NeuroParams = field(default_factory=NeuroParams)
     nifti_qc: NiftiQCParams = field(default_factory=NiftiQCParams)
     image_size: tuple[int, int] = (208, 176)
-
-
-# --------------------------------------------------------------------------- schema
-
-
-class ModelRef(BaseModel):
-    """Which registered model version produced the answer, and what it was trained on."""
-
-    uri: str = Field(description="The reference the server was started with.")
-    name: str | None = Field(None, description="Registered model name.")
-    version: str | None = Field(None, description="Registry version actually loaded.")
-    alias: str | None = Field(None, description="Alias it was loaded through, e.g. champion.")
-    dataset: str | None = Field(
-        None, description="Dataset the model was trained on (one champion per dataset)."
-    )
-    recipe: str | None = Field(None, description="Training recipe: scratch or transfer.")
-    synthetic_demo: bool = Field(
-        False,
-        description="True when trained on the synthetic demo images: the answers mean "
-        "nothing for real scans.",
-    )
-    provenance: str = Field("", description="The same facts as one line, as the CLI prints.")
-
-
-class FileResult(BaseModel):
-    """The outcome for one uploaded file; files fail independently of each other."""
-
-    index: int = Field(description="Position of the file in the request.")
-    filename: str = Field(description="Client file name, for display only (never used on disk).")
-    status: int = Field(description="200, or the HTTP status this file alone would get.")
-    error: str | None = Field(None, description="Why the file could not be used.")
-    stage: str | None = None
-    confidence: float | None = Field(None, description="Calibrated probability of `stage`.")
-    low_confidence: bool | None = Field(
-        None, description="confidence is below the evaluate.low_confidence threshold."
-    )
-    probabilities: dict[str, float] | None = Field(
-        None, description="Temperature-calibrated probability per class, in class order."
-    )
-    gradcam: str | None = Field(
-        None, description="Grad-CAM overlay of the predicted class as a data:image/png URL."
-    )
-    width: int | None = Field(None, description="Width of the uploaded image in pixels.")
-    height: int | None = Field(None, description="Height of the uploaded image in pixels.")
-
-
-class SliceResult(BaseModel):
-    """One axial slice of a volume, in the training image format."""
-
-    index: int = Field(description="Slice number, inferior to superior.")
-    z_mm: float = Field(description="MNI z coordinate of the slice in mm.")
-    stage: str = Field(description="The slice's own most probable stage.")
-    confidence: float
-    probabilities: dict[str, float]
-    informative: bool = Field(
-        description="One of the neuro.gradcam_slices slices that most support the volume's stage."
-    )
-    image: str = Field(description="The slice as the model saw it, a data:image/png URL.")
-    gradcam: str | None = Field(
-        None, description="Grad-CAM of the volume's stage on this slice (informative slices)."
-    )
-
-
-class VolumeResult(BaseModel):
-    """The subject-level outcome for one uploaded NIfTI volume."""
-
-    index: int = Field(description="Position of the file in the request.")
-    filename: str = Field(description="Client file name, for display only (never used on disk).")
-    status: int = Field(description="200, or the HTTP status this file alone would get.")
-    error: str | None = Field(None, description="Why the volume could not be used.")
-    stage: str | None = Field(None, description="Subject-level stage pooled from the slices.")
-    confidence: float | None = None
-    low_confidence: bool | None = None
-    probabilities: dict[str, float] | None = Field(
-        None, description="Pooled probability per class, in class order."
-    )
-    aggregate: str | None = Field(None, description="Pooling rule: mean_log, mean or vote.")
-    n_slices: int | None = None
-    registration_score: float | None = Field(
-        None, description="Correlation with MNI152 after affine registration (0..1)."
-    )
-    qc: dict[str, float | int | str] | None = Field(
-        None, description="Per-volume measurements (voxel size, brain volume, tissue fractions)."
-    )
-    slices: list[SliceResult] | None = None
-
-
-class Summary(BaseModel):
-    """Batch statistics over the files that could be read."""
-
-    n_images: int
-    n_predicted: int
-    n_errors: int
-    stage_counts: dict[str, int]
-    stage_fractions: dict[str, float]
-    mean_probabilities: dict[str, float]
-    mean_confidence: float | None
-    min_confidence: float | None
-    low_confidence_threshold: float
-    n_low_confidence: int
-    low_confidence_files: list[str]
-
-
-class PredictResponse(BaseModel):
-    model: ModelRef
-    classes: list[str]
-    predictions: list[FileResult]
-    summary: Summary
-
-
-class VolumeResponse(BaseModel):
-    model: ModelRef
-    classes: list[str]
-    predictions: list[VolumeResult]
-    summary: Summary
-
-
-class ErrorResponse(BaseModel):
-    """Every error: a message saying what went wrong and how to fix it."""
-
-    detail: str
-    predictions: list[FileResult] | None = Field(
-        None, description="Per-file outcomes, when the request got as far as reading files."
-    )
-
-
-class ModelResponse(BaseModel):
-    uri: str
-    name: str | None
-    version: str | None
-    alias: str | None
-    dataset: str | None = Field(None, description="Dataset the model was trained on.")
-    recipe: str | None = Field(None, description="Training recipe: scratch or transfer.")
-    backbone: str | None = None
-    synthetic_demo: bool = Field(
-        False, description="True when trained on the synthetic demo images, not real MRI."
-    )
-    provenance: str = Field("", description="Dataset and recipe as one line.")
-    chosen_because: str = Field(
-        "", description="Why the server serves this model (the configured dataset's champion)."
-    )
-    classes: list[str]
-    input_size: list[int]
-    temperature: float = Field(description="Calibration temperature applied to every output.")
-    low_confidence_threshold: float
-    metrics: dict[str, float] = Field(
-        description="Test-split metrics from the registry tags (balanced_accuracy, macro_f1, "
-        "accuracy)."
-    )
-    split_strategy: str | None = None
-    split_leaky: bool | None = Field(
-        None, description="True when those metrics come from a leaky (slice-level) split."
-    )
-
-
-class HealthResponse(BaseModel):
-    status: str
-    model_loaded: bool
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "Request, file or file count over the limit."},
-    415: {"model": ErrorResponse, "description": "No file was a JPEG or PNG (or a NIfTI)."},
-    422: {"model": ErrorResponse, "description": "Malformed request or no usable image."},
-    503: {"model": ErrorResponse, "description": "No model to serve (no champion yet)."},
-}
 
 
 # --------------------------------------------------------------------------- model cache
@@ -297,56 +174,6 @@ class ModelCache:
         return self._model
 
 
-# --------------------------------------------------------------------------- body limit
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, before the multipart parser runs.
-
-    A declared ``Content-Length`` is checked up front; a chunked body is counted as it
-    streams in and cut off at the limit, so neither can fill the disk with temp files.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _detail(self) -> str:
-        return (
-            f"request body is over the limit of {self.max_bytes:,} bytes; send fewer or "
-            "smaller files per request, or start the server with a larger --max-request-mb"
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                await JSONResponse({"detail": "invalid Content-Length header"}, 400)(
-                    scope, receive, send
-                )
-                return
-            if too_big:
-                await JSONResponse({"detail": self._detail()}, 413)(scope, receive, send)
-                return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, self._detail())
-            return message
-
-        await self.app(scope, counted, send)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -365,63 +192,115 @@ def _png_data_url(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class UploadTooLarge(ImageReadError):
+    """One file over the size cap (HTTP 413); the rest of the batch still runs."""
+
+    status = 413
+
+
 @dataclass
 class _Upload:
+    """One file part of a request; its bytes are read (once) only when it is processed."""
+
     index: int
     filename: str
-    data: bytes | None = None
+    file: IO[bytes] | None = None
+    max_bytes: int = 0
+    how_to_fix: str = ""
     error: str | None = None
     status: int = 200
+
+    def fail(self, exc: ImageReadError) -> None:
+        self.error = str(exc)
+        self.status = int(getattr(exc, "status", 422))
+
+    def read(self) -> bytes:
+        """The file's bytes, up to ``max_bytes``; :class:`UploadTooLarge` beyond."""
+        assert self.file is not None
+        self.file.seek(0)
+        data = self.file.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise UploadTooLarge(self.too_large())
+        return data
+
+    def too_large(self) -> str:
+        return (
+            f"{self.filename}: file is over the limit of {self.max_bytes:,} bytes; "
+            f"{self.how_to_fix}"
+        )
+
+
+def _failed(up: _Upload) -> FileResult:
+    return FileResult(index=up.index, filename=up.filename, status=up.status, error=up.error)
+
+
+def _decode_all(uploads: list[_Upload], s: ServeSettings) -> list[tuple[_Upload, DecodedImage]]:
+    """Read and decode one file at a time, shrunk while decoding: at most one upload's
+    bytes are in memory at once, and what is kept per image is at most 512 px a side."""
+    from alzstage.model.inputs import PixelBudget, decode_slice
+    from alzstage.model.predict import DISPLAY_MAX_SIDE
+
+    budget = PixelBudget(s.max_request_pixels)
+    decoded = []
+    for up in uploads:
+        if up.error is not None:
+            continue
+        try:
+            image = decode_slice(up.read(), s.max_pixels, up.filename, DISPLAY_MAX_SIDE, budget)
+            decoded.append((up, image))
+        except ImageReadError as exc:
+            up.fail(exc)
+    return decoded
 
 
 def _run_batch(
     cache: ModelCache, uploads: list[_Upload], want_gradcam: bool
-) -> tuple[LoadedModel, list[FileResult]]:
-    """Decode, predict and explain one request's files (runs in a worker thread)."""
+) -> tuple[LoadedModel | None, list[FileResult]]:
+    """Decode, check, predict and explain one request's files (runs in a worker thread).
+
+    Files that cannot be decoded fail alone; files the input check flags get
+    ``out_of_distribution`` and no stage; the rest are predicted in one batch. The
+    model is only loaded when some file could be decoded.
+    """
     import numpy as np
 
-    from alzstage.model.inputs import ImageReadError, to_model_array
-    from alzstage.model.predict import decode_image, display_image, prediction_row
+    from alzstage.model.inputs import to_model_array
+    from alzstage.model.predict import display_image, prediction_row
 
-    model = cache.get()
     s = cache.settings
-    results: dict[int, FileResult] = {}
-    good: list[tuple[_Upload, np.ndarray]] = []
-    for up in uploads:
-        if up.error is None:
-            try:
-                good.append((up, decode_image(up.data or b"", s.max_pixels, up.filename)))
-            except ImageReadError as exc:
-                up.error = str(exc)
-                up.status = int(getattr(exc, "status", 422))
-            finally:
-                up.data = None  # drop the raw bytes as soon as they are decoded
-        if up.error is not None:
-            results[up.index] = FileResult(
-                index=up.index, filename=up.filename, status=up.status, error=up.error
-            )
+    decoded = _decode_all(uploads, s)
+    results = {up.index: _failed(up) for up in uploads if up.error is not None}
+    if not decoded:
+        return None, [results[i] for i in sorted(results)]
+    model = cache.get()
+    checks = model.check([d.gray for _, d in decoded], [(d.height, d.width) for _, d in decoded])
+    good = []
+    for (up, image), check in zip(decoded, checks, strict=True):
+        fields = {} if check is None else check.as_dict()
+        size = {"width": image.width, "height": image.height}
+        base = {"index": up.index, "filename": up.filename, "status": 200, **size, **fields}
+        if check is not None and check.out_of_distribution:
+            results[up.index] = FileResult(**base)
+        else:
+            good.append((base, image))
     if good:
-        batch = np.stack([to_model_array(g, model.size) for _, g in good])
+        batch = np.stack([to_model_array(image.gray, model.size) for _, image in good])
         with cache.infer_lock:
             probs = model.predict(batch)
             overlays = (
-                model.gradcam_overlays(batch, [display_image(g) for _, g in good])
+                model.gradcam_overlays(batch, [display_image(image.gray) for _, image in good])
                 if want_gradcam
                 else [None] * len(good)
             )
-        for (up, gray), p, ov in zip(good, probs, overlays, strict=True):
+        for (base, _), p, ov in zip(good, probs, overlays, strict=True):
             row = prediction_row(model.classes, p, s.low_confidence)
-            results[up.index] = FileResult(
-                index=up.index,
-                filename=up.filename,
-                status=200,
+            results[base["index"]] = FileResult(
+                **base,
                 stage=row["stage"],
                 confidence=row["confidence"],
                 low_confidence=row["low_confidence"],
                 probabilities={c: row[c] for c in model.classes},
                 gradcam=None if ov is None else _png_data_url(ov),
-                width=int(gray.shape[1]),
-                height=int(gray.shape[0]),
             )
     return model, [results[i] for i in sorted(results)]
 
@@ -451,8 +330,12 @@ def _slice_results(pred: Any) -> list[SliceResult]:
 def _run_volumes(
     cache: ModelCache, uploads: list[_Upload], want_gradcam: bool
 ) -> tuple[LoadedModel, list[VolumeResult]]:
-    """Preprocess (no lock: CPU-heavy, model-free), then predict under the model lock."""
-    from alzstage.model.inputs import ImageReadError
+    """Preprocess (no lock: CPU-heavy, model-free), then predict under the model lock.
+
+    One volume at a time, its upload read only then: the bytes and the full-resolution
+    arrays of one volume are all that is ever held (the header is checked first, see
+    :func:`alzstage.neuro.volume.load_volume`).
+    """
     from alzstage.model.subject import (
         predict_preprocessed,
         preprocess_for_prediction,
@@ -466,13 +349,10 @@ def _run_volumes(
         if up.error is None:
             try:
                 pre = preprocess_for_prediction(
-                    up.data or b"", s.neuro, s.nifti_qc, s.image_size, up.filename
+                    up.read(), s.neuro, s.nifti_qc, s.image_size, up.filename
                 )
             except ImageReadError as exc:
-                up.error = str(exc)
-                up.status = int(getattr(exc, "status", 422))
-            finally:
-                up.data = None
+                up.fail(exc)
         if up.error is not None:
             results.append(
                 VolumeResult(index=up.index, filename=up.filename, status=up.status, error=up.error)
@@ -513,6 +393,8 @@ def _summary(model: LoadedModel, results: list[Any], threshold: float) -> Summar
             "confidence": r.confidence if r.confidence is not None else float("nan"),
             "low_confidence": bool(r.low_confidence),
             "error": r.error or "",
+            "out_of_distribution": getattr(r, "out_of_distribution", None),
+            "seen_in_training": getattr(r, "seen_in_training", None),
         }
         row.update(r.probabilities or {})
         rows.append(row)
@@ -533,6 +415,16 @@ def _failure(results: list[Any]) -> JSONResponse:
         ErrorResponse(detail=detail, predictions=outcomes).model_dump(mode="json"),
         status_code=status,
     )
+
+
+def _input_check_summary(model: LoadedModel) -> dict[str, Any] | None:
+    """What /model says about the stored input check (not the 32x32 mean slice)."""
+    guard = model.bundle.guard
+    if guard is None:
+        return None
+    spec = guard.spec.model_dump(mode="json", exclude={"mean_thumbnail"})
+    spec["n_training_thumbnails"] = guard.n_thumbnails
+    return spec
 
 
 def _model_ref(model: LoadedModel) -> ModelRef:
@@ -574,7 +466,21 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.model_cache = cache
+    # Added innermost first: a request meets SecurityHeaders, OriginGuard, BodyLimit and
+    # then the gate, so each refusal happens before the costlier checks behind it.
+    app.add_middleware(
+        InferenceGate,
+        max_active=settings.max_concurrent,
+        max_queued=settings.max_queued,
+        on_idle=release_memory,
+    )
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        OriginGuard,
+        allowed_origins=settings.allowed_origins,
+        allowed_hosts=settings.allowed_hosts,
+    )
+    app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(ModelNotFound)
@@ -599,16 +505,18 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Starlette answers this one outside every middleware, so it sets the headers.
         return JSONResponse(
             {"detail": f"internal error ({type(exc).__name__}); see the server log"},
             status_code=500,
+            headers=SECURITY_HEADERS,
         )
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(
             STATIC / "index.html",
-            headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"},
+            headers={"Content-Security-Policy": PAGE_CSP},
         )
 
     @app.get("/health", response_model=HealthResponse, summary="Liveness")
@@ -647,54 +555,47 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             metrics=info.metrics,
             split_strategy=info.split_strategy,
             split_leaky=info.split_leaky,
+            input_check=_input_check_summary(model),
         )
 
-    async def _read_uploads(
-        files: list[UploadFile], max_bytes: int, how_to_fix: str
-    ) -> list[_Upload]:
-        """Read every upload up to ``max_bytes`` (+1 to detect "too big"); always close them.
+    def _uploads(files: list[UploadFile], max_bytes: int, how_to_fix: str) -> list[_Upload]:
+        """One :class:`_Upload` per part; sizes checked from the parser's count, unread.
 
         An oversized file becomes a per-file 413 so the rest of the batch still runs;
         too many files fail the whole request, before anything is read.
         """
+        if len(files) > settings.max_files:
+            raise HTTPException(
+                413,
+                f"{len(files)} files in one request; the limit is {settings.max_files}. "
+                "Split the batch or start the server with a larger --max-files",
+            )
+        uploads = []
+        for i, f in enumerate(files):
+            up = _Upload(index=i, filename=display_name(f.filename, i))
+            up.file, up.max_bytes, up.how_to_fix = f.file, max_bytes, how_to_fix
+            if f.size is not None and f.size > max_bytes:
+                up.error, up.status = up.too_large(), 413
+            uploads.append(up)
+        return uploads
+
+    async def _answer(
+        files: list[UploadFile],
+        uploads: list[_Upload],
+        run: Any,
+        response_type: Any,
+        gradcam: bool,
+    ) -> JSONResponse:
+        """Run the uploads; fail the request only if none gave a result. Always closes
+        the uploads' spooled files, whatever happened."""
         try:
-            if len(files) > settings.max_files:
-                raise HTTPException(
-                    413,
-                    f"{len(files)} files in one request; the limit is {settings.max_files}. "
-                    "Split the batch or start the server with a larger --max-files",
-                )
-            uploads = []
-            for i, f in enumerate(files):
-                up = _Upload(index=i, filename=display_name(f.filename, i))
-                data = await f.read(max_bytes + 1)
-                if len(data) > max_bytes:
-                    up.error = (
-                        f"{up.filename}: file is over the limit of {max_bytes:,} bytes; "
-                        f"{how_to_fix}"
-                    )
-                    up.status = 413
-                else:
-                    up.data = data
-                uploads.append(up)
-            return uploads
+            if all(up.error for up in uploads):  # nothing to decode: no need for the model
+                return _failure([_failed(up) for up in uploads])
+            model, results = await run_in_threadpool(run, cache, uploads, gradcam)
         finally:
             for f in files:
                 await f.close()
-
-    async def _answer(
-        uploads: list[_Upload], run: Any, result_type: Any, response_type: Any, gradcam: bool
-    ) -> JSONResponse:
-        """Run the uploads that could be read; fail the request only if none gave a result."""
-        if all(up.error for up in uploads):  # nothing to decode: no need for the model
-            return _failure(
-                [
-                    result_type(index=u.index, filename=u.filename, status=u.status, error=u.error)
-                    for u in uploads
-                ]
-            )
-        model, results = await run_in_threadpool(run, cache, uploads, gradcam)
-        if any(r.status == 200 for r in results):
+        if model is not None and any(r.status == 200 for r in results):
             body = response_type(
                 model=_model_ref(model),
                 classes=model.classes,
@@ -719,14 +620,14 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         ] = False,
     ) -> JSONResponse:
         """Each file is judged on its own: unreadable files get a per-file ``status`` and
-        ``error`` while the others still get a stage. The request itself fails (413, 415
-        or 422, with every file's outcome) only when no file could be used."""
-        uploads = await _read_uploads(
-            files,
-            settings.max_file_bytes,
-            "downscale it or start the server with a larger --max-upload-mb",
-        )
-        return await _answer(uploads, _run_batch, FileResult, PredictResponse, gradcam)
+        ``error`` while the others still get a stage. A file that is not like the
+        model's training slices gets ``out_of_distribution: true`` and its reason instead
+        of a stage; one that is a near-copy of a training slice, ``seen_in_training``.
+        The request itself fails (413, 415 or 422, with every file's outcome) only when
+        no file could be used."""
+        how = "downscale it or start the server with a larger --max-upload-mb"
+        uploads = _uploads(files, settings.max_file_bytes, how)
+        return await _answer(files, uploads, _run_batch, PredictResponse, gradcam)
 
     @app.post(
         "/predict/volume",
@@ -749,9 +650,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         pooled from its slices (``neuro.aggregate``), with every slice's probabilities
         and image. Volumes fail independently, with a per-file ``status`` and ``error``
         naming the problem and the fix (415 not NIfTI, 422 unusable, 413 too large)."""
-        uploads = await _read_uploads(
-            files, settings.max_volume_bytes, "start the server with a larger --max-volume-mb"
-        )
-        return await _answer(uploads, _run_volumes, VolumeResult, VolumeResponse, gradcam)
+        how = "start the server with a larger --max-volume-mb"
+        uploads = _uploads(files, settings.max_volume_bytes, how)
+        return await _answer(files, uploads, _run_volumes, VolumeResponse, gradcam)
 
     return app

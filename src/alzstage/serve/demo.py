@@ -5,19 +5,24 @@ registry tags, alias) to be exercised honestly, but running the pipeline takes m
 This builds the project's own network at 32x32 with random weights, logs it through the
 same :func:`alzstage.model.pyfunc.log_pyfunc` the ``train`` stage uses, and registers it
 with the same tags ``promote`` writes, into a store of its own. Its predictions mean
-nothing; its contract is exactly the production one.
+nothing; its contract is exactly the production one, input check and leak guard
+included: they are fitted, as ``train`` fits them, on JPEG slices from the demo
+generator (:func:`demo_training_files`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from alzstage.tracking import registered_name
+from alzstage.tracking import register_standalone, registered_name
+from alzstage.tracking import scoped_tracking_uri as scoped_tracking_uri  # re-exported
+
+# The generator's own Kaggle-sized slices: 4 classes x 3 subjects x 8 adjacent slices.
+DEMO_IMAGE_SIZE = (208, 176)
+DEMO_SUBJECTS = 3
+DEMO_SLICES = 8
 
 DEMO_CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 DEMO_TAGS = {
@@ -53,31 +58,22 @@ class DemoChampion:
         return f"models:/{self.model_name}@champion"
 
 
-@contextlib.contextmanager
-def scoped_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking and registry URIs at ``uri``, then put them back.
+def demo_training_files(folder: Path, seed: int = 0) -> list[Path]:
+    """The generator's JPEGs that the demo champion's input check is fitted on (made once)."""
+    from alzstage.data.demo import generate_demo
 
-    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment;
-    left behind, it would silently redirect every later caller (and test) in the process.
-    """
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved_env = {k: os.environ.get(k) for k in env_keys}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    files = sorted(Path(folder).rglob("*.jpg"))
+    if files:
+        return files
+    records = generate_demo(
+        Path(folder),
+        classes=DEMO_CLASSES,
+        subjects_per_class=[DEMO_SUBJECTS] * len(DEMO_CLASSES),
+        slices_per_subject=DEMO_SLICES,
+        image_size=DEMO_IMAGE_SIZE,
+        seed=seed,
+    )
+    return sorted(r.path for r in records)
 
 
 def ensure_demo_champion(
@@ -109,11 +105,10 @@ def ensure_demo_champion(
         )
     root.mkdir(parents=True, exist_ok=True)
     import keras
-    import mlflow
-    import numpy as np
 
     from alzstage.config import ModelParams
     from alzstage.model.build import build_network
+    from alzstage.model.ood import fit_from_files
     from alzstage.model.pyfunc import log_pyfunc
 
     keras.utils.set_random_seed(seed)  # the backbone's initialisers draw from the global seed
@@ -121,26 +116,27 @@ def ensure_demo_champion(
     net = build_network(params, n_classes=len(DEMO_CLASSES), seed=seed)
     model_file = root / "model.keras"
     net.model.save(model_file)
+    # As ``train`` does: fitted on the training images, stored beside the weights.
+    check, thumbs = fit_from_files(demo_training_files(root / "training-slices", seed), input_size)
     meta = {
         "classes": DEMO_CLASSES,
         "input_size": list(input_size),
         "temperature": temperature,
         "backbone": params.backbone,
+        "input_check": check.model_dump(mode="json"),
     }
-    example = np.zeros((1, *input_size), dtype=np.uint8)
-    with scoped_tracking_uri(tracking_uri):
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        exp_id = client.create_experiment(
-            "alzstage-demo", artifact_location=(root / "mlruns").as_uri()
-        )
-        with mlflow.start_run(experiment_id=exp_id, run_name="demo-train"):
-            model_uri = log_pyfunc(model_file, meta, example)
-        registered = registered_name(model_name, DEMO_TAGS["dataset"])
-        mv = mlflow.register_model(model_uri, registered, tags=DEMO_TAGS)
-        client.set_registered_model_alias(registered, "champion", mv.version)
+    registered = registered_name(model_name, DEMO_TAGS["dataset"])
+    version = register_standalone(
+        tracking_uri,
+        root / "mlruns",
+        "alzstage-demo",
+        lambda: log_pyfunc(model_file, meta, training_thumbnails=thumbs),
+        registered,
+        DEMO_TAGS,
+    )
     info = {
         "model_name": registered,
-        "version": str(mv.version),
+        "version": version,
         "classes": DEMO_CLASSES,
         "input_size": list(input_size),
         "temperature": temperature,

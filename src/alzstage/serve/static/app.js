@@ -87,6 +87,15 @@ async function loadModel() {
   }
 }
 
+function originalFigure(file, p) {
+  const url = URL.createObjectURL(file);
+  state.objectUrls.push(url);
+  const fig = el("figure");
+  fig.appendChild(el("img", { src: url, alt: `original: ${p.filename}`, "data-testid": "original" }));
+  fig.appendChild(el("figcaption", {}, "original"));
+  return fig;
+}
+
 function resultCard(p, file, classes) {
   const card = el("article", { class: "card", "data-testid": "result" });
   card.appendChild(el("h3", {}, p.filename));
@@ -96,22 +105,33 @@ function resultCard(p, file, classes) {
       `HTTP ${p.status}: ${p.error}`));
     return card;
   }
+  if (p.out_of_distribution) {
+    // No stage at all: a number here would be read as a diagnosis of a non-brain image.
+    card.classList.add("ood");
+    card.appendChild(el("p", { class: "stage ood-title", "data-testid": "ood" },
+      "Out of distribution: no stage given"));
+    card.appendChild(el("p", { class: "ood-reason", "data-testid": "ood-reason" },
+      `This image is not like the MRI slices the model was trained on, so any stage would be `
+      + `meaningless. ${p.ood_reason}`));
+    if (file) card.appendChild(originalFigure(file, p));
+    return card;
+  }
   const head = el("p");
   head.appendChild(el("span", { class: "stage", "data-testid": "stage" }, p.stage));
   head.appendChild(document.createTextNode(` · confidence ${pct(p.confidence)}`));
   if (p.low_confidence) head.appendChild(el("span", { class: "badge" }, "low confidence"));
+  if (p.seen_in_training) {
+    head.appendChild(el("span", {
+      class: "badge seen", "data-testid": "seen-in-training",
+      title: "A near-copy of a slice this model was trained on: its answer here shows what "
+        + "it memorised, not how it does on new patients.",
+    }, `seen in training (r = ${p.training_correlation.toFixed(3)})`));
+  }
   card.appendChild(head);
 
   const body = el("div", { class: "card-body" });
   const images = el("div", { class: "images" });
-  if (file) {
-    const url = URL.createObjectURL(file);
-    state.objectUrls.push(url);
-    const fig = el("figure");
-    fig.appendChild(el("img", { src: url, alt: `original: ${p.filename}`, "data-testid": "original" }));
-    fig.appendChild(el("figcaption", {}, "original"));
-    images.appendChild(fig);
-  }
+  if (file) images.appendChild(originalFigure(file, p));
   if (p.gradcam) {
     const fig = el("figure");
     fig.appendChild(el("img", {
@@ -211,15 +231,20 @@ function renderSummary(data) {
   const mean = s.mean_confidence === null ? "n/a" : pct(s.mean_confidence);
   text.textContent = `${s.n_predicted} of ${s.n_images} slices predicted; mean confidence ${mean}; `
     + `${s.n_low_confidence} below ${pct(s.low_confidence_threshold)}`
+    + (s.n_out_of_distribution ? `; ${s.n_out_of_distribution} out of distribution (no stage)` : "")
+    + (s.n_seen_in_training ? `; ${s.n_seen_in_training} seen in training` : "")
     + (s.n_errors ? `; ${s.n_errors} could not be read.` : ".");
   const tbody = document.querySelector("#confidence-table tbody");
   tbody.replaceChildren();
   for (const p of data.predictions) {
     const tr = el("tr");
     tr.appendChild(el("td", {}, p.filename));
-    tr.appendChild(el("td", {}, p.error ? "error" : p.stage));
-    tr.appendChild(el("td", { class: "num" }, p.error ? "" : pct(p.confidence)));
-    tr.appendChild(el("td", {}, p.error ? `HTTP ${p.status}` : (p.low_confidence ? "low" : "")));
+    const ood = !p.error && p.out_of_distribution;
+    tr.appendChild(el("td", {}, p.error ? "error" : (ood ? "out of distribution" : p.stage)));
+    tr.appendChild(el("td", { class: "num" }, p.error || ood ? "" : pct(p.confidence)));
+    tr.appendChild(el("td", {}, p.error ? `HTTP ${p.status}`
+      : (ood ? "no stage" : (p.low_confidence ? "low" : ""))
+        + (p.seen_in_training ? " seen in training" : "")));
     tbody.appendChild(tr);
   }
   section.hidden = false;
