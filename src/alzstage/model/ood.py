@@ -22,18 +22,20 @@ stored with the model (``input_check`` in its ``meta.json``):
 
 Each bound is the training range (0.5th-99.5th percentile) widened by a margin stated
 next to it, so that the slices of a new subject, a network-size export or a darker
-scanner still pass; what gets flagged is far outside. Measured on the Kaggle archive
-(824 training slices fitted, 400 test slices, and 50 slices each resized, rotated by
-15 degrees or darkened to 60%): no real slice was flagged; noise, blank, 1x1 and
-generated photographs were (``docs/threat-model.md``).
+scanner still pass; what gets flagged is far outside. Fitted on the 3,296 training
+slices of the Kaggle archive's subject split: none of its 1,056 test and 768 validation
+slices was flagged, nor 300 test slices each resized to 112x96, squashed to 128x128,
+rotated 15 degrees, darkened to 60% or padded into 256x256; every noise image, generated
+photograph, blank, 1x1 and filled-blob image was (``docs/threat-model.md``).
 
 The **leak guard** asks a different question: was this very slice (or a near copy) in
 the training set? It reuses the split stage's thumbnail correlation
 (:func:`alzstage.data.split.correlation_rows` / :func:`~alzstage.data.split.most_correlated`)
 against the 32x32 thumbnails of every training image, stored with the model. At
-``SEEN_THRESHOLD`` = 0.99 (the split's ``near_duplicate_threshold``) none of 1,056
-subject-split Kaggle test slices matched, 16% of the Kaggle source-split test slices did
-(its known duplicates), and every re-encoded or resized training slice did (>= 0.9999).
+``SEEN_THRESHOLD`` = 0.99 (the split's ``near_duplicate_threshold``) none of the 1,824
+subject-split Kaggle test and validation slices matched (max 0.983), 16% of the Kaggle
+source-split test slices did (its known duplicates), and every training slice and
+re-encoded or resized copy did (>= 0.9999).
 
 Everything here is pure array logic, except :func:`fit_from_files`, which decodes the
 training files, and :meth:`InputGuard.load`, which reads what was stored.
