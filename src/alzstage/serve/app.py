@@ -29,14 +29,11 @@ says how to create one, and the server keeps answering ``/health`` meanwhile.
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -45,7 +42,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from alzstage.config import NeuroParams, NiftiQCParams
-from alzstage.errors import ImageReadError
+from alzstage.serve import batch
 from alzstage.serve.guards import (
     SECURITY_HEADERS,
     BodyLimit,
@@ -56,22 +53,13 @@ from alzstage.serve.guards import (
 from alzstage.serve.memory import release_memory
 from alzstage.serve.schemas import (
     ERRORS,
-    ErrorResponse,
-    FileResult,
     HealthResponse,
-    ModelRef,
     ModelResponse,
     PredictResponse,
-    SliceResult,
-    Summary,
     VolumeResponse,
-    VolumeResult,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-
-    from alzstage.model.inputs import DecodedImage
     from alzstage.model.predict import LoadedModel
 
 log = logging.getLogger("alzstage.serve")
@@ -172,273 +160,6 @@ class ModelCache:
                     )
                     log.info("loaded %s", self._model.info.label)
         return self._model
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def display_name(raw: str | None, index: int) -> str:
-    """A client file name made safe to echo back: last path part, printable, bounded."""
-    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = re.sub(r"[\x00-\x1f\x7f]", "", name).strip()[:200]
-    return name or f"file-{index + 1}"
-
-
-def _png_data_url(rgb: np.ndarray) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-class UploadTooLarge(ImageReadError):
-    """One file over the size cap (HTTP 413); the rest of the batch still runs."""
-
-    status = 413
-
-
-@dataclass
-class _Upload:
-    """One file part of a request; its bytes are read (once) only when it is processed."""
-
-    index: int
-    filename: str
-    file: IO[bytes] | None = None
-    max_bytes: int = 0
-    how_to_fix: str = ""
-    error: str | None = None
-    status: int = 200
-
-    def fail(self, exc: ImageReadError) -> None:
-        self.error = str(exc)
-        self.status = int(getattr(exc, "status", 422))
-
-    def read(self) -> bytes:
-        """The file's bytes, up to ``max_bytes``; :class:`UploadTooLarge` beyond."""
-        assert self.file is not None
-        self.file.seek(0)
-        data = self.file.read(self.max_bytes + 1)
-        if len(data) > self.max_bytes:
-            raise UploadTooLarge(self.too_large())
-        return data
-
-    def too_large(self) -> str:
-        return (
-            f"{self.filename}: file is over the limit of {self.max_bytes:,} bytes; "
-            f"{self.how_to_fix}"
-        )
-
-
-def _failed(up: _Upload) -> FileResult:
-    return FileResult(index=up.index, filename=up.filename, status=up.status, error=up.error)
-
-
-def _decode_all(uploads: list[_Upload], s: ServeSettings) -> list[tuple[_Upload, DecodedImage]]:
-    """Read and decode one file at a time, shrunk while decoding: at most one upload's
-    bytes are in memory at once, and what is kept per image is at most 512 px a side."""
-    from alzstage.model.inputs import PixelBudget, decode_slice
-    from alzstage.model.predict import DISPLAY_MAX_SIDE
-
-    budget = PixelBudget(s.max_request_pixels)
-    decoded = []
-    for up in uploads:
-        if up.error is not None:
-            continue
-        try:
-            image = decode_slice(up.read(), s.max_pixels, up.filename, DISPLAY_MAX_SIDE, budget)
-            decoded.append((up, image))
-        except ImageReadError as exc:
-            up.fail(exc)
-    return decoded
-
-
-def _run_batch(
-    cache: ModelCache, uploads: list[_Upload], want_gradcam: bool
-) -> tuple[LoadedModel | None, list[FileResult]]:
-    """Decode, check, predict and explain one request's files (runs in a worker thread).
-
-    Files that cannot be decoded fail alone; files the input check flags get
-    ``out_of_distribution`` and no stage; the rest are predicted in one batch. The
-    model is only loaded when some file could be decoded.
-    """
-    import numpy as np
-
-    from alzstage.model.inputs import to_model_array
-    from alzstage.model.predict import display_image, prediction_row
-
-    s = cache.settings
-    decoded = _decode_all(uploads, s)
-    results = {up.index: _failed(up) for up in uploads if up.error is not None}
-    if not decoded:
-        return None, [results[i] for i in sorted(results)]
-    model = cache.get()
-    checks = model.check([d.gray for _, d in decoded], [(d.height, d.width) for _, d in decoded])
-    good = []
-    for (up, image), check in zip(decoded, checks, strict=True):
-        fields = {} if check is None else check.as_dict()
-        size = {"width": image.width, "height": image.height}
-        base = {"index": up.index, "filename": up.filename, "status": 200, **size, **fields}
-        if check is not None and check.out_of_distribution:
-            results[up.index] = FileResult(**base)
-        else:
-            good.append((base, image))
-    if good:
-        batch = np.stack([to_model_array(image.gray, model.size) for _, image in good])
-        with cache.infer_lock:
-            probs = model.predict(batch)
-            overlays = (
-                model.gradcam_overlays(batch, [display_image(image.gray) for _, image in good])
-                if want_gradcam
-                else [None] * len(good)
-            )
-        for (base, _), p, ov in zip(good, probs, overlays, strict=True):
-            row = prediction_row(model.classes, p, s.low_confidence)
-            results[base["index"]] = FileResult(
-                **base,
-                stage=row["stage"],
-                confidence=row["confidence"],
-                low_confidence=row["low_confidence"],
-                probabilities={c: row[c] for c in model.classes},
-                gradcam=None if ov is None else _png_data_url(ov),
-            )
-    return model, [results[i] for i in sorted(results)]
-
-
-def _slice_results(pred: Any) -> list[SliceResult]:
-    import numpy as np
-
-    out = []
-    for i, (z, p) in enumerate(zip(pred.z_mm, pred.slice_probabilities, strict=True)):
-        k = int(np.argmax(p))
-        overlay = pred.overlays.get(i)
-        out.append(
-            SliceResult(
-                index=i,
-                z_mm=round(float(z), 2),
-                stage=pred.classes[k],
-                confidence=float(p[k]),
-                probabilities={c: float(v) for c, v in zip(pred.classes, p, strict=True)},
-                informative=i in pred.informative,
-                image=_png_data_url(pred.slices[i]),
-                gradcam=None if overlay is None else _png_data_url(overlay),
-            )
-        )
-    return out
-
-
-def _run_volumes(
-    cache: ModelCache, uploads: list[_Upload], want_gradcam: bool
-) -> tuple[LoadedModel, list[VolumeResult]]:
-    """Preprocess (no lock: CPU-heavy, model-free), then predict under the model lock.
-
-    One volume at a time, its upload read only then: the bytes and the full-resolution
-    arrays of one volume are all that is ever held (the header is checked first, see
-    :func:`alzstage.neuro.volume.load_volume`).
-    """
-    from alzstage.model.subject import (
-        predict_preprocessed,
-        preprocess_for_prediction,
-        volume_row,
-    )
-
-    model = cache.get()
-    s = cache.settings
-    results: list[VolumeResult] = []
-    for up in uploads:
-        if up.error is None:
-            try:
-                pre = preprocess_for_prediction(
-                    up.read(), s.neuro, s.nifti_qc, s.image_size, up.filename
-                )
-            except ImageReadError as exc:
-                up.fail(exc)
-        if up.error is not None:
-            results.append(
-                VolumeResult(index=up.index, filename=up.filename, status=up.status, error=up.error)
-            )
-            continue
-        with cache.infer_lock:
-            pred = predict_preprocessed(model, pre, s.neuro, up.filename, want_gradcam)
-        row = volume_row(pred, s.low_confidence)
-        results.append(
-            VolumeResult(
-                index=up.index,
-                filename=up.filename,
-                status=200,
-                stage=row["stage"],
-                confidence=row["confidence"],
-                low_confidence=row["low_confidence"],
-                probabilities={c: row[c] for c in model.classes},
-                aggregate=pred.rule,
-                n_slices=row["n_slices"],
-                registration_score=row["registration_score"],
-                qc={k: v for k, v in pred.qc.items() if isinstance(v, (int, float, str))},
-                slices=_slice_results(pred),
-            )
-        )
-    return model, results
-
-
-def _summary(model: LoadedModel, results: list[Any], threshold: float) -> Summary:
-    import pandas as pd
-
-    from alzstage.model.predict import summarize
-
-    rows = []
-    for r in results:
-        row: dict[str, Any] = {
-            "filename": r.filename,
-            "stage": r.stage or "",
-            "confidence": r.confidence if r.confidence is not None else float("nan"),
-            "low_confidence": bool(r.low_confidence),
-            "error": r.error or "",
-            "out_of_distribution": getattr(r, "out_of_distribution", None),
-            "seen_in_training": getattr(r, "seen_in_training", None),
-        }
-        row.update(r.probabilities or {})
-        rows.append(row)
-    return Summary(**summarize(pd.DataFrame(rows), model.classes, threshold))
-
-
-def _failure(results: list[Any]) -> JSONResponse:
-    """No file was usable: answer with their common status (else 422) and every reason."""
-    statuses = {r.status for r in results}
-    status = statuses.pop() if len(statuses) == 1 else 422
-    detail = "no usable image in the request: " + "; ".join(r.error or "" for r in results)
-    # Failed volumes carry only the fields of a failed image, so one schema serves both.
-    outcomes = [
-        FileResult(index=r.index, filename=r.filename, status=r.status, error=r.error)
-        for r in results
-    ]
-    return JSONResponse(
-        ErrorResponse(detail=detail, predictions=outcomes).model_dump(mode="json"),
-        status_code=status,
-    )
-
-
-def _input_check_summary(model: LoadedModel) -> dict[str, Any] | None:
-    """What /model says about the stored input check (not the 32x32 mean slice)."""
-    guard = model.bundle.guard
-    if guard is None:
-        return None
-    spec = guard.spec.model_dump(mode="json", exclude={"mean_thumbnail"})
-    spec["n_training_thumbnails"] = guard.n_thumbnails
-    return spec
-
-
-def _model_ref(model: LoadedModel) -> ModelRef:
-    i = model.info
-    return ModelRef(
-        uri=i.uri,
-        name=i.name,
-        version=i.version,
-        alias=i.alias,
-        dataset=i.dataset,
-        recipe=i.recipe,
-        synthetic_demo=i.synthetic_demo,
-        provenance=i.provenance,
-    )
 
 
 # --------------------------------------------------------------------------- app
@@ -555,11 +276,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             metrics=info.metrics,
             split_strategy=info.split_strategy,
             split_leaky=info.split_leaky,
-            input_check=_input_check_summary(model),
+            input_check=batch.input_check_summary(model),
         )
 
-    def _uploads(files: list[UploadFile], max_bytes: int, how_to_fix: str) -> list[_Upload]:
-        """One :class:`_Upload` per part; sizes checked from the parser's count, unread.
+    def _uploads(files: list[UploadFile], max_bytes: int, how_to_fix: str) -> list[batch.Upload]:
+        """One upload per part; sizes checked from the parser's count, not read yet.
 
         An oversized file becomes a per-file 413 so the rest of the batch still runs;
         too many files fail the whole request, before anything is read.
@@ -572,7 +293,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             )
         uploads = []
         for i, f in enumerate(files):
-            up = _Upload(index=i, filename=display_name(f.filename, i))
+            up = batch.Upload(index=i, filename=batch.display_name(f.filename, i))
             up.file, up.max_bytes, up.how_to_fix = f.file, max_bytes, how_to_fix
             if f.size is not None and f.size > max_bytes:
                 up.error, up.status = up.too_large(), 413
@@ -581,7 +302,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     async def _answer(
         files: list[UploadFile],
-        uploads: list[_Upload],
+        uploads: list[batch.Upload],
         run: Any,
         response_type: Any,
         gradcam: bool,
@@ -590,20 +311,20 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         the uploads' spooled files, whatever happened."""
         try:
             if all(up.error for up in uploads):  # nothing to decode: no need for the model
-                return _failure([_failed(up) for up in uploads])
+                return batch.failure([batch.failed_result(up) for up in uploads])
             model, results = await run_in_threadpool(run, cache, uploads, gradcam)
         finally:
             for f in files:
                 await f.close()
         if model is not None and any(r.status == 200 for r in results):
             body = response_type(
-                model=_model_ref(model),
+                model=batch.model_ref(model),
                 classes=model.classes,
                 predictions=results,
-                summary=_summary(model, results, settings.low_confidence),
+                summary=batch.summary(model, results, settings.low_confidence),
             )
             return JSONResponse(body.model_dump(mode="json"))
-        return _failure(results)
+        return batch.failure(results)
 
     @app.post(
         "/predict",
@@ -627,7 +348,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         no file could be used."""
         how = "downscale it or start the server with a larger --max-upload-mb"
         uploads = _uploads(files, settings.max_file_bytes, how)
-        return await _answer(files, uploads, _run_batch, PredictResponse, gradcam)
+        return await _answer(files, uploads, batch.run_batch, PredictResponse, gradcam)
 
     @app.post(
         "/predict/volume",
@@ -652,6 +373,6 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         naming the problem and the fix (415 not NIfTI, 422 unusable, 413 too large)."""
         how = "start the server with a larger --max-volume-mb"
         uploads = _uploads(files, settings.max_volume_bytes, how)
-        return await _answer(files, uploads, _run_volumes, VolumeResponse, gradcam)
+        return await _answer(files, uploads, batch.run_volumes, VolumeResponse, gradcam)
 
     return app
