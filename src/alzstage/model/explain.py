@@ -87,8 +87,11 @@ def _cam_batch(
     h = tf.convert_to_tensor(x, dtype=tf.float32)
     for lyr in before:
         h = lyr(h, training=False)
+    # The feature maps are computed outside the tape: only the head is differentiated.
+    # Inside it, TF also ran the backbone's convolution gradients (Conv2DBackpropFilter),
+    # wasted work that crashed in oneDNN (free(): invalid size) in one evaluate run.
+    fmap = conv(h, training=False)
     with tf.GradientTape() as tape:
-        fmap = conv(h, training=False)
         tape.watch(fmap)
         z = fmap
         for lyr in after[:-1]:
