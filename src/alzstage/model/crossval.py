@@ -108,18 +108,11 @@ def run_cv_split(params: Params, paths: Paths) -> StageResult:
 def _role_arrays(
     folds: pd.DataFrame, fold: int, role: str, params: Params, paths: Paths
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    from alzstage.model.inputs import load_batch
+    from alzstage.model.train import load_rows
 
     rows = folds[folds[f"fold_{fold}"] == role].reset_index(drop=True)
-    if rows.empty:
-        raise ValueError(
-            f"{paths.cv_folds}: fold {fold} has no {role} rows; the dataset has too few "
-            "subjects for cv.folds / cv.val_size"
-        )
-    index = {c: i for i, c in enumerate(params.base.classes)}
-    y = rows["label"].map(index).to_numpy(np.int64)
-    x = load_batch([paths.raw / p for p in rows["path"]], params.model.input_size)
-    return x, y, rows
+    where = f"{paths.cv_folds}: fold {fold} has no {role} rows"
+    return load_rows(rows, params, paths, where, "too few subjects for cv.folds / cv.val_size")
 
 
 def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | None) -> StageResult:
@@ -223,33 +216,11 @@ def fold_spread(pooled: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
     return out
 
 
-def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The CV row of ``dvc metrics show``: the keys of ``reports/headline.json`` it shares.
-
-    Same names, so the default run and the CV line up in one table under 100 columns
-    (``alzstage.model.headline`` explains the width budget). The per-fold spread and the
-    baseline comparisons are in ``reports/cv/report.json`` and the stage summary.
-    """
-    from alzstage.model.headline import CI_DIGITS, _rounded
-
-    ci = report["ci"].get("balanced_accuracy")
-    subject = report.get("subject_level", {})
-    return {
-        "bacc": _rounded(report["balanced_accuracy"]),
-        "bacc_ci": f"{ci['low']:.{CI_DIGITS}f}-{ci['high']:.{CI_DIGITS}f}" if ci else None,
-        "f1": _rounded(report["macro_f1"]),
-        "qwk": _rounded(report["quadratic_weighted_kappa"]),
-        "ece": _rounded(report["ece"]),
-        "subj_bacc": _rounded(
-            subject.get("balanced_accuracy") if subject.get("available") else None
-        ),
-    }
-
-
 def run_cv_report(params: Params, paths: Paths) -> StageResult:
     """Pool the K folds' out-of-fold predictions into one honest estimate."""
     from alzstage.model.baselines import compare_with_baselines
     from alzstage.model.evaluate import build_report, json_safe
+    from alzstage.model.headline import model_headline
 
     classes = params.base.classes
     k = len(params.cv.folds)
@@ -297,7 +268,7 @@ def run_cv_report(params: Params, paths: Paths) -> StageResult:
     report["folds"] = read_json(paths.cv_reports / "folds.json")
     report = json_safe(report)
     write_json(paths.cv_reports / "report.json", report)
-    head = json_safe(headline(report))
+    head = json_safe(model_headline(report))
     write_json(paths.cv_reports / "metrics.json", head)
     oof = _write_csv(pooled, paths.cv_reports / "predictions_oof.csv")
     ci = report["ci"].get("balanced_accuracy") or {}

@@ -38,11 +38,13 @@ def _rounded(value: Any, digits: int = DIGITS) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def headline(report: dict[str, Any], split: dict[str, Any], validation: dict[str, Any]) -> dict:
-    """The headline from evaluate's report, split.json and validation.json (all JSON-safe)."""
+def model_headline(report: dict[str, Any]) -> dict:
+    """The keys any test report has (evaluate's, or the pooled CV's), same names in both.
+
+    ``dvc metrics show`` then lines the default run and the CV up in shared columns.
+    """
     ci = report["ci"].get("balanced_accuracy")
     subject = report["subject_level"]
-    leakage = split["leakage"]["test"]
     return {
         "bacc": _rounded(report["balanced_accuracy"]),
         "bacc_ci": f"{ci['low']:.{CI_DIGITS}f}-{ci['high']:.{CI_DIGITS}f}" if ci else None,
@@ -50,6 +52,14 @@ def headline(report: dict[str, Any], split: dict[str, Any], validation: dict[str
         "qwk": _rounded(report["quadratic_weighted_kappa"]),
         "ece": _rounded(report["ece"]),
         "subj_bacc": _rounded(subject.get("balanced_accuracy") if subject["available"] else None),
+    }
+
+
+def headline(report: dict[str, Any], split: dict[str, Any], validation: dict[str, Any]) -> dict:
+    """The headline from evaluate's report, split.json and validation.json (all JSON-safe)."""
+    leakage = split["leakage"]["test"]
+    return {
+        **model_headline(report),
         "leak": _rounded(
             max(leakage["fraction_subject_in_train"], leakage["fraction_near_duplicate"])
         ),

@@ -775,20 +775,30 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def load_rows(
+    rows: pd.DataFrame, params: Params, paths: Paths, where: str, why_empty: str
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Images at network size and class indices for ``rows`` (path, label) of a split table.
+
+    Shared by the single split and the CV folds, so both feed identical pixels.
+    """
+    if rows.empty:
+        raise ValueError(f"{where}; {why_empty}, or the split stage needs re-running")
+    index = {c: i for i, c in enumerate(params.base.classes)}
+    y = rows["label"].map(index).to_numpy(np.int64)
+    x = load_batch([paths.raw / p for p in rows["path"]], params.model.input_size)
+    return x, y, rows
+
+
 def load_split_images(
     paths: Paths, params: Params, which: str
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
     rows = split[split["split"] == which].reset_index(drop=True)
-    if rows.empty:
-        raise ValueError(
-            f"{paths.split_file}: no rows with split == {which!r}; the dataset is too small for "
-            "split.val_size / split.test_size, or the split stage needs re-running"
-        )
-    index = {c: i for i, c in enumerate(params.base.classes)}
-    y = rows["label"].map(index).to_numpy(np.int64)
-    x = load_batch([paths.raw / p for p in rows["path"]], params.model.input_size)
-    return x, y, rows
+    where = f"{paths.split_file}: no rows with split == {which!r}"
+    return load_rows(
+        rows, params, paths, where, "the dataset is too small for split.val_size / split.test_size"
+    )
 
 
 def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageResult:
