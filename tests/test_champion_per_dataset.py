@@ -22,6 +22,7 @@ from test_split import run as run_split
 from typer.testing import CliRunner
 
 from alzstage import tracking
+from alzstage.artifacts import MetricsReport, TrainRun
 from alzstage.config import ConfigError, Params, Paths, parse_params
 from alzstage.data.identity import dataset_name, image_fingerprint
 from alzstage.data.manifest import read_manifest
@@ -127,8 +128,8 @@ def write_params(root: Path, **data: object) -> Params:
     return parse_params(raw)
 
 
-def log_constant_model(root: Path, params: Params, answer: str) -> dict[str, str]:
-    """Log a pyfunc that always predicts ``answer``; returns a train_run.json."""
+def log_constant_model(root: Path, params: Params, answer: str) -> TrainRun:
+    """Log a pyfunc that always predicts ``answer``; returns its train_run.json."""
     import keras
 
     from alzstage.model.pyfunc import log_pyfunc
@@ -144,28 +145,33 @@ def log_constant_model(root: Path, params: Params, answer: str) -> dict[str, str
     meta = {"classes": CLASSES, "input_size": [32, 32], "temperature": 1.0, "backbone": "tiny"}
     with tracking.stage_run("train", params, root, ["train"]) as run:
         uri = log_pyfunc(model_file, meta, np.zeros((1, 32, 32), dtype=np.uint8))
-    return {"run_id": run.run_id, "model_uri": uri, "recipe": "scratch", "backbone": "tiny"}
+    return TrainRun(
+        run_id=run.run_id,
+        model_uri=uri,
+        runs_uri=f"runs:/{run.run_id}/model",
+        temperature=1.0,
+        input_size=(32, 32),
+        recipe="scratch",
+        backbone="tiny",
+        weights="none",
+    )
 
 
-def pipeline_outputs(paths: Paths, train_run: dict, dataset: str, source: str, score: float):
+def pipeline_outputs(paths: Paths, train_run: TrainRun, dataset: str, source: str, score: float):
     """What train, split and evaluate would have written for one run on one dataset."""
     paths.reports.mkdir(parents=True, exist_ok=True)
-    paths.train_run.write_text(json.dumps(train_run))
+    train_run.write(paths.train_run)
     paths.split_report.write_text(json.dumps({"dataset": dataset, "data_source": source}))
-    paths.metrics.write_text(
-        json.dumps(
-            {
-                "balanced_accuracy": score,
-                "macro_f1": score,
-                "accuracy": score,
-                "split_fingerprint": f"test-split-of-{dataset}",
-                "split_strategy": "subject",
-                "split_leaky": False,
-                "dataset": dataset,
-                "data_source": source,
-            }
-        )
-    )
+    MetricsReport(
+        balanced_accuracy=score,
+        macro_f1=score,
+        accuracy=score,
+        split_fingerprint=f"test-split-of-{dataset}",
+        split_strategy="subject",
+        split_leaky=False,
+        dataset=dataset,
+        data_source=source,
+    ).write(paths.metrics)
 
 
 def predict_json(image: Path) -> dict:
@@ -206,8 +212,8 @@ def test_demo_then_real_data_each_keep_a_champion_and_predict_follows_params(
         for d in ("demo", real)
     }
     assert {d: mv.tags["dataset"] for d, mv in champions.items()} == {"demo": "demo", real: real}
-    assert champions[real].run_id == real_run["run_id"]
-    assert champions["demo"].run_id == demo_run["run_id"]
+    assert champions[real].run_id == real_run.run_id
+    assert champions["demo"].run_id == demo_run.run_id
     assert champions[real].tags["recipe"] == "scratch"
     assert champions[real].tags["split_strategy"] == "subject"
     assert tracking.dataset_champions("alzstage") == sorted(["demo", real])

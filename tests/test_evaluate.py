@@ -306,6 +306,7 @@ def _tiny_project(root: Path) -> None:
     import keras
     from PIL import Image
 
+    from alzstage.artifacts import SplitReport, TrainRun
     from alzstage.model.build import GrayscaleToBackbone
 
     rng = np.random.default_rng(0)
@@ -326,22 +327,16 @@ def _tiny_project(root: Path) -> None:
     (root / "data/processed").mkdir(parents=True)
     split.to_csv(root / "data/processed/split.csv", index=False)
     (root / "reports").mkdir()
-    (root / "reports/split.json").write_text(
-        json.dumps(
-            {
-                "strategy": "subject",
-                "leaky": False,
-                "fingerprint": "f" * 64,
-                "subject_ids": "given",
-                "warning": "",
-                "dataset": "demo",
-                "data_source": "demo",
-                "leakage": {
-                    "test": {"fraction_subject_in_train": 0.0, "fraction_near_duplicate": 0.25}
-                },
-            }
-        )
-    )
+    SplitReport(
+        strategy="subject",
+        leaky=False,
+        fingerprint="f" * 64,
+        subject_ids="given",
+        warning="",
+        dataset="demo",
+        data_source="demo",
+        leakage={"test": {"fraction_subject_in_train": 0.0, "fraction_near_duplicate": 0.25}},
+    ).write(root / "reports/split.json")
     (root / "reports/validation.json").write_text(json.dumps({"n_images": 62, "n_valid": 60}))
     keras.utils.set_random_seed(0)
     layers = keras.layers
@@ -358,11 +353,16 @@ def _tiny_project(root: Path) -> None:
     x = GrayscaleToBackbone(mode="tf", name="preprocess")(inp)
     (root / "models").mkdir()
     keras.Model(inp, head(backbone(x))).save(root / "models/model.keras")
-    (root / "models/train_run.json").write_text(
-        json.dumps(
-            {"run_id": "r1", "model_uri": "models:/m-1", "temperature": 1.3, "recipe": "transfer"}
-        )
-    )
+    TrainRun(
+        run_id="r1",
+        model_uri="models:/m-1",
+        runs_uri="runs:/r1/model",
+        temperature=1.3,
+        input_size=(32, 32),
+        recipe="transfer",
+        backbone="tiny",
+        weights="imagenet",
+    ).write(root / "models/train_run.json")
 
 
 def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:

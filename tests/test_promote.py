@@ -64,29 +64,33 @@ class FakeRegistry:
 
 
 def _setup(tmp_path, monkeypatch, value, fp=FP):
-    import json
-
     from alzstage import tracking
+    from alzstage.artifacts import MetricsReport, TrainRun
     from alzstage.config import Params, Paths
 
     paths = Paths(tmp_path)
     paths.models.mkdir(parents=True, exist_ok=True)
     paths.reports.mkdir(parents=True, exist_ok=True)
-    paths.train_run.write_text(json.dumps({"run_id": "r1", "model_uri": "models:/m-1"}))
-    paths.metrics.write_text(
-        json.dumps(
-            {
-                "balanced_accuracy": value,
-                "macro_f1": value,
-                "accuracy": value,
-                "split_fingerprint": fp,
-                "split_strategy": "subject",
-                "split_leaky": False,
-                "dataset": "demo",
-                "data_source": "demo",
-            }
-        )
-    )
+    TrainRun(
+        run_id="r1",
+        model_uri="models:/m-1",
+        runs_uri="runs:/r1/model",
+        temperature=1.0,
+        input_size=(32, 32),
+        recipe="transfer",
+        backbone="efficientnetb0",
+        weights="imagenet",
+    ).write(paths.train_run)
+    MetricsReport(
+        balanced_accuracy=value,
+        macro_f1=value,
+        accuracy=value,
+        split_fingerprint=fp,
+        split_strategy="subject",
+        split_leaky=False,
+        dataset="demo",
+        data_source="demo",
+    ).write(paths.metrics)
     return Params(), paths, tracking
 
 

@@ -6,7 +6,7 @@ anything else is a bug and keeps its traceback. The subclasses say whose mistake
 
 * :class:`ConfigError`: ``params.yaml``;
 * :class:`DataError`: the data on disk or at the source (download, unsafe archive,
-  validation, split leakage, a stage input that is not there yet);
+  validation, split leakage, a stage input that is not there yet or lacks a key);
 * :class:`InputError`: a file handed to ``predict`` or ``serve``;
 * :class:`ModelError`: a model that cannot be found, loaded or registered.
 
@@ -52,6 +52,10 @@ class ValidationError(DataError, RuntimeError):
 
 class SplitLeakageError(DataError, RuntimeError):
     """A subject-level split put one subject in two splits (a bug, never a data issue)."""
+
+
+class ArtifactError(DataError):
+    """A file one stage wrote for another lacks a key or has a wrong value (alzstage.artifacts)."""
 
 
 class SubjectsCsvError(DataError):

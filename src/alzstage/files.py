@@ -55,9 +55,14 @@ def write_text(target: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_text(data: Any) -> str:
+    """Sorted, indented JSON, numpy values as plain numbers: what :func:`write_json` writes."""
+    return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
 def write_json(target: Path, data: Any) -> None:
     """Write sorted, indented JSON atomically, so reports diff cleanly under DVC."""
-    write_text(target, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_text(target, json_text(data))
 
 
 def _json_default(o: Any) -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from alzstage.artifacts import SplitReport
 from alzstage.config import Params, Paths
 from alzstage.data.identity import dataset_name
 from alzstage.errors import ConfigError, DataError, MissingInputError, SplitLeakageError
@@ -794,6 +795,7 @@ def run_split(params: Params, paths: Paths) -> StageResult:
             f"split.strategy={sp.strategy}: {report['warning']}", UserWarning, stacklevel=2
         )
 
+    SplitReport.check(report, paths.split_report)  # evaluate reads it through this contract
     with atomic_path(paths.split_file) as tmp:
         tmp.write_bytes(csv_text.encode())
     write_json(paths.split_report, report)

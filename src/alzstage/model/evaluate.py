@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from alzstage.artifacts import MetricsReport, SplitReport, TrainRun
 from alzstage.config import Params, Paths
 from alzstage.files import atomic_path, read_json, write_json, write_text
 from alzstage.model.baselines import THUMB_SIZE, headline_metrics, score_baselines
@@ -400,14 +401,13 @@ def _write_csv(df: pd.DataFrame, target: Path) -> Path:
     return target
 
 
-def _temperature(train_run: dict) -> tuple[float | None, str]:
-    t = train_run.get("temperature")
-    if t is None:
+def _temperature(train_run: TrainRun) -> tuple[float | None, str]:
+    if train_run.temperature is None:
         return None, "missing from models/train_run.json: probabilities are UNCALIBRATED"
-    return float(t), "models/train_run.json (fitted on the validation split)"
+    return train_run.temperature, "models/train_run.json (fitted on the validation split)"
 
 
-def _provenance(params: Params, train_run: dict) -> dict:
+def _provenance(params: Params, train_run: TrainRun) -> dict:
     d = params.data
     ref = {
         "demo": "synthetic slices from the MNI152 template (offline demo)",
@@ -422,12 +422,12 @@ def _provenance(params: Params, train_run: dict) -> dict:
         "data_reference": ref,
         "classes": list(params.base.classes),
         "backbone": params.model.resolved_backbone,
-        "recipe": train_run["recipe"],  # what the train stage ran, not what params say now
+        "recipe": train_run.recipe,  # what the train stage ran, not what params say now
         "weights": params.model.weights,
         "input_size": list(params.model.input_size),
         "seed": params.base.seed,
-        "run_id": train_run.get("run_id", ""),
-        "model_uri": train_run.get("model_uri", ""),
+        "run_id": train_run.run_id,
+        "model_uri": train_run.model_uri,
     }
 
 
@@ -519,9 +519,10 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     timings["predict"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    train_run = read_json(paths.train_run)
+    train_run = TrainRun.read(paths.train_run)
     temperature, t_source = _temperature(train_run)
-    split_info = read_json(paths.split_report)
+    split = SplitReport.read(paths.split_report)
+    split_info = split.model_dump(mode="json")  # the whole report, for the headline and card
     validation = read_json(paths.validation_report)
     known = known_subjects(rows)
     subjects = np.where(known, rows["subject"].astype(str).str.strip(), "") if known.any() else None
@@ -532,16 +533,16 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
         temperature=temperature,
         temperature_source=t_source,
         subjects=subjects,
-        subject_ids=str(split_info.get("subject_ids", "given")),
+        subject_ids=split.subject_ids,
         seed=params.base.seed,
     )
     # From split.json (a declared dependency), never from params.split: the split that ran.
-    report["split_strategy"] = split_info["strategy"]
-    report["split_leaky"] = bool(split_info["leaky"])
-    report["split_fingerprint"] = split_info["fingerprint"]
-    report["split_warning"] = split_info["warning"]
-    report["dataset"] = split_info["dataset"]
-    report["data_source"] = split_info["data_source"]
+    report["split_strategy"] = split.strategy
+    report["split_leaky"] = split.leaky
+    report["split_fingerprint"] = split.fingerprint
+    report["split_warning"] = split.warning
+    report["dataset"] = split.dataset
+    report["data_source"] = split.data_source
     timings["metrics"] = time.perf_counter() - t1
 
     probs = apply_temperature(raw, report["calibration"]["temperature"])
@@ -607,6 +608,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     pred_file = _write_csv(preds, paths.reports / "predictions_test.csv")
 
     report = json_safe(report)
+    MetricsReport.check(report, paths.metrics)  # promote reads it through this contract
     write_json(paths.metrics, report)
     write_json(paths.headline, headline(report, split_info, validation))
     card_file = paths.reports / "model_card.md"
@@ -653,7 +655,7 @@ def run_evaluate_stage(params: Params, paths: Paths) -> StageResult:
     from alzstage import tracking
 
     result = run_evaluate(params, paths)
-    train_run_id = read_json(paths.train_run)["run_id"]
+    train_run_id = TrainRun.read(paths.train_run).run_id
     result.tags["alzstage.train_run_id"] = train_run_id
     client = tracking.client()
     for k in TRAIN_RUN_METRICS:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from alzstage import tracking
+from alzstage.artifacts import MetricsReport, TrainRun
 from alzstage.config import Params, Paths
 from alzstage.data.identity import configured_dataset
 from alzstage.errors import DatasetUnknown
-from alzstage.files import read_json, write_json
+from alzstage.files import write_json
 from alzstage.result import StageResult
 
 
@@ -63,9 +64,9 @@ def decide(
 
 def run_promote(params: Params, paths: Paths) -> StageResult:
     p = params.promote
-    train_run = read_json(paths.train_run)
-    metrics = read_json(paths.metrics)
-    dataset = metrics.get("dataset")
+    train_run = TrainRun.read(paths.train_run)
+    metrics = MetricsReport.read(paths.metrics)
+    dataset = metrics.dataset
     if not dataset:
         raise DatasetUnknown(
             f"{paths.metrics} names no dataset, so there is no champion to compare with; "
@@ -73,21 +74,21 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
         )
     name = tracking.registered_name(p.model_name, dataset)
     tags = {
-        "balanced_accuracy": str(metrics["balanced_accuracy"]),
-        "macro_f1": str(metrics["macro_f1"]),
-        "accuracy": str(metrics["accuracy"]),
-        "split_fingerprint": str(metrics.get("split_fingerprint", "")),
-        "split_strategy": str(metrics.get("split_strategy", "")),
-        "split_leaky": str(metrics.get("split_leaky", "")),
-        "train_run_id": train_run["run_id"],
+        "balanced_accuracy": str(metrics.balanced_accuracy),
+        "macro_f1": str(metrics.macro_f1),
+        "accuracy": str(metrics.accuracy),
+        "split_fingerprint": metrics.split_fingerprint,
+        "split_strategy": metrics.split_strategy,
+        "split_leaky": str(metrics.split_leaky),
+        "train_run_id": train_run.run_id,
         # What predict, serve and the page show about the model they use.
         "dataset": dataset,
-        "data_source": str(metrics.get("data_source", "")),
-        "recipe": str(train_run.get("recipe", "")),
-        "backbone": str(train_run.get("backbone", "")),
-        "weights": str(train_run.get("weights", "")),
+        "data_source": metrics.data_source,
+        "recipe": train_run.recipe,
+        "backbone": train_run.backbone,
+        "weights": train_run.weights,
     }
-    mv = tracking.register(train_run["model_uri"], name, tags)
+    mv = tracking.register(train_run.model_uri, name, tags)
     tracking.set_alias(name, tracking.ALIAS_CHALLENGER, mv.version)
     champ = tracking.get_alias_version(name, tracking.ALIAS_CHAMPION)
     decision = decide(

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alzstage.files import read_json, write_json
+from alzstage.artifacts import TrainRun
+from alzstage.files import read_json
 from alzstage.model.ood import fit_from_split
 from alzstage.model.pyfunc import log_pyfunc
 from alzstage.model.train import run_train
@@ -38,19 +39,15 @@ def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageRes
     meta["input_check"] = check.model_dump(mode="json")
     example = np.zeros((1, h, w), dtype=np.uint8)
     model_uri = log_pyfunc(paths.model_file, meta, example, training_thumbnails=thumbnails)
-    write_json(
-        paths.train_run,
-        {
-            "run_id": tracker.run_id,
-            "model_uri": model_uri,
-            "runs_uri": f"runs:/{tracker.run_id}/model",
-            "temperature": meta["temperature"],
-            "input_size": [h, w],
-            # What promote tags on the registry version: the recipe that actually trained.
-            "recipe": report["recipe"],
-            "backbone": meta["backbone"],
-            "weights": params.model.weights,
-        },
-    )
+    TrainRun(
+        run_id=tracker.run_id,
+        model_uri=model_uri,
+        runs_uri=f"runs:/{tracker.run_id}/model",
+        temperature=meta["temperature"],
+        input_size=(h, w),
+        recipe=report["recipe"],
+        backbone=meta["backbone"],
+        weights=params.model.weights,
+    ).write(paths.train_run)
     result.artifacts.append(paths.train_run)
     return result

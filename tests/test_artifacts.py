@@ -1,0 +1,142 @@
+"""Stage artefacts are typed: what one stage writes, the next reads back, or is told why not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alzstage.artifacts import MetricsReport, SplitReport, TrainRun
+from alzstage.errors import AlzstageError, ArtifactError, MissingInputError
+
+
+def train_run() -> TrainRun:
+    return TrainRun(
+        run_id="r1",
+        model_uri="models:/m/1",
+        runs_uri="runs:/r1/model",
+        temperature=1.3,
+        input_size=(176, 208),
+        recipe="transfer",
+        backbone="efficientnetb0",
+        weights="imagenet",
+    )
+
+
+def test_train_run_round_trips_through_its_file(tmp_path: Path) -> None:
+    # given a train run written by the train stage's type
+    path = train_run().write(tmp_path / "models" / "train_run.json")
+
+    # when evaluate or promote reads it back
+    back = TrainRun.read(path)
+
+    # then it is the same value, and the file is plain JSON a person can read
+    assert back == train_run()
+    assert json.loads(path.read_text())["input_size"] == [176, 208]
+
+
+def test_a_missing_key_names_the_file_the_key_and_the_stage_to_rerun(tmp_path: Path) -> None:
+    # given a train_run.json without its model URI
+    path = tmp_path / "train_run.json"
+    doc = train_run().model_dump(mode="json")
+    del doc["model_uri"]
+    path.write_text(json.dumps(doc))
+
+    # when it is read
+    with pytest.raises(ArtifactError) as caught:
+        TrainRun.read(path)
+
+    # then one line says where, what and how to fix it
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(path) in message and "'model_uri' is missing" in message
+    assert "alzstage train" in message
+    assert isinstance(caught.value, AlzstageError)
+
+
+def test_a_wrongly_typed_value_is_refused_not_coerced(tmp_path: Path) -> None:
+    # given a metrics.json whose leak flag is the string "False" (truthy if coerced by hand)
+    path = tmp_path / "metrics.json"
+    doc = {
+        "balanced_accuracy": 0.5,
+        "macro_f1": 0.5,
+        "accuracy": 0.5,
+        "split_fingerprint": "f" * 64,
+        "split_strategy": "subject",
+        "split_leaky": "False",
+        "dataset": "demo",
+        "data_source": "demo",
+    }
+    path.write_text(json.dumps(doc))
+
+    # when promote reads it, then the key is named
+    with pytest.raises(ArtifactError, match=r"metrics\.json: key 'split_leaky'.*alzstage evaluate"):
+        MetricsReport.read(path)
+
+
+def test_a_missing_file_says_which_stage_writes_it(tmp_path: Path) -> None:
+    with pytest.raises(MissingInputError, match=r"split\.json: not found; run `alzstage split`"):
+        SplitReport.read(tmp_path / "split.json")
+
+
+def test_reports_keep_the_keys_no_reader_declares(tmp_path: Path) -> None:
+    # given a split.json with the detail the model card and the headline use
+    path = tmp_path / "split.json"
+    doc = {
+        "strategy": "subject",
+        "leaky": False,
+        "fingerprint": "f" * 64,
+        "warning": "",
+        "subject_ids": "given",
+        "dataset": "demo",
+        "data_source": "demo",
+        "counts": {"test": {"total": 3}},
+    }
+    path.write_text(json.dumps(doc))
+
+    # when it is read, then the declared fields are typed and the rest passes through
+    split = SplitReport.read(path)
+    assert split.leaky is False
+    assert split.model_dump(mode="json") == doc
+
+
+def test_a_writer_is_stopped_before_it_writes_a_report_a_reader_would_refuse(
+    tmp_path: Path,
+) -> None:
+    # given an evaluate report that lost its dataset name
+    report = {"balanced_accuracy": 0.5, "macro_f1": 0.5, "accuracy": 0.5, "split_leaky": False}
+    report |= {"split_fingerprint": "f", "split_strategy": "subject", "data_source": "demo"}
+
+    # when evaluate checks it against the contract, then nothing is written
+    expected = r"metrics\.json: not written, key 'dataset' is missing$"
+    with pytest.raises(ArtifactError, match=expected):
+        MetricsReport.check(report, tmp_path / "metrics.json")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_promote_refuses_metrics_without_a_split_fingerprint(tmp_path: Path) -> None:
+    # given a metrics.json from before the split fingerprint was recorded
+    from alzstage.config import Params, Paths
+    from alzstage.model.promote import run_promote
+
+    paths = Paths(tmp_path)
+    train_run().write(paths.train_run)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    paths.metrics.write_text(
+        json.dumps(
+            {
+                "balanced_accuracy": 0.5,
+                "macro_f1": 0.5,
+                "accuracy": 0.5,
+                "split_strategy": "subject",
+                "split_leaky": False,
+                "dataset": "demo",
+                "data_source": "demo",
+            }
+        )
+    )
+
+    # when promote runs, then it stops before registering anything (no empty-string tag)
+    with pytest.raises(ArtifactError, match="'split_fingerprint' is missing"):
+        run_promote(Params(), paths)
