@@ -284,7 +284,7 @@ def test_distributed_loop_matches_keras_fit():
     import keras
     import tensorflow as tf
 
-    from alzstage.model.train import fit_distributed
+    from alzstage.model.distribute import fit_distributed
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(70, 6)).astype("float32")  # 70 = 4 full batches of 16 + 6

@@ -11,6 +11,11 @@ Phase 1 trains the head on pooled backbone features. Phase 2 (optional) unfreeze
 activations at the cut. The frozen activations also persist on disk
 (``.cache/alzstage/activations``, keyed by trunk weights and input bytes), so a re-run
 that changes only training params skips the frozen forward pass altogether.
+
+``train_model`` reads as its phases: ``_build``, ``_cut_and_cache``, ``_fit_head``,
+``_fine_tune``, then ``_finish`` (calibration and the summary). Where training runs (the
+strategy and the multi-worker loop) is ``model/distribute.py``; how arrays become
+batches is ``model/feed.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import pandas as pd
 from alzstage.config import AugmentParams, Params, Paths
 from alzstage.files import write_json
 from alzstage.model.activation_cache import ActivationCache, model_digest
+from alzstage.model.distribute import fit_distributed, select_strategy, synchronize_batchnorm
+from alzstage.model.feed import as_network_input, batches
 from alzstage.model.inputs import load_batch
 from alzstage.model.metrics import summary_metrics
 from alzstage.result import StageResult
@@ -67,26 +74,6 @@ def class_weights(
     if max_weight is not None:
         weights = {i: min(w, float(max_weight)) for i, w in weights.items()}
     return weights
-
-
-def select_strategy() -> Any:
-    """MirroredStrategy over every visible GPU (or several logical devices), else default.
-
-    The same training code then runs on a laptop CPU, a multi-GPU box or, with
-    ``TF_CONFIG`` set, a MultiWorkerMirroredStrategy cluster (where ``fit_phase`` swaps
-    Keras ``fit`` for ``fit_distributed``: keras-team/keras#20585).
-    """
-    import tensorflow as tf
-
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    cpus = tf.config.list_logical_devices("CPU")
-    if os.environ.get("ALZSTAGE_MIRROR_CPUS") and len(cpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in cpus])
-    return tf.distribute.get_strategy()
 
 
 def make_loss(params: Params) -> Any:
@@ -272,113 +259,6 @@ def fit_phase(
     return cb.result
 
 
-def fit_distributed(
-    model: Any,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    strategy: Any,
-    batch_size: int,
-    epochs: int,
-    class_weight: dict[int, float] | None,
-    callback: Any,
-    seed: int,
-    shuffle: bool = True,
-) -> None:
-    """``model.fit`` for a compiled model, as a custom loop under ``strategy``.
-
-    Keras 3 ``fit`` stops under MultiWorkerMirroredStrategy with more than one worker
-    ("Attempt to convert a value (PerReplica...)", keras-team/keras#20585); a loop over
-    ``strategy.run`` does not. It keeps what ``fit`` does here: ``batch_size`` is the
-    global batch, each is split across every replica of every worker, the loss is the
-    class-weighted mean over the global batch (Keras's ``sum_over_batch_size``), the
-    compiled optimizer and its schedule step once per global batch, and the callback
-    sees the same hooks and ``logs["loss"]``. Every worker reshuffles with the same seed,
-    so all hold the same data order and take their own slice of each batch.
-    """
-    import keras
-    import tensorflow as tf
-
-    n = len(x)
-    weights = np.ones(n, np.float32)
-    if class_weight:
-        weights = np.array([class_weight.get(int(c), 1.0) for c in y], np.float32)
-    loss_obj = model.loss
-    per_sample = loss_obj.call if isinstance(loss_obj, keras.losses.Loss) else loss_obj
-    optimizer = model.optimizer
-    if not optimizer.built:  # variables made now, under the strategy, not in a step
-        optimizer.build(model.trainable_variables)
-    replicas = strategy.num_replicas_in_sync
-    epoch_batches = _epoch_batches(n, batch_size, seed, shuffle)
-
-    def dataset_fn(ctx: Any) -> Any:
-        local = replicas // ctx.num_input_pipelines
-        first = ctx.input_pipeline_id * local
-
-        def pieces() -> Any:
-            for idx in epoch_batches():
-                scale = np.float32(1.0 / len(idx))
-                parts = np.array_split(idx, replicas)
-                for r in range(first, first + local):
-                    part = parts[r]
-                    yield as_network_input(x[part]), y[part], weights[part] * scale
-
-        signature = (*_specs(x, y), tf.TensorSpec((None,), tf.float32))
-        return tf.data.Dataset.from_generator(pieces, output_signature=signature).prefetch(2)
-
-    batches = strategy.distribute_datasets_from_function(dataset_fn)
-
-    def replica_step(xb: Any, yb: Any, wb: Any) -> Any:
-        with tf.GradientTape() as tape:
-            probs = model(xb, training=True)
-            loss = tf.reduce_sum(per_sample(yb, probs) * wb)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return loss
-
-    @tf.function
-    def train_step(xb: Any, yb: Any, wb: Any) -> Any:
-        per_replica = strategy.run(replica_step, args=(xb, yb, wb))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    callback.set_model(model)
-    model.stop_training = False
-    callback.on_train_begin()
-    for epoch in range(epochs):
-        callback.on_epoch_begin(epoch)
-        total, steps = 0.0, 0
-        for xb, yb, wb in batches:
-            total += float(train_step(xb, yb, wb))
-            steps += 1
-        callback.on_epoch_end(epoch, {"loss": total / max(steps, 1)})
-        if model.stop_training:
-            break
-    callback.on_train_end()
-
-
-def _synchronize_batchnorm(model: Any, enabled: bool) -> list[Any]:
-    """Switch trainable BatchNorm layers of ``model`` to cross-replica statistics."""
-    import keras
-
-    if not enabled:
-        return []
-    layers = [
-        layer
-        for layer in model.layers
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
-    for layer in layers:
-        layer.synchronized = True
-    return layers
-
-
-def as_network_input(x: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W) images become float32 (N, H, W, 1); anything else passes through."""
-    if x.dtype == np.uint8 and x.ndim == 3:
-        return x[..., None].astype(np.float32)
-    return x
-
-
 def predict_array(model: Any, x: np.ndarray, batch: int, chunk_batches: int = 32) -> np.ndarray:
     """``model.predict`` over ``x`` in chunks, written into one preallocated array.
 
@@ -427,63 +307,6 @@ def online_augmenter(p: AugmentParams, seed: int) -> Any:
         return None
     pipeline = keras.Sequential(steps, name="online_augment")
     return lambda images: pipeline(images, training=True)
-
-
-def batches(
-    x: np.ndarray,
-    y: np.ndarray,
-    batch_size: int,
-    seed: int,
-    shuffle: bool = True,
-    augment: Any = None,
-) -> Any:
-    """A ``tf.data`` pipeline of (x, y) batches sliced from the arrays on the fly.
-
-    ``fit`` on the arrays themselves would copy them whole (see ``predict_array``); this
-    reads one batch at a time, reshuffled every epoch from ``seed``, so the training
-    arrays are held once. ``augment`` (float32 batch -> batch) runs in the pipeline.
-    """
-    import tensorflow as tf
-
-    epoch_batches = _epoch_batches(len(x), batch_size, seed, shuffle)
-
-    def gen() -> Any:
-        for idx in epoch_batches():
-            yield as_network_input(x[idx]), y[idx]
-
-    steps = -(-len(x) // batch_size)
-    ds = tf.data.Dataset.from_generator(gen, output_signature=_specs(x, y))
-    if augment is not None:
-        ds = ds.map(lambda xb, yb: (augment(xb), yb), num_parallel_calls=1)
-    return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
-
-
-def _epoch_batches(n: int, batch_size: int, seed: int, shuffle: bool) -> Any:
-    """Index batches for one epoch per call: order ``seed + epoch``, sorted within a batch.
-
-    Both feeds (``batches`` and ``fit_distributed``) draw from this, so every worker of a
-    cluster, and a single process, sees the same batches in the same order.
-    """
-    epoch = [0]
-
-    def one_epoch() -> Any:
-        order = np.random.default_rng(seed + epoch[0]).permutation(n) if shuffle else np.arange(n)
-        epoch[0] += 1
-        for start in range(0, n, batch_size):
-            yield np.sort(order[start : start + batch_size])
-
-    return one_epoch
-
-
-def _specs(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-    """``tf.data`` signatures of (network input, label) batches sliced from ``x``, ``y``."""
-    import tensorflow as tf
-
-    sample = as_network_input(x[:1])
-    return (
-        tf.TensorSpec((None, *sample.shape[1:]), tf.as_dtype(sample.dtype)),
-        tf.TensorSpec((None,), tf.as_dtype(y.dtype)),
-    )
 
 
 def _frozen_forward(
@@ -535,115 +358,225 @@ def train_model(
     weights and the input bytes are unchanged (see ``activation_cache``), so a sweep over
     training params pays for the frozen forward pass once.
     """
-    import keras
-
-    from alzstage.model.build import build_network, resolve_cut, split_backbone
-
     set_seeds(params.base.seed)
     strategy = select_strategy()
-    classes = params.base.classes
-    cw = class_weights(y, classes, params.train.class_weight, params.train.max_class_weight)
-    # Images stay uint8 (N, H, W); each batch becomes float32 only as it is fed in.
-    bs = params.train.batch_size
-    summary: dict[str, Any] = {
+    cw = class_weights(
+        y, params.base.classes, params.train.class_weight, params.train.max_class_weight
+    )
+    summary = _describe(params, strategy)
+    t_start = time.perf_counter()
+    if params.recipe == "scratch":
+        return _scratch(params, x, y, x_val, y_val, tracker, cw, strategy, summary, t_start)
+    with strategy.scope():
+        # Build the network with its backbone frozen, and find where fine-tuning cuts it.
+        net, cut = _build(params)
+        fine_tune = cut is not None and params.train.fine_tune_epochs > 0
+        # Run the frozen layers once per image (or load them from the disk cache).
+        t0 = time.perf_counter()
+        frozen = _cut_and_cache(net, cut if fine_tune else None, x, x_val, params, cache)
+        summary["feature_seconds"] = time.perf_counter() - t0
+        summary["build_seconds"] = t0 - t_start
+        if frozen.cut_train is not None:
+            summary["cut_cache_mb"] = (frozen.cut_train.nbytes + frozen.cut_val.nbytes) / 2**20
+        if cache is not None:
+            summary["activation_cache"] = [dict(e) for e in cache.events]
+        # Phase 1: the head on pooled features.
+        head, trained, val_in = _fit_head(net, frozen, y, y_val, params, tracker, cw)
+        phases = {"head": head}
+        # Phase 2 (optional): the backbone's tail from the cut, at the lower rate.
+        if fine_tune:
+            offset = len(head.history)
+            phases["fine_tune"], trained, val_in = _fine_tune(
+                net, cut, frozen, x, x_val, y, y_val, params, tracker, cw, offset, strategy
+            )
+    summary["parameters"] = int(net.model.count_params())
+    # Calibrate on validation: ``trained`` on ``val_in`` is the whole network on x_val.
+    return _finish(params, net.model, summary, t_start, phases, val_in, y_val, cw, trained)
+
+
+def _describe(params: Params, strategy: Any) -> dict[str, Any]:
+    """The summary's first keys: where training runs and what it trains."""
+    return {
         # tf.distribute.MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.
         "strategy": type(strategy).__name__.replace(
             "CollectiveAllReduceStrategy", "MultiWorkerMirroredStrategy"
         ),
         "replicas": int(strategy.num_replicas_in_sync),
+        "recipe": params.recipe,
+        "backbone": params.model.resolved_backbone,
     }
-    summary["recipe"] = params.recipe
-    summary["backbone"] = params.model.resolved_backbone
-    t_start = time.perf_counter()
-    if params.recipe == "scratch":
-        with strategy.scope():
-            net = build_network(params.model, len(classes), params.base.seed)
-            summary["parameters"] = int(net.model.count_params())
-            phase = train_from_scratch(net, x, y, x_val, y_val, params, tracker, cw)
-        summary["build_seconds"] = 0.0
-        summary["feature_seconds"] = 0.0
-        return _finish(params, net.model, summary, t_start, {"scratch": phase}, x_val, y_val, cw)
+
+
+def _scratch(
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    tracker: StageRun | None,
+    cw: dict[int, float] | None,
+    strategy: Any,
+    summary: dict[str, Any],
+    t_start: float,
+) -> tuple[Any, dict[str, Any]]:
+    """The from-scratch recipe: build, one phase with every layer trained, calibrate."""
+    from alzstage.model.build import build_network
+
     with strategy.scope():
-        net = build_network(params.model, len(classes), params.base.seed)
-        cut = resolve_cut(params.model.resolved_backbone, params.train.fine_tune_from)
-        fine_tune = cut is not None and params.train.fine_tune_epochs > 0
-        net.backbone.trainable = False
-        inp = keras.Input((*x.shape[1:], 1))
-        pool = net.head.get_layer("pool")
-        t0 = time.perf_counter()
-        if fine_tune and cut != "all":
-            # The frozen trunk runs once per image; both phases reuse its activations.
-            trunk, tail = split_backbone(net.backbone, cut)
-            trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
-            a_train, a_val = _frozen_forward(trunk_fn, x, x_val, bs, cache, f"cut:{cut}")
-            summary["cut_cache_mb"] = (a_train.nbytes + a_val.nbytes) / 2**20
-            cut_in = keras.Input(a_train.shape[1:])
-            pooled = keras.Model(cut_in, pool(tail(cut_in)))
-            f_train, f_val = predict_array(pooled, a_train, bs), predict_array(pooled, a_val, bs)
-        else:
-            features = keras.Model(inp, pool(net.backbone(net.preprocess(inp))))
-            f_train, f_val = _frozen_forward(features, x, x_val, bs, cache, "pooled")
-        summary["feature_seconds"] = time.perf_counter() - t0
-        summary["build_seconds"] = t0 - t_start
-        if cache is not None:
-            summary["activation_cache"] = [dict(e) for e in cache.events]
-        # Phase 1: frozen backbone; train the head on pooled features.
-        head_in = keras.Input(f_train.shape[1:])
-        h = head_in
-        for layer in net.head.layers[1:]:
-            h = layer(h)
-        head_model = keras.Model(head_in, h)
-        phase1 = fit_phase(
-            head_model,
-            f_train,
-            y,
-            f_val,
-            y_val,
-            lr=params.train.learning_rate,
-            epochs=params.train.epochs,
-            params=params,
-            phase="head",
-            offset=0,
-            tracker=tracker,
-            cw=cw,
-        )
-        history = list(phase1.history)
-        phases = {"head": phase1}
-        if fine_tune:
-            if cut == "all":
-                net.set_trainable(None)
-                tail_model, a_train, a_val = net.model, x, x_val
-            else:
-                net.set_trainable(tail.layers)
-                tail_in = keras.Input(a_train.shape[1:])
-                tail_model = keras.Model(tail_in, net.head(tail(tail_in)))
-            # Trainable BatchNorm (weights: none) normalises with batch statistics; with
-            # several replicas each sees only its slice of the batch, so its moving
-            # averages would drift apart per worker. Synchronised, the statistics are the
-            # global batch's: the same arithmetic as one device, the same weights on all.
-            synced = _synchronize_batchnorm(net.backbone, strategy.num_replicas_in_sync > 1)
-            phase2 = fit_phase(
-                tail_model,
-                a_train,
-                y,
-                a_val,
-                y_val,
-                lr=params.train.fine_tune_learning_rate,
-                epochs=params.train.fine_tune_epochs,
-                params=params,
-                phase="fine_tune",
-                offset=len(history),
-                tracker=tracker,
-                cw=cw,
-            )
-            for layer in synced:
-                layer.synchronized = False  # a plain layer in the saved model
-            history += phase2.history
-            phases["fine_tune"] = phase2
-            # The val inputs of the last phase give the full network's output there.
-            head_model, f_val = tail_model, a_val
-    summary["parameters"] = int(net.model.count_params())
-    return _finish(params, net.model, summary, t_start, phases, f_val, y_val, cw, head_model)
+        net = build_network(params.model, len(params.base.classes), params.base.seed)
+        summary["parameters"] = int(net.model.count_params())
+        phase = train_from_scratch(net, x, y, x_val, y_val, params, tracker, cw)
+    summary["build_seconds"] = 0.0
+    summary["feature_seconds"] = 0.0
+    return _finish(params, net.model, summary, t_start, {"scratch": phase}, x_val, y_val, cw)
+
+
+def _build(params: Params) -> tuple[Any, str | None]:
+    """The network with its backbone frozen, and where fine-tuning cuts it (None: nowhere)."""
+    from alzstage.model.build import build_network, resolve_cut
+
+    net = build_network(params.model, len(params.base.classes), params.base.seed)
+    cut = resolve_cut(params.model.resolved_backbone, params.train.fine_tune_from)
+    net.backbone.trainable = False
+    return net, cut
+
+
+@dataclass
+class FrozenFeatures:
+    """What the frozen part of the network gives the two phases, computed once."""
+
+    #: Pooled backbone features of the train and val images: phase 1's inputs.
+    pooled_train: np.ndarray
+    pooled_val: np.ndarray
+    #: Activations at the cut and the backbone layers after it: phase 2's inputs and the
+    #: part it trains. None unless a tail below ``all`` is fine-tuned.
+    cut_train: np.ndarray | None = None
+    cut_val: np.ndarray | None = None
+    tail: Any = None
+
+
+def _cut_and_cache(
+    net: Any,
+    cut: str | None,
+    x: np.ndarray,
+    x_val: np.ndarray,
+    params: Params,
+    cache: ActivationCache | None,
+) -> FrozenFeatures:
+    """Run the frozen layers over the images once (through ``cache`` when given).
+
+    ``cut`` is where phase 2 will unfreeze (None when it will not run); at a cut inside
+    the backbone the activations there are kept, and the pooled features are the frozen
+    tail on them, so the trunk runs once per image for both phases.
+    """
+    import keras
+
+    from alzstage.model.build import split_backbone
+
+    bs = params.train.batch_size
+    inp = keras.Input((*x.shape[1:], 1))
+    pool = net.head.get_layer("pool")
+    if cut is None or cut == "all":
+        features = keras.Model(inp, pool(net.backbone(net.preprocess(inp))))
+        return FrozenFeatures(*_frozen_forward(features, x, x_val, bs, cache, "pooled"))
+    trunk, tail = split_backbone(net.backbone, cut)
+    trunk_fn = keras.Model(inp, trunk(net.preprocess(inp)))
+    a_train, a_val = _frozen_forward(trunk_fn, x, x_val, bs, cache, f"cut:{cut}")
+    cut_in = keras.Input(a_train.shape[1:])
+    pooled = keras.Model(cut_in, pool(tail(cut_in)))
+    return FrozenFeatures(
+        predict_array(pooled, a_train, bs), predict_array(pooled, a_val, bs), a_train, a_val, tail
+    )
+
+
+def _fit_head(
+    net: Any,
+    frozen: FrozenFeatures,
+    y: np.ndarray,
+    y_val: np.ndarray,
+    params: Params,
+    tracker: StageRun | None,
+    cw: dict[int, float] | None,
+) -> tuple[PhaseResult, Any, np.ndarray]:
+    """Phase 1: the backbone frozen, the head trained on pooled features.
+
+    Returns the phase, the head as a model on pooled features, and its val inputs.
+    """
+    import keras
+
+    head_in = keras.Input(frozen.pooled_train.shape[1:])
+    h = head_in
+    for layer in net.head.layers[1:]:
+        h = layer(h)
+    head_model = keras.Model(head_in, h)
+    phase = fit_phase(
+        head_model,
+        frozen.pooled_train,
+        y,
+        frozen.pooled_val,
+        y_val,
+        lr=params.train.learning_rate,
+        epochs=params.train.epochs,
+        params=params,
+        phase="head",
+        offset=0,
+        tracker=tracker,
+        cw=cw,
+    )
+    return phase, head_model, frozen.pooled_val
+
+
+def _fine_tune(
+    net: Any,
+    cut: str,
+    frozen: FrozenFeatures,
+    x: np.ndarray,
+    x_val: np.ndarray,
+    y: np.ndarray,
+    y_val: np.ndarray,
+    params: Params,
+    tracker: StageRun | None,
+    cw: dict[int, float] | None,
+    offset: int,
+    strategy: Any,
+) -> tuple[PhaseResult, Any, np.ndarray]:
+    """Phase 2: unfreeze from ``cut`` and train that tail (and the head) at the lower rate.
+
+    Returns the phase, the trained part as a model, and its val inputs (the cut's
+    activations, or the images when ``cut`` is ``all``).
+    """
+    import keras
+
+    if cut == "all":
+        net.set_trainable(None)
+        tail_model, a_train, a_val = net.model, x, x_val
+    else:
+        net.set_trainable(frozen.tail.layers)
+        tail_in = keras.Input(frozen.cut_train.shape[1:])
+        tail_model = keras.Model(tail_in, net.head(frozen.tail(tail_in)))
+        a_train, a_val = frozen.cut_train, frozen.cut_val
+    # Trainable BatchNorm (weights: none) normalises with batch statistics; with
+    # several replicas each sees only its slice of the batch, so its moving
+    # averages would drift apart per worker. Synchronised, the statistics are the
+    # global batch's: the same arithmetic as one device, the same weights on all.
+    synced = synchronize_batchnorm(net.backbone, strategy.num_replicas_in_sync > 1)
+    phase = fit_phase(
+        tail_model,
+        a_train,
+        y,
+        a_val,
+        y_val,
+        lr=params.train.fine_tune_learning_rate,
+        epochs=params.train.fine_tune_epochs,
+        params=params,
+        phase="fine_tune",
+        offset=offset,
+        tracker=tracker,
+        cw=cw,
+    )
+    for layer in synced:
+        layer.synchronized = False  # a plain layer in the saved model
+    return phase, tail_model, a_val
 
 
 def train_from_scratch(
