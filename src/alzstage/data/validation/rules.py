@@ -1,0 +1,271 @@
+"""The validation rules, declared once as data: :class:`ExpectationSpec` per rule.
+
+The manifest rules (``expectation_specs``) and, for NIfTI sources, the volume rules
+(``volume_specs``, from ``neuro.qc``), with the frames they are evaluated on. Nothing
+here imports Great Expectations; ``gx.py`` turns the specs into a suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from alzstage.config import Params
+from alzstage.data.manifest import MANIFEST_COLUMNS
+from alzstage.data.validation.checks import IMAGE_CHECKS
+
+
+@dataclass(frozen=True)
+class ExpectationSpec:
+    """One GX expectation, described without importing GX.
+
+    ``reason`` is the quarantine code for row-level expectations; ``None`` marks a
+    dataset-level rule that dropping rows cannot fix (it stops the stage under either
+    policy). ``index`` names the column that identifies unexpected rows in the results.
+    """
+
+    key: str
+    frame: str  # "manifest" | "class_counts" | "label_conflicts"
+    gx_class: str
+    kwargs: dict[str, Any]
+    description: str
+    hint: str
+    reason: str | None = None
+    index: str = "path"
+
+
+def expectation_specs(params: Params) -> list[ExpectationSpec]:
+    """The suite, derived from params so that the rules and the docs never drift apart."""
+    b, v = params.base, params.validate_
+    redownload = "re-run `dvc repro download` to rebuild data/raw/manifest.csv"
+    specs = [
+        ExpectationSpec(
+            "columns_present",
+            "manifest",
+            "ExpectTableColumnsToMatchSet",
+            {"column_set": list(MANIFEST_COLUMNS), "exact_match": False},
+            "The manifest has every column later stages read.",
+            redownload,
+        ),
+    ]
+    for col, reason in (
+        ("path", "missing_path"),
+        ("label", "missing_label"),
+        ("sha256", "missing_sha256"),
+        ("pixel_hash", "undecodable"),
+    ):
+        specs.append(
+            ExpectationSpec(
+                f"{col}_not_null",
+                "manifest",
+                "ExpectColumnValuesToNotBeNull",
+                {"column": col},
+                f"Every row has a {col} (empty counts as missing"
+                + (
+                    "; an empty pixel_hash means download could not decode the image)."
+                    if col == "pixel_hash"
+                    else ")."
+                ),
+                redownload
+                if col != "pixel_hash"
+                else "replace or delete the file; see the image checks",
+                reason,
+            )
+        )
+    specs += [
+        ExpectationSpec(
+            "path_unique",
+            "manifest",
+            "ExpectColumnValuesToBeUnique",
+            {"column": "path"},
+            "Each file is listed once.",
+            redownload,
+            "duplicate_path",
+        ),
+        ExpectationSpec(
+            "label_in_classes",
+            "manifest",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "label", "value_set": list(b.classes)},
+            f"Labels are configured classes {list(b.classes)}.",
+            "rename the class folder, or map it with base.class_aliases in params.yaml",
+            "unknown_label",
+        ),
+        ExpectationSpec(
+            "sha256_unique",
+            "manifest",
+            "ExpectColumnValuesToBeUnique",
+            {"column": "sha256"},
+            "No two files have identical bytes (exact duplicates inflate a class and leak "
+            "across the split).",
+            "delete the extra copies; with validate.on_failure: quarantine the first copy "
+            "(by path) is kept",
+            "exact_duplicate",
+        ),
+    ]
+    if v.min_per_class > 0:
+        specs.append(
+            ExpectationSpec(
+                "classes_present",
+                "manifest",
+                "ExpectColumnDistinctValuesToContainSet",
+                {"column": "label", "value_set": list(b.classes)},
+                "Every configured class occurs at least once.",
+                "add images for the missing class, or remove it from base.classes",
+            )
+        )
+    if v.check_size:
+        for col, want in (("width", b.width), ("height", b.height)):
+            specs.append(
+                ExpectationSpec(
+                    f"{col}_matches",
+                    "manifest",
+                    "ExpectColumnValuesToBeInSet",
+                    {"column": col, "value_set": [want]},
+                    f"Images must be {b.width}x{b.height} (WxH; base.image_size is "
+                    "[height, width]).",
+                    "resize the images, fix base.image_size, or set validate.check_size: false",
+                    "wrong_size",
+                )
+            )
+    if v.expected_mode != "any":
+        specs.append(
+            ExpectationSpec(
+                "mode_matches",
+                "manifest",
+                "ExpectColumnValuesToBeInSet",
+                {"column": "mode", "value_set": [v.expected_mode]},
+                f"Images have colour mode {v.expected_mode}.",
+                IMAGE_CHECKS["wrong_mode"],
+                "wrong_mode",
+            )
+        )
+    specs += [
+        ExpectationSpec(
+            "class_min_count",
+            "class_counts",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "count", "min_value": v.min_per_class},
+            f"Every class has at least validate.min_per_class = {v.min_per_class} images.",
+            "add images for that class, or lower validate.min_per_class",
+            index="label",
+        ),
+        ExpectationSpec(
+            "no_label_conflict",
+            "label_conflicts",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "n_labels", "max_value": 1},
+            "Identical pixels never carry two different labels.",
+            "decide which label is right and delete the other copies; with "
+            "validate.on_failure: quarantine every copy is excluded",
+            "label_conflict",
+        ),
+    ]
+    return specs
+
+
+def suite_frames(manifest: pd.DataFrame, params: Params) -> dict[str, pd.DataFrame]:
+    """The frames the suite validates (pure).
+
+    Empty strings become nulls so the not-null rules catch them. Size and mode of rows
+    whose pixels could not be decoded are blanked: those rows are already reported as
+    undecodable, and '0x0 is the wrong size' would only add noise.
+    """
+    m = manifest.copy()
+    for col in ("path", "label", "sha256", "pixel_hash", "mode", "format"):
+        s = m[col]
+        m[col] = s.where(s.notna() & (s.astype(str) != ""), None).astype(object)
+    undecodable = m["pixel_hash"].isna()
+    for col in ("width", "height"):
+        m[col] = pd.to_numeric(m[col], errors="coerce").where(~undecodable)
+    m["mode"] = m["mode"].where(~undecodable, None)
+
+    known = m["label"].where(m["label"].isin(params.base.classes))
+    counts = known.value_counts()
+    class_counts = pd.DataFrame(
+        {
+            "label": list(params.base.classes),
+            "count": [int(counts.get(c, 0)) for c in params.base.classes],
+        }
+    )
+
+    hashed = m.loc[m["pixel_hash"].notna() & m["label"].notna(), ["path", "label", "pixel_hash"]]
+    conflicts = hashed.assign(
+        n_labels=hashed.groupby("pixel_hash")["label"].transform("nunique").astype(int)
+    ).reset_index(drop=True)
+    return {"manifest": m, "class_counts": class_counts, "label_conflicts": conflicts}
+
+
+# ================================================ NIfTI volumes (data.source: nifti)
+
+VOLUME_QUARANTINE_COLUMNS = ["file", "subject", "label", "reasons", "details", "n_slices"]
+_VOLUME_TEXT = ("subject", "file", "label", "status", "error", "shape", "slice_prefix")
+
+
+def volume_specs(params: Params) -> list[ExpectationSpec]:
+    """Expectations on ``data/raw/volumes.csv``: one per ``validate.nifti`` rule.
+
+    The rules themselves live in :mod:`alzstage.neuro.qc`, shared with ``predict``; a
+    volume that could not be preprocessed at all fails ``volume_preprocessed`` (its
+    other measurements are empty, and GX skips empty values in range checks).
+    """
+    from alzstage.neuro.qc import volume_rules
+
+    specs = [
+        ExpectationSpec(
+            "volume_preprocessed",
+            "volumes",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "status", "value_set": ["ok"]},
+            "Every volume in the subjects CSV could be read and preprocessed into slices.",
+            "see each volume's error; fix or remove the file, or fix its row in the CSV",
+            "volume_error",
+            index="file",
+        )
+    ]
+    for rule in volume_rules(params.validate_.nifti):
+        bounds = {"min_value": rule.min_value, "max_value": rule.max_value}
+        specs.append(
+            ExpectationSpec(
+                rule.key,
+                "volumes",
+                "ExpectColumnValuesToBeBetween",
+                {"column": rule.column, **{k: v for k, v in bounds.items() if v is not None}},
+                rule.description,
+                rule.hint,
+                rule.reason,
+                index="file",
+            )
+        )
+    return specs
+
+
+def read_volume_qc(path: Path) -> pd.DataFrame:
+    """Read ``volumes.csv`` with text columns as strings and measurements as numbers."""
+    df = pd.read_csv(path, dtype={c: str for c in _VOLUME_TEXT}, keep_default_na=False)
+    for col in df.columns:
+        if col in _VOLUME_TEXT:
+            df[col] = df[col].fillna("").astype(str)
+        else:
+            df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
+    return df
+
+
+def volume_frame(volumes: pd.DataFrame) -> pd.DataFrame:
+    """The frame the volume expectations see: empty status counts as missing."""
+    v = volumes.copy()
+    v["status"] = v["status"].where(v["status"].astype(str) != "", None).astype(object)
+    return v
+
+
+def volume_detail(spec_reason: str, row: pd.Series, e: dict) -> str:
+    if spec_reason == "volume_error":
+        return f"{row['status']}: {row['error']}"
+    col = e["column"]
+    bounds = e["kwargs"]
+    limit = f">= {bounds['min_value']}" if "min_value" in bounds else f"<= {bounds['max_value']}"
+    return f"{col} = {row[col]} (must be {limit}). Fix: {e['hint']}"
