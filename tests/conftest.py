@@ -112,15 +112,20 @@ def mri_slices(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
     Plain random-noise images (``png_bytes``) are flagged by it, so tests that need a
     stage send these.
     """
+    return demo_slices(tmp_path_factory.mktemp("mri-slices"), per_class=1, slices=4, seed=123)
+
+
+def demo_slices(folder: Path, per_class: int, slices: int, seed: int) -> list[np.ndarray]:
+    """208x176 demo-generator slices as their JPEGs decode (uint8, H x W)."""
     from alzstage.data.demo import generate_demo
 
     records = generate_demo(
-        tmp_path_factory.mktemp("mri-slices"),
+        folder,
         classes=CLASSES,
-        subjects_per_class=[1, 1, 1, 1],
-        slices_per_subject=4,
+        subjects_per_class=[per_class] * len(CLASSES),
+        slices_per_subject=slices,
         image_size=(208, 176),
-        seed=123,
+        seed=seed,
     )
     out = []
     for r in records:

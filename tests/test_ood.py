@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASSES
+from conftest import CLASSES, demo_slices
 from PIL import Image, ImageDraw
 
 from alzstage.errors import ModelError
@@ -82,21 +82,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[InputGuard, list[P
 @pytest.fixture(scope="module")
 def new_subjects(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
     """Slices of subjects the check never saw (another seed), as their JPEGs decode."""
-    from alzstage.data.demo import generate_demo
-
-    records = generate_demo(
-        tmp_path_factory.mktemp("new"),
-        classes=CLASSES,
-        subjects_per_class=[2, 2, 2, 2],
-        slices_per_subject=6,
-        image_size=(208, 176),
-        seed=77,
-    )
-    out = []
-    for r in records:
-        with Image.open(r.path) as im:
-            out.append(np.asarray(im.convert("L")))
-    return out
+    return demo_slices(tmp_path_factory.mktemp("new"), per_class=2, slices=6, seed=77)
 
 
 def test_fit_records_what_it_was_fitted_on(fitted: tuple[InputGuard, list[Path]]) -> None:
