@@ -259,15 +259,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         model = await run_in_threadpool(cache.get)
         info = model.info
         return ModelResponse(
-            uri=info.uri,
-            name=info.name,
-            version=info.version,
-            alias=info.alias,
-            dataset=info.dataset,
-            recipe=info.recipe,
+            **batch.model_ref(model).model_dump(),
             backbone=info.tags.get("backbone") or None,
-            synthetic_demo=info.synthetic_demo,
-            provenance=info.provenance,
             chosen_because=settings.model_choice,
             classes=model.classes,
             input_size=list(model.size),

@@ -152,18 +152,10 @@ class ErrorResponse(BaseModel):
     )
 
 
-class ModelResponse(BaseModel):
-    uri: str
-    name: str | None
-    version: str | None
-    alias: str | None
-    dataset: str | None = Field(None, description="Dataset the model was trained on.")
-    recipe: str | None = Field(None, description="Training recipe: scratch or transfer.")
+class ModelResponse(ModelRef):
+    """``ModelRef`` (the same facts every prediction carries) plus what the page shows."""
+
     backbone: str | None = None
-    synthetic_demo: bool = Field(
-        False, description="True when trained on the synthetic demo images, not real MRI."
-    )
-    provenance: str = Field("", description="Dataset and recipe as one line.")
     chosen_because: str = Field(
         "", description="Why the server serves this model (the configured dataset's champion)."
     )
