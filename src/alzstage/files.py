@@ -55,6 +55,13 @@ def write_text(target: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_csv(target: Path, df: Any) -> Path:
+    """Write a DataFrame as CSV atomically, ``\n`` line ends on every platform."""
+    with atomic_path(target) as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+    return Path(target)
+
+
 def json_text(data: Any) -> str:
     """Sorted, indented JSON, numpy values as plain numbers: what :func:`write_json` writes."""
     return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"

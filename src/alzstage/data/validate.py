@@ -50,7 +50,7 @@ from alzstage.data.validation.rules import (
 )
 from alzstage.errors import MissingInputError
 from alzstage.errors import ValidationError as ValidationFailed
-from alzstage.files import atomic_dir, atomic_path, write_json
+from alzstage.files import atomic_dir, write_csv, write_json
 from alzstage.result import StageResult
 
 # The stage's parts are importable from here, as before the split (tests, benchmarks).
@@ -96,11 +96,6 @@ def skipped_rows(skipped: list[Skipped]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
 
 
-def _write_csv(df: pd.DataFrame, target: Path) -> None:
-    with atomic_path(target) as tmp:
-        df.to_csv(tmp, index=False)
-
-
 def run_validate(params: Params, paths: Paths) -> StageResult:
     """Validate data/raw, write the validated manifest, quarantine list, report and Data Docs.
 
@@ -129,12 +124,12 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
     skipped = skipped_rows(read_skipped(paths.raw / SKIPPED_FILE))
     report["n_skipped_at_download"] = len(skipped)
     listed = [df for df in (outcome.quarantine, skipped) if len(df)] or [outcome.quarantine]
-    _write_csv(pd.concat(listed, ignore_index=True), paths.quarantine)
+    write_csv(paths.quarantine, pd.concat(listed, ignore_index=True))
     for stale in (paths.volume_qc, paths.quarantine_volumes):
         stale.unlink(missing_ok=True)  # from an earlier run on a nifti source
     if outcome.volumes is not None and outcome.volume_quarantine is not None:
-        _write_csv(outcome.volumes, paths.volume_qc)
-        _write_csv(outcome.volume_quarantine, paths.quarantine_volumes)
+        write_csv(paths.volume_qc, outcome.volumes)
+        write_csv(paths.quarantine_volumes, outcome.volume_quarantine)
     write_json(paths.validation_report, report)
 
     rel = _relative_to(paths.root)
@@ -172,7 +167,7 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
             ", ".join(vq["subject"].astype(str)),
             rel(paths.quarantine_volumes),
         )
-    _write_csv(outcome.clean, paths.validated_manifest)
+    write_csv(paths.validated_manifest, outcome.clean)
 
     metrics: dict[str, float] = {
         "n_images": float(report["n_images"]),

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from alzstage.config import Params, Paths
-from alzstage.files import atomic_path, read_json, write_json
+from alzstage.files import read_json, write_csv, write_json
 from alzstage.result import StageResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,13 +44,6 @@ ROLES = ("train", "val", "test")
 
 def fold_dir(paths: Paths, fold: int) -> Any:
     return paths.cv_reports / "folds" / f"fold_{fold}"
-
-
-def _write_csv(df: pd.DataFrame, target: Any) -> Any:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        df.to_csv(tmp, index=False)
-    return target
 
 
 # --------------------------------------------------------------------------- cv_split
@@ -88,7 +81,7 @@ def run_cv_split(params: Params, paths: Paths) -> StageResult:
     k = len(params.cv.folds)
     folds = subject_folds(split.drop(columns=["split"]), params)
     keep = ["path", "label", "subject", "test_fold", *[f"fold_{i}" for i in range(k)]]
-    _write_csv(folds[keep], paths.cv_folds)
+    write_csv(paths.cv_folds, folds[keep])
     summary = folds_summary(folds, params.base.classes, k)
     summary["tiny_classes"] = folds.attrs.get("tiny_classes", {})
     write_json(paths.cv_reports / "folds.json", summary)
@@ -152,9 +145,9 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
     for name, pred in base.items():
         preds[f"baseline_{name}"] = [classes[i] for i in pred]
     out = fold_dir(paths, fold)
-    pred_file = _write_csv(preds, out / "predictions.csv")
+    pred_file = write_csv(out / "predictions.csv", preds)
     history = pd.DataFrame(summary.pop("history"), columns=HISTORY_COLUMNS)
-    hist_file = _write_csv(history, out / "history.csv")
+    hist_file = write_csv(out / "history.csv", history)
     summary.update({"fold": fold, "n_train": len(x), "n_val": len(x_val), "n_test": len(x_test)})
     write_json(out / "train.json", summary)
     acc = float((probs.argmax(axis=1) == y_test).mean())
@@ -270,7 +263,7 @@ def run_cv_report(params: Params, paths: Paths) -> StageResult:
     write_json(paths.cv_reports / "report.json", report)
     head = json_safe(model_headline(report))
     write_json(paths.cv_reports / "metrics.json", head)
-    oof = _write_csv(pooled, paths.cv_reports / "predictions_oof.csv")
+    oof = write_csv(paths.cv_reports / "predictions_oof.csv", pooled)
     ci = report["ci"].get("balanced_accuracy") or {}
     spread = report["fold_spread"]["balanced_accuracy"]
     verdict = report["baselines"]["baselines"]["pixel"]["verdict"]

@@ -33,7 +33,7 @@ import pandas as pd
 
 from alzstage.artifacts import MetricsReport, SplitReport, TrainRun
 from alzstage.config import Params, Paths
-from alzstage.files import atomic_path, read_json, write_json, write_text
+from alzstage.files import atomic_path, read_json, write_csv, write_json, write_text
 from alzstage.model.baselines import THUMB_SIZE, headline_metrics, score_baselines
 from alzstage.model.calibration import (
     DEFAULT_BINS,
@@ -395,12 +395,6 @@ def plot_reliability(table: pd.DataFrame, calibration: dict, target: Path) -> Pa
 # --------------------------------------------------------------------------- I/O shell
 
 
-def _write_csv(df: pd.DataFrame, target: Path) -> Path:
-    with atomic_path(target) as tmp:
-        df.to_csv(tmp, index=False, lineterminator="\n")
-    return target
-
-
 def _temperature(train_run: TrainRun) -> tuple[float | None, str]:
     if train_run.temperature is None:
         return None, "missing from models/train_run.json: probabilities are UNCALIBRATED"
@@ -559,11 +553,11 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
         {"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}
     )
     csvs = {
-        "confusion": _write_csv(conf, paths.plots / "confusion.csv"),
-        "roc": _write_csv(roc_curves(y, probs, classes), paths.plots / "roc.csv"),
-        "pr": _write_csv(pr_curves(y, probs, classes), paths.plots / "pr.csv"),
-        "reliability": _write_csv(
-            pd.DataFrame(reliability_table(raw, probs, y)), paths.plots / "reliability.csv"
+        "confusion": write_csv(paths.plots / "confusion.csv", conf),
+        "roc": write_csv(paths.plots / "roc.csv", roc_curves(y, probs, classes)),
+        "pr": write_csv(paths.plots / "pr.csv", pr_curves(y, probs, classes)),
+        "reliability": write_csv(
+            paths.plots / "reliability.csv", pd.DataFrame(reliability_table(raw, probs, y))
         ),
     }
     for problem in plot_column_problems(paths.root / "dvc.yaml", csvs):
@@ -605,7 +599,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     )
     timings["gradcam"] = time.perf_counter() - t3
     preds["in_gradcam_gallery"] = np.isin(np.arange(len(preds)), shown)
-    pred_file = _write_csv(preds, paths.reports / "predictions_test.csv")
+    pred_file = write_csv(paths.reports / "predictions_test.csv", preds)
 
     report = json_safe(report)
     MetricsReport.check(report, paths.metrics)  # promote reads it through this contract
