@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from alzstage.config import Params, Paths
+from alzstage.errors import ConfigError, DataError, MissingInputError
 from alzstage.files import read_json, write_csv, write_json
 from alzstage.result import StageResult
 
@@ -116,7 +117,10 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
     from alzstage.model.train import HISTORY_COLUMNS, predict_array, train_model
 
     if fold not in params.cv.folds:
-        raise ValueError(f"cv fold {fold} is not in cv.folds {params.cv.folds}")
+        raise ConfigError(
+            f"--fold {fold} is not in cv.folds {params.cv.folds}; pass one of those, or "
+            "run all folds with `dvc repro cv/dvc.yaml`"
+        )
     folds = pd.read_csv(paths.cv_folds, dtype={"test_fold": int}, keep_default_na=False)
     folds = folds.astype({c: str for c in folds.columns if c != "test_fold"})
     x, y, _ = _role_arrays(folds, fold, "train", params, paths)
@@ -174,14 +178,14 @@ def pool_folds(frames: list[pd.DataFrame], folds: pd.DataFrame) -> pd.DataFrame:
     pooled = pd.concat(frames, ignore_index=True)
     dup = pooled["path"][pooled["path"].duplicated()]
     if not dup.empty:
-        raise ValueError(
+        raise DataError(
             f"cv_report: {dup.iloc[0]!r} is predicted by more than one fold; re-run "
             "`dvc repro cv/dvc.yaml` so that every fold comes from the same folds.csv"
         )
     expected = set(folds.loc[folds["test_fold"].astype(int) >= 0, "path"])
     missing = sorted(expected - set(pooled["path"]))
     if missing:
-        raise ValueError(
+        raise DataError(
             f"cv_report: {len(missing)} slices have no out-of-fold prediction (e.g. "
             f"{missing[0]!r}); a fold is missing or stale: re-run `dvc repro cv/dvc.yaml`"
         )
@@ -222,7 +226,7 @@ def run_cv_report(params: Params, paths: Paths) -> StageResult:
     for fold in params.cv.folds:
         f = fold_dir(paths, fold) / "predictions.csv"
         if not f.exists():
-            raise ValueError(f"cv_report: {f} is missing; run `dvc repro cv/dvc.yaml`")
+            raise MissingInputError(f"cv_report: {f} is missing; run `dvc repro cv/dvc.yaml`")
         frames.append(pd.read_csv(f, dtype={"path": str, "subject": str}, keep_default_na=False))
     pooled = pool_folds(frames, folds)
     index = {c: i for i, c in enumerate(classes)}

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from alzstage.config import AugmentParams, Params, Paths
+from alzstage.errors import DataError
 from alzstage.files import write_json
 from alzstage.model.activation_cache import ActivationCache, model_digest
 from alzstage.model.distribute import fit_distributed, select_strategy, synchronize_batchnorm
@@ -716,7 +717,7 @@ def load_rows(
     Shared by the single split and the CV folds, so both feed identical pixels.
     """
     if rows.empty:
-        raise ValueError(f"{where}; {why_empty}, or the split stage needs re-running")
+        raise DataError(f"{where}; {why_empty}, or the split stage needs re-running")
     index = {c: i for i, c in enumerate(params.base.classes)}
     y = rows["label"].map(index).to_numpy(np.int64)
     x = load_batch([paths.raw / p for p in rows["path"]], params.model.input_size)
