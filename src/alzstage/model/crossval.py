@@ -27,6 +27,7 @@ its metrics describe; CV says how much to trust that recipe, not which weights t
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 ROLES = ("train", "val", "test")
 
 
-def fold_dir(paths: Paths, fold: int) -> Any:
+def fold_dir(paths: Paths, fold: int) -> Path:
     return paths.cv_reports / "folds" / f"fold_{fold}"
 
 
