@@ -143,7 +143,7 @@ def compile_like_train(model: Any, params: Any) -> None:
     """The scratch recipe's optimiser (AdamW) and loss; the rate does not change speed."""
     import keras
 
-    from alzstage.model.train import make_loss
+    from alzstage.model.losses import make_loss
 
     sp = params.train.scratch
     optimizer = (
@@ -183,7 +183,8 @@ def pipeline_images_per_second(params: Any, n: int, model: Any | None) -> float:
     """
     import numpy as np
 
-    from alzstage.model.train import batches, online_augmenter
+    from alzstage.model.feed import batches
+    from alzstage.model.fit import online_augmenter
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, *params.model.input_size), dtype=np.uint8)

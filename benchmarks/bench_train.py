@@ -219,8 +219,9 @@ def run_alzstage(spec: dict, warm: bool) -> dict:
     from alzstage.config import Params
     from alzstage.data.augment import build_views
     from alzstage.model.activation_cache import ActivationCache
+    from alzstage.model.feed import predict_array
     from alzstage.model.inputs import load_batch
-    from alzstage.model.train import predict_array, train_model
+    from alzstage.model.train import train_model
 
     params = Params.model_validate(
         {

@@ -19,7 +19,8 @@ from conftest import free_port
 
 from alzstage.config import Params
 from alzstage.model.activation_cache import ActivationCache
-from alzstage.model.train import class_weights, save_model_atomic, train_model
+from alzstage.model.losses import class_weights
+from alzstage.model.train import save_model_atomic, train_model
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 

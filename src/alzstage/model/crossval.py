@@ -115,7 +115,8 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
     from alzstage.data.split import load_thumbnails
     from alzstage.model.baselines import THUMB_SIZE, baseline_predictions
     from alzstage.model.calibration import apply_temperature
-    from alzstage.model.train import HISTORY_COLUMNS, predict_array, train_model
+    from alzstage.model.feed import predict_array
+    from alzstage.model.train import HISTORY_COLUMNS, train_model
 
     if fold not in params.cv.folds:
         raise ConfigError(
