@@ -65,6 +65,9 @@ def harness_args(archive: Path, **overrides: object) -> argparse.Namespace:
         "intra": None,
         "inter": None,
         "bootstrap": 100,
+        "reference_max_epochs": None,
+        "sustain": None,
+        "repeats": 1,
     }
     return argparse.Namespace(**{**args, **overrides})
 
@@ -75,7 +78,8 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("ttt")
     archive = kaggle_zip(work / "tiny.zip")
     spec = ttt.build_spec(harness_args(archive), "subject", work, TINY)
-    return {**spec, "target": 0.0}  # any score reaches it: training stops after epoch 1
+    # any score reaches it, and one epoch is enough: training stops after epoch 1
+    return {**spec, "target": 0.0, "sustain": 1}
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +233,52 @@ def test_each_method_stops_at_the_first_epoch_that_reaches_the_target(runs: dict
         assert result["train_flops_per_image"] > 0
 
 
+def test_a_sustained_target_waits_for_the_mean_of_the_last_epochs() -> None:
+    clock = ttt.TargetClock("balanced_accuracy", 0.45, sustain=3)
+    # a lucky first epoch alone is not enough, nor two epochs
+    assert not clock.record(0.50, 1.0)
+    assert not clock.record(0.40, 1.0)
+    # the third epoch: mean(0.50, 0.40, 0.44) = 0.447 < 0.45, still not
+    assert not clock.record(0.44, 1.0)
+    # the fourth: mean(0.40, 0.44, 0.52) = 0.453 >= 0.45
+    assert clock.record(0.52, 1.0)
+    assert clock.reached is not None and clock.reached["epoch"] == 4
+
+
+def test_the_subject_protocol_sustains_its_target_over_three_epochs(spec: dict) -> None:
+    # the fixture overrides it; build_spec's default for the subject protocol is 3
+    assert ttt.SUSTAIN["subject"] == 3 and ttt.SUSTAIN["stratified"] == 1
+
+
+def test_alzstage_stops_through_train_models_own_hook_not_a_patch(spec: dict) -> None:
+    # given a stop_when that says "reached" at the first epoch
+    seen: list[dict] = []
+
+    def stop_when(row: dict) -> bool:
+        seen.append(row)
+        return True
+
+    from alzstage.model.train import train_model
+
+    params = parse_params(spec["params"]["scratch"])
+    x = load_batch([r["path"] for r in spec["rows"]["train"]], params.model.input_size)
+    xv = load_batch([r["path"] for r in spec["rows"]["val"]], params.model.input_size)
+    y = ttt.labels_of(spec["rows"]["train"], params.base.classes)
+    yv = ttt.labels_of(spec["rows"]["val"], params.base.classes)
+    # when training runs with it
+    _, summary = train_model(params, x, y, xv, yv, stop_when=stop_when)
+    # then training ended after that epoch, and the summary says so
+    assert len(seen) == 1 and seen[0]["epoch"] == 1
+    assert summary["scratch_epochs"] == 1 and summary["stopped_at_target_epoch"] == 1
+
+
+def test_repeats_move_only_the_training_seed(spec: dict) -> None:
+    moved = ttt.with_training_seed(spec, 2)
+    for recipe, raw in moved["params"].items():
+        assert raw["base"]["seed"] == spec["params"][recipe]["base"]["seed"] + 2
+    assert moved["rows"] == spec["rows"] and moved["trees"] == spec["trees"]
+
+
 def test_an_unreachable_target_runs_to_the_cap_and_reports_no_time(spec: dict) -> None:
     result = ttt.run_alzstage({**spec, "target": 2.0}, "scratch")
     assert not result["reached"] and result["time_to_target_seconds"] is None
@@ -242,7 +292,7 @@ def test_the_transfer_recipe_stops_in_its_head_phase_and_keeps_the_whole_network
     archive = kaggle_zip(tmp_path / "tiny.zip")
     args = harness_args(archive, weights=backbone_weights())
     sets = {**TINY, "model.backbone": "mobilenetv2"}
-    spec = {**ttt.build_spec(args, "subject", tmp_path, sets), "target": 0.0}
+    spec = {**ttt.build_spec(args, "subject", tmp_path, sets), "target": 0.0, "sustain": 1}
     # when alzstage's transfer recipe runs to a target every epoch reaches
     result = ttt.run_alzstage(spec, "transfer")
     # then it stopped after the first head epoch and still scored the full network on test
@@ -311,6 +361,13 @@ def test_ratios_flag_a_lower_bound_when_the_reference_never_reached_the_target()
     )
     assert capped["scratch"]["time_to_target"] == 3.0
     assert capped["scratch"]["time_to_target_is_lower_bound"]
+    # medians over repeats: alzstage 100, 120, 300 -> 120; reference 500, 600, 700 -> 600
+    repeated = ttt.ratios(
+        [result("alzstage-scratch", True, t, 60) for t in (100, 300, 120)]
+        + [result("reference-scratch", True, t, 30) for t in (600, 500, 700)]
+    )
+    assert repeated["scratch"]["time_to_target"] == 5.0
+    assert repeated["scratch"]["repeats"] == [3, 3]
     missed = ttt.ratios(
         [result("alzstage-scratch", False, 100, 60), result("reference-scratch", True, 300, 30)]
     )
