@@ -6,6 +6,7 @@ nothing behind in ``dest`` beyond what the caller discards anyway.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import lzma
 import shutil
@@ -13,8 +14,10 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from alzstage.errors import DownloadError, UnsafeArchiveError
 
@@ -166,52 +169,15 @@ _ARCHIVE_MAGIC = (
 
 
 def _extract(archive: Path, dest: Path, limits: ArchiveLimits, size: int) -> None:
-    from tqdm import tqdm
-
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            entries = _zip_entries(zf, archive)
-            check_unique_names(entries, archive)
-            check_limits(entries, archive, size, limits)
-            for info in tqdm(
-                zf.infolist(),
-                desc=f"extract {archive.name}",
-                unit="file",
-                disable=None,
-                leave=False,
-            ):
-                rel = _safe_relpath(info.filename, archive)
-                target = dest.joinpath(*rel.parts)
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
+            openers = [functools.partial(zf.open, info) for info in zf.infolist()]
+            _check_and_write(archive, dest, _zip_entries(zf, archive), openers, limits, size)
         return
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
-            entries = _tar_entries(tf, archive)
-            check_unique_names(entries, archive)
-            check_limits(entries, archive, size, limits)
-            for m in tqdm(
-                tf.getmembers(),
-                desc=f"extract {archive.name}",
-                unit="file",
-                disable=None,
-                leave=False,
-            ):
-                rel = _safe_relpath(m.name, archive)
-                target = dest.joinpath(*rel.parts)
-                if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tf.extractfile(m)
-                if src is None:  # pragma: no cover - regular files always have data
-                    continue
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
+            openers = [functools.partial(tf.extractfile, m) for m in tf.getmembers()]
+            _check_and_write(archive, dest, _tar_entries(tf, archive), openers, limits, size)
         return
     with open(archive, "rb") as f:
         head = f.read(8)
@@ -225,3 +191,32 @@ def _extract(archive: Path, dest: Path, limits: ArchiveLimits, size: int) -> Non
     raise DownloadError(
         f"{archive}: neither a zip nor a tar archive; point data.path at a .zip or .tar.gz"
     )
+
+
+def _check_and_write(
+    archive: Path,
+    dest: Path,
+    entries: list[_Entry],
+    openers: list[Callable[[], IO[bytes] | None]],
+    limits: ArchiveLimits,
+    size: int,
+) -> None:
+    """Check every entry first, then write them under ``dest`` (``openers[i]`` reads entry i)."""
+    from tqdm import tqdm
+
+    check_unique_names(entries, archive)
+    check_limits(entries, archive, size, limits)
+    pairs = list(zip(entries, openers, strict=True))
+    for entry, open_entry in tqdm(
+        pairs, desc=f"extract {archive.name}", unit="file", disable=None, leave=False
+    ):
+        target = dest.joinpath(*_safe_relpath(entry.name, archive).parts)
+        if entry.is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = open_entry()
+        if src is None:  # pragma: no cover - a tar's regular files always have data
+            continue
+        with src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
