@@ -35,7 +35,7 @@ from alzstage.errors import ConfigError
 from alzstage.files import atomic_dir
 from alzstage.result import StageResult
 
-# Kept importable from here for data/validate.py, which reads what download skipped.
+# The skip list lives in data.sources.layout; data/validate.py still imports it from here.
 __all__ = ["SKIPPED_FILE", "SKIP_REASONS", "SOURCES", "Skipped", "read_skipped", "run_download"]
 
 # Fills ``staging`` (the future data/raw) and returns the records of the images written.
