@@ -15,6 +15,7 @@ import tarfile
 import types
 import zipfile
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -25,14 +26,11 @@ from conftest import CLASSES, LocalServer, write_jpeg
 from PIL import Image
 
 from alzstage.config import BaseParams, DataParams, Params, Paths
-from alzstage.data.download import (
-    DownloadError,
-    UnsafeArchiveError,
-    kaggle_credentials,
-    label_table,
-    run_download,
-)
+from alzstage.data.download import SOURCES, run_download
 from alzstage.data.manifest import MANIFEST_COLUMNS, read_manifest
+from alzstage.data.sources.huggingface import label_table
+from alzstage.data.sources.kaggle import kaggle_credentials
+from alzstage.errors import ConfigError, DownloadError, UnsafeArchiveError
 from alzstage.files import sha256_file
 
 # --------------------------------------------------------------------------- helpers
@@ -93,6 +91,26 @@ def test_archive_in_kaggle_layout(tmp_path: Path, kaggle_tree: Path, kind: str) 
     assert result.metrics["n_images"] == 16.0
     assert result.metrics["n_NonDemented"] == 4.0
     assert leftovers(paths) == []
+
+
+def test_every_data_source_value_has_one_collect_function() -> None:
+    # the registry and the params schema name the same sources, so neither can lag
+    allowed = get_args(DataParams.model_fields["source"].annotation)
+    assert sorted(SOURCES) == sorted(allowed)
+    assert all(callable(collect) for collect in SOURCES.values())
+
+
+def test_an_unknown_source_is_one_line_naming_the_key_and_the_choices(tmp_path: Path) -> None:
+    # params.yaml refuses it first; a Params built without validation meets the registry
+    params = params_for()
+    params = params.model_copy(update={"data": params.data.model_copy(update={"source": "s3"})})
+    paths = Paths(tmp_path / "proj")
+    with pytest.raises(ConfigError) as err:
+        run_download(params, paths)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.source: must be one of")
+    assert all(repr(name) in message for name in SOURCES) and "'s3'" in message
+    assert not paths.raw.exists()
 
 
 def test_folder_source_without_splits(tmp_path: Path) -> None:

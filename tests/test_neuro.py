@@ -183,8 +183,8 @@ def test_slices_are_in_the_training_format_and_orientation(template_scan: Path) 
 
 def test_slice_grid_follows_the_demo_orientation() -> None:
     """Image top = anterior (+y), image left = patient's right (+x), as demo.render_subject."""
-    from alzstage.data.demo import BRAIN_CENTRE_MM
     from alzstage.neuro.slices import slice_grid
+    from alzstage.neuro.space import BRAIN_CENTRE_MM
 
     shape, affine = slice_grid(SIZE, np.array([0.0, 2.0]))
     assert shape == (176, 208, 2)

@@ -15,9 +15,10 @@ import pytest
 from neuro_volumes import corrupt_gzip, moved_affine, save_nifti, synthetic_volume
 
 from alzstage.config import Params, Paths
-from alzstage.data.download import DownloadError, run_download
+from alzstage.data.download import run_download
 from alzstage.data.manifest import read_manifest
 from alzstage.data.validate import ValidationFailed, read_volume_qc, run_validate
+from alzstage.errors import DownloadError
 
 CLASSES = ["CN", "MCI", "LMCI", "AD"]
 SIZE = (64, 56)

@@ -41,16 +41,10 @@ import numpy as np
 from scipy import ndimage
 
 from alzstage.data.manifest import RawRecord
+from alzstage.neuro.space import BAND_Z_MM, BRAIN_CENTRE_MM, pixel_mm
 
-# Kaggle/OASIS slices are 208 (anterior-posterior) x 176 (left-right) pixels at ~1 mm; other
-# image sizes keep this field of view so the brain stays centred and whole.
-REFERENCE_SIZE_MM = (208.0, 176.0)
-# Centre of the brain in MNI space (x, y), mm: the template's brain is not centred in y.
-BRAIN_CENTRE_MM = (0.0, -17.0)
-# Axial band the slices are drawn from (MNI z, mm): from the hippocampi / temporal horns up
-# through the bodies of the lateral ventricles, where the Kaggle slices concentrate and
-# where the atrophy effects below are visible.
-BAND_Z_MM = (-18.0, 40.0)
+# The slice grid (field of view, brain centre, axial band) is MNI geometry, in
+# alzstage.neuro.space: slices cut from real volumes use the same one.
 # Distance between adjacent slices. 2 mm keeps neighbours near-duplicates (r ~0.92-0.99)
 # without being identical, like consecutive slices of a 1 mm MRI after resampling.
 SLICE_STEP_MM = 2.0
@@ -395,7 +389,7 @@ def render_subject(
     ).astype(np.float32)
 
     # Output grid -> MNI mm. Pixels are square, sized so the Kaggle field of view fits.
-    mm_per_px = max(REFERENCE_SIZE_MM[0] / height, REFERENCE_SIZE_MM[1] / width)
+    mm_per_px = pixel_mm((height, width))
     u = (np.arange(width, dtype=np.float32) - (width - 1) / 2.0) * mm_per_px  # image right
     v = (np.arange(height, dtype=np.float32) - (height - 1) / 2.0) * mm_per_px  # image down
     V, U = np.meshgrid(v, u, indexing="ij")

@@ -1,6 +1,6 @@
 """Axial slices in MNI space, drawn exactly like the demo (and hence Kaggle) slices.
 
-The grid reuses :mod:`alzstage.data.demo`'s conventions rather than defining new ones:
+The grid is the demo's (:mod:`alzstage.neuro.space` holds it for both):
 square pixels sized so the 208 x 176 mm Kaggle field of view fits the image, centred on
 the brain centre in MNI space, radiological orientation (anterior at the top, the
 patient's right on the image's left). Slices are evenly spaced over a z-range in MNI mm.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from alzstage.data.demo import BRAIN_CENTRE_MM, REFERENCE_SIZE_MM
 from alzstage.neuro.register import resample
+from alzstage.neuro.space import BRAIN_CENTRE_MM, pixel_mm
 
 
 def slice_positions(z_range_mm: tuple[float, float], n_slices: int) -> np.ndarray:
@@ -35,7 +35,7 @@ def slice_grid(
     ``alzstage.data.demo.render_subject``.
     """
     height, width = int(image_size[0]), int(image_size[1])
-    mm = max(REFERENCE_SIZE_MM[0] / height, REFERENCE_SIZE_MM[1] / width)
+    mm = pixel_mm((height, width))
     z = np.asarray(z_mm, dtype=np.float64)
     dz = float(z[1] - z[0]) if len(z) > 1 else 1.0
     affine = np.eye(4)

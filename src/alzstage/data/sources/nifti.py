@@ -1,4 +1,4 @@
-"""The ``nifti`` data source: a folder of volumes + a subjects CSV -> slices in data/raw.
+"""``data.source: nifti``: a folder of volumes + a subjects CSV -> slices in data/raw.
 
 ``data.path`` holds the volumes and ``data.subjects_csv`` (default ``subjects.csv``) with
 one row per volume::
@@ -29,7 +29,8 @@ import pandas as pd
 
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord
-from alzstage.errors import SubjectsCsvError
+from alzstage.data.sources.fetch import project_path
+from alzstage.errors import DownloadError, SubjectsCsvError
 from alzstage.neuro.errors import MissingVolume, VolumeError
 from alzstage.neuro.qc import QC_COLUMNS
 
@@ -144,13 +145,12 @@ def preprocess_subjects(
 
 
 def collect_nifti(params: Params, paths: Paths, staging: Path) -> list[RawRecord]:
-    """Fill ``staging`` (the future data/raw) from ``data.path`` + ``data.subjects_csv``."""
-    from alzstage.data.download import DownloadError
+    """Fill ``staging`` (the future data/raw) from ``data.path`` + ``data.subjects_csv``.
 
+    Also writes ``staging/volumes.csv``, the per-volume QC the validate stage judges.
+    """
     assert params.data.path is not None  # enforced by DataParams
-    folder = Path(params.data.path).expanduser()
-    if not folder.is_absolute():
-        folder = paths.root / folder
+    folder = project_path(params.data.path, paths.root)
     if not folder.is_dir():
         raise DownloadError(
             f"data.path: {folder} is not a directory (data.source: nifti expects a folder of "
