@@ -304,9 +304,9 @@ VOLUMES_CSV = CsvContract(
         Column("subject"),
         Column("file"),  # as written in subjects.csv
         Column("label"),
-        Column("status"),  # "ok", or the check that stopped preprocessing
-        Column("error"),
-        Column("shape"),
+        Column("status"),  # "ok", or the check that stopped preprocessing (no slices then)
+        Column("error"),  # the message for a stopped volume, naming the file and the fix
+        Column("shape"),  # on disk, e.g. "182x218x182"
         *(
             Column(name, float)
             for name in (
@@ -322,7 +322,7 @@ VOLUMES_CSV = CsvContract(
                 "seconds",
             )
         ),
-        Column("slice_prefix"),  # the volume's slices in the manifest start with this
+        Column("slice_prefix"),  # the volume's slices in the manifest: paths starting with this
     ),
 )
 

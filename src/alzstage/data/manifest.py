@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from alzstage.artifacts import RAW_MANIFEST_CSV
-from alzstage.artifacts import read_raw_manifest as read_manifest
+from alzstage.artifacts import read_raw_manifest as read_manifest  # either manifest's reader
 
 # The columns, their types and their readers are the contract in alzstage.artifacts.
 MANIFEST_COLUMNS = RAW_MANIFEST_CSV.names
