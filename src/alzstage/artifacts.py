@@ -18,8 +18,9 @@ The CSV files stages hand to each other have a :class:`CsvContract` each (column
 type, whether it must be there, the values allowed), read and written only through
 their ``read_*`` / ``write_*`` functions:
 
-* :data:`MANIFEST_CSV`: ``data/raw/manifest.csv`` (download writes; validate reads) and
-  ``data/interim/manifest.csv`` (validate writes its kept rows; split reads);
+* :data:`RAW_MANIFEST_CSV`: ``data/raw/manifest.csv`` (download writes; validate reads);
+* :data:`MANIFEST_CSV`: ``data/interim/manifest.csv``, the same columns (validate writes
+  the rows it kept; split reads);
 * :data:`SPLIT_CSV`: ``data/processed/split.csv`` (split writes; augment, train,
   evaluate and the cross-validation read);
 * :data:`VOLUMES_CSV`: ``data/raw/volumes.csv``, per-volume QC of a NIfTI source
