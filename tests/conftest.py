@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
+
+from alzstage.artifacts import SPLIT_CSV
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 
@@ -35,6 +38,28 @@ def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (24, 20)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(path, format="JPEG")
     return path
+
+
+def split_frame(
+    paths: list[str], labels: str | list[str], splits: list[str], subjects: list[str] | None = None
+) -> pd.DataFrame:
+    """split.csv rows as the split stage writes them, checked by its contract (SPLIT_CSV).
+
+    Without ``subjects`` every row has no id (``subject_source`` none: its own group).
+    """
+    return SPLIT_CSV.check(
+        pd.DataFrame(
+            {
+                "path": paths,
+                "label": labels,
+                "subject": subjects if subjects is not None else "",
+                "subject_source": "given" if subjects is not None else "none",
+                "source_split": "",
+                "split": splits,
+            }
+        ),
+        Path("<test split rows>"),
+    )
 
 
 @pytest.fixture

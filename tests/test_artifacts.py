@@ -5,9 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from alzstage.artifacts import MetricsReport, SplitReport, TrainRun
+from alzstage.artifacts import (
+    MANIFEST_CSV,
+    SPLIT_CSV,
+    SPLITS,
+    VOLUMES_CSV,
+    MetricsReport,
+    SplitReport,
+    TrainRun,
+    read_manifest,
+    read_split,
+    read_volumes,
+    write_split,
+)
 from alzstage.errors import AlzstageError, ArtifactError, MissingInputError
 
 
@@ -140,3 +153,111 @@ def test_promote_refuses_metrics_without_a_split_fingerprint(tmp_path: Path) -> 
     # when promote runs, then it stops before registering anything (no empty-string tag)
     with pytest.raises(ArtifactError, match="'split_fingerprint' is missing"):
         run_promote(Params(), paths)
+
+
+# --------------------------------------------------------------------------- CSV files
+
+
+def split_rows() -> list[dict[str, str]]:
+    return [
+        {
+            "path": f"images/AD/{i}.jpg",
+            "label": "AD",
+            "subject": "007",
+            "subject_source": "given",
+            "source_split": "",
+            "split": split,
+        }
+        for i, split in enumerate(SPLITS)
+    ]
+
+
+def test_split_csv_round_trips_with_ids_kept_as_text(tmp_path: Path) -> None:
+    # given split rows built from the contract and written by the split stage's writer
+    path = write_split(SPLIT_CSV.frame(split_rows()), tmp_path / "split.csv")
+
+    # when a later stage reads it back
+    back = read_split(path)
+
+    # then every value is the text written (subject '007' is not the number 7)
+    assert list(back.columns) == [c for c in SPLIT_CSV.names if c != "sha256"]
+    assert back.to_dict("records") == split_rows()
+
+
+def test_a_split_csv_without_a_column_names_the_file_the_column_and_the_stage(
+    tmp_path: Path,
+) -> None:
+    # given a split.csv that lost its subject column
+    path = tmp_path / "split.csv"
+    SPLIT_CSV.frame(split_rows()).drop(columns=["subject"]).to_csv(path, index=False)
+
+    # when augment, train or evaluate reads it
+    with pytest.raises(ArtifactError) as caught:
+        read_split(path)
+
+    # then one line says where, what and how to fix it
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (
+        f"{path}: no column subject; run `alzstage split` (or `dvc repro split`) again"
+    )
+
+
+def test_a_split_name_outside_train_val_test_is_refused(tmp_path: Path) -> None:
+    rows = split_rows()
+    rows[1]["split"] = "holdout"
+    path = tmp_path / "split.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+    with pytest.raises(ArtifactError, match=r"column split is 'holdout' in row 2, must be one of"):
+        read_split(path)
+
+
+def test_a_writer_is_stopped_before_it_writes_a_csv_a_reader_would_refuse(
+    tmp_path: Path,
+) -> None:
+    # given a split.csv from an earlier run, and new rows with an unknown subject source
+    path = write_split(SPLIT_CSV.frame(split_rows()), tmp_path / "split.csv")
+    before = path.read_text()
+    rows = pd.DataFrame(split_rows()).assign(subject_source="guessed")
+
+    # when the split stage writes them, then nothing is written
+    with pytest.raises(ArtifactError, match=r"split\.csv: not written, column subject_source"):
+        write_split(rows, path)
+    assert path.read_text() == before
+
+
+def test_manifest_sizes_are_whole_numbers_and_ids_stay_text(tmp_path: Path) -> None:
+    row = {c: "" for c in MANIFEST_CSV.names} | {"path": "a.jpg", "subject": "007"}
+    path = tmp_path / "manifest.csv"
+    pd.DataFrame([row | {"width": "32", "height": "40"}]).to_csv(path, index=False)
+    back = read_manifest(path)
+    assert back["width"].tolist() == [32] and back["width"].dtype == "int64"
+    assert back["subject"].tolist() == ["007"]
+
+    pd.DataFrame([row | {"width": "wide", "height": "40"}]).to_csv(path, index=False)
+    expected = r"column width is 'wide' in row 1, must be a whole number; run `alzstage validate`"
+    with pytest.raises(ArtifactError, match=expected):
+        read_manifest(path)
+
+
+def test_volume_measurements_are_numbers_and_empty_when_not_measured(tmp_path: Path) -> None:
+    # given a volume that was measured and one that stopped before it was
+    text = {c.name: "" for c in VOLUMES_CSV.columns if c.dtype is str}
+    ok = text | {"file": "a.nii.gz", "status": "ok", "n_slices": "32", "brain_ml": "1200.5"}
+    stopped = text | {"file": "b.nii.gz", "status": "voxel_size", "error": "too coarse"}
+    path = tmp_path / "volumes.csv"
+    pd.DataFrame([ok, stopped], columns=VOLUMES_CSV.names).to_csv(path, index=False)
+
+    # when validate reads the table
+    back = read_volumes(path)
+
+    # then measurements are numbers, NaN where missing, and text stays text
+    assert back["brain_ml"].iloc[0] == 1200.5 and pd.isna(back["brain_ml"].iloc[1])
+    assert back["status"].tolist() == ["ok", "voxel_size"] and back["error"].iloc[0] == ""
+
+
+def test_volumes_contract_names_the_columns_the_nifti_source_writes() -> None:
+    from alzstage.neuro.qc import QC_COLUMNS
+
+    assert VOLUMES_CSV.names == QC_COLUMNS

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import CLASSES, write_jpeg
 from PIL import Image
 
+from alzstage.artifacts import SPLIT_CSV, write_split
 from alzstage.config import AugmentParams, ModelParams, Params, Paths
 from alzstage.data.augment import (
     augment_image,
@@ -112,7 +112,7 @@ def test_run_augment_uses_only_training_rows(tmp_path) -> None:
             }
         )
     paths.split_file.parent.mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(paths.split_file, index=False)
+    write_split(SPLIT_CSV.frame(rows), paths.split_file)
     params = Params(
         augment=AugmentParams(views=1, oversample="balance", preview_count=2),
         model=ModelParams(input_size=(32, 32)),

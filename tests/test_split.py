@@ -19,6 +19,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import adjusted_rand_score
 
+from alzstage.artifacts import read_split, write_manifest
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord, build_manifest, read_manifest
 from alzstage.data.split import (
@@ -90,7 +91,7 @@ def make_project(
                     )
                 )
     paths.interim.mkdir(parents=True, exist_ok=True)
-    build_manifest(records, paths.raw).to_csv(paths.validated_manifest, index=False)
+    write_manifest(build_manifest(records, paths.raw), paths.validated_manifest)
     return paths
 
 
@@ -108,7 +109,7 @@ def run(paths: Paths, p: Params) -> tuple[pd.DataFrame, dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_split(p, paths)
-    df = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
+    df = read_split(paths.split_file)
     return df, json.loads(paths.split_report.read_text())
 
 
@@ -305,7 +306,7 @@ def test_tiny_class_share_subjects(project: Paths, strategy: str) -> None:
     p = params(strategy=strategy, tiny_class_policy="share_subjects")
     with pytest.warns(UserWarning, match=r"ModerateDemented.*2 subject"):
         run_split(p, project)
-    df = pd.read_csv(project.split_file, dtype=str, keep_default_na=False)
+    df = read_split(project.split_file)
     rep = json.loads(project.split_report.read_text())
     assert rep["tiny_classes"]["ModerateDemented"]["policy"] == "share_subjects"
     assert rep["tiny_classes"]["ModerateDemented"]["n_subjects"] == 2
@@ -321,7 +322,7 @@ def test_tiny_class_share_subjects(project: Paths, strategy: str) -> None:
 def test_tiny_class_train_only(project: Paths) -> None:
     with pytest.warns(UserWarning, match="train only"):
         run_split(params(tiny_class_policy="train_only"), project)
-    df = pd.read_csv(project.split_file, dtype=str, keep_default_na=False)
+    df = read_split(project.split_file)
     rep = json.loads(project.split_report.read_text())
     assert set(_moderate(df)["split"]) == {"train"}
     assert len(_moderate(df)) == SUBJECTS["ModerateDemented"] * SLICES
@@ -332,7 +333,7 @@ def test_tiny_class_train_only(project: Paths) -> None:
 def test_tiny_class_drop(project: Paths) -> None:
     with pytest.warns(UserWarning, match="dropped"):
         run_split(params(tiny_class_policy="drop"), project)
-    df = pd.read_csv(project.split_file, dtype=str, keep_default_na=False)
+    df = read_split(project.split_file)
     rep = json.loads(project.split_report.read_text())
     assert _moderate(df).empty
     assert rep["dropped_classes"] == ["ModerateDemented"]

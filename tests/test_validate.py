@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
+from alzstage.artifacts import write_raw_manifest
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import MANIFEST_COLUMNS, RawRecord, build_manifest, read_manifest
 from alzstage.data.validate import (
@@ -108,7 +109,7 @@ def make_dataset(
         records.append(RawRecord(path=p, label=label))
     manifest = build_manifest(records, raw)
     paths.raw_manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.to_csv(paths.raw_manifest, index=False)
+    write_raw_manifest(manifest, paths.raw_manifest)
     return paths, read_manifest(paths.raw_manifest)
 
 
@@ -194,7 +195,7 @@ def test_expected_mode_any_and_check_size_off_accept_those_files(tmp_path: Path)
     paths, _ = make_dataset(tmp_path, extra=extra)
     params = make_params(expected_mode="any", check_size=False)
     _, problems, suite, outcome = validate_frame(paths, params)
-    assert problems.empty and suite["success"] and outcome.quarantine.empty
+    assert problems.empty and suite.success and outcome.quarantine.empty
 
 
 def test_truncated_images_stay_detected_when_pillow_is_lenient(tmp_path, monkeypatch) -> None:
@@ -213,7 +214,7 @@ def test_label_conflict_quarantines_every_copy(tmp_path: Path) -> None:
     params = make_params(on_failure="quarantine")
     assert manifest["sha256"].nunique() == len(manifest)  # not exact duplicates
     _, _, suite, outcome = validate_frame(paths, params)
-    assert not suite["expectations"]["no_label_conflict"]["success"]
+    assert not suite.expectations["no_label_conflict"].success
     q = outcome.quarantine.set_index("path")
     assert sorted(q.index) == sorted(p for p, *_ in extra)
     assert all(r == "label_conflict" for r in q["reasons"])
@@ -236,14 +237,14 @@ def test_missing_class_is_reported(tmp_path: Path) -> None:
     _, manifest = make_dataset(tmp_path)
     manifest = manifest[manifest["label"] != "ModerateDemented"]
     suite = run_manifest_suite(manifest, make_params(), None)
-    assert not suite["expectations"]["classes_present"]["success"]
-    assert suite["expectations"]["class_min_count"]["unexpected"] == ["ModerateDemented"]
+    assert not suite.expectations["classes_present"].success
+    assert suite.expectations["class_min_count"].unexpected == ("ModerateDemented",)
 
 
 def test_empty_class_folder_names_only_that_class(tmp_path: Path) -> None:
     # given a download whose ModerateDemented folder was empty
     paths, manifest = make_dataset(tmp_path)
-    manifest[manifest["label"] != "ModerateDemented"].to_csv(paths.raw_manifest, index=False)
+    write_raw_manifest(manifest[manifest["label"] != "ModerateDemented"], paths.raw_manifest)
     # when / then: the three classes present are not reported missing
     with pytest.raises(ValidationFailed) as err:
         run_validate(make_params(), paths)
@@ -405,3 +406,23 @@ def test_import_does_not_load_great_expectations_or_tensorflow() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_row_rule_says_what_is_wrong_with_a_flagged_row() -> None:
+    # given the manifest rules that quarantine single rows by a reason code
+    specs = [s for s in expectation_specs(make_params()) if s.frame == "manifest" and s.reason]
+    row = pd.Series({"label": "Other", "width": 8, "height": 9, "mode": "RGB"})
+
+    # then each carries its own detail (none falls back to the bare code)
+    details = {s.reason: s.row_detail(row) for s in specs}
+    assert details == {
+        "missing_path": "manifest column path is empty",
+        "missing_label": "manifest column label is empty",
+        "missing_sha256": "manifest column sha256 is empty",
+        "undecodable": "manifest has no pixel_hash: the image could not be decoded at download",
+        "duplicate_path": "path listed more than once in the manifest",
+        "unknown_label": f"label 'Other' is not one of base.classes {CLASSES}",
+        "exact_duplicate": "exact_duplicate",  # detailed per group in decide()
+        "wrong_size": f"8x9 (WxH), expected {W}x{H}",
+        "wrong_mode": "manifest mode 'RGB', expected L",
+    }

@@ -1,4 +1,4 @@
-"""Typed contracts for the JSON files one stage writes and another reads.
+"""Typed contracts for the files one stage writes and another reads: JSON and CSV.
 
 A stage that reads another stage's output parses it through one of these types, so a
 missing or mistyped key fails at the read with the file and the key named, instead of a
@@ -13,18 +13,38 @@ Each type says which stage writes its file; the error names the stage to run aga
 
 Only the keys a reader uses are declared: a report may carry more, and gains nothing
 from being re-typed here.
+
+The CSV files stages hand to each other have a :class:`CsvContract` each (column name,
+type, whether it must be there, the values allowed), read and written only through
+their ``read_*`` / ``write_*`` functions:
+
+* :data:`RAW_MANIFEST_CSV`: ``data/raw/manifest.csv`` (download writes; validate reads);
+* :data:`MANIFEST_CSV`: ``data/interim/manifest.csv``, the same columns (validate writes
+  the rows it kept; split reads);
+* :data:`SPLIT_CSV`: ``data/processed/split.csv`` (split writes; augment, train,
+  evaluate and the cross-validation read);
+* :data:`VOLUMES_CSV`: ``data/raw/volumes.csv``, per-volume QC of a NIfTI source
+  (download writes; validate reads).
+
+A file that breaks its contract fails at the read, in one line naming the file, the
+column and the stage to run again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
 from alzstage.errors import ArtifactError, MissingInputError
-from alzstage.files import json_text, write_json
+from alzstage.files import json_text, write_csv, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _A = TypeVar("_A", bound="Artifact")  # typing.Self needs Python 3.11; 3.10 is supported
 
@@ -128,3 +148,188 @@ class MetricsReport(Artifact):
     split_leaky: bool
     dataset: str
     data_source: str
+
+
+# --------------------------------------------------------------------------- CSV files
+
+SPLITS = ("train", "val", "test")
+SUBJECT_SOURCES = ("given", "pseudo", "none")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a CSV contract.
+
+    ``str`` columns keep every value as text (subject ``'007'`` stays ``'007'``; an empty
+    cell is ``''``); ``int`` columns hold whole numbers in every row; ``float`` columns
+    hold numbers, an empty cell being a missing measurement (NaN). ``allowed`` lists the
+    only values a ``str`` column may take (empty: any).
+    """
+
+    name: str
+    dtype: type = str
+    required: bool = True
+    allowed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CsvContract:
+    """The columns of one CSV file one stage writes and another reads."""
+
+    #: The stage that writes the file: the one to run again when it breaks its contract.
+    written_by: str
+    columns: tuple[Column, ...]
+
+    @property
+    def names(self) -> list[str]:
+        """Every declared column, in file order."""
+        return [c.name for c in self.columns]
+
+    def _rerun(self) -> str:
+        return f"run `alzstage {self.written_by}` (or `dvc repro {self.written_by}`)"
+
+    def read(self, path: Path) -> pd.DataFrame:
+        """The file as a frame of the declared types; undeclared columns stay text."""
+        import pandas as pd
+
+        path = Path(path)
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except FileNotFoundError:
+            raise MissingInputError(f"{path}: not found; {self._rerun()} first") from None
+        return self._typed(df, path, f"{self._rerun()} again")
+
+    def check(self, df: pd.DataFrame, path: Path) -> pd.DataFrame:
+        """``df`` as the file would be read back; an error says why it may not be written."""
+        return self._typed(df, path, None)
+
+    def frame(self, rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+        """Rows (dicts) as a frame in file order: how tests build the file's fixtures."""
+        import pandas as pd
+
+        df = pd.DataFrame(list(rows), columns=self._present(rows[0].keys() if rows else ()))
+        return self.check(df, Path(f"<{self.written_by} rows>"))
+
+    def text(self, df: pd.DataFrame, path: Path) -> str:
+        """The exact CSV text: declared columns in file order, ``\\n`` line endings."""
+        self.check(df, path)
+        return df[self._present(df.columns)].to_csv(index=False, lineterminator="\n")
+
+    def write(self, df: pd.DataFrame, path: Path) -> Path:
+        """Check ``df`` and write its declared columns, in file order, atomically."""
+        self.check(df, path)
+        return write_csv(path, df[self._present(df.columns)])
+
+    def _present(self, have: Any) -> list[str]:
+        have = set(have)
+        return [c.name for c in self.columns if c.required or c.name in have]
+
+    def _typed(self, df: pd.DataFrame, path: Path, fix: str | None) -> pd.DataFrame:
+        """``df`` with its declared columns typed; ``fix`` None marks a writer's own check."""
+        import pandas as pd
+
+        def refuse(problem: str) -> ArtifactError:
+            if fix is None:
+                return ArtifactError(f"{path}: not written, {problem}")
+            return ArtifactError(f"{path}: {problem}; {fix}")
+
+        missing = [c.name for c in self.columns if c.required and c.name not in df.columns]
+        if missing:
+            raise refuse(f"no column {', '.join(missing)}")
+        out = df.copy()
+        for col in self.columns:
+            if col.name not in out.columns:
+                continue
+            values = out[col.name]
+            if col.dtype is str:
+                values = values.where(values.notna(), "").astype(str)
+                bad = ~values.isin(col.allowed) if col.allowed else None
+                allowed = f"one of {list(col.allowed)}"
+            else:
+                blank = values.isna() | (values.astype(str).str.strip() == "")
+                # blanks as NaN first: a column of whole numbers then comes back as int64
+                values = pd.to_numeric(values.where(~blank), errors="coerce")
+                bad = values.isna() & ~blank
+                if col.dtype is int:
+                    bad |= blank | (values % 1 != 0)
+                    values = values.where(~bad, 0).astype("int64")
+                allowed = "a whole number" if col.dtype is int else "a number or empty"
+            if bad is not None and bad.any():
+                rows = bad.to_numpy().nonzero()[0]
+                more = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
+                raise refuse(
+                    f"column {col.name} is {df[col.name].iloc[rows[0]]!r} in row "
+                    f"{rows[0] + 1}{more}, must be {allowed}"
+                )
+            out[col.name] = values
+        return out
+
+
+RAW_MANIFEST_CSV = CsvContract(
+    written_by="download",
+    columns=(
+        Column("path"),  # relative to data/raw, posix
+        Column("label"),  # canonical class name from base.classes
+        Column("sha256"),  # of the file bytes
+        Column("pixel_hash"),  # sha256 of the decoded pixels (+ shape); "" when undecodable
+        Column("width", int),
+        Column("height", int),
+        Column("mode"),
+        Column("format"),
+        Column("source_split"),  # the source's own split (train/test) or ""
+        Column("subject"),  # subject id when the source provides one, else ""
+    ),
+)
+
+#: ``data/interim/manifest.csv``: the rows of the raw manifest that validation kept.
+MANIFEST_CSV = replace(RAW_MANIFEST_CSV, written_by="validate")
+
+SPLIT_CSV = CsvContract(
+    written_by="split",
+    columns=(
+        Column("path"),
+        Column("label"),
+        Column("subject"),  # given or recovered id; "" for a blank slice (its own group)
+        Column("subject_source", allowed=SUBJECT_SOURCES),
+        Column("source_split"),
+        Column("split", allowed=SPLITS),
+        Column("sha256", required=False),  # copied from the manifest when it has one
+    ),
+)
+
+#: ``data/raw/volumes.csv``: text columns, then the measurements (empty when a volume
+#: stopped before it was measured). ``alzstage.neuro.qc.QC_COLUMNS`` names the same columns.
+VOLUMES_CSV = CsvContract(
+    written_by="download",
+    columns=(
+        Column("subject"),
+        Column("file"),  # as written in subjects.csv
+        Column("label"),
+        Column("status"),  # "ok", or the check that stopped preprocessing (no slices then)
+        Column("error"),  # the message for a stopped volume, naming the file and the fix
+        Column("shape"),  # on disk, e.g. "182x218x182"
+        *(
+            Column(name, float)
+            for name in (
+                "voxel_min_mm",
+                "voxel_max_mm",
+                "n_nonfinite",
+                "brain_ml",
+                "registration_score",
+                "csf_fraction",
+                "gm_fraction",
+                "wm_fraction",
+                "n_slices",
+                "seconds",
+            )
+        ),
+        Column("slice_prefix"),  # the volume's slices in the manifest: paths starting with this
+    ),
+)
+
+
+# The readers and writers stages call: each checks the file against its contract.
+read_raw_manifest, write_raw_manifest = RAW_MANIFEST_CSV.read, RAW_MANIFEST_CSV.write
+read_manifest, write_manifest = MANIFEST_CSV.read, MANIFEST_CSV.write
+read_split, write_split = SPLIT_CSV.read, SPLIT_CSV.write
+read_volumes, write_volumes = VOLUMES_CSV.read, VOLUMES_CSV.write

@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from alzstage.artifacts import read_split
 from alzstage.config import AugmentParams, Params, Paths
 from alzstage.errors import DataError
 from alzstage.files import atomic_dir, atomic_path
@@ -116,7 +116,7 @@ def preview_grid(
 def run_augment(params: Params, paths: Paths) -> StageResult:
     from PIL import Image
 
-    split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
+    split = read_split(paths.split_file)
     train = split[split["split"] == "train"].reset_index(drop=True)
     classes = params.base.classes
     unknown = sorted(set(train["label"]) - set(classes))

@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from alzstage.errors import DataError
+from alzstage.artifacts import RAW_MANIFEST_CSV
+from alzstage.artifacts import read_raw_manifest as read_manifest  # either manifest's reader
 
-MANIFEST_COLUMNS = [
-    "path",  # relative to data/raw, posix
-    "label",  # canonical class name from base.classes
-    "sha256",  # of the file bytes
-    "pixel_hash",  # sha256 of the decoded pixel array (+ shape); "" when undecodable
-    "width",
-    "height",
-    "mode",
-    "format",
-    "source_split",  # the source's own split (train/test) or ""
-    "subject",  # subject id when the source provides one, else ""
-]
+# The columns, their types and their readers are the contract in alzstage.artifacts.
+MANIFEST_COLUMNS = RAW_MANIFEST_CSV.names
 
 
 @dataclass(frozen=True)
@@ -94,25 +85,4 @@ def build_manifest(records: Iterable[RawRecord], raw_dir: Path, workers: int = 4
     return df.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    """Read a manifest CSV keeping ids as strings (subject '007' must stay '007')."""
-    df = pd.read_csv(
-        path,
-        dtype={
-            "path": str,
-            "label": str,
-            "sha256": str,
-            "pixel_hash": str,
-            "mode": str,
-            "format": str,
-            "source_split": str,
-            "subject": str,
-        },
-        keep_default_na=False,
-    )
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{path}: manifest is missing columns {missing}; re-run `alzstage download`"
-        )
-    return df
+__all__ = ["MANIFEST_COLUMNS", "RawRecord", "build_manifest", "describe_image", "read_manifest"]

@@ -32,15 +32,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import SplitReport
+from alzstage.artifacts import SPLIT_CSV, SPLITS, SplitReport, read_manifest, read_split
 from alzstage.config import Params, Paths
 from alzstage.data.identity import dataset_name
 from alzstage.errors import ConfigError, DataError, MissingInputError, SplitLeakageError
 from alzstage.files import atomic_path, write_json
 from alzstage.result import StageResult
 
-SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ["path", "label", "subject", "subject_source", "source_split", "split"]
+# The columns every split.csv has (the contract, alzstage.artifacts.SPLIT_CSV, adds sha256
+# when the manifest has one).
+SPLIT_COLUMNS = [c.name for c in SPLIT_CSV.columns if c.required]
 # Neighbours per slice in the mutual-kNN graph: one slice above and one below. With k=1
 # a volume falls apart into pairs; with k>=3 the spare slot lets the end slices of one
 # brain link to another brain at the same height (measured on the real archive, see
@@ -575,11 +576,9 @@ def leakage_report(df: pd.DataFrame, thumbs: np.ndarray, threshold: float) -> di
 # --------------------------------------------------------------------------- report
 
 
-def split_csv_text(df: pd.DataFrame) -> str:
-    """The exact bytes of split.csv: fixed columns, rows sorted by path, ``\\n`` endings."""
-    cols = SPLIT_COLUMNS + [c for c in ("sha256",) if c in df.columns]
-    out = df.sort_values("path", kind="stable")[cols]
-    return out.to_csv(index=False, lineterminator="\n")
+def split_csv_text(df: pd.DataFrame, path: Path) -> str:
+    """The exact bytes of split.csv: its contract's columns, rows sorted by path, ``\\n`` ends."""
+    return SPLIT_CSV.text(df.sort_values("path", kind="stable"), path)
 
 
 def test_fingerprint(csv_text: str) -> str:
@@ -610,7 +609,8 @@ test_fingerprint.__test__ = False  # type: ignore[attr-defined]  # not a pytest 
 
 
 def fingerprint_split_file(path: Path) -> str:
-    """:func:`test_fingerprint` of a split.csv on disk."""
+    """:func:`test_fingerprint` of a split.csv on disk that holds to its contract."""
+    read_split(path)
     return test_fingerprint(Path(path).read_bytes().decode())
 
 
@@ -710,14 +710,7 @@ def summarize_split(
 
 
 def _read_input(params: Params, paths: Paths) -> pd.DataFrame:
-    from alzstage.data.manifest import read_manifest
-
     src = paths.validated_manifest
-    if not src.exists():
-        raise MissingInputError(
-            f"{src}: validated manifest not found; run `alzstage validate` "
-            "(or `dvc repro validate`) first"
-        )
     df = read_manifest(src)
     if df.empty:
         raise DataError(f"{src}: manifest has no rows; nothing to split (check data.source)")
@@ -774,7 +767,7 @@ def run_split(params: Params, paths: Paths) -> StageResult:
     pos = pd.Index(df["path"]).get_indexer(out["path"])
     leakage = leakage_report(out, thumbs[pos], sp.near_duplicate_threshold)
 
-    csv_text = split_csv_text(out)
+    csv_text = split_csv_text(out, paths.split_file)
     fingerprint = test_fingerprint(csv_text)
     report = summarize_split(out, params, leakage, fingerprint, all_labels=df["label"].tolist())
     # Named here, where the validated manifest is read anyway; promote reads it downstream.

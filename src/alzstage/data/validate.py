@@ -27,28 +27,29 @@ for the tests of other stages) must stay fast and free of GX and TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import pandas as pd
 
+from alzstage.artifacts import read_raw_manifest, read_volumes, write_manifest
 from alzstage.config import Params, Paths
 from alzstage.data.download import SKIP_REASONS, SKIPPED_FILE, Skipped, read_skipped
-from alzstage.data.manifest import read_manifest
 from alzstage.data.validation.checks import IMAGE_CHECK_COLUMNS, IMAGE_CHECKS, check_images
 from alzstage.data.validation.decision import QUARANTINE_COLUMNS, Outcome, decide
 from alzstage.data.validation.gx import SUITE_PREFIX, run_manifest_suite
 from alzstage.data.validation.report import EXAMPLES_PER_PROBLEM, build_report, format_failure
 from alzstage.data.validation.rules import (
     VOLUME_QUARANTINE_COLUMNS,
+    ExpectationResult,
     ExpectationSpec,
+    SuiteResult,
     expectation_specs,
-    read_volume_qc,
     suite_frames,
     volume_frame,
     volume_specs,
 )
-from alzstage.errors import MissingInputError
 from alzstage.errors import ValidationError as ValidationFailed
 from alzstage.files import atomic_dir, write_csv, write_json
 from alzstage.result import StageResult
@@ -61,8 +62,10 @@ __all__ = [
     "QUARANTINE_COLUMNS",
     "SUITE_PREFIX",
     "VOLUME_QUARANTINE_COLUMNS",
+    "ExpectationResult",
     "ExpectationSpec",
     "Outcome",
+    "SuiteResult",
     "ValidationFailed",
     "build_report",
     "check_images",
@@ -79,6 +82,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+read_volume_qc = read_volumes  # the name this module exported before the CSV contracts
 
 
 def skipped_rows(skipped: list[Skipped]) -> pd.DataFrame:
@@ -102,20 +107,16 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
     The report, quarantine list and Data Docs are written even when the stage fails, so
     the person fixing the data has them; the validated manifest only when it passes.
     """
-    if not paths.raw_manifest.exists():
-        raise MissingInputError(
-            f"{paths.raw_manifest} not found; run `dvc repro download` (alzstage download) first"
-        )
-    manifest = read_manifest(paths.raw_manifest)
+    manifest = read_raw_manifest(paths.raw_manifest)
     image_problems = check_images(manifest, paths.raw, params)
     # The per-volume QC table exists only for data.source: nifti (see alzstage.neuro.dataset).
-    volumes = read_volume_qc(paths.raw_volumes) if paths.raw_volumes.exists() else None
+    volumes = read_volumes(paths.raw_volumes) if paths.raw_volumes.exists() else None
 
     docs_root = paths.validation_dir / "data_docs"
     with atomic_dir(docs_root) as tmp_docs:
         suite = run_manifest_suite(manifest, params, tmp_docs, volumes)
     docs_index = docs_root / "index.html"
-    suite["data_docs"] = str(docs_index)
+    suite = dataclasses.replace(suite, data_docs=str(docs_index))  # where the docs now are
 
     outcome = decide(manifest, image_problems, suite, params, volumes)
     report = build_report(manifest, image_problems, suite, outcome, params)
@@ -167,7 +168,7 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
             ", ".join(vq["subject"].astype(str)),
             rel(paths.quarantine_volumes),
         )
-    write_csv(paths.validated_manifest, outcome.clean)
+    write_manifest(outcome.clean, paths.validated_manifest)
 
     metrics: dict[str, float] = {
         "n_images": float(report["n_images"]),

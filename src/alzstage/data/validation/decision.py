@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from alzstage.config import Params
-from alzstage.data.validation.rules import VOLUME_QUARANTINE_COLUMNS, volume_detail
+from alzstage.data.validation.rules import (
+    VOLUME_QUARANTINE_COLUMNS,
+    ExpectationResult,
+    SuiteResult,
+    volume_detail,
+)
 
 QUARANTINE_COLUMNS = ["path", "label", "reasons", "details"]
 
@@ -35,27 +40,10 @@ def _add(reasons: dict[str, list[tuple[str, str]]], path: str, reason: str, deta
     reasons.setdefault(path, []).append((reason, detail))
 
 
-def _row_detail(reason: str, row: pd.Series, params: Params) -> str:
-    b, v = params.base, params.validate_
-    if reason == "unknown_label":
-        return f"label {row['label']!r} is not one of base.classes {list(b.classes)}"
-    if reason == "wrong_size":
-        return f"{row['width']}x{row['height']} (WxH), expected {b.width}x{b.height}"
-    if reason == "wrong_mode":
-        return f"manifest mode {row['mode']!r}, expected {v.expected_mode}"
-    if reason == "duplicate_path":
-        return "path listed more than once in the manifest"
-    if reason == "undecodable":
-        return "manifest has no pixel_hash: the image could not be decoded at download"
-    if reason.startswith("missing_"):
-        return f"manifest column {reason.removeprefix('missing_')} is empty"
-    return reason
-
-
 def decide(
     manifest: pd.DataFrame,
     image_problems: pd.DataFrame,
-    suite: dict,
+    suite: SuiteResult,
     params: Params,
     volumes: pd.DataFrame | None = None,
 ) -> Outcome:
@@ -74,37 +62,36 @@ def decide(
     index_of = dict(zip(paths, manifest.index, strict=True))
     dataset_problems: list[str] = []
     volume_reasons: dict[str, list[tuple[str, str]]] = {}
-    for key, e in suite["expectations"].items():
-        if e["exception"]:
-            dataset_problems.append(f"expectation {key} could not be evaluated: {e['exception']}")
+    for key, e in suite.expectations.items():
+        spec = e.spec
+        if e.exception:
+            dataset_problems.append(f"expectation {key} could not be evaluated: {e.exception}")
             continue
-        if e["success"]:
+        if e.success:
             continue
-        if e["reason"] is None:
+        if spec.reason is None:
             dataset_problems.append(_dataset_problem(key, e, manifest))
             continue
-        flagged = sorted({"" if p is None else str(p) for p in e["unexpected"]})
-        if e["frame"] == "volumes" and volumes is not None:
+        flagged = sorted({"" if p is None else str(p) for p in e.unexpected})
+        if spec.frame == "volumes" and volumes is not None:
             by_file = volumes.set_index("file", drop=False)
             for f in flagged:
                 if f not in by_file.index:
                     continue
                 row = by_file.loc[f]
-                detail = f"volume {f} (subject {row['subject']}): " + volume_detail(
-                    e["reason"], row, e
-                )
-                _add(volume_reasons, f, e["reason"], detail)
-                prefix = str(row.get("slice_prefix", "") or "")
+                detail = f"volume {f} (subject {row['subject']}): " + volume_detail(spec, row)
+                _add(volume_reasons, f, spec.reason, detail)
+                prefix = str(row["slice_prefix"])
                 if prefix:
                     for p in paths[paths.str.startswith(prefix)]:
-                        _add(reasons, p, e["reason"], detail)
-        elif e["reason"] == "exact_duplicate":
+                        _add(reasons, p, spec.reason, detail)
+        elif spec.reason == "exact_duplicate":
             sub = manifest[paths.isin(flagged)]
             for _, group in sub.groupby("sha256", sort=True):
                 ordered = sorted(group["path"].astype(str))
                 for p in ordered[1:]:
                     _add(reasons, p, "exact_duplicate", f"same bytes as {ordered[0]} (kept)")
-        elif e["reason"] == "label_conflict":
+        elif spec.reason == "label_conflict":
             sub = manifest[paths.isin(flagged)]
             for _, group in sub.groupby("pixel_hash", sort=True):
                 labels = sorted(set(group["label"].astype(str)))
@@ -121,12 +108,8 @@ def decide(
         else:
             for p in flagged:
                 i = index_of.get(p)
-                detail = (
-                    _row_detail(e["reason"], manifest.loc[i], params)
-                    if i is not None
-                    else e["reason"]
-                )
-                _add(reasons, p, e["reason"], detail)
+                row = manifest.loc[i] if i is not None else None
+                _add(reasons, p, spec.reason, spec.row_detail(row))
 
     bad = paths.isin(set(reasons))
     clean = manifest[~bad].copy()
@@ -189,17 +172,18 @@ def _volume_verdicts(
     return v, quarantine
 
 
-def _dataset_problem(key: str, e: dict, manifest: pd.DataFrame) -> str:
+def _dataset_problem(key: str, e: ExpectationResult, manifest: pd.DataFrame) -> str:
+    spec = e.spec
     if key == "class_min_count":
-        shown = dict(zip(e["unexpected"], e["values"], strict=False))
-        return f"class_min_count: {e['description']} Too few: {shown}. Fix: {e['hint']}."
+        shown = dict(zip(e.unexpected, e.values, strict=False))
+        return f"class_min_count: {spec.description} Too few: {shown}. Fix: {spec.hint}."
     if key == "classes_present":
         # GX leaves observed_value empty for this rule, so the labels are counted here:
         # an empty class folder names that class, not all of them.
         observed = set(manifest["label"].astype(str))
-        missing = [c for c in e["kwargs"]["value_set"] if c not in observed]
+        missing = [c for c in spec.kwargs["value_set"] if c not in observed]
         return (
-            f"classes_present: {e['description']} Missing {missing} (observed "
-            f"{sorted(map(str, observed))}). Fix: {e['hint']}."
+            f"classes_present: {spec.description} Missing {missing} (observed "
+            f"{sorted(map(str, observed))}). Fix: {spec.hint}."
         )
-    return f"{key}: {e['description']} Observed {e['observed_value']!r}. Fix: {e['hint']}."
+    return f"{key}: {spec.description} Observed {e.observed_value!r}. Fix: {spec.hint}."

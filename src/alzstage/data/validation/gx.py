@@ -1,7 +1,8 @@
 """The Great Expectations adapter: the rule specs become a suite, run over the frames.
 
 GX is imported only inside these functions, so importing ``alzstage.data.validate``
-stays fast and free of GX. The results come back as plain dicts (``_summarise_result``).
+stays fast and free of GX. The results come back as plain values: a
+:class:`~alzstage.data.validation.rules.SuiteResult`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pandas as pd
 from alzstage.config import Params
 from alzstage.data.manifest import MANIFEST_COLUMNS
 from alzstage.data.validation.rules import (
+    ExpectationResult,
     ExpectationSpec,
+    SuiteResult,
     expectation_specs,
     suite_frames,
     volume_frame,
@@ -83,19 +86,13 @@ def run_manifest_suite(
     params: Params,
     docs_dir: Path | None,
     volumes: pd.DataFrame | None = None,
-) -> dict:
+) -> SuiteResult:
     """Validate the manifest with Great Expectations; build Data Docs into ``docs_dir``.
 
     With ``volumes`` (the per-volume QC of a ``nifti`` source) its expectations run in
     the same suite, keyed by volume file instead of image path.
 
-    Returns plain data (no GX objects) so callers and tests need not know GX::
-
-        {"success": bool, "data_docs": "<index.html>" | None,
-         "expectations": {key: {"success", "unexpected_count", "unexpected" (ids),
-                                "values", "observed_value", "exception", "type",
-                                "column", "frame", "description", "hint", "reason", "index"}}}
-
+    Returns plain values (no GX objects), so callers and tests need not know GX.
     ``unexpected`` holds paths for row-level rules and class names for ``class_min_count``.
     """
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
@@ -116,7 +113,7 @@ def run_manifest_suite(
     source = context.data_sources.add_pandas(SUITE_PREFIX)
 
     by_key = {s.key: s for s in specs}
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, ExpectationResult] = {}
     for frame_name, frame in frames.items():
         frame_specs = [s for s in specs if s.frame == frame_name]
         if not frame_specs:
@@ -152,17 +149,17 @@ def run_manifest_suite(
     docs_index = None
     if docs_dir is not None:
         docs_index = str(Path(docs_dir).resolve() / "index.html")
-    return {
-        "success": all(e["success"] for e in out.values()),
-        "data_docs": docs_index,
-        "expectations": {s.key: out[s.key] for s in specs},
-    }
+    return SuiteResult(
+        success=all(e.success for e in out.values()),
+        expectations={s.key: out[s.key] for s in specs},
+        data_docs=docs_index,
+    )
 
 
-def _summarise_result(r: Any, spec: ExpectationSpec) -> dict[str, Any]:
-    """Flatten one GX ExpectationValidationResult into the plain dict we report."""
+def _summarise_result(r: Any, spec: ExpectationSpec) -> ExpectationResult:
+    """Flatten one GX ExpectationValidationResult into the plain values we report."""
     res = r.result or {}
-    column = spec.kwargs.get("column")
+    column = spec.column
     index_list = res.get("unexpected_index_list") or []
     exc = r.exception_info or {}
     if not isinstance(exc, dict) or "raised_exception" not in exc:
@@ -173,19 +170,13 @@ def _summarise_result(r: Any, spec: ExpectationSpec) -> dict[str, Any]:
             if isinstance(v, dict) and v.get("raised_exception")
         ]
         exc = raised[0] if raised else {}
-    return {
-        "success": bool(r.success),
-        "unexpected_count": int(res.get("unexpected_count") or 0),
-        "unexpected": [_jsonable(d.get(spec.index)) for d in index_list],
-        "values": [_jsonable(d.get(column)) for d in index_list] if column else [],
-        "observed_value": _jsonable(res.get("observed_value")),
-        "exception": exc.get("exception_message") if exc.get("raised_exception") else None,
-        "type": r.expectation_config.type,
-        "kwargs": _jsonable(spec.kwargs),
-        "column": column,
-        "frame": spec.frame,
-        "description": spec.description,
-        "hint": spec.hint,
-        "reason": spec.reason,
-        "index": spec.index,
-    }
+    return ExpectationResult(
+        spec=spec,
+        success=bool(r.success),
+        unexpected_count=int(res.get("unexpected_count") or 0),
+        unexpected=tuple(_jsonable(d.get(spec.index)) for d in index_list),
+        values=tuple(_jsonable(d.get(column)) for d in index_list) if column else (),
+        observed_value=_jsonable(res.get("observed_value")),
+        exception=exc.get("exception_message") if exc.get("raised_exception") else None,
+        type=r.expectation_config.type,
+    )

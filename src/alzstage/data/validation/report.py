@@ -10,6 +10,7 @@ import pandas as pd
 from alzstage.config import Params
 from alzstage.data.validation.checks import IMAGE_CHECKS
 from alzstage.data.validation.decision import Outcome
+from alzstage.data.validation.rules import SuiteResult
 
 EXAMPLES_PER_PROBLEM = 10
 
@@ -17,7 +18,7 @@ EXAMPLES_PER_PROBLEM = 10
 def build_report(
     manifest: pd.DataFrame,
     image_problems: pd.DataFrame,
-    suite: dict,
+    suite: SuiteResult,
     outcome: Outcome,
     params: Params,
 ) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def build_report(
     check_counts = (
         image_problems.groupby("check")["path"].nunique().to_dict() if len(image_problems) else {}
     )
-    clean_data = image_problems.empty and suite["success"]
+    clean_data = image_problems.empty and suite.success
     report: dict[str, Any] = {
         "success": bool(clean_data),
         "stage_passed": _stage_passes(outcome, image_problems, suite, params),
@@ -34,8 +35,8 @@ def build_report(
         "n_quarantined": len(outcome.quarantine),
         "checks": {name: int(check_counts.get(name, 0)) for name in IMAGE_CHECKS},
         "expectations": {
-            k: {"success": bool(e["success"]), "unexpected": int(e["unexpected_count"])}
-            for k, e in suite["expectations"].items()
+            k: {"success": e.success, "unexpected": e.unexpected_count}
+            for k, e in suite.expectations.items()
         },
         "class_counts_valid": outcome.class_counts,
     }
@@ -52,12 +53,12 @@ def build_report(
 
 
 def _stage_passes(
-    outcome: Outcome, image_problems: pd.DataFrame, suite: dict, params: Params
+    outcome: Outcome, image_problems: pd.DataFrame, suite: SuiteResult, params: Params
 ) -> bool:
     if outcome.dataset_problems:
         return False
     if params.validate_.on_failure == "fail":
-        return image_problems.empty and suite["success"]
+        return image_problems.empty and suite.success
     return True
 
 
@@ -81,7 +82,7 @@ def format_failure(
     manifest_name: str,
     manifest: pd.DataFrame,
     image_problems: pd.DataFrame,
-    suite: dict,
+    suite: SuiteResult,
     outcome: Outcome,
     params: Params,
     quarantine_csv: str,
@@ -103,9 +104,7 @@ def format_failure(
                 f"{p}: {d}" for p, d in zip(group["path"], group["detail"], strict=True)
             )
     failed = {
-        k: e
-        for k, e in suite["expectations"].items()
-        if not e["success"] and e["frame"] != "volumes"
+        k: e for k, e in suite.expectations.items() if not e.success and e.spec.frame != "volumes"
     }
     vq = outcome.volume_quarantine
     if vq is not None and len(vq):
@@ -114,16 +113,18 @@ def format_failure(
     if failed:
         lines.append("  Expectations (Great Expectations suite on the manifest):")
         for key, e in failed.items():
-            if e["reason"] is None or e["exception"]:
+            spec = e.spec
+            if spec.reason is None or e.exception:
                 continue
-            found = _found_sizes(manifest, e["unexpected"]) if e["reason"] == "wrong_size" else ""
+            found = (
+                _found_sizes(manifest, list(e.unexpected)) if spec.reason == "wrong_size" else ""
+            )
             lines.append(
-                f"    {key} ({e['type']} on {e['column']}): {e['unexpected_count']} row(s). "
-                f"{e['description']}{found} Fix: {e['hint']}"
+                f"    {key} ({e.type} on {spec.column}): {e.unexpected_count} row(s). "
+                f"{spec.description}{found} Fix: {spec.hint}"
             )
             lines += _examples(
-                f"{p}: {e['column']}={v!r}"
-                for p, v in zip(e["unexpected"], e["values"], strict=False)
+                f"{p}: {spec.column}={v!r}" for p, v in zip(e.unexpected, e.values, strict=False)
             )
     if outcome.dataset_problems:
         lines.append("  Dataset problems (excluding rows cannot fix these):")

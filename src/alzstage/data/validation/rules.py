@@ -1,17 +1,19 @@
 """The validation rules, declared once as data: :class:`ExpectationSpec` per rule.
 
 The manifest rules (``expectation_specs``) and, for NIfTI sources, the volume rules
-(``volume_specs``, from ``neuro.qc``), with the frames they are evaluated on. Nothing
-here imports Great Expectations; ``gx.py`` turns the specs into a suite.
+(``volume_specs``, from ``neuro.qc``), with the frames they are evaluated on, and the
+typed result of running them (:class:`SuiteResult`). Each rule carries everything said
+about it: what it checks, how to fix it, its quarantine code and what a flagged row's
+line in quarantine.csv reads. Nothing here imports Great Expectations; ``gx.py`` turns
+the specs into a suite and its results into a :class:`SuiteResult`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from alzstage.config import Params
@@ -26,16 +28,54 @@ class ExpectationSpec:
     ``reason`` is the quarantine code for row-level expectations; ``None`` marks a
     dataset-level rule that dropping rows cannot fix (it stops the stage under either
     policy). ``index`` names the column that identifies unexpected rows in the results.
+    ``detail`` says what is wrong with one flagged manifest row (quarantine.csv).
     """
 
     key: str
-    frame: str  # "manifest" | "class_counts" | "label_conflicts"
+    frame: str  # "manifest" | "class_counts" | "label_conflicts" | "volumes"
     gx_class: str
     kwargs: dict[str, Any]
     description: str
     hint: str
     reason: str | None = None
     index: str = "path"
+    detail: Callable[[pd.Series], str] | None = None
+
+    @property
+    def column(self) -> str | None:
+        """The column a column-level expectation checks; ``None`` for table-level ones."""
+        return self.kwargs.get("column")
+
+    def row_detail(self, row: pd.Series | None) -> str:
+        """The quarantine detail for one flagged row (the reason code when none is known)."""
+        if row is None or self.detail is None:
+            return str(self.reason)
+        return self.detail(row)
+
+
+@dataclass(frozen=True)
+class ExpectationResult:
+    """One expectation's outcome, as plain values (no GX objects)."""
+
+    spec: ExpectationSpec
+    success: bool
+    unexpected_count: int
+    #: Ids of the failing rows (``spec.index``: paths, class names or volume files).
+    unexpected: tuple[Any, ...]
+    #: The failing rows' values of ``spec.column``, aligned with ``unexpected``.
+    values: tuple[Any, ...]
+    observed_value: Any
+    exception: str | None  # GX could not evaluate the rule
+    type: str  # the GX expectation type, e.g. expect_column_values_to_be_in_set
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """The suite's outcome: every expectation's result, keyed and ordered as the specs."""
+
+    success: bool
+    expectations: Mapping[str, ExpectationResult]
+    data_docs: str | None  # index.html of the Data Docs, when they were built
 
 
 def expectation_specs(params: Params) -> list[ExpectationSpec]:
@@ -52,30 +92,34 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
             redownload,
         ),
     ]
-    for col, reason in (
-        ("path", "missing_path"),
-        ("label", "missing_label"),
-        ("sha256", "missing_sha256"),
-        ("pixel_hash", "undecodable"),
-    ):
+    for col in ("path", "label", "sha256"):
         specs.append(
             ExpectationSpec(
                 f"{col}_not_null",
                 "manifest",
                 "ExpectColumnValuesToNotBeNull",
                 {"column": col},
-                f"Every row has a {col} (empty counts as missing"
-                + (
-                    "; an empty pixel_hash means download could not decode the image)."
-                    if col == "pixel_hash"
-                    else ")."
-                ),
-                redownload
-                if col != "pixel_hash"
-                else "replace or delete the file; see the image checks",
-                reason,
+                f"Every row has a {col} (empty counts as missing).",
+                redownload,
+                f"missing_{col}",
+                detail=lambda row, col=col: f"manifest column {col} is empty",
             )
         )
+    specs.append(
+        ExpectationSpec(
+            "pixel_hash_not_null",
+            "manifest",
+            "ExpectColumnValuesToNotBeNull",
+            {"column": "pixel_hash"},
+            "Every row has a pixel_hash (empty counts as missing; an empty pixel_hash means "
+            "download could not decode the image).",
+            "replace or delete the file; see the image checks",
+            "undecodable",
+            detail=lambda row: (
+                "manifest has no pixel_hash: the image could not be decoded at download"
+            ),
+        )
+    )
     specs += [
         ExpectationSpec(
             "path_unique",
@@ -85,6 +129,7 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
             "Each file is listed once.",
             redownload,
             "duplicate_path",
+            detail=lambda row: "path listed more than once in the manifest",
         ),
         ExpectationSpec(
             "label_in_classes",
@@ -94,6 +139,9 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
             f"Labels are configured classes {list(b.classes)}.",
             "rename the class folder, or map it with base.class_aliases in params.yaml",
             "unknown_label",
+            detail=lambda row: (
+                f"label {row['label']!r} is not one of base.classes {list(b.classes)}"
+            ),
         ),
         ExpectationSpec(
             "sha256_unique",
@@ -130,6 +178,9 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
                     "[height, width]).",
                     "resize the images, fix base.image_size, or set validate.check_size: false",
                     "wrong_size",
+                    detail=lambda row: (
+                        f"{row['width']}x{row['height']} (WxH), expected {b.width}x{b.height}"
+                    ),
                 )
             )
     if v.expected_mode != "any":
@@ -142,6 +193,7 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
                 f"Images have colour mode {v.expected_mode}.",
                 IMAGE_CHECKS["wrong_mode"],
                 "wrong_mode",
+                detail=lambda row: f"manifest mode {row['mode']!r}, expected {v.expected_mode}",
             )
         )
     specs += [
@@ -203,7 +255,6 @@ def suite_frames(manifest: pd.DataFrame, params: Params) -> dict[str, pd.DataFra
 # ================================================ NIfTI volumes (data.source: nifti)
 
 VOLUME_QUARANTINE_COLUMNS = ["file", "subject", "label", "reasons", "details", "n_slices"]
-_VOLUME_TEXT = ("subject", "file", "label", "status", "error", "shape", "slice_prefix")
 
 
 def volume_specs(params: Params) -> list[ExpectationSpec]:
@@ -244,17 +295,6 @@ def volume_specs(params: Params) -> list[ExpectationSpec]:
     return specs
 
 
-def read_volume_qc(path: Path) -> pd.DataFrame:
-    """Read ``volumes.csv`` with text columns as strings and measurements as numbers."""
-    df = pd.read_csv(path, dtype={c: str for c in _VOLUME_TEXT}, keep_default_na=False)
-    for col in df.columns:
-        if col in _VOLUME_TEXT:
-            df[col] = df[col].fillna("").astype(str)
-        else:
-            df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
-    return df
-
-
 def volume_frame(volumes: pd.DataFrame) -> pd.DataFrame:
     """The frame the volume expectations see: empty status counts as missing."""
     v = volumes.copy()
@@ -262,10 +302,10 @@ def volume_frame(volumes: pd.DataFrame) -> pd.DataFrame:
     return v
 
 
-def volume_detail(spec_reason: str, row: pd.Series, e: dict) -> str:
-    if spec_reason == "volume_error":
+def volume_detail(spec: ExpectationSpec, row: pd.Series) -> str:
+    """What is wrong with one flagged volume (its line in quarantine_volumes.csv)."""
+    if spec.reason == "volume_error":
         return f"{row['status']}: {row['error']}"
-    col = e["column"]
-    bounds = e["kwargs"]
+    col, bounds = spec.column, spec.kwargs
     limit = f">= {bounds['min_value']}" if "min_value" in bounds else f"<= {bounds['max_value']}"
-    return f"{col} = {row[col]} (must be {limit}). Fix: {e['hint']}"
+    return f"{col} = {row[col]} (must be {limit}). Fix: {spec.hint}"
