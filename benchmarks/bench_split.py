@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score, homogeneity_completeness_v_measure
 
+from alzstage.artifacts import write_manifest
 from alzstage.config import Params, Paths, SplitParams
 from alzstage.data.manifest import MANIFEST_COLUMNS
 from alzstage.data.split import (
@@ -231,9 +232,9 @@ def main() -> None:
         man = df.assign(path="images/" + df["path"])
         for col in MANIFEST_COLUMNS:
             if col not in man:
-                man[col] = ""
+                man[col] = 0 if col in ("width", "height") else ""
         paths.interim.mkdir(parents=True)
-        man[MANIFEST_COLUMNS].to_csv(paths.validated_manifest, index=False)
+        write_manifest(man[MANIFEST_COLUMNS], paths.validated_manifest)
         t = time.perf_counter()
         res = run_split(params, paths)
         print(f"\n[run_split end to end] {time.perf_counter() - t:.2f}s: {res.summary}")

@@ -182,8 +182,7 @@ def prepare_project(raw: dict, root: Path) -> None:
 
 def split_rows(raw: dict, root: Path) -> Any:
     """alzstage's ``split`` stage over the validated manifest; its split.csv as a DataFrame."""
-    import pandas as pd
-
+    from alzstage.artifacts import read_split
     from alzstage.config import Paths, parse_params
     from alzstage.data.split import run_split
 
@@ -191,7 +190,7 @@ def split_rows(raw: dict, root: Path) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the leaky-protocol warning: the table says it
         run_split(parse_params(raw), paths)
-    return pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
+    return read_split(paths.split_file)
 
 
 def limit_split(df: Any, limit: int | None, seed: int) -> Any:

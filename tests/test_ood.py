@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import CLASSES, demo_slices
+from conftest import CLASSES, demo_slices, split_frame
 from PIL import Image, ImageDraw
 
+from alzstage.artifacts import write_split
 from alzstage.errors import ModelError
 from alzstage.model.inputs import to_model_array
 from alzstage.model.ood import (
@@ -73,7 +73,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[InputGuard, list[P
     # every third file is a test image, never fitted on
     splits = ["test" if i % 3 == 0 else "train" for i in range(len(paths))]
     split_file = raw / "split.csv"
-    pd.DataFrame({"path": paths, "label": "x", "split": splits}).to_csv(split_file, index=False)
+    write_split(split_frame(paths, "x", splits), split_file)
     spec, thumbs = fit_from_split(split_file, raw, (112, 96))
     train_files = [raw / p for p, s in zip(paths, splits, strict=True) if s == "train"]
     return InputGuard(spec, thumbs), train_files
@@ -179,6 +179,6 @@ def test_a_damaged_stored_check_is_a_model_error() -> None:
 
 def test_fitting_needs_training_rows(tmp_path: Path) -> None:
     split_file = tmp_path / "split.csv"
-    pd.DataFrame({"path": ["a.jpg"], "split": ["test"]}).to_csv(split_file, index=False)
+    write_split(split_frame(["a.jpg"], "x", ["test"]), split_file)
     with pytest.raises(ModelError, match="no training images"):
         fit_from_split(split_file, tmp_path, (112, 96))

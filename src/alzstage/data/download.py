@@ -11,10 +11,10 @@ an interrupted download or a refused archive leaves no half-extracted ``data/raw
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
 from pathlib import Path
 
+from alzstage.artifacts import read_volumes, write_raw_manifest
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.sources.archive import collect_archive
@@ -23,9 +23,7 @@ from alzstage.data.sources.folder import collect_folder
 from alzstage.data.sources.huggingface import collect_huggingface
 from alzstage.data.sources.kaggle import collect_kaggle
 from alzstage.data.sources.layout import (
-    SKIP_REASONS,
     SKIPPED_FILE,
-    Skipped,
     describe_skipped,
     read_skipped,
     write_skipped,
@@ -34,9 +32,6 @@ from alzstage.data.sources.nifti import collect_nifti
 from alzstage.errors import ConfigError
 from alzstage.files import atomic_dir
 from alzstage.result import StageResult
-
-# The skip list lives in data.sources.layout; data/validate.py still imports it from here.
-__all__ = ["SKIPPED_FILE", "SKIP_REASONS", "SOURCES", "Skipped", "read_skipped", "run_download"]
 
 # Fills ``staging`` (the future data/raw) and returns the records of the images written.
 Source = Callable[[Params, Paths, Path], list[RawRecord]]
@@ -64,7 +59,7 @@ def run_download(params: Params, paths: Paths) -> StageResult:
     with atomic_dir(paths.raw) as staging:
         records = collect(params, paths, staging)
         manifest = build_manifest(records, staging)
-        manifest.to_csv(staging / "manifest.csv", index=False)
+        write_raw_manifest(manifest, staging / "manifest.csv")
         if not (staging / SKIPPED_FILE).exists():  # sources that place every file they see
             write_skipped([], staging / SKIPPED_FILE)
     skipped = read_skipped(paths.raw / SKIPPED_FILE)
@@ -73,8 +68,7 @@ def run_download(params: Params, paths: Paths) -> StageResult:
     metrics.update({f"n_{k}": float(v) for k, v in counts.items()})
     artifacts = [paths.raw_manifest, paths.raw / SKIPPED_FILE]
     if params.data.source == "nifti":
-        with open(paths.raw_volumes, newline="") as f:
-            statuses = [row["status"] for row in csv.DictReader(f)]
+        statuses = read_volumes(paths.raw_volumes)["status"].tolist()
         metrics["n_volumes"] = float(len(statuses))
         metrics["n_volumes_not_preprocessed"] = float(sum(s != "ok" for s in statuses))
         artifacts.append(paths.raw_volumes)

@@ -35,7 +35,7 @@ import pandas as pd
 
 from alzstage.artifacts import read_raw_manifest, read_volumes, write_manifest
 from alzstage.config import Params, Paths
-from alzstage.data.download import SKIP_REASONS, SKIPPED_FILE, Skipped, read_skipped
+from alzstage.data.sources.layout import SKIP_REASONS, SKIPPED_FILE, Skipped, read_skipped
 from alzstage.data.validation.checks import IMAGE_CHECK_COLUMNS, IMAGE_CHECKS, check_images
 from alzstage.data.validation.decision import QUARANTINE_COLUMNS, Outcome, decide
 from alzstage.data.validation.gx import SUITE_PREFIX, run_manifest_suite
@@ -109,7 +109,7 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
     """
     manifest = read_raw_manifest(paths.raw_manifest)
     image_problems = check_images(manifest, paths.raw, params)
-    # The per-volume QC table exists only for data.source: nifti (see alzstage.neuro.dataset).
+    # The per-volume QC table exists only for data.source: nifti (see alzstage.data.sources.nifti).
     volumes = read_volumes(paths.raw_volumes) if paths.raw_volumes.exists() else None
 
     docs_root = paths.validation_dir / "data_docs"

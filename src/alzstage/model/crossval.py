@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from alzstage.artifacts import read_split
 from alzstage.config import Params, Paths
 from alzstage.errors import ConfigError, DataError, MissingInputError
 from alzstage.files import read_json, write_csv, write_json
@@ -79,7 +80,7 @@ def run_cv_split(params: Params, paths: Paths) -> StageResult:
     """``data/processed/split.csv`` -> ``data/processed/cv/folds.csv`` + folds.json."""
     from alzstage.data.split import subject_folds
 
-    split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
+    split = read_split(paths.split_file)
     k = len(params.cv.folds)
     folds = subject_folds(split.drop(columns=["split"]), params)
     keep = ["path", "label", "subject", "test_fold", *[f"fold_{i}" for i in range(k)]]

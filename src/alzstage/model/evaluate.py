@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import MetricsReport, SplitReport, TrainRun
+from alzstage.artifacts import MetricsReport, SplitReport, TrainRun, read_split
 from alzstage.config import Params, Paths
 from alzstage.files import atomic_path, read_json, write_csv, write_json, write_text
 from alzstage.model.baselines import THUMB_SIZE, headline_metrics, score_baselines
@@ -480,7 +480,7 @@ def baseline_report(
     """
     from alzstage.data.split import load_thumbnails
 
-    split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
+    split = read_split(paths.split_file)
     train = split[split["split"] == "train"]
     index = {c: i for i, c in enumerate(params.base.classes)}
     return score_baselines(

@@ -249,14 +249,9 @@ def fit_from_split(
     Validation images are left out: they steer early stopping and calibration but are
     not learned from, so "seen in training" means the images the weights were fitted to.
     """
-    import pandas as pd
+    from alzstage.artifacts import read_split
 
-    split = pd.read_csv(split_file, dtype=str, keep_default_na=False)
-    if "split" not in split or "path" not in split:
-        raise ModelError(
-            f"{split_file}: needs columns 'path' and 'split' to fit the input check; "
-            "re-run the split stage (`dvc repro split`)"
-        )
+    split = read_split(split_file)
     rows = split[split["split"] == "train"]
     return fit_from_files([Path(raw_dir) / p for p in rows["path"]], network_input)
 

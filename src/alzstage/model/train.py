@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from alzstage.artifacts import read_split
 from alzstage.config import Params, Paths
 from alzstage.errors import DataError
 from alzstage.files import write_json
@@ -265,7 +266,7 @@ def load_rows(
 def load_split_images(
     paths: Paths, params: Params, which: str
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    split = pd.read_csv(paths.split_file, dtype=str, keep_default_na=False)
+    split = read_split(paths.split_file)
     rows = split[split["split"] == which].reset_index(drop=True)
     where = f"{paths.split_file}: no rows with split == {which!r}"
     return load_rows(

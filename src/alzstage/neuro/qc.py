@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from alzstage.artifacts import VOLUMES_CSV
 from alzstage.config import NiftiQCParams
 from alzstage.neuro.errors import (
     EmptyBrainMask,
@@ -23,26 +24,9 @@ from alzstage.neuro.errors import (
     VoxelSizeError,
 )
 
-# Columns of data/raw/volumes.csv, one row per subjects.csv row.
-QC_COLUMNS = [
-    "subject",
-    "file",  # as written in subjects.csv
-    "label",
-    "status",  # "ok", or the check that stopped preprocessing (no slices then)
-    "error",  # the message for a stopped volume, naming the file and the fix
-    "shape",  # on disk, e.g. "182x218x182"
-    "voxel_min_mm",
-    "voxel_max_mm",
-    "n_nonfinite",
-    "brain_ml",
-    "registration_score",
-    "csf_fraction",
-    "gm_fraction",
-    "wm_fraction",
-    "n_slices",
-    "seconds",
-    "slice_prefix",  # the volume's slices in the manifest: paths starting with this
-]
+# Columns of data/raw/volumes.csv, one row per subjects.csv row (the contract, with notes,
+# is artifacts.VOLUMES_CSV).
+QC_COLUMNS = VOLUMES_CSV.names
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from alzstage.artifacts import write_volumes
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord
 from alzstage.data.sources.fetch import project_path
@@ -166,7 +167,7 @@ def collect_nifti(params: Params, paths: Paths, staging: Path) -> list[RawRecord
         records, qc = preprocess_subjects(table, folder, params, staging / "images")
     except SubjectsCsvError as exc:
         raise DownloadError(str(exc)) from None
-    qc.to_csv(staging / VOLUMES_FILE, index=False)
+    write_volumes(qc, staging / VOLUMES_FILE)
     failed = qc[qc["status"] != "ok"]
     if not records:
         listing = "; ".join(failed["error"].astype(str).head(10))
