@@ -160,6 +160,21 @@ def test_mixed_batch_still_answers_the_good_files(client, mri_slices: list[np.nd
     assert sum(s["stage_counts"].values()) == 2
 
 
+def test_two_apps_in_one_process_each_answer_with_their_own_settings(
+    demo: DemoChampion,
+) -> None:
+    # given two apps built from the same router, with different file-count limits
+    files = _files(*[(f"{i}.png", png_bytes(i), "image/png") for i in range(2)])
+    strict, roomy = _app(demo, max_files=1), _app(demo, max_files=2)
+    # when each gets the same two files
+    with TestClient(strict) as a, TestClient(roomy) as b:
+        refused, answered = a.post("/predict", files=files), b.post("/predict", files=files)
+    # then each route read its own app's state, not a shared module-level one
+    assert refused.status_code == 413 and "the limit is 1" in refused.json()["detail"]
+    assert answered.status_code == 200
+    assert strict.state.model_cache is not roomy.state.model_cache
+
+
 def test_missing_files_field_is_422_with_a_message(client) -> None:
     r = client.post("/predict")
     assert r.status_code == 422 and "multipart/form-data" in r.json()["detail"]
@@ -424,6 +439,52 @@ def test_serve_command_binds_loopback_unless_told(
     assert result.exit_code == 0, result.output
     assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9001
     assert "unauthenticated" in result.output
+
+
+LIMITS = (
+    "max_file_bytes",
+    "max_request_bytes",
+    "max_files",
+    "max_pixels",
+    "max_request_pixels",
+    "max_concurrent",
+    "max_queued",
+    "max_volume_bytes",
+    "allowed_origins",
+    "allowed_hosts",
+)
+
+
+def test_serve_flags_set_every_limit_and_default_to_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from alzstage.cli import app
+
+    # given a project and a uvicorn that only records what it was asked to run
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.setenv("ALZSTAGE_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    # when serve starts without limit flags, then with every one of them
+    plain = CliRunner().invoke(app, ["serve"])
+    flags = ["--max-request-pixels", "1000", "--max-concurrent", "1", "--max-queued", "0"]
+    flags += ["--allow-origin", "https://a.team", "--allow-origin", "https://b.team"]
+    flags += ["--allow-host", "alz.internal"]
+    tuned = CliRunner().invoke(app, ["serve", *flags])
+    # then the defaults are ServeSettings' own, and each flag reaches its setting
+    assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
+    default, given = calls[0]["app"].state.settings, calls[1]["app"].state.settings
+    assert {k: getattr(default, k) for k in LIMITS} == {
+        k: getattr(ServeSettings(), k) for k in LIMITS
+    }
+    assert (given.max_request_pixels, given.max_concurrent, given.max_queued) == (1000, 1, 0)
+    assert given.allowed_origins == ("https://a.team", "https://b.team")
+    assert given.allowed_hosts == ("alz.internal",)
 
 
 # --------------------------------------------------------------------------- page & docs

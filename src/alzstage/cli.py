@@ -324,6 +324,9 @@ def _json_number(o: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 @app.command()
 def serve(
     host: Annotated[
@@ -349,48 +352,63 @@ def serve(
     max_pixels: Annotated[
         int, typer.Option(help="Decompression-bomb guard: most pixels per image.", min=1)
     ] = 4096 * 4096,
+    max_request_pixels: Annotated[
+        int,
+        typer.Option(
+            help="Most decoded pixels of all images in one request; files past it get 413.",
+            min=1,
+        ),
+    ] = 4 * 4096 * 4096,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Prediction requests that run at once.", min=1)
+    ] = 2,
+    max_queued: Annotated[
+        int,
+        typer.Option(help="Prediction requests that wait for a slot; more get 503.", min=0),
+    ] = 8,
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Another origin whose pages may POST (repeatable)."),
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(help="A Host name to accept on loopback besides localhost (repeatable)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the web page at / and the REST API (POST /predict, /predict/volume, /docs)."""
     params, paths = _load()
     import uvicorn
 
-    from alzstage import tracking
     from alzstage.errors import AlzstageError
-    from alzstage.model.predict import choose_model
     from alzstage.serve.app import ServeSettings, create_app
 
+    limits = {
+        "max_file_bytes": int(max_upload_mb * 2**20),
+        "max_request_bytes": int(max_request_mb * 2**20),
+        "max_files": max_files,
+        "max_pixels": max_pixels,
+        "max_volume_bytes": int(max_volume_mb * 2**20),
+        "max_request_pixels": max_request_pixels,
+        "max_concurrent": max_concurrent,
+        "max_queued": max_queued,
+        "allowed_origins": tuple(allow_origin or ()),
+        "allowed_hosts": tuple(allow_host or ()),
+    }
     try:
-        choice = choose_model(model, params, paths)
+        settings = ServeSettings.for_project(params, paths, model, **limits)
     except AlzstageError as exc:
         _fail(str(exc), code=1)
-    uri = choice.uri
-    store = tracking.tracking_uri(paths.root)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         typer.secho(
             f"warning: binding {host} exposes an unauthenticated API to the network; "
             "put it behind an authenticating proxy",
             fg=typer.colors.YELLOW,
             err=True,
         )
-    settings = ServeSettings(
-        model_uri=uri,
-        model_choice=choice.reason,
-        tracking_uri=store,
-        registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or store,
-        classes=list(params.base.classes),
-        input_size=tuple(params.model.input_size),
-        low_confidence=params.evaluate.low_confidence,
-        max_file_bytes=int(max_upload_mb * 2**20),
-        max_request_bytes=int(max_request_mb * 2**20),
-        max_files=max_files,
-        max_pixels=max_pixels,
-        max_volume_bytes=int(max_volume_mb * 2**20),
-        neuro=params.neuro,
-        nifti_qc=params.validate_.nifti,
-        image_size=tuple(params.base.image_size),
+    typer.echo(
+        f"alzstage: serving {settings.model_choice} at http://{host}:{port}/ (API docs: /docs)"
     )
-    typer.echo(f"alzstage: serving {choice.reason} at http://{host}:{port}/ (API docs: /docs)")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
 

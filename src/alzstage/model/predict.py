@@ -14,6 +14,7 @@ come from the registered pyfunc, so they also match ``mlflow models serve``.
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -169,6 +170,17 @@ def missing_champion_hint(
             "@champion"
         )
     return hint
+
+
+def store_uris(root: Path) -> tuple[str, str]:
+    """``(tracking_uri, registry_uri)`` to read models from, named explicitly.
+
+    Read-only use: unlike ``tracking.configure()`` this creates no experiment and does
+    not repoint MLflow for the whole process. ``MLFLOW_REGISTRY_URI`` wins for the
+    registry, as MLflow itself would do.
+    """
+    store = tracking.tracking_uri(root)
+    return store, os.environ.get("MLFLOW_REGISTRY_URI") or store
 
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")

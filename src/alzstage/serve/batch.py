@@ -1,7 +1,7 @@
 """One request's uploads in, per-file results out: what ``POST /predict`` and
 ``POST /predict/volume`` run in a worker thread.
 
-Kept apart from :mod:`alzstage.serve.app` (routes, middleware, settings) because this is
+Kept apart from :mod:`alzstage.serve.routes` (the endpoints) because this is
 where memory is decided: each upload is read, decoded (shrunk while decoding, within
 the request's pixel budget), checked against the training images and only then
 predicted, one file at a time, so a request holds one upload's bytes at most.
@@ -22,6 +22,7 @@ from alzstage.serve.schemas import (
     ErrorResponse,
     FileResult,
     ModelRef,
+    ModelResponse,
     SliceResult,
     Summary,
     VolumeResult,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from alzstage.model.inputs import DecodedImage
     from alzstage.model.predict import LoadedModel
-    from alzstage.serve.app import ModelCache, ServeSettings
+    from alzstage.serve.state import ModelCache, ServeSettings
 
 
 def display_name(raw: str | None, index: int) -> str:
@@ -283,6 +284,24 @@ def input_check_summary(model: LoadedModel) -> dict[str, Any] | None:
     spec = guard.spec.model_dump(mode="json", exclude={"mean_thumbnail"})
     spec["n_training_thumbnails"] = guard.n_thumbnails
     return spec
+
+
+def model_response(model: LoadedModel, s: ServeSettings) -> ModelResponse:
+    """What ``/model`` says: the model reference plus what the page shows about it."""
+    info = model.info
+    return ModelResponse(
+        **model_ref(model).model_dump(),
+        backbone=info.tags.get("backbone") or None,
+        chosen_because=s.model_choice,
+        classes=model.classes,
+        input_size=list(model.size),
+        temperature=model.temperature,
+        low_confidence_threshold=s.low_confidence,
+        metrics=info.metrics,
+        split_strategy=info.split_strategy,
+        split_leaky=info.split_leaky,
+        input_check=input_check_summary(model),
+    )
 
 
 def model_ref(model: LoadedModel) -> ModelRef:
