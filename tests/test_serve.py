@@ -112,6 +112,25 @@ def test_predict_one_good_file_matches_the_pyfunc(
     assert expected["out_of_distribution"][0] is False
 
 
+def test_the_api_and_the_cli_library_give_one_and_the_same_result(
+    client, demo: DemoChampion, mri_slices: list[np.ndarray], tmp_path: Path
+) -> None:
+    from alzstage.model.predict import LoadedModel, predict_files
+    from alzstage.serve.schemas import ImagePrediction
+
+    # given one slice, as a file for the CLI and as an upload for the API
+    path = tmp_path / "slice.png"
+    path.write_bytes(png_of(mri_slices[2]))
+    model = LoadedModel(demo.uri, demo.classes, demo.input_size, tracking_uri=demo.tracking_uri)
+    # when both predict it
+    (from_cli,) = predict_files(model, [path], 0.5)
+    r = client.post("/predict", files=_files(("slice.png", path.read_bytes(), "image/png")))
+    # then the API's answer is the CLI's typed result, field for field, but for the name
+    from_api = ImagePrediction.model_validate(r.json()["predictions"][0])
+    assert from_api.filename == "slice.png" and from_cli.filename == str(path)
+    assert from_api.model_copy(update={"filename": str(path)}) == from_cli
+
+
 def test_predict_with_gradcam_returns_an_overlay_png(client, mri_slices: list[np.ndarray]) -> None:
     r = client.post(
         "/predict?gradcam=true", files=_files(("s.png", png_of(mri_slices[1]), "image/png"))
@@ -408,13 +427,10 @@ def test_no_champion_is_503_with_the_fix(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_serve_command_binds_loopback_unless_told(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def uvicorn_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """A project at ``tmp_path``, and a uvicorn that only records what it is asked to run."""
     import uvicorn
-    from typer.testing import CliRunner
-
-    from alzstage.cli import app
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     monkeypatch.setenv("ALZSTAGE_ROOT", str(tmp_path))
@@ -422,7 +438,17 @@ def test_serve_command_binds_loopback_unless_told(
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     calls: list[dict] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    return calls
 
+
+def test_serve_command_binds_loopback_unless_told(
+    tmp_path: Path, uvicorn_calls: list[dict]
+) -> None:
+    from typer.testing import CliRunner
+
+    from alzstage.cli import app
+
+    calls = uvicorn_calls
     result = CliRunner().invoke(app, ["serve", "--max-upload-mb", "2", "--max-files", "5"])
     assert result.exit_code == 0, result.output
     (call,) = calls
@@ -456,20 +482,14 @@ LIMITS = (
 
 
 def test_serve_flags_set_every_limit_and_default_to_the_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    uvicorn_calls: list[dict],
 ) -> None:
-    import uvicorn
     from typer.testing import CliRunner
 
     from alzstage.cli import app
 
     # given a project and a uvicorn that only records what it was asked to run
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    monkeypatch.setenv("ALZSTAGE_ROOT", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    calls: list[dict] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    calls = uvicorn_calls
     # when serve starts without limit flags, then with every one of them
     plain = CliRunner().invoke(app, ["serve"])
     flags = ["--max-request-pixels", "1000", "--max-concurrent", "1", "--max-queued", "0"]

@@ -14,10 +14,12 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from alzstage.model.prediction import summarize
 from alzstage.serve import batch
 from alzstage.serve.schemas import (
     ERRORS,
     HealthResponse,
+    ImagePrediction,
     ModelResponse,
     PredictResponse,
     VolumeResponse,
@@ -147,17 +149,17 @@ async def _answer(
     the uploads' spooled files, whatever happened."""
     try:
         if all(up.error for up in uploads):  # nothing to decode: no need for the model
-            return batch.failure([batch.failed_result(up) for up in uploads])
+            return batch.failure([batch.failed_result(up, ImagePrediction) for up in uploads])
         model, results = await run_in_threadpool(run, cache, uploads, gradcam)
     finally:
         for f in files:
             await f.close()
     if model is not None and any(r.status == 200 for r in results):
         body = response_type(
-            model=batch.model_ref(model),
+            model=model.info.ref,
             classes=model.classes,
             predictions=results,
-            summary=batch.summary(model, results, cache.settings.low_confidence),
+            summary=summarize(results, model.classes, cache.settings.low_confidence),
         )
         return JSONResponse(body.model_dump(mode="json"))
     return batch.failure(results)
