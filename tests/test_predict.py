@@ -76,13 +76,12 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: DemoChampion)
 
 def _pyfunc_probs(demo: DemoChampion, files: list[Path]) -> np.ndarray:
     """Reference numbers: the registered pyfunc itself, on the pixels the CLI feeds it."""
-    import mlflow
-
     from alzstage.model.inputs import load_gray
     from alzstage.serve.demo import scoped_tracking_uri
+    from alzstage.tracking import load_pyfunc
 
     with scoped_tracking_uri(demo.tracking_uri):
-        model = mlflow.pyfunc.load_model(demo.uri)
+        model, _ = load_pyfunc(demo.uri)  # mlflow.pyfunc.load_model, as MLflow serves it
     arrays = np.stack([load_gray(f, demo.input_size) for f in files])
     return model.predict(arrays)[demo.classes].to_numpy(dtype=np.float64)
 

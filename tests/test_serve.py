@@ -77,9 +77,8 @@ def test_model_reports_version_alias_and_registry_metrics(client, demo: DemoCham
 def test_predict_one_good_file_matches_the_pyfunc(
     client, demo: DemoChampion, mri_slices: list[np.ndarray]
 ) -> None:
-    import mlflow
-
     from alzstage.serve.demo import scoped_tracking_uri
+    from alzstage.tracking import load_pyfunc
 
     data = png_of(mri_slices[0])
     r = client.post("/predict", files=_files(("slice.png", data, "image/png")))
@@ -103,7 +102,7 @@ def test_predict_one_good_file_matches_the_pyfunc(
     assert p["seen_in_training"] is False and 0.5 < p["training_correlation"] < 0.99
     assert list(p["probabilities"]) == demo.classes
     with scoped_tracking_uri(demo.tracking_uri):
-        ref = mlflow.pyfunc.load_model(demo.uri)
+        ref, _ = load_pyfunc(demo.uri)  # mlflow.pyfunc.load_model, as MLflow serves it
     # the pyfunc takes the slice at its own size, as a client sends it
     expected = ref.predict(mri_slices[0][None])
     got = np.array([p["probabilities"][c] for c in demo.classes])
