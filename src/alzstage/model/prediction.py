@@ -42,8 +42,13 @@ class Prediction(BaseModel):
     why; an image judged out of distribution has neither.
     """
 
-    index: int = Field(description="Position of the file in the request.")
-    filename: str = Field(description="Client file name, for display only (never used on disk).")
+    index: int = Field(
+        description="Position of the file in the request (the CLI: among its expanded inputs)."
+    )
+    filename: str = Field(
+        description="Client file name, for display only (never used on disk); the CLI's "
+        "`file`, the path it read."
+    )
     status: int = Field(description="200, or the HTTP status this file alone would get.")
     error: str | None = Field(None, description="Why the file could not be used.")
     stage: str | None = None
