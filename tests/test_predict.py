@@ -29,8 +29,16 @@ from alzstage.model.predict import (
     expand_inputs,
     parse_registry_uri,
     resolve_model_uri,
-    summarize,
     unique_png,
+)
+from alzstage.model.prediction import (
+    ImagePrediction,
+    SlicePrediction,
+    VolumePrediction,
+    records,
+    scored,
+    summarize,
+    volume_details,
 )
 from alzstage.serve.demo import DemoChampion
 
@@ -68,13 +76,12 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: DemoChampion)
 
 def _pyfunc_probs(demo: DemoChampion, files: list[Path]) -> np.ndarray:
     """Reference numbers: the registered pyfunc itself, on the pixels the CLI feeds it."""
-    import mlflow
-
     from alzstage.model.inputs import load_gray
     from alzstage.serve.demo import scoped_tracking_uri
+    from alzstage.tracking import load_pyfunc
 
     with scoped_tracking_uri(demo.tracking_uri):
-        model = mlflow.pyfunc.load_model(demo.uri)
+        model, _ = load_pyfunc(demo.uri)  # mlflow.pyfunc.load_model, as MLflow serves it
     arrays = np.stack([load_gray(f, demo.input_size) for f in files])
     return model.predict(arrays)[demo.classes].to_numpy(dtype=np.float64)
 
@@ -152,58 +159,97 @@ def test_unique_png_never_clobbers(tmp_path: Path) -> None:
     assert unique_png(tmp_path, "scan 01 (copy)", taken).name == "scan_01_copy.gradcam.png"
 
 
+def _image(name: str, probs: list[float] | None = None, error: str = "") -> ImagePrediction:
+    """A typed image result as predict_decoded makes it (threshold 0.5)."""
+    if error:
+        return ImagePrediction(index=0, filename=name, status=422, error=error)
+    return ImagePrediction(
+        index=0, filename=name, status=200, **scored(["A", "B", "C"], np.array(probs), 0.5)
+    )
+
+
 def test_summarize_counts_only_readable_images() -> None:
     classes = ["A", "B", "C"]
-    df = pd.DataFrame(
-        [
-            {
-                "file": "1",
-                "stage": "A",
-                "confidence": 0.9,
-                "error": "",
-                "A": 0.9,
-                "B": 0.05,
-                "C": 0.05,
-                "low_confidence": False,
-            },
-            {
-                "file": "2",
-                "stage": "A",
-                "confidence": 0.4,
-                "error": "",
-                "A": 0.4,
-                "B": 0.35,
-                "C": 0.25,
-                "low_confidence": True,
-            },
-            {
-                "file": "3",
-                "stage": "C",
-                "confidence": 0.7,
-                "error": "",
-                "A": 0.1,
-                "B": 0.2,
-                "C": 0.7,
-                "low_confidence": False,
-            },
-            {
-                "file": "bad",
-                "stage": "",
-                "confidence": np.nan,
-                "error": "unreadable",
-                "low_confidence": False,
-            },
-        ]
+    results = [
+        _image("1", [0.9, 0.05, 0.05]),
+        _image("2", [0.4, 0.35, 0.25]),
+        _image("3", [0.1, 0.2, 0.7]),
+        _image("bad", error="unreadable"),
+    ]
+    s = summarize(results, classes, 0.5)
+    assert s.n_images == 4 and s.n_predicted == 3 and s.n_errors == 1
+    assert s.stage_counts == {"A": 2, "B": 0, "C": 1}
+    assert s.stage_fractions["A"] == pytest.approx(2 / 3)
+    assert s.mean_confidence == pytest.approx((0.9 + 0.4 + 0.7) / 3)
+    assert s.mean_probabilities["B"] == pytest.approx((0.05 + 0.35 + 0.2) / 3)
+    assert s.n_low_confidence == 1 and s.low_confidence_files == ["2"]
+    empty = summarize(results[3:], classes, 0.5)
+    assert empty.n_predicted == 0 and empty.mean_confidence is None
+
+
+def test_records_have_the_same_columns_whichever_inputs_failed() -> None:
+    # given an unreadable image first, an out-of-distribution one, a good one and volumes
+    classes = ["A", "B", "C"]
+    ood = ImagePrediction(
+        index=1,
+        filename="noise.png",
+        status=200,
+        out_of_distribution=True,
+        ood_reason="not like the training MRI slices",
+        seen_in_training=False,
+        training_correlation=0.1,
     )
-    s = summarize(df, classes, 0.5)
-    assert s["n_images"] == 4 and s["n_predicted"] == 3 and s["n_errors"] == 1
-    assert s["stage_counts"] == {"A": 2, "B": 0, "C": 1}
-    assert s["stage_fractions"]["A"] == pytest.approx(2 / 3)
-    assert s["mean_confidence"] == pytest.approx((0.9 + 0.4 + 0.7) / 3)
-    assert s["mean_probabilities"]["B"] == pytest.approx((0.05 + 0.35 + 0.2) / 3)
-    assert s["n_low_confidence"] == 1 and s["low_confidence_files"] == ["2"]
-    empty = summarize(df.iloc[[3]], classes, 0.5)
-    assert empty["n_predicted"] == 0 and empty["mean_confidence"] is None
+    good = _image("good.png", [0.2, 0.7, 0.1]).model_copy(
+        update={"out_of_distribution": False, "seen_in_training": False, "gradcam": "g.png"}
+    )
+    volume = VolumePrediction(
+        index=3,
+        filename="sub-01.nii.gz",
+        status=200,
+        **scored(classes, np.array([0.6, 0.3, 0.1]), 0.5),
+        aggregate="mean_log",
+        n_slices=2,
+        registration_score=0.9,
+        slices=[
+            SlicePrediction(
+                index=i,
+                z_mm=float(i),
+                informative=True,
+                gradcam=f"sub-01.s00{i}.png",
+                **{
+                    k: v
+                    for k, v in scored(classes, np.array(p), 0.5).items()
+                    if k != "low_confidence"
+                },
+            )
+            for i, p in enumerate([[0.5, 0.4, 0.1], [0.8, 0.1, 0.1]])
+        ],
+    )
+    broken_volume = VolumePrediction(index=4, filename="cut.nii.gz", status=422, error="cut")
+    predictions = [_image("bad.png", error="unreadable"), ood, good, volume, broken_volume]
+    # when they are rendered as the CLI's JSON/CSV rows
+    rows = records(predictions, classes, gradcam=True)
+    # then every row has the same columns, in one order that failures do not change
+    columns = ["file", "stage", "confidence", "low_confidence", "error", *classes]
+    columns += ["out_of_distribution", "ood_reason", "seen_in_training", "training_correlation"]
+    columns += ["kind", "n_slices", "aggregate", "registration_score", "gradcam"]
+    assert all(list(r) == columns for r in rows)
+    assert [r["kind"] for r in rows] == ["image", "image", "image", "volume", "volume"]
+    assert rows[0]["out_of_distribution"] is None and rows[0]["low_confidence"] is False
+    assert rows[1]["stage"] == "" and rows[1]["A"] is None and rows[1]["gradcam"] == ""
+    assert rows[2]["B"] == 0.7 and rows[2]["ood_reason"] == "" and rows[2]["gradcam"] == "g.png"
+    # a volume's overlays, most informative first; a failed volume has none (not null)
+    assert volume.informative_slices == [1, 0]
+    assert rows[3]["gradcam"] == "sub-01.s001.png;sub-01.s000.png" and rows[4]["gradcam"] == ""
+    assert volume_details([volume], gradcam=True)[0]["gradcam"] == [
+        "sub-01.s001.png",
+        "sub-01.s000.png",
+    ]
+
+
+def test_predict_without_any_such_input_is_a_usage_error(project: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "nope*.png")])
+    assert result.exit_code == 2 and "no such file, folder or glob match" in result.output
 
 
 # --------------------------------------------------------------------------- CLI

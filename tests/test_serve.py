@@ -77,9 +77,8 @@ def test_model_reports_version_alias_and_registry_metrics(client, demo: DemoCham
 def test_predict_one_good_file_matches_the_pyfunc(
     client, demo: DemoChampion, mri_slices: list[np.ndarray]
 ) -> None:
-    import mlflow
-
     from alzstage.serve.demo import scoped_tracking_uri
+    from alzstage.tracking import load_pyfunc
 
     data = png_of(mri_slices[0])
     r = client.post("/predict", files=_files(("slice.png", data, "image/png")))
@@ -103,13 +102,32 @@ def test_predict_one_good_file_matches_the_pyfunc(
     assert p["seen_in_training"] is False and 0.5 < p["training_correlation"] < 0.99
     assert list(p["probabilities"]) == demo.classes
     with scoped_tracking_uri(demo.tracking_uri):
-        ref = mlflow.pyfunc.load_model(demo.uri)
+        ref, _ = load_pyfunc(demo.uri)  # mlflow.pyfunc.load_model, as MLflow serves it
     # the pyfunc takes the slice at its own size, as a client sends it
     expected = ref.predict(mri_slices[0][None])
     got = np.array([p["probabilities"][c] for c in demo.classes])
     np.testing.assert_allclose(got, expected[demo.classes].to_numpy(np.float64)[0], atol=1e-6)
     assert p["stage"] == expected["stage"][0] and p["confidence"] == pytest.approx(got.max())
     assert expected["out_of_distribution"][0] is False
+
+
+def test_the_api_and_the_cli_library_give_one_and_the_same_result(
+    client, demo: DemoChampion, mri_slices: list[np.ndarray], tmp_path: Path
+) -> None:
+    from alzstage.model.predict import LoadedModel, predict_files
+    from alzstage.serve.schemas import ImagePrediction
+
+    # given one slice, as a file for the CLI and as an upload for the API
+    path = tmp_path / "slice.png"
+    path.write_bytes(png_of(mri_slices[2]))
+    model = LoadedModel(demo.uri, demo.classes, demo.input_size, tracking_uri=demo.tracking_uri)
+    # when both predict it
+    (from_cli,) = predict_files(model, [path], 0.5)
+    r = client.post("/predict", files=_files(("slice.png", path.read_bytes(), "image/png")))
+    # then the API's answer is the CLI's typed result, field for field, but for the name
+    from_api = ImagePrediction.model_validate(r.json()["predictions"][0])
+    assert from_api.filename == "slice.png" and from_cli.filename == str(path)
+    assert from_api.model_copy(update={"filename": str(path)}) == from_cli
 
 
 def test_predict_with_gradcam_returns_an_overlay_png(client, mri_slices: list[np.ndarray]) -> None:
@@ -158,6 +176,21 @@ def test_mixed_batch_still_answers_the_good_files(client, mri_slices: list[np.nd
     s = body["summary"]
     assert s["n_images"] == 4 and s["n_predicted"] == 2 and s["n_errors"] == 2
     assert sum(s["stage_counts"].values()) == 2
+
+
+def test_two_apps_in_one_process_each_answer_with_their_own_settings(
+    demo: DemoChampion,
+) -> None:
+    # given two apps built from the same router, with different file-count limits
+    files = _files(*[(f"{i}.png", png_bytes(i), "image/png") for i in range(2)])
+    strict, roomy = _app(demo, max_files=1), _app(demo, max_files=2)
+    # when each gets the same two files
+    with TestClient(strict) as a, TestClient(roomy) as b:
+        refused, answered = a.post("/predict", files=files), b.post("/predict", files=files)
+    # then each route read its own app's state, not a shared module-level one
+    assert refused.status_code == 413 and "the limit is 1" in refused.json()["detail"]
+    assert answered.status_code == 200
+    assert strict.state.model_cache is not roomy.state.model_cache
 
 
 def test_missing_files_field_is_422_with_a_message(client) -> None:
@@ -393,13 +426,10 @@ def test_no_champion_is_503_with_the_fix(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_serve_command_binds_loopback_unless_told(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def uvicorn_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """A project at ``tmp_path``, and a uvicorn that only records what it is asked to run."""
     import uvicorn
-    from typer.testing import CliRunner
-
-    from alzstage.cli import app
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     monkeypatch.setenv("ALZSTAGE_ROOT", str(tmp_path))
@@ -407,7 +437,17 @@ def test_serve_command_binds_loopback_unless_told(
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     calls: list[dict] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    return calls
 
+
+def test_serve_command_binds_loopback_unless_told(
+    tmp_path: Path, uvicorn_calls: list[dict]
+) -> None:
+    from typer.testing import CliRunner
+
+    from alzstage.cli import app
+
+    calls = uvicorn_calls
     result = CliRunner().invoke(app, ["serve", "--max-upload-mb", "2", "--max-files", "5"])
     assert result.exit_code == 0, result.output
     (call,) = calls
@@ -424,6 +464,46 @@ def test_serve_command_binds_loopback_unless_told(
     assert result.exit_code == 0, result.output
     assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9001
     assert "unauthenticated" in result.output
+
+
+LIMITS = (
+    "max_file_bytes",
+    "max_request_bytes",
+    "max_files",
+    "max_pixels",
+    "max_request_pixels",
+    "max_concurrent",
+    "max_queued",
+    "max_volume_bytes",
+    "allowed_origins",
+    "allowed_hosts",
+)
+
+
+def test_serve_flags_set_every_limit_and_default_to_the_settings(
+    uvicorn_calls: list[dict],
+) -> None:
+    from typer.testing import CliRunner
+
+    from alzstage.cli import app
+
+    # given a project and a uvicorn that only records what it was asked to run
+    calls = uvicorn_calls
+    # when serve starts without limit flags, then with every one of them
+    plain = CliRunner().invoke(app, ["serve"])
+    flags = ["--max-request-pixels", "1000", "--max-concurrent", "1", "--max-queued", "0"]
+    flags += ["--allow-origin", "https://a.team", "--allow-origin", "https://b.team"]
+    flags += ["--allow-host", "alz.internal"]
+    tuned = CliRunner().invoke(app, ["serve", *flags])
+    # then the defaults are ServeSettings' own, and each flag reaches its setting
+    assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
+    default, given = calls[0]["app"].state.settings, calls[1]["app"].state.settings
+    assert {k: getattr(default, k) for k in LIMITS} == {
+        k: getattr(ServeSettings(), k) for k in LIMITS
+    }
+    assert (given.max_request_pixels, given.max_concurrent, given.max_queued) == (1000, 1, 0)
+    assert given.allowed_origins == ("https://a.team", "https://b.team")
+    assert given.allowed_hosts == ("alz.internal",)
 
 
 # --------------------------------------------------------------------------- page & docs

@@ -6,22 +6,25 @@ that dataset's model, a ``models:/`` or ``runs:/`` URI, or a local path (an MLfl
 directory or a ``.keras`` file), so the same command works on a laptop and against a team
 server.
 
-The CLI and the REST API share everything here (decoding, the model wrapper, the batch
-summary), so a file gets the same numbers whichever way it is sent; the probabilities
-come from the registered pyfunc, so they also match ``mlflow models serve``.
+The CLI and the REST API share everything here (decoding, the model wrapper, the input
+check, prediction and Grad-CAM in :func:`predict_decoded`), and both get the typed
+results of :mod:`alzstage.model.prediction`, so a file gets the same numbers whichever
+way it is sent; the probabilities come from the registered pyfunc, so they also match
+``mlflow models serve``.
 """
 
 from __future__ import annotations
 
 import glob
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import pandas as pd
 
 from alzstage import tracking
 from alzstage.data.identity import DEMO, ConfiguredDataset, configured_dataset
@@ -37,10 +40,13 @@ from alzstage.model.inputs import (  # decoding lives with the other input code;
     decode_slice,
     to_model_array,
 )
+from alzstage.model.prediction import ImagePrediction, ModelRef, Prediction, scored
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
     from alzstage.model.ood import InputCheck
+
+P = TypeVar("P", bound=Prediction)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # Registry tags (written by ``promote``) that describe how good the model is.
@@ -171,6 +177,17 @@ def missing_champion_hint(
     return hint
 
 
+def store_uris(root: Path) -> tuple[str, str]:
+    """``(tracking_uri, registry_uri)`` to read models from, named explicitly.
+
+    Read-only use: unlike ``tracking.configure()`` this creates no experiment and does
+    not repoint MLflow for the whole process. ``MLFLOW_REGISTRY_URI`` wins for the
+    registry, as MLflow itself would do.
+    """
+    store = tracking.tracking_uri(root)
+    return store, os.environ.get("MLFLOW_REGISTRY_URI") or store
+
+
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -237,6 +254,20 @@ class ModelInfo:
             backbone = self.tags.get("backbone")
             text += f", recipe {self.recipe}" + (f" ({backbone})" if backbone else "")
         return text
+
+    @property
+    def ref(self) -> ModelRef:
+        """These facts as every prediction response carries them."""
+        return ModelRef(
+            uri=self.uri,
+            name=self.name,
+            version=self.version,
+            alias=self.alias,
+            dataset=self.dataset,
+            recipe=self.recipe,
+            synthetic_demo=self.synthetic_demo,
+            provenance=self.provenance,
+        )
 
     @property
     def label(self) -> str:
@@ -410,40 +441,57 @@ def display_image(gray: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndar
     return to_model_array(gray, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
-def prediction_row(classes: list[str], probs: np.ndarray, low_confidence: float) -> dict[str, Any]:
-    """Stage, confidence, low-confidence flag and one column per class for one image."""
-    k = int(np.argmax(probs))
-    row: dict[str, Any] = {
-        "stage": classes[k],
-        "confidence": float(probs[k]),
-        "low_confidence": bool(probs[k] < low_confidence),
-        "error": "",
-    }
-    row.update({c: float(v) for c, v in zip(classes, probs, strict=True)})
-    return row
+def failed(index: int, name: str, exc: ImageReadError, kind: type[P]) -> P:
+    """The result of an input that could not be used: its status and why."""
+    return kind(index=index, filename=name, status=int(getattr(exc, "status", 422)), error=str(exc))
 
 
-def check_fields(check: InputCheck | None) -> dict[str, Any]:
-    """The input check's columns of a result row; nulls for a model stored without one."""
-    if check is None:
-        return {
-            "out_of_distribution": None,
-            "ood_reason": "",
-            "seen_in_training": None,
-            "training_correlation": None,
-        }
-    return check.as_dict()
+def predict_decoded(
+    model: LoadedModel,
+    decoded: Sequence[tuple[int, str, DecodedImage]],
+    low_confidence: float,
+    overlay_to: Callable[[ImagePrediction, np.ndarray], str] | None = None,
+    lock: AbstractContextManager[Any] | None = None,
+) -> list[ImagePrediction]:
+    """Check, predict and explain decoded images ``(index, name, image)``; the CLI and
+    the API both run this, so an image gets the same result from either.
 
-
-def out_of_distribution_row(check: InputCheck) -> dict[str, Any]:
-    """No stage, no probabilities: only why the image is not like the training slices."""
-    return {
-        "stage": "",
-        "confidence": np.nan,
-        "low_confidence": False,
-        "error": "",
-        **check_fields(check),
-    }
+    Each image is judged by the model's input check first: one that is out of
+    distribution gets ``out_of_distribution`` and its reason instead of a stage; the
+    others are predicted in one batch. With ``overlay_to``, each predicted image also
+    gets a Grad-CAM overlay, stored where ``overlay_to`` says (a file, a data URL).
+    ``lock`` is held around the model calls only (the server shares one model).
+    """
+    checks = model.check([d.gray for *_, d in decoded], [(d.height, d.width) for *_, d in decoded])
+    results: dict[int, ImagePrediction] = {}
+    good = []
+    for (index, name, image), check in zip(decoded, checks, strict=True):
+        judged = ImagePrediction(
+            index=index,
+            filename=name,
+            status=200,
+            width=image.width,
+            height=image.height,
+            **({} if check is None else check.as_dict()),
+        )
+        if judged.out_of_distribution_flag:
+            results[index] = judged
+        else:
+            good.append((judged, image))
+    if good:
+        batch = np.stack([to_model_array(image.gray, model.size) for _, image in good])
+        with lock or nullcontext():
+            probs = model.predict(batch)
+            pictures: list[np.ndarray | None] = (
+                model.gradcam_overlays(batch, [display_image(image.gray) for _, image in good])
+                if overlay_to is not None
+                else [None] * len(good)
+            )
+        for (judged, _), p, rgb in zip(good, probs, pictures, strict=True):
+            gradcam = None if rgb is None or overlay_to is None else overlay_to(judged, rgb)
+            update = {**scored(model.classes, p, low_confidence), "gradcam": gradcam}
+            results[judged.index] = judged.model_copy(update=update)
+    return [results[i] for i in sorted(results)]
 
 
 def unique_png(out_dir: Path, stem: str, taken: set[str]) -> Path:
@@ -462,114 +510,64 @@ def unique_png(out_dir: Path, stem: str, taken: set[str]) -> Path:
         n += 1
 
 
+def overlay_writer(out_dir: Path) -> Callable[[str, np.ndarray], str]:
+    """Write RGB overlays as ``<stem>.gradcam.png`` PNGs in ``out_dir``, never overwriting;
+    each call returns the path it wrote."""
+    from PIL import Image
+
+    taken: set[str] = set()
+
+    def write(stem: str, rgb: np.ndarray) -> str:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = unique_png(out_dir, stem, taken)
+        Image.fromarray(rgb).save(target, format="PNG")
+        return str(target)
+
+    return write
+
+
 def predict_files(
     model: LoadedModel,
     files: list[Path],
     low_confidence: float,
     gradcam_dir: Path | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> pd.DataFrame:
-    """One row per file; unreadable files get an error row, the others still get results.
-
-    Each readable file is judged by the model's input check first: one that is out of
-    distribution gets ``out_of_distribution`` and its reason instead of a stage. With
-    ``gradcam_dir``, each predicted file also gets an overlay PNG there (column
-    ``gradcam``), named after its stem.
-    """
-    decoded: list[tuple[Path, DecodedImage]] = []
-    rows: list[dict[str, Any]] = []
-    for f in files:
+) -> list[ImagePrediction]:
+    """One result per image file, in order; unreadable files get an error, the others
+    still get results. With ``gradcam_dir``, each predicted file also gets an overlay
+    PNG there (``gradcam``), named after its stem."""
+    results: dict[int, ImagePrediction] = {}
+    decoded = []
+    for i, f in enumerate(files):
         try:
-            decoded.append((f, decode_slice(Path(f), max_pixels, max_side=DISPLAY_MAX_SIDE)))
-        except ImageReadError as exc:
-            rows.append(
-                {
-                    "file": str(f),
-                    "stage": "",
-                    "confidence": np.nan,
-                    "low_confidence": False,
-                    "error": str(exc),
-                }
+            decoded.append(
+                (i, str(f), decode_slice(Path(f), max_pixels, max_side=DISPLAY_MAX_SIDE))
             )
-    checks = model.check([d.gray for _, d in decoded], [(d.height, d.width) for _, d in decoded])
-    good = []
-    for (f, d), check in zip(decoded, checks, strict=True):
-        if check is not None and check.out_of_distribution:
-            rows.append({"file": str(f), **out_of_distribution_row(check)})
-        else:
-            good.append((f, d, check))
-    if good:
-        batch = np.stack([to_model_array(d.gray, model.size) for _, d, _ in good])
-        probs = model.predict(batch)
-        overlays: list[Path | None] = [None] * len(good)
-        if gradcam_dir is not None:
-            from PIL import Image
-
-            gradcam_dir.mkdir(parents=True, exist_ok=True)
-            taken: set[str] = set()
-            pictures = model.gradcam_overlays(batch, [display_image(d.gray) for _, d, _ in good])
-            for i, ((f, _, _), rgb) in enumerate(zip(good, pictures, strict=True)):
-                target = unique_png(gradcam_dir, Path(f).stem, taken)
-                Image.fromarray(rgb).save(target, format="PNG")
-                overlays[i] = target
-        for (f, _, check), p, ov in zip(good, probs, overlays, strict=True):
-            row = {
-                "file": str(f),
-                **prediction_row(model.classes, p, low_confidence),
-                **check_fields(check),
-            }
-            if gradcam_dir is not None:
-                row["gradcam"] = str(ov)
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    df["low_confidence"] = df["low_confidence"].astype(bool)
-    for c in model.classes:  # present (NaN) even when no file got probabilities
-        if c not in df:
-            df[c] = np.nan
-    if gradcam_dir is not None:
-        df["gradcam"] = df["gradcam"].fillna("") if "gradcam" in df else ""
-    order = {str(f): i for i, f in enumerate(files)}
-    return df.sort_values("file", key=lambda s: s.map(order)).reset_index(drop=True)
+        except ImageReadError as exc:
+            results[i] = failed(i, str(f), exc, ImagePrediction)
+    write = None if gradcam_dir is None else overlay_writer(gradcam_dir)
+    overlay_to = None if write is None else (lambda p, rgb: write(Path(p.filename).stem, rgb))
+    for p in predict_decoded(model, decoded, low_confidence, overlay_to):
+        results[p.index] = p
+    return [results[i] for i in sorted(results)]
 
 
-def summarize(df: pd.DataFrame, classes: list[str], low_confidence: float) -> dict[str, Any]:
-    """Batch statistics: stage distribution, mean confidence, which images are unsure.
+def predict_paths(
+    model: LoadedModel, files: list[Path], params: Params, gradcam_dir: Path | None = None
+) -> list[Prediction]:
+    """Images and NIfTI volumes together: one result each, in the order of ``files``."""
+    from alzstage.model.subject import predict_volume_files
+    from alzstage.neuro.volume import is_volume_path
 
-    The mean probability per class is reported too: unlike the count of argmax stages,
-    it does not hide a batch that is split 51/49 between two neighbouring stages.
-    """
-    file_col = "file" if "file" in df else "filename"
-    readable = df[df["error"].fillna("") == ""] if len(df) else df
-    ood = (
-        readable["out_of_distribution"].eq(True)  # None (unchecked) is not True
-        if "out_of_distribution" in readable
-        else pd.Series(False, index=readable.index)
+    threshold = params.evaluate.low_confidence
+    is_volume = [is_volume_path(f) for f in files]
+    images = [f for f, v in zip(files, is_volume, strict=True) if not v]
+    volumes = [f for f, v in zip(files, is_volume, strict=True) if v]
+    image_results = iter(predict_files(model, images, threshold, gradcam_dir) if images else [])
+    volume_results = iter(
+        predict_volume_files(model, volumes, params, threshold, gradcam_dir) if volumes else []
     )
-    seen = (
-        readable["seen_in_training"].eq(True)
-        if "seen_in_training" in readable
-        else pd.Series(False, index=readable.index)
-    )
-    ok = readable[~ood]
-    n_ok = len(ok)
-    counts = {c: int((ok["stage"] == c).sum()) if n_ok else 0 for c in classes}
-    low = ok[ok["low_confidence"].astype(bool)] if n_ok else ok
-    return {
-        "n_images": len(df),
-        "n_predicted": n_ok,
-        "n_errors": len(df) - len(readable),
-        "n_out_of_distribution": int(ood.sum()),
-        "out_of_distribution_files": [str(x) for x in readable[ood][file_col]],
-        "n_seen_in_training": int(seen.sum()),
-        "seen_in_training_files": [str(x) for x in readable[seen][file_col]],
-        "stage_counts": counts,
-        "stage_fractions": {c: (counts[c] / n_ok if n_ok else 0.0) for c in classes},
-        "mean_probabilities": {
-            c: (float(ok[c].mean()) if n_ok and c in ok else 0.0) for c in classes
-        },
-        "mean_confidence": float(ok["confidence"].mean()) if n_ok else None,
-        "min_confidence": float(ok["confidence"].min()) if n_ok else None,
-        "low_confidence_threshold": low_confidence,
-        "n_low_confidence": len(low),
-        "low_confidence_files": [str(x) for x in low[file_col]] if len(low) else [],
-    }
+    return [
+        next(volume_results if v else image_results).model_copy(update={"index": i})
+        for i, v in enumerate(is_volume)
+    ]

@@ -15,14 +15,15 @@ Shared by ``alzstage predict`` and the REST API, so both give the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from alzstage.model.inputs import ImageReadError, to_model_array
+from alzstage.model.prediction import SlicePrediction, VolumePrediction, scored
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import NeuroParams, NiftiQCParams, Params
@@ -31,8 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass
-class VolumePrediction:
-    """One volume's subject-level result, its slices and what explains it."""
+class PredictedVolume:
+    """One volume's slices, their probabilities, the pooled ones and what explains them:
+    the arrays a :class:`~alzstage.model.prediction.VolumePrediction` is made from."""
 
     file: str
     classes: list[str]
@@ -87,7 +89,7 @@ def preprocess_for_prediction(
 
 def predict_preprocessed(
     model: LoadedModel, pre: Preprocessed, neuro: NeuroParams, name: str, gradcam: bool = True
-) -> VolumePrediction:
+) -> PredictedVolume:
     """Predict every slice, pool them, and explain the most informative slices."""
     from alzstage.model.metrics import pool_slices
 
@@ -103,7 +105,7 @@ def predict_preprocessed(
 
         maps = gradcam_maps(model.keras_model, arrays[chosen], class_index=stage)
         overlays = {i: overlay(pre.slices[i], m) for i, m in zip(chosen, maps, strict=True)}
-    return VolumePrediction(
+    return PredictedVolume(
         file=name,
         classes=list(model.classes),
         rule=neuro.aggregate,
@@ -123,7 +125,7 @@ def predict_volume(
     params: Params,
     name: str | None = None,
     gradcam: bool = True,
-) -> VolumePrediction:
+) -> PredictedVolume:
     """Preprocess, predict every slice, pool, and explain the most informative slices.
 
     Raises :class:`~alzstage.neuro.errors.VolumeError` (an ``ImageReadError``) when the
@@ -136,40 +138,63 @@ def predict_volume(
     return predict_preprocessed(model, pre, params.neuro, name, gradcam)
 
 
-def volume_row(pred: VolumePrediction, low_confidence: float) -> dict[str, Any]:
-    """The volume's row in the predict table: the image row's columns plus volume facts."""
-    from alzstage.model.predict import prediction_row
+def volume_prediction(
+    pred: PredictedVolume,
+    index: int,
+    name: str,
+    low_confidence: float,
+    slice_image: Callable[[np.ndarray], str] | None = None,
+    overlay_to: Callable[[int, np.ndarray], str] | None = None,
+) -> VolumePrediction:
+    """The typed result of a predicted volume, with every slice's own stage.
 
-    row = prediction_row(pred.classes, pred.probabilities, low_confidence)
-    row.update(
-        kind="volume",
-        n_slices=len(pred.slices),
+    ``slice_image`` stores each slice's pixels (the API: a data URL; the CLI: none) and
+    ``overlay_to`` each informative slice's Grad-CAM (a data URL, or a PNG file), called
+    most informative first.
+    """
+    overlays = {} if overlay_to is None else pred.overlays
+    cams = {i: overlay_to(i, overlays[i]) for i in pred.informative if i in overlays}
+    slices = []
+    for i, (z, p) in enumerate(zip(pred.z_mm, pred.slice_probabilities, strict=True)):
+        own = scored(pred.classes, p, low_confidence)
+        slices.append(
+            SlicePrediction(
+                index=i,
+                z_mm=round(float(z), 2),
+                stage=own["stage"],
+                confidence=own["confidence"],
+                probabilities=own["probabilities"],
+                informative=i in pred.informative,
+                image=None if slice_image is None else slice_image(pred.slices[i]),
+                gradcam=cams.get(i),
+            )
+        )
+    return VolumePrediction(
+        index=index,
+        filename=name,
+        status=200,
+        **scored(pred.classes, pred.probabilities, low_confidence),
         aggregate=pred.rule,
-        registration_score=float(pred.qc.get("registration_score", np.nan)),
+        n_slices=len(pred.slices),
+        registration_score=pred.qc.get("registration_score"),
+        qc={k: v for k, v in pred.qc.items() if isinstance(v, (int, float, str))},
+        slices=slices,
     )
-    return row
 
 
-def volume_detail(pred: VolumePrediction) -> dict[str, Any]:
-    """Per-slice probabilities and QC for JSON output (no pixels)."""
-    return {
-        "file": pred.file,
-        "stage": pred.stage,
-        "confidence": pred.confidence,
-        "aggregate": pred.rule,
-        "probabilities": dict(zip(pred.classes, map(float, pred.probabilities), strict=True)),
-        "informative_slices": pred.informative,
-        "qc": pred.qc,
-        "slices": [
-            {
-                "index": i,
-                "z_mm": round(float(z), 2),
-                "stage": pred.classes[int(np.argmax(p))],
-                "probabilities": dict(zip(pred.classes, map(float, p), strict=True)),
-            }
-            for i, (z, p) in enumerate(zip(pred.z_mm, pred.slice_probabilities, strict=True))
-        ],
-    }
+def volume_stem(path: Path) -> str:
+    """``sub-01`` for ``sub-01.nii.gz`` or ``sub-01.nii``: the name overlays are given."""
+    stem = path.name
+    for suffix in (".gz", ".nii"):
+        stem = stem.removesuffix(suffix).removesuffix(suffix.upper())
+    return stem
+
+
+def _slice_files(
+    write: Callable[[str, np.ndarray], str], stem: str
+) -> Callable[[int, np.ndarray], str]:
+    """Write slice ``k``'s overlay as ``<stem>.sNNN.gradcam.png``."""
+    return lambda k, rgb: write(f"{stem}.s{k:03d}", rgb)
 
 
 def predict_volume_files(
@@ -178,49 +203,23 @@ def predict_volume_files(
     params: Params,
     low_confidence: float,
     gradcam_dir: Path | None = None,
-) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """One row per volume (errors as error rows, the others continue) plus JSON details.
+) -> list[VolumePrediction]:
+    """One result per volume, in order; a volume that fails gets its error and the
+    others continue.
 
     With ``gradcam_dir``, each informative slice's overlay is written there as
-    ``<volume>.sNNN.gradcam.png`` (never overwriting) and listed in the details.
+    ``<volume>.sNNN.gradcam.png`` (never overwriting) and named in its slice's ``gradcam``.
     """
-    from PIL import Image
+    from alzstage.model.predict import failed, overlay_writer
 
-    from alzstage.model.predict import unique_png
-
-    rows: list[dict[str, Any]] = []
-    details: list[dict[str, Any]] = []
-    taken: set[str] = set()
-    for f in files:
+    write = None if gradcam_dir is None else overlay_writer(gradcam_dir)
+    results = []
+    for i, f in enumerate(files):
         try:
-            pred = predict_volume(model, Path(f), params, str(f), gradcam=gradcam_dir is not None)
+            pred = predict_volume(model, Path(f), params, str(f), gradcam=write is not None)
         except ImageReadError as exc:
-            rows.append(
-                {
-                    "file": str(f),
-                    "kind": "volume",
-                    "stage": "",
-                    "confidence": np.nan,
-                    "low_confidence": False,
-                    "error": str(exc),
-                }
-            )
-            details.append({"file": str(f), "error": str(exc)})
+            results.append(failed(i, str(f), exc, VolumePrediction))
             continue
-        row = {"file": str(f), **volume_row(pred, low_confidence)}
-        detail = volume_detail(pred)
-        if gradcam_dir is not None:
-            gradcam_dir.mkdir(parents=True, exist_ok=True)
-            stem = Path(f).name
-            for suffix in (".gz", ".nii"):
-                stem = stem.removesuffix(suffix).removesuffix(suffix.upper())
-            written = []
-            for i in pred.informative:
-                target = unique_png(gradcam_dir, f"{stem}.s{i:03d}", taken)
-                Image.fromarray(pred.overlays[i]).save(target, format="PNG")
-                written.append(str(target))
-            detail["gradcam"] = written
-            row["gradcam"] = ";".join(written)
-        rows.append(row)
-        details.append(detail)
-    return pd.DataFrame(rows), details
+        overlay_to = None if write is None else _slice_files(write, volume_stem(Path(f)))
+        results.append(volume_prediction(pred, i, str(f), low_confidence, None, overlay_to))
+    return results

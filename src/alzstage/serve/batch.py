@@ -1,7 +1,7 @@
 """One request's uploads in, per-file results out: what ``POST /predict`` and
 ``POST /predict/volume`` run in a worker thread.
 
-Kept apart from :mod:`alzstage.serve.app` (routes, middleware, settings) because this is
+Kept apart from :mod:`alzstage.serve.routes` (the endpoints) because this is
 where memory is decided: each upload is read, decoded (shrunk while decoding, within
 the request's pixel budget), checked against the training images and only then
 predicted, one file at a time, so a request holds one upload's bytes at most.
@@ -12,27 +12,24 @@ from __future__ import annotations
 import base64
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from fastapi.responses import JSONResponse
 
 from alzstage.errors import ImageReadError
-from alzstage.serve.schemas import (
-    ErrorResponse,
-    FileResult,
-    ModelRef,
-    SliceResult,
-    Summary,
-    VolumeResult,
-)
+from alzstage.model.prediction import ImagePrediction, Prediction, VolumePrediction
+from alzstage.serve.schemas import ErrorResponse, ModelResponse
+
+P = TypeVar("P", bound=Prediction)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from alzstage.model.inputs import DecodedImage
     from alzstage.model.predict import LoadedModel
-    from alzstage.serve.app import ModelCache, ServeSettings
+    from alzstage.serve.state import ModelCache, ServeSettings
 
 
 def display_name(raw: str | None, index: int) -> str:
@@ -42,7 +39,7 @@ def display_name(raw: str | None, index: int) -> str:
     return name or f"file-{index + 1}"
 
 
-def _png_data_url(rgb: np.ndarray) -> str:
+def png_data_url(rgb: np.ndarray) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -88,11 +85,12 @@ class Upload:
         )
 
 
-def failed_result(up: Upload) -> FileResult:
-    return FileResult(index=up.index, filename=up.filename, status=up.status, error=up.error)
+def failed_result(up: Upload, kind: type[P]) -> P:
+    """The result of an upload that could not be used: its status and why."""
+    return kind(index=up.index, filename=up.filename, status=up.status, error=up.error)
 
 
-def _decode_all(uploads: list[Upload], s: ServeSettings) -> list[tuple[Upload, DecodedImage]]:
+def _decode_all(uploads: list[Upload], s: ServeSettings) -> list[tuple[int, str, DecodedImage]]:
     """Read and decode one file at a time, shrunk while decoding: at most one upload's
     bytes are in memory at once, and what is kept per image is at most 512 px a side."""
     from alzstage.model.inputs import PixelBudget, decode_slice
@@ -105,7 +103,7 @@ def _decode_all(uploads: list[Upload], s: ServeSettings) -> list[tuple[Upload, D
             continue
         try:
             image = decode_slice(up.read(), s.max_pixels, up.filename, DISPLAY_MAX_SIDE, budget)
-            decoded.append((up, image))
+            decoded.append((up.index, up.filename, image))
         except ImageReadError as exc:
             up.fail(exc)
     return decoded
@@ -113,81 +111,33 @@ def _decode_all(uploads: list[Upload], s: ServeSettings) -> list[tuple[Upload, D
 
 def run_batch(
     cache: ModelCache, uploads: list[Upload], want_gradcam: bool
-) -> tuple[LoadedModel | None, list[FileResult]]:
+) -> tuple[LoadedModel | None, list[ImagePrediction]]:
     """Decode, check, predict and explain one request's files (runs in a worker thread).
 
-    Files that cannot be decoded fail alone; files the input check flags get
-    ``out_of_distribution`` and no stage; the rest are predicted in one batch. The
-    model is only loaded when some file could be decoded.
+    Files that cannot be decoded fail alone; the rest go through
+    :func:`alzstage.model.predict.predict_decoded`, as ``alzstage predict`` runs them,
+    with the model lock held around the model calls. The model is only loaded when some
+    file could be decoded.
     """
-    import numpy as np
-
-    from alzstage.model.inputs import to_model_array
-    from alzstage.model.predict import display_image, prediction_row
+    from alzstage.model.predict import predict_decoded
 
     s = cache.settings
     decoded = _decode_all(uploads, s)
-    results = {up.index: failed_result(up) for up in uploads if up.error is not None}
+    results = {
+        up.index: failed_result(up, ImagePrediction) for up in uploads if up.error is not None
+    }
     if not decoded:
         return None, [results[i] for i in sorted(results)]
     model = cache.get()
-    checks = model.check([d.gray for _, d in decoded], [(d.height, d.width) for _, d in decoded])
-    good = []
-    for (up, image), check in zip(decoded, checks, strict=True):
-        fields = {} if check is None else check.as_dict()
-        size = {"width": image.width, "height": image.height}
-        base = {"index": up.index, "filename": up.filename, "status": 200, **size, **fields}
-        if check is not None and check.out_of_distribution:
-            results[up.index] = FileResult(**base)
-        else:
-            good.append((base, image))
-    if good:
-        batch = np.stack([to_model_array(image.gray, model.size) for _, image in good])
-        with cache.infer_lock:
-            probs = model.predict(batch)
-            overlays = (
-                model.gradcam_overlays(batch, [display_image(image.gray) for _, image in good])
-                if want_gradcam
-                else [None] * len(good)
-            )
-        for (base, _), p, ov in zip(good, probs, overlays, strict=True):
-            row = prediction_row(model.classes, p, s.low_confidence)
-            results[base["index"]] = FileResult(
-                **base,
-                stage=row["stage"],
-                confidence=row["confidence"],
-                low_confidence=row["low_confidence"],
-                probabilities={c: row[c] for c in model.classes},
-                gradcam=None if ov is None else _png_data_url(ov),
-            )
+    overlay_to = (lambda _, rgb: png_data_url(rgb)) if want_gradcam else None
+    for r in predict_decoded(model, decoded, s.low_confidence, overlay_to, cache.infer_lock):
+        results[r.index] = r
     return model, [results[i] for i in sorted(results)]
-
-
-def _slice_results(pred: Any) -> list[SliceResult]:
-    import numpy as np
-
-    out = []
-    for i, (z, p) in enumerate(zip(pred.z_mm, pred.slice_probabilities, strict=True)):
-        k = int(np.argmax(p))
-        overlay = pred.overlays.get(i)
-        out.append(
-            SliceResult(
-                index=i,
-                z_mm=round(float(z), 2),
-                stage=pred.classes[k],
-                confidence=float(p[k]),
-                probabilities={c: float(v) for c, v in zip(pred.classes, p, strict=True)},
-                informative=i in pred.informative,
-                image=_png_data_url(pred.slices[i]),
-                gradcam=None if overlay is None else _png_data_url(overlay),
-            )
-        )
-    return out
 
 
 def run_volumes(
     cache: ModelCache, uploads: list[Upload], want_gradcam: bool
-) -> tuple[LoadedModel, list[VolumeResult]]:
+) -> tuple[LoadedModel, list[VolumePrediction]]:
     """Preprocess (no lock: CPU-heavy, model-free), then predict under the model lock.
 
     One volume at a time, its upload read only then: the bytes and the full-resolution
@@ -197,12 +147,12 @@ def run_volumes(
     from alzstage.model.subject import (
         predict_preprocessed,
         preprocess_for_prediction,
-        volume_row,
+        volume_prediction,
     )
 
     model = cache.get()
     s = cache.settings
-    results: list[VolumeResult] = []
+    results: list[VolumePrediction] = []
     for up in uploads:
         if up.error is None:
             try:
@@ -212,61 +162,31 @@ def run_volumes(
             except ImageReadError as exc:
                 up.fail(exc)
         if up.error is not None:
-            results.append(
-                VolumeResult(index=up.index, filename=up.filename, status=up.status, error=up.error)
-            )
+            results.append(failed_result(up, VolumePrediction))
             continue
         with cache.infer_lock:
             pred = predict_preprocessed(model, pre, s.neuro, up.filename, want_gradcam)
-        row = volume_row(pred, s.low_confidence)
         results.append(
-            VolumeResult(
-                index=up.index,
-                filename=up.filename,
-                status=200,
-                stage=row["stage"],
-                confidence=row["confidence"],
-                low_confidence=row["low_confidence"],
-                probabilities={c: row[c] for c in model.classes},
-                aggregate=pred.rule,
-                n_slices=row["n_slices"],
-                registration_score=row["registration_score"],
-                qc={k: v for k, v in pred.qc.items() if isinstance(v, (int, float, str))},
-                slices=_slice_results(pred),
+            volume_prediction(
+                pred,
+                up.index,
+                up.filename,
+                s.low_confidence,
+                slice_image=png_data_url,
+                overlay_to=lambda _, rgb: png_data_url(rgb),
             )
         )
     return model, results
 
 
-def summary(model: LoadedModel, results: list[Any], threshold: float) -> Summary:
-    import pandas as pd
-
-    from alzstage.model.predict import summarize
-
-    rows = []
-    for r in results:
-        row: dict[str, Any] = {
-            "filename": r.filename,
-            "stage": r.stage or "",
-            "confidence": r.confidence if r.confidence is not None else float("nan"),
-            "low_confidence": bool(r.low_confidence),
-            "error": r.error or "",
-            "out_of_distribution": getattr(r, "out_of_distribution", None),
-            "seen_in_training": getattr(r, "seen_in_training", None),
-        }
-        row.update(r.probabilities or {})
-        rows.append(row)
-    return Summary(**summarize(pd.DataFrame(rows), model.classes, threshold))
-
-
-def failure(results: list[Any]) -> JSONResponse:
+def failure(results: Sequence[Prediction]) -> JSONResponse:
     """No file was usable: answer with their common status (else 422) and every reason."""
     statuses = {r.status for r in results}
     status = statuses.pop() if len(statuses) == 1 else 422
     detail = "no usable image in the request: " + "; ".join(r.error or "" for r in results)
     # Failed volumes carry only the fields of a failed image, so one schema serves both.
     outcomes = [
-        FileResult(index=r.index, filename=r.filename, status=r.status, error=r.error)
+        ImagePrediction(index=r.index, filename=r.filename, status=r.status, error=r.error)
         for r in results
     ]
     return JSONResponse(
@@ -285,15 +205,19 @@ def input_check_summary(model: LoadedModel) -> dict[str, Any] | None:
     return spec
 
 
-def model_ref(model: LoadedModel) -> ModelRef:
-    i = model.info
-    return ModelRef(
-        uri=i.uri,
-        name=i.name,
-        version=i.version,
-        alias=i.alias,
-        dataset=i.dataset,
-        recipe=i.recipe,
-        synthetic_demo=i.synthetic_demo,
-        provenance=i.provenance,
+def model_response(model: LoadedModel, s: ServeSettings) -> ModelResponse:
+    """What ``/model`` says: the model reference plus what the page shows about it."""
+    info = model.info
+    return ModelResponse(
+        **model.info.ref.model_dump(),
+        backbone=info.tags.get("backbone") or None,
+        chosen_because=s.model_choice,
+        classes=model.classes,
+        input_size=list(model.size),
+        temperature=model.temperature,
+        low_confidence_threshold=s.low_confidence,
+        metrics=info.metrics,
+        split_strategy=info.split_strategy,
+        split_leaky=info.split_leaky,
+        input_check=input_check_summary(model),
     )

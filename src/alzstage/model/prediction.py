@@ -1,0 +1,307 @@
+"""The one prediction result type: what an image or a NIfTI volume got, however it is shown.
+
+``alzstage predict`` and the REST API build the same objects with the same functions,
+so a file gets the same fields and numbers whichever way it is sent. The API returns
+them as they are (:mod:`alzstage.serve.schemas` publishes them in the OpenAPI schema);
+the CLI renders them as JSON records, a CSV table or a terminal table
+(:mod:`alzstage.model.predict_command`). Pure: no model, no files, no HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    """Which registered model version produced the answer, and what it was trained on."""
+
+    uri: str = Field(description="The reference the server was started with.")
+    name: str | None = Field(None, description="Registered model name.")
+    version: str | None = Field(None, description="Registry version actually loaded.")
+    alias: str | None = Field(None, description="Alias it was loaded through, e.g. champion.")
+    dataset: str | None = Field(
+        None, description="Dataset the model was trained on (one champion per dataset)."
+    )
+    recipe: str | None = Field(None, description="Training recipe: scratch or transfer.")
+    synthetic_demo: bool = Field(
+        False,
+        description="True when trained on the synthetic demo images: the answers mean "
+        "nothing for real scans.",
+    )
+    provenance: str = Field("", description="The same facts as one line, as the CLI prints.")
+
+
+class Prediction(BaseModel):
+    """The outcome for one input; inputs fail independently of each other.
+
+    A stage (with calibrated probabilities) or, when there is none, ``error`` saying
+    why; an image judged out of distribution has neither.
+    """
+
+    index: int = Field(
+        description="Position of the file in the request (the CLI: among its expanded inputs)."
+    )
+    filename: str = Field(
+        description="Client file name, for display only (never used on disk); the CLI's "
+        "`file`, the path it read."
+    )
+    status: int = Field(description="200, or the HTTP status this file alone would get.")
+    error: str | None = Field(None, description="Why the file could not be used.")
+    stage: str | None = None
+    confidence: float | None = Field(None, description="Calibrated probability of `stage`.")
+    low_confidence: bool | None = Field(
+        None, description="confidence is below the evaluate.low_confidence threshold."
+    )
+    probabilities: dict[str, float] | None = Field(
+        None, description="Temperature-calibrated probability per class, in class order."
+    )
+
+    @property
+    def out_of_distribution_flag(self) -> bool:
+        """Readable, but judged unlike the training slices (no stage)."""
+        return False
+
+    @property
+    def seen_in_training_flag(self) -> bool:
+        return False
+
+
+class ImagePrediction(Prediction):
+    """One uploaded or named image (JPEG or PNG slice)."""
+
+    gradcam: str | None = Field(
+        None,
+        description="Grad-CAM overlay of the predicted class as a data:image/png URL (the "
+        "CLI: the PNG file it wrote).",
+    )
+    width: int | None = Field(None, description="Width of the uploaded image in pixels.")
+    height: int | None = Field(None, description="Height of the uploaded image in pixels.")
+    out_of_distribution: bool | None = Field(
+        None,
+        description="True when the image is not like the model's training slices (size, "
+        "contrast, foreground, border, texture, resemblance to the mean training slice): it "
+        "then gets no stage, only `ood_reason`. Null for a model stored without the check.",
+    )
+    ood_reason: str | None = Field(None, description="Every rule the image broke, and by how much.")
+    seen_in_training: bool | None = Field(
+        None,
+        description="True when the image is a near-duplicate of one of the model's training "
+        "slices (thumbnail correlation >= 0.99): scoring the model on it measures memory, "
+        "not skill.",
+    )
+    training_correlation: float | None = Field(
+        None, description="Highest correlation with a training slice's 32x32 thumbnail."
+    )
+
+    @property
+    def out_of_distribution_flag(self) -> bool:
+        return self.out_of_distribution is True  # None (unchecked) is not True
+
+    @property
+    def seen_in_training_flag(self) -> bool:
+        return self.seen_in_training is True
+
+
+class SlicePrediction(BaseModel):
+    """One axial slice of a volume, in the training image format."""
+
+    index: int = Field(description="Slice number, inferior to superior.")
+    z_mm: float = Field(description="MNI z coordinate of the slice in mm.")
+    stage: str = Field(description="The slice's own most probable stage.")
+    confidence: float
+    probabilities: dict[str, float]
+    informative: bool = Field(
+        description="One of the neuro.gradcam_slices slices that most support the volume's stage."
+    )
+    image: str | None = Field(
+        None, description="The slice as the model saw it, a data:image/png URL (API only)."
+    )
+    gradcam: str | None = Field(
+        None,
+        description="Grad-CAM of the volume's stage on this slice (informative slices): a "
+        "data:image/png URL (the CLI: the PNG file it wrote).",
+    )
+
+
+class VolumePrediction(Prediction):
+    """The subject-level outcome for one NIfTI volume."""
+
+    error: str | None = Field(None, description="Why the volume could not be used.")
+    stage: str | None = Field(None, description="Subject-level stage pooled from the slices.")
+    confidence: float | None = None
+    low_confidence: bool | None = None
+    probabilities: dict[str, float] | None = Field(
+        None, description="Pooled probability per class, in class order."
+    )
+    aggregate: str | None = Field(None, description="Pooling rule: mean_log, mean or vote.")
+    n_slices: int | None = None
+    registration_score: float | None = Field(
+        None, description="Correlation with MNI152 after affine registration (0..1)."
+    )
+    qc: dict[str, float | int | str] | None = Field(
+        None, description="Per-volume measurements (voxel size, brain volume, tissue fractions)."
+    )
+    slices: list[SlicePrediction] | None = None
+
+    @property
+    def informative_slices(self) -> list[int]:
+        """The informative slices, most informative first: highest probability of the
+        volume's stage, ties to the lower index (how they were chosen)."""
+        if self.stage is None:
+            return []
+        chosen = [s for s in self.slices or [] if s.informative]
+        chosen.sort(key=lambda s: (-s.probabilities[self.stage], s.index))
+        return [s.index for s in chosen]
+
+
+class Summary(BaseModel):
+    """Batch statistics over the files that could be read."""
+
+    n_images: int
+    n_predicted: int
+    n_errors: int
+    stage_counts: dict[str, int]
+    stage_fractions: dict[str, float]
+    mean_probabilities: dict[str, float]
+    mean_confidence: float | None
+    min_confidence: float | None
+    low_confidence_threshold: float
+    n_low_confidence: int
+    low_confidence_files: list[str]
+    n_out_of_distribution: int = Field(0, description="Readable but not like the training slices.")
+    out_of_distribution_files: list[str] = Field(default_factory=list)
+    n_seen_in_training: int = Field(0, description="Near-duplicates of training slices.")
+    seen_in_training_files: list[str] = Field(default_factory=list)
+
+
+def scored(classes: Sequence[str], probs: np.ndarray, low_confidence: float) -> dict[str, Any]:
+    """Stage, confidence, low-confidence flag and per-class probabilities of one output."""
+    k = int(np.argmax(probs))
+    return {
+        "stage": classes[k],
+        "confidence": float(probs[k]),
+        "low_confidence": bool(probs[k] < low_confidence),
+        "probabilities": {c: float(v) for c, v in zip(classes, probs, strict=True)},
+    }
+
+
+def summarize(
+    predictions: Sequence[Prediction], classes: Sequence[str], low_confidence: float
+) -> Summary:
+    """Batch statistics: stage distribution, mean confidence, which images are unsure.
+
+    The mean probability per class is reported too: unlike the count of argmax stages,
+    it does not hide a batch that is split 51/49 between two neighbouring stages.
+    """
+    readable = [p for p in predictions if not p.error]
+    ood = [p.filename for p in readable if p.out_of_distribution_flag]
+    seen = [p.filename for p in readable if p.seen_in_training_flag]
+    ok = [p for p in readable if not p.out_of_distribution_flag]
+    n_ok = len(ok)
+    counts = {c: sum(p.stage == c for p in ok) for c in classes}
+    confidences = [p.confidence for p in ok if p.confidence is not None]
+    low = [p.filename for p in ok if p.low_confidence]
+
+    def mean_probability(c: str) -> float:
+        values = [p.probabilities[c] for p in ok if p.probabilities and c in p.probabilities]
+        return float(np.mean(values)) if values else 0.0
+
+    return Summary(
+        n_images=len(predictions),
+        n_predicted=n_ok,
+        n_errors=len(predictions) - len(readable),
+        n_out_of_distribution=len(ood),
+        out_of_distribution_files=ood,
+        n_seen_in_training=len(seen),
+        seen_in_training_files=seen,
+        stage_counts=counts,
+        stage_fractions={c: (counts[c] / n_ok if n_ok else 0.0) for c in classes},
+        mean_probabilities={c: mean_probability(c) for c in classes},
+        mean_confidence=float(np.mean(confidences)) if confidences else None,
+        min_confidence=float(np.min(confidences)) if confidences else None,
+        low_confidence_threshold=low_confidence,
+        n_low_confidence=len(low),
+        low_confidence_files=low,
+    )
+
+
+# --------------------------------------------------------------------------- CLI renderings
+
+CHECK_COLUMNS = ("out_of_distribution", "ood_reason", "seen_in_training", "training_correlation")
+VOLUME_COLUMNS = ("n_slices", "aggregate", "registration_score")
+
+
+def records(
+    predictions: Sequence[Prediction], classes: Sequence[str], gradcam: bool = False
+) -> list[dict[str, Any]]:
+    """One flat row per input, the table ``alzstage predict`` prints as JSON or CSV.
+
+    Columns: ``file``, ``stage``, ``confidence``, ``low_confidence``, ``error``, one per
+    class, then the input check's columns when there are images, ``kind`` and the
+    volume columns when there are volumes, and ``gradcam`` with ``--gradcam``. The
+    columns depend only on the kinds of inputs, never on which of them failed. A field
+    that does not apply is null; ``stage``, ``error`` and ``gradcam`` are "" instead.
+    """
+    has_images = any(isinstance(p, ImagePrediction) for p in predictions)
+    has_volumes = any(isinstance(p, VolumePrediction) for p in predictions)
+    rows = []
+    for p in predictions:
+        row: dict[str, Any] = {
+            "file": p.filename,
+            "stage": p.stage or "",
+            "confidence": p.confidence,
+            "low_confidence": bool(p.low_confidence),
+            "error": p.error or "",
+        }
+        row.update({c: (p.probabilities or {}).get(c) for c in classes})
+        if has_images:
+            checked = isinstance(p, ImagePrediction) and not p.error
+            row.update({k: getattr(p, k) if checked else None for k in CHECK_COLUMNS})
+            if checked:  # an unchecked model's images: no reason, as for a valid image
+                row["ood_reason"] = row["ood_reason"] or ""
+        if has_volumes:
+            row["kind"] = "volume" if isinstance(p, VolumePrediction) else "image"
+            row.update({k: getattr(p, k, None) for k in VOLUME_COLUMNS})
+        if gradcam:
+            row["gradcam"] = ";".join(overlay_files(p))
+        rows.append(row)
+    return rows
+
+
+def overlay_files(p: Prediction) -> list[str]:
+    """The Grad-CAM overlays of one input: an image's one, a volume's per informative slice."""
+    if isinstance(p, VolumePrediction):
+        by_index = {s.index: s.gradcam for s in p.slices or []}
+        return [g for i in p.informative_slices if (g := by_index.get(i))]
+    gradcam = getattr(p, "gradcam", None)
+    return [gradcam] if gradcam else []
+
+
+def volume_details(volumes: Sequence[VolumePrediction], gradcam: bool = False) -> list[dict]:
+    """Per-slice probabilities and QC of each volume, for ``--format json`` (no pixels)."""
+    out: list[dict[str, Any]] = []
+    for v in volumes:
+        if v.error:
+            out.append({"file": v.filename, "error": v.error})
+            continue
+        detail = {
+            "file": v.filename,
+            "stage": v.stage,
+            "confidence": v.confidence,
+            "aggregate": v.aggregate,
+            "probabilities": v.probabilities,
+            "informative_slices": v.informative_slices,
+            "qc": v.qc,
+            "slices": [
+                s.model_dump(mode="json", include={"index", "z_mm", "stage", "probabilities"})
+                for s in v.slices or []
+            ],
+        }
+        if gradcam:
+            detail["gradcam"] = overlay_files(v)
+        out.append(detail)
+    return out
