@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from alzstage.cli import app
+from alzstage.model.explain import unique_png
 from alzstage.model.predict import (
     CorruptImage,
     ImageTooLarge,
@@ -29,7 +30,6 @@ from alzstage.model.predict import (
     expand_inputs,
     parse_registry_uri,
     resolve_model_uri,
-    unique_png,
 )
 from alzstage.model.prediction import (
     ImagePrediction,

@@ -17,7 +17,8 @@ Public API (reused by the web UI): :func:`gradcam` and :func:`overlay`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +312,38 @@ def write_gallery(
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return chosen
+
+
+# --------------------------------------------------------------------------- overlay files
+
+
+def unique_png(out_dir: Path, stem: str, taken: set[str]) -> Path:
+    """``<stem>.gradcam.png``, or ``<stem>.gradcam-2.png``... if that name is already used.
+
+    Used means on disk *or* earlier in this batch (``a/x.jpg`` and ``b/x.jpg``), so an
+    existing overlay or another input's overlay is never overwritten.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    n = 1
+    while True:
+        name = f"{safe}.gradcam.png" if n == 1 else f"{safe}.gradcam-{n}.png"
+        if name not in taken and not (out_dir / name).exists():
+            taken.add(name)
+            return out_dir / name
+        n += 1
+
+
+def overlay_writer(out_dir: Path) -> Callable[[str, np.ndarray], str]:
+    """Write RGB overlays as ``<stem>.gradcam.png`` PNGs in ``out_dir``, never overwriting;
+    each call returns the path it wrote."""
+    from PIL import Image
+
+    taken: set[str] = set()
+
+    def write(stem: str, rgb: np.ndarray) -> str:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = unique_png(out_dir, stem, taken)
+        Image.fromarray(rgb).save(target, format="PNG")
+        return str(target)
+
+    return write

@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from alzstage import tracking
 from alzstage.data.identity import DEMO, ConfiguredDataset, configured_dataset
 from alzstage.errors import ImageReadError, ModelError, ModelNotFound  # re-exported
+from alzstage.model.explain import overlay_writer
 from alzstage.model.inputs import (  # decoding lives with the other input code; re-exported
     DEFAULT_MAX_PIXELS,
     IMAGE_FORMATS,  # noqa: F401
@@ -40,13 +41,12 @@ from alzstage.model.inputs import (  # decoding lives with the other input code;
     decode_slice,
     to_model_array,
 )
-from alzstage.model.prediction import ImagePrediction, ModelRef, Prediction, scored
+from alzstage.model.prediction import ImagePrediction, ModelRef, Prediction, failed, scored
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
     from alzstage.model.ood import InputCheck
 
-P = TypeVar("P", bound=Prediction)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # Registry tags (written by ``promote``) that describe how good the model is.
@@ -441,11 +441,6 @@ def display_image(gray: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndar
     return to_model_array(gray, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
-def failed(index: int, name: str, exc: ImageReadError, kind: type[P]) -> P:
-    """The result of an input that could not be used: its status and why."""
-    return kind(index=index, filename=name, status=int(getattr(exc, "status", 422)), error=str(exc))
-
-
 def predict_decoded(
     model: LoadedModel,
     decoded: Sequence[tuple[int, str, DecodedImage]],
@@ -492,38 +487,6 @@ def predict_decoded(
             update = {**scored(model.classes, p, low_confidence), "gradcam": gradcam}
             results[judged.index] = judged.model_copy(update=update)
     return [results[i] for i in sorted(results)]
-
-
-def unique_png(out_dir: Path, stem: str, taken: set[str]) -> Path:
-    """``<stem>.gradcam.png``, or ``<stem>.gradcam-2.png``... if that name is already used.
-
-    Used means on disk *or* earlier in this batch (``a/x.jpg`` and ``b/x.jpg``), so an
-    existing overlay or another input's overlay is never overwritten.
-    """
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
-    n = 1
-    while True:
-        name = f"{safe}.gradcam.png" if n == 1 else f"{safe}.gradcam-{n}.png"
-        if name not in taken and not (out_dir / name).exists():
-            taken.add(name)
-            return out_dir / name
-        n += 1
-
-
-def overlay_writer(out_dir: Path) -> Callable[[str, np.ndarray], str]:
-    """Write RGB overlays as ``<stem>.gradcam.png`` PNGs in ``out_dir``, never overwriting;
-    each call returns the path it wrote."""
-    from PIL import Image
-
-    taken: set[str] = set()
-
-    def write(stem: str, rgb: np.ndarray) -> str:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = unique_png(out_dir, stem, taken)
-        Image.fromarray(rgb).save(target, format="PNG")
-        return str(target)
-
-    return write
 
 
 def predict_files(

@@ -10,10 +10,13 @@ the CLI renders them as JSON records, a CSV table or a terminal table
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.errors import ImageReadError
 
 
 class ModelRef(BaseModel):
@@ -305,3 +308,11 @@ def volume_details(volumes: Sequence[VolumePrediction], gradcam: bool = False) -
             detail["gradcam"] = overlay_files(v)
         out.append(detail)
     return out
+
+
+P = TypeVar("P", bound=Prediction)
+
+
+def failed(index: int, name: str, exc: ImageReadError, kind: type[P]) -> P:
+    """The result of an input that could not be used: its status and why."""
+    return kind(index=index, filename=name, status=int(getattr(exc, "status", 422)), error=str(exc))

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from alzstage.model.explain import overlay_writer
 from alzstage.model.inputs import ImageReadError, to_model_array
-from alzstage.model.prediction import SlicePrediction, VolumePrediction, scored
+from alzstage.model.prediction import SlicePrediction, VolumePrediction, failed, scored
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import NeuroParams, NiftiQCParams, Params
@@ -210,8 +211,6 @@ def predict_volume_files(
     With ``gradcam_dir``, each informative slice's overlay is written there as
     ``<volume>.sNNN.gradcam.png`` (never overwriting) and named in its slice's ``gradcam``.
     """
-    from alzstage.model.predict import failed, overlay_writer
-
     write = None if gradcam_dir is None else overlay_writer(gradcam_dir)
     results = []
     for i, f in enumerate(files):
