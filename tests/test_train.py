@@ -17,8 +17,9 @@ pytest.importorskip("tensorflow")
 
 from conftest import free_port
 
-from alzstage.config import Params
+from alzstage.config import AugmentParams, Params
 from alzstage.model.activation_cache import ActivationCache
+from alzstage.model.fit import online_augmenter
 from alzstage.model.losses import class_weights
 from alzstage.model.train import save_model_atomic, train_model
 
@@ -492,3 +493,55 @@ def test_save_removes_stale_temp_files_too(tmp_path):
     (tmp_path / f".model.{pid}.tmp.keras").write_bytes(b"half")
     save_model_atomic(Saves(), tmp_path / "model.keras")
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+# --------------------------------------------------------------------------- online augmentation
+
+
+def _augment_params(**overrides: object) -> AugmentParams:
+    zero = {"rotation_deg": 0, "shift": 0, "zoom": 0, "horizontal_flip": False}
+    return AugmentParams(**{**zero, "brightness": 0, "contrast": 0, **overrides})
+
+
+def _ramp_batch(n: int = 16) -> np.ndarray:
+    """(n, 12, 10, 1) float32 images whose columns differ, so a flip is visible."""
+    row = np.linspace(10, 240, 10, dtype=np.float32)
+    return np.broadcast_to(row, (n, 12, 10)).copy()[..., None]
+
+
+def test_online_augmentation_is_off_when_every_range_is_zero() -> None:
+    assert online_augmenter(_augment_params(), seed=0) is None
+
+
+def test_flip_alone_gives_each_image_or_its_mirror_and_both_occur() -> None:
+    # given an augmenter that may only flip horizontally
+    images = _ramp_batch(32)
+    out = np.asarray(online_augmenter(_augment_params(horizontal_flip=True), seed=0)(images))
+    # then every output is the image or its left-right mirror, exactly (pixel centres map
+    # onto pixel centres), and a batch of 32 gets some of each
+    same = np.all(np.isclose(out, images, atol=1e-3), axis=(1, 2, 3))
+    mirrored = np.all(np.isclose(out, images[:, :, ::-1], atol=1e-3), axis=(1, 2, 3))
+    assert np.all(same | mirrored) and same.any() and mirrored.any()
+
+
+def test_shift_alone_moves_content_by_at_most_the_configured_fraction() -> None:
+    # given a single bright column in the middle and shifts of at most 20% (2 of 10 pixels)
+    images = np.zeros((64, 12, 10, 1), np.float32)
+    images[:, :, 5] = 200.0
+    out = np.asarray(online_augmenter(_augment_params(shift=0.2), seed=1)(images))
+    # then the column's centre of mass moves by at most 2 pixels, in both directions
+    cols = out[..., 0].sum(axis=1)
+    centre = (cols * np.arange(10)).sum(axis=1) / cols.sum(axis=1)
+    assert np.all(np.abs(centre - 5) <= 2.0 + 1e-3)
+    assert (centre < 4.9).any() and (centre > 5.1).any()
+
+
+def test_augmented_pixels_stay_in_range_and_the_same_seed_repeats_the_draws() -> None:
+    params = AugmentParams()  # every default range on
+    images = _ramp_batch(8)
+    first = np.asarray(online_augmenter(params, seed=3)(images))
+    again = np.asarray(online_augmenter(params, seed=3)(images))
+    assert first.shape == images.shape and first.dtype == np.float32
+    assert first.min() >= 0.0 and first.max() <= 255.0
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, images)  # something did change
