@@ -43,10 +43,10 @@ the reference through a Keras callback that scores its own decode of the val ima
 On the subject protocol the target must hold on average over 3 consecutive epochs
 (``--sustain``): one epoch's score on 24 val subjects crossed 0.45 after one epoch by
 chance. ``--repeats N`` trains each method N times (training seed + i) and reports
-medians, as MLPerf does. ``--set KEY=VALUE`` overrides params.yaml for every method (a technique to
-weigh: ``--set train.batch_size=64``). ``--limit N`` keeps about N training images (and
-the same share of val and test, whole subjects at a time): a smoke run, not a
-measurement.
+medians, as MLPerf does. ``--set KEY=VALUE`` overrides params.yaml for every method (a
+technique to weigh: ``--set train.batch_size=64``). ``--limit N`` keeps about N training
+images (and the same share of val and test, whole subjects at a time): the scaling curve
+(1,000 / 2,500 / all), or with a couple of epochs a smoke run.
 """
 
 from __future__ import annotations
@@ -765,8 +765,8 @@ def print_report(body: dict) -> None:
     m, args = body["machine"], body["args"]
     if args.get("limit"):
         print(
-            f"\nSMOKE RUN (--limit {args['limit']}, --max-epochs {args['max_epochs']}): "
-            "a check that the harness runs, not a measurement."
+            f"\nSUBSET (--limit {args['limit']}): about {args['limit']:,} training images, "
+            "whole subjects; fewer val subjects make the target noisier."
         )
     fw = next((r["framework"] for p in body["protocols"].values() for r in p["results"]), {})
     print(
@@ -830,7 +830,7 @@ def main() -> None:
         help="epochs the target must hold on average (default: subject 3, stratified 1)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="runs per method, training seed +i")
-    ap.add_argument("--limit", type=int, help="about N training images: a smoke run")
+    ap.add_argument("--limit", type=int, help="about N training images (whole subjects)")
     ap.add_argument("--only", nargs="+", choices=sorted(METHODS), help="methods to run")
     ap.add_argument(
         "--set",
