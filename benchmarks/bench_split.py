@@ -41,6 +41,7 @@ from alzstage.data.split import (
     split_by_subject,
     split_stratified,
 )
+from alzstage.model.decode import run_decode
 
 TRUE_SUBJECTS = {
     "NonDemented": 80,
@@ -234,6 +235,7 @@ def main() -> None:
                 man[col] = ""
         paths.interim.mkdir(parents=True)
         man[MANIFEST_COLUMNS].to_csv(paths.validated_manifest, index=False)
+        run_decode(params, paths)  # split reads its thumbnails from the decode stage
         t = time.perf_counter()
         res = run_split(params, paths)
         print(f"\n[run_split end to end] {time.perf_counter() - t:.2f}s: {res.summary}")
