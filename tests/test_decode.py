@@ -176,6 +176,13 @@ def test_decode_without_a_validated_manifest_says_to_validate(tmp_path: Path) ->
 # --------------------------------------------------------------------------- data/raw
 
 
+def test_after_validate_only_the_decode_stage_declares_data_raw() -> None:
+    from alzstage.stages import STAGES
+
+    readers = {stage.name for stage in STAGES if "data/raw" in stage.reads}
+    assert readers == {"validate", "decode"}
+
+
 def test_stages_after_decode_never_open_data_raw(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,9 +15,10 @@ while decoding and resizing) and keeps what later stages look at, in
   which need the full-size image.
 
 Cost: at the defaults (56x48 inputs, 32x32 thumbnails) a row is 2,688 + 1,024 bytes of
-pixels and 48 of features and size, about 3.7 KB: 19 MB for the 5,120-image archive,
-370 MB per 100,000 images (112x96 inputs: 1.2 GB per 100,000). The stage holds its
-output in memory while it writes; readers map the files and copy only their own rows.
+pixels, 48 of features and size, and its path (4 bytes a character, ~200): about 4 KB,
+so 20 MB for the 5,120-image archive and 400 MB per 100,000 images (112x96 inputs:
+1.2 GB per 100,000). The stage holds its output in memory while it writes; readers map
+the files and copy only the rows they ask for (plus the paths, to look rows up).
 """
 
 from __future__ import annotations
