@@ -23,7 +23,7 @@ from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.split import correlation_rows, load_thumbnails, run_split
 from alzstage.errors import ArtifactError, MissingInputError
-from alzstage.model.decode import run_decode
+from alzstage.model.decode import run_decode, thumbnail_sizes
 from alzstage.model.inputs import load_batch
 from alzstage.model.ood import THUMB_SIZE, fit_from_pixels, fit_from_split
 
@@ -144,6 +144,13 @@ def test_a_store_at_another_input_size_is_refused_not_resized(tmp_path: Path) ->
     assert "56x48" in one_line(err) and "alzstage decode" in str(err.value)
     with pytest.raises(ArtifactError, match=r"split\.thumb_size"):
         PixelStore.read(paths.pixels).thumbnails_for(manifest_paths(paths), 16)
+
+
+def test_the_baselines_ask_for_the_thumbnail_side_decode_always_stores() -> None:
+    from alzstage.model import baselines
+
+    assert baselines.THUMB_SIZE == THUMB_SIZE
+    assert THUMB_SIZE in thumbnail_sizes(Params.model_validate({"split": {"thumb_size": 16}}))
 
 
 def test_no_store_yet_says_to_run_decode(tmp_path: Path) -> None:

@@ -279,7 +279,7 @@ class PixelStore:
         if side not in self.meta.thumb_sizes:
             raise ArtifactError(
                 f"{self.folder}: holds thumbnails of {list(self.meta.thumb_sizes)} px, not "
-                f"{side} (split.thumb_size); {self._rerun()} again"
+                f"{side} (decode stores split.thumb_size and 32); {self._rerun()} again"
             )
         return self._take(f"thumbs_{side}", paths)
 
