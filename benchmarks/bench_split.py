@@ -42,6 +42,7 @@ from alzstage.data.split import (
     split_by_subject,
     split_stratified,
 )
+from alzstage.model.decode import run_decode
 
 TRUE_SUBJECTS = {
     "NonDemented": 80,
@@ -235,6 +236,7 @@ def main() -> None:
                 man[col] = 0 if col in ("width", "height") else ""
         paths.interim.mkdir(parents=True)
         write_manifest(man[MANIFEST_COLUMNS], paths.validated_manifest)
+        run_decode(params, paths)  # split reads its thumbnails from the decode stage
         t = time.perf_counter()
         res = run_split(params, paths)
         print(f"\n[run_split end to end] {time.perf_counter() - t:.2f}s: {res.summary}")

@@ -181,14 +181,16 @@ def prepare_project(raw: dict, root: Path) -> None:
 
 
 def split_rows(raw: dict, root: Path) -> Any:
-    """alzstage's ``split`` stage over the validated manifest; its split.csv as a DataFrame."""
+    """alzstage's decode and split stages over the validated manifest; split.csv as a frame."""
     from alzstage.artifacts import read_split
     from alzstage.config import Paths, parse_params
     from alzstage.data.split import run_split
+    from alzstage.model.decode import run_decode
 
     paths = Paths(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the leaky-protocol warning: the table says it
+        run_decode(parse_params(raw), paths)
         run_split(parse_params(raw), paths)
     return read_split(paths.split_file)
 

@@ -17,6 +17,7 @@ from alzstage.data.augment import (
     preview_indices,
     run_augment,
 )
+from alzstage.model.decode import write_pixels
 
 
 def images(n: int, seed: int = 0, size: tuple[int, int] = (40, 32)) -> np.ndarray:
@@ -117,6 +118,8 @@ def test_run_augment_uses_only_training_rows(tmp_path) -> None:
         augment=AugmentParams(views=1, oversample="balance", preview_count=2),
         model=ModelParams(input_size=(32, 32)),
     )
+
+    write_pixels(paths.raw, [r["path"] for r in rows], params, paths.pixels)
 
     result = run_augment(params, paths)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -301,13 +302,16 @@ def test_dvc_plot_definitions_match_the_csv_columns() -> None:
 # --------------------------------------------------------------------------- I/O shell
 
 
-def _tiny_project(root: Path) -> None:
-    """Images, split.csv, split.json, validation.json, an untrained model, train_run.json."""
+def _tiny_project(root: Path, params) -> None:
+    """Decoded pixels (data/raw is gone after), split.csv, split.json, validation.json, an
+    untrained model and train_run.json."""
     import keras
     from PIL import Image
 
     from alzstage.artifacts import SplitReport, TrainRun
+    from alzstage.config import Paths
     from alzstage.model.build import GrayscaleToBackbone
+    from alzstage.model.decode import write_pixels
 
     rng = np.random.default_rng(0)
     rows = []
@@ -324,7 +328,8 @@ def _tiny_project(root: Path) -> None:
     split = pd.DataFrame(
         rows, columns=["path", "label", "subject", "subject_source", "source_split", "split"]
     )
-    (root / "data/processed").mkdir(parents=True)
+    write_pixels(root / "data/raw", split["path"].tolist(), params, Paths(root).pixels)
+    shutil.rmtree(root / "data/raw")  # evaluate reads the decode stage's pixels only
     split.to_csv(root / "data/processed/split.csv", index=False)
     (root / "reports").mkdir()
     SplitReport(
@@ -370,11 +375,12 @@ def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
     from alzstage.config import Paths, parse_params
     from alzstage.model.evaluate import run_evaluate
 
-    _tiny_project(tmp_path)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["base"]["image_size"] = [32, 32]
     raw["model"]["input_size"] = [32, 32]
-    result = run_evaluate(parse_params(raw), Paths(tmp_path))
+    params = parse_params(raw)
+    _tiny_project(tmp_path, params)
+    result = run_evaluate(params, Paths(tmp_path))
 
     rep = json.loads((tmp_path / "reports/metrics.json").read_text())
     for key in (*LEGACY_KEYS, "split_strategy", "split_leaky", "split_fingerprint"):

@@ -103,6 +103,7 @@ def test_outputs_exist(project: Path) -> None:
     for rel in [
         "data/raw/manifest.csv",
         "data/interim/manifest.csv",
+        "data/processed/pixels/meta.json",
         "data/processed/split.csv",
         "data/processed/augmented/train.npz",
         "models/model.keras",
@@ -149,7 +150,17 @@ def test_every_stage_logged_under_one_pipeline_id(project: Path) -> None:
         "WHERE t.key = 'alzstage.pipeline_id'"
     ).fetchall()
     stages = {name for name, _ in rows}
-    assert stages == {"download", "validate", "split", "augment", "train", "evaluate", "promote"}
+    expected = [
+        "download",
+        "validate",
+        "decode",
+        "split",
+        "augment",
+        "train",
+        "evaluate",
+        "promote",
+    ]
+    assert stages == set(expected)
     assert len({pid for _, pid in rows}) == 1, rows
     tags = dict(
         db.execute(
@@ -228,7 +239,7 @@ def test_epochs_change_reruns_only_downstream(project: Path) -> None:
     out = _run(["dvc", "repro"], project).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "evaluate", "promote"}, out
-    for stage in ("download", "validate", "split", "augment"):
+    for stage in ("download", "validate", "decode", "split", "augment"):
         assert f"Stage '{stage}' didn't change, skipping" in out, out
     promo = json.loads((project / "reports/promotion.json").read_text())
     assert promo["version"] == 2  # a new challenger was registered

@@ -37,6 +37,7 @@ from alzstage.data.split import (
     split_stratified,
     test_fingerprint,
 )
+from alzstage.model.decode import run_decode
 
 # Stage warnings (leaky strategy, tiny classes) are asserted with pytest.warns where they
 # matter; elsewhere they are expected noise.
@@ -70,7 +71,7 @@ def _to_uint8(v: np.ndarray) -> np.ndarray:
 def make_project(
     root: Path, *, with_subjects: bool = False, seed: int = 0, subjects: dict | None = None
 ) -> Paths:
-    """Write PNG slices + a validated manifest under ``root`` (a throw-away project)."""
+    """PNG slices, a validated manifest and their decoded pixels under ``root``."""
     paths = Paths(root)
     records = []
     for ci, cls in enumerate(CLASSES):
@@ -92,6 +93,7 @@ def make_project(
                 )
     paths.interim.mkdir(parents=True, exist_ok=True)
     write_manifest(build_manifest(records, paths.raw), paths.validated_manifest)
+    run_decode(Params(), paths)  # the split reads its thumbnails from the decode stage
     return paths
 
 

@@ -34,7 +34,7 @@ from test_pipeline_integration import copy_tiny_project, project_files
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = {"download", "validate", "split", "augment", "train", "evaluate", "promote"}
+STAGES = {"download", "validate", "decode", "split", "augment", "train", "evaluate", "promote"}
 GIT_ID = {
     "GIT_AUTHOR_NAME": "alzstage-test",
     "GIT_AUTHOR_EMAIL": "alzstage-test@localhost",

@@ -69,6 +69,7 @@ class Paths:
         self.interim = r / "data" / "interim"
         self.validated_manifest = self.interim / "manifest.csv"
         self.processed = r / "data" / "processed"
+        self.pixels = self.processed / "pixels"  # every image decoded once (decode stage)
         self.split_file = self.processed / "split.csv"
         self.augmented = self.processed / "augmented"
         self.models = r / "models"

@@ -70,14 +70,24 @@ STAGES: tuple[Stage, ...] = (
         reads=("data/raw",),
     ),
     Stage(
+        "decode",
+        "decode",
+        "alzstage.model.decode:run_decode",
+        "Decode every validated image once: network inputs, thumbnails, input-check features.",
+        # the network's input size and the split's thumbnail side
+        params=("model.input_size", "split.thumb_size"),
+        # the only stage after validate that opens data/raw
+        reads=("data/interim/manifest.csv", "data/raw"),
+    ),
+    Stage(
         "split",
         "split",
         "alzstage.data.split:run_split",
         "Split into train/val/test by subject (default), slice (leaky) or source.",
         # data.source with data.name: the dataset's registry name
         params=("base", "split", "data.source", "data.name"),
-        # pixels for the thumbnails that recover subjects and measure leakage
-        reads=("data/interim/manifest.csv", "data/raw"),
+        # thumbnails (from decode) recover subjects and measure leakage
+        reads=("data/interim/manifest.csv", "data/processed/pixels"),
     ),
     Stage(
         "augment",
@@ -85,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
         "alzstage.data.augment:run_augment",
         "Materialise augmented views of the training split only.",
         params=("base", "augment", "model.input_size"),
-        reads=("data/processed/split.csv", "data/raw"),
+        reads=("data/processed/split.csv", "data/processed/pixels"),
     ),
     Stage(
         "train",
@@ -94,8 +104,8 @@ STAGES: tuple[Stage, ...] = (
         "Train the classifier; log it to MLflow with a signature; write models/train_run.json.",
         # augment: online augmentation ranges (train.scratch.online_augment)
         params=("base", "model", "train", "augment"),
-        # val (and, from scratch, train) slices are decoded from data/raw
-        reads=("data/processed/augmented", "data/processed/split.csv", "data/raw"),
+        # val slices, and the input check's measurements of the train slices
+        reads=("data/processed/augmented", "data/processed/split.csv", "data/processed/pixels"),
         takes_tracker=True,
     ),
     Stage(
@@ -110,7 +120,7 @@ STAGES: tuple[Stage, ...] = (
             "data/processed/split.csv",
             "reports/split.json",
             "reports/validation.json",  # the validation counts in the headline
-            "data/raw",  # test slices and the baselines' training thumbnails
+            "data/processed/pixels",  # test slices and the baselines' training thumbnails
         ),
     ),
     Stage(
@@ -137,7 +147,7 @@ STAGES: tuple[Stage, ...] = (
         "alzstage.model.crossval:run_cv_fold",
         "Train on one fold's training subjects and predict its test subjects.",
         params=("base", "model", "train", "augment", "cv"),
-        reads=("data/processed/cv/folds.csv", "data/raw"),
+        reads=("data/processed/cv/folds.csv", "data/processed/pixels"),
         dvcfile="cv/dvc.yaml",
         per_fold=True,
         takes_tracker=True,

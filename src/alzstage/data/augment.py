@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from alzstage.artifacts import read_split
+from alzstage.artifacts import PixelStore, read_split
 from alzstage.config import AugmentParams, Params, Paths
 from alzstage.errors import DataError
 from alzstage.files import atomic_dir, atomic_path
-from alzstage.model.inputs import load_batch
 from alzstage.result import StageResult
 
 
@@ -126,7 +125,7 @@ def run_augment(params: Params, paths: Paths) -> StageResult:
             "re-run `dvc repro` from download after changing the class list"
         )
     labels = train["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-    images = load_batch([paths.raw / p for p in train["path"]], params.model.input_size)
+    images = PixelStore.read(paths.pixels).images_for(train["path"], params.model.input_size)
     all_images, all_labels, source = build_views(
         images, labels, params.augment, params.base.seed, len(classes)
     )

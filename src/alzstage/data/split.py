@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import SPLIT_CSV, SPLITS, SplitReport, read_manifest, read_split
+from alzstage.artifacts import SPLIT_CSV, SPLITS, PixelStore, SplitReport, read_manifest, read_split
 from alzstage.config import Params, Paths
 from alzstage.data.identity import dataset_name
 from alzstage.errors import ConfigError, DataError, MissingInputError, SplitLeakageError
@@ -756,7 +756,8 @@ def run_split(params: Params, paths: Paths) -> StageResult:
     sp = params.split
     df = _read_input(params, paths)
     t0 = time.perf_counter()
-    thumbs = load_thumbnails([paths.raw / p for p in df["path"]], sp.thumb_size)
+    store = PixelStore.read(paths.pixels)  # decoded once, by the decode stage
+    thumbs = correlation_rows(store.thumbnails_for(df["path"], sp.thumb_size))
     t1 = time.perf_counter()
     df = assign_subjects(df, thumbs, sp.group_threshold)
     t2 = time.perf_counter()

@@ -27,7 +27,8 @@ that a cross-validation aggregate can call :func:`baseline_predictions` per fold
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from alzstage.model.metrics import (
     resample_counts,
     summary_metrics,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.artifacts import PixelStore
 
 BASELINES = ("majority", "nearest", "pixel")
 LABELS = {
@@ -338,6 +342,16 @@ def compare_with_baselines(
     return report
 
 
+def thumbnail_rows(store: PixelStore, image_paths: Iterable[str]) -> np.ndarray:
+    """The 32x32 thumbnail rows of ``image_paths``, from the decode stage's store.
+
+    Equal to :func:`~alzstage.data.split.load_thumbnails` of the files, so the nearest
+    baseline reproduces the nearest-neighbour number in split.json (at the default
+    ``split.thumb_size`` of 32).
+    """
+    return correlation_rows(store.thumbnails_for(image_paths, THUMB_SIZE))
+
+
 def score_baselines(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -353,7 +367,7 @@ def score_baselines(
     """Fit every baseline on the training slices and compare it with the network on test.
 
     ``train_x`` / ``test_x`` are images or thumbnails of any shape (n, ...); pass the
-    split's 32x32 thumbnails (:func:`~alzstage.data.split.load_thumbnails`) to keep the
+    split's 32x32 thumbnails (:func:`thumbnail_rows`) to keep the
     pixel model fast. ``test_subjects`` holds a subject id per test slice ("" where none
     is known), or None. Returns the body of ``reports/baselines.json``.
     """

@@ -113,8 +113,8 @@ def _role_arrays(
 
 def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | None) -> StageResult:
     """Train on fold ``fold``'s training subjects; predict its test subjects."""
-    from alzstage.data.split import load_thumbnails
-    from alzstage.model.baselines import THUMB_SIZE, baseline_predictions
+    from alzstage.artifacts import PixelStore
+    from alzstage.model.baselines import baseline_predictions, thumbnail_rows
     from alzstage.model.calibration import apply_temperature
     from alzstage.model.feed import predict_array
     from alzstage.model.train import HISTORY_COLUMNS, train_model
@@ -137,8 +137,9 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
     )
     # Baselines fitted on the same training subjects, scored on the same test subjects.
     train_rows = folds[folds[f"fold_{fold}"] == "train"]
-    thumbs_train = load_thumbnails([paths.raw / p for p in train_rows["path"]], THUMB_SIZE)
-    thumbs_test = load_thumbnails([paths.raw / p for p in test_rows["path"]], THUMB_SIZE)
+    store = PixelStore.read(paths.pixels)
+    thumbs_train = thumbnail_rows(store, train_rows["path"])
+    thumbs_test = thumbnail_rows(store, test_rows["path"])
     base = baseline_predictions(
         thumbs_train, y, thumbs_test, len(params.base.classes), seed=params.base.seed
     )

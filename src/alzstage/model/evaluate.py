@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import MetricsReport, SplitReport, TrainRun, read_split
+from alzstage.artifacts import MetricsReport, PixelStore, SplitReport, TrainRun, read_split
 from alzstage.config import Params, Paths
 from alzstage.files import atomic_path, read_json, write_csv, write_json, write_text
-from alzstage.model.baselines import THUMB_SIZE, headline_metrics, score_baselines
+from alzstage.model.baselines import headline_metrics, score_baselines, thumbnail_rows
 from alzstage.model.calibration import (
     DEFAULT_BINS,
     apply_temperature,
@@ -471,22 +471,20 @@ def baseline_report(
 ) -> dict:
     """Fit the baselines on the original training slices and score them on the test slices.
 
-    Thumbnails are decoded from the files by the split stage's own
-    :func:`~alzstage.data.split.load_thumbnails`, not derived from the network's input
-    arrays: the nearest baseline then reproduces the nearest-neighbour number in
-    split.json (at the default ``split.thumb_size`` of 32), and the train split is
-    decoded once at 32x32 instead of at the network's input size.
+    Thumbnails are the split stage's own (:func:`~alzstage.model.baselines.thumbnail_rows`
+    from the decode stage's store), not derived from the network's input arrays: the
+    nearest baseline then reproduces the nearest-neighbour number in split.json (at the
+    default ``split.thumb_size`` of 32).
     Original slices, never the augmented set: a baseline sees what the split gave.
     """
-    from alzstage.data.split import load_thumbnails
-
     split = read_split(paths.split_file)
     train = split[split["split"] == "train"]
     index = {c: i for i, c in enumerate(params.base.classes)}
+    store = PixelStore.read(paths.pixels)
     return score_baselines(
-        load_thumbnails([paths.raw / p for p in train["path"]], THUMB_SIZE),
+        thumbnail_rows(store, train["path"]),
         train["label"].map(index).to_numpy(np.int64),
-        load_thumbnails([paths.raw / p for p in test_rows["path"]], THUMB_SIZE),
+        thumbnail_rows(store, test_rows["path"]),
         y,
         subjects,
         pred,

@@ -38,7 +38,9 @@ source-split test slices did (its known duplicates), and every training slice an
 re-encoded or resized copy did (>= 0.9999).
 
 Everything here is pure array logic, except :func:`fit_from_files`, which decodes the
-training files, and :meth:`InputGuard.load`, which reads what was stored.
+training files (the train stage reads the same measurements from the decode stage's
+store instead: :func:`fit_from_pixels`), and :meth:`InputGuard.load`, which reads what
+was stored.
 """
 
 from __future__ import annotations
@@ -48,13 +50,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alzstage.data.split import correlation_rows, most_correlated
 from alzstage.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.artifacts import PixelStore
 
 # Features are measured on a fixed-size copy, so a 4096-pixel export and a 96-pixel
 # network-size slice are judged alike; 64 px keeps the ring and the fraction precise.
@@ -130,9 +135,9 @@ def _resized(gray: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(im.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def thumbnail(gray: np.ndarray) -> np.ndarray:
-    """uint8 32x32 copy, made exactly as the split stage makes its thumbnails."""
-    return _resized(gray, THUMB_SIZE).astype(np.uint8)
+def thumbnail(gray: np.ndarray, side: int = THUMB_SIZE) -> np.ndarray:
+    """uint8 ``side`` x ``side`` copy, made exactly as the split stage makes its thumbnails."""
+    return _resized(gray, side).astype(np.uint8)
 
 
 def image_features(gray: np.ndarray) -> dict[str, float]:
@@ -241,10 +246,8 @@ def fit_from_files(
     return fit_reference(features, thumbs, sizes, network_input), thumbs
 
 
-def fit_from_split(
-    split_file: Path, raw_dir: Path, network_input: tuple[int, int]
-) -> tuple[InputCheckSpec, np.ndarray]:
-    """:func:`fit_from_files` on the ``train`` rows of ``split.csv`` (originals, not views).
+def training_paths(split_file: Path) -> list[str]:
+    """The ``train`` rows' paths of ``split.csv``: the originals, not the augmented views.
 
     Validation images are left out: they steer early stopping and calibration but are
     not learned from, so "seen in training" means the images the weights were fitted to.
@@ -252,8 +255,29 @@ def fit_from_split(
     from alzstage.artifacts import read_split
 
     split = read_split(split_file)
-    rows = split[split["split"] == "train"]
-    return fit_from_files([Path(raw_dir) / p for p in rows["path"]], network_input)
+    return split.loc[split["split"] == "train", "path"].tolist()
+
+
+def fit_from_split(
+    split_file: Path, raw_dir: Path, network_input: tuple[int, int]
+) -> tuple[InputCheckSpec, np.ndarray]:
+    """:func:`fit_from_files` on the :func:`training_paths` of ``split.csv`` under ``raw_dir``."""
+    files = [Path(raw_dir) / p for p in training_paths(split_file)]
+    return fit_from_files(files, network_input)
+
+
+def fit_from_pixels(
+    split_file: Path, store: PixelStore, network_input: tuple[int, int]
+) -> tuple[InputCheckSpec, np.ndarray]:
+    """:func:`fit_from_split` from what the decode stage measured: no file is opened.
+
+    The store holds each image's :func:`image_features`, native size and 32x32
+    :func:`thumbnail`, measured on the full-size file exactly as :func:`_describe` does.
+    """
+    rows = training_paths(split_file)
+    features, sizes = store.input_features_for(rows)
+    thumbs = store.thumbnails_for(rows, THUMB_SIZE)
+    return fit_reference(features, thumbs, sizes, network_input), thumbs
 
 
 # --------------------------------------------------------------------------- checking

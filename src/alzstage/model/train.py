@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import read_split
+from alzstage.artifacts import PixelStore, read_split
 from alzstage.config import Params, Paths
 from alzstage.errors import DataError
 from alzstage.files import write_json
@@ -32,7 +32,6 @@ from alzstage.model.activation_cache import ActivationCache
 from alzstage.model.distribute import select_strategy
 from alzstage.model.feed import predict_array
 from alzstage.model.fit import PhaseResult, StopWhen, fit_phase, online_augmenter
-from alzstage.model.inputs import load_batch
 from alzstage.model.losses import class_weights
 from alzstage.model.transfer import train_transfer
 from alzstage.result import StageResult
@@ -253,13 +252,14 @@ def load_rows(
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Images at network size and class indices for ``rows`` (path, label) of a split table.
 
-    Shared by the single split and the CV folds, so both feed identical pixels.
+    Shared by the single split and the CV folds, so both feed identical pixels: the
+    decode stage's (``data/processed/pixels``), never a file of ``data/raw``.
     """
     if rows.empty:
         raise DataError(f"{where}; {why_empty}, or the split stage needs re-running")
     index = {c: i for i, c in enumerate(params.base.classes)}
     y = rows["label"].map(index).to_numpy(np.int64)
-    x = load_batch([paths.raw / p for p in rows["path"]], params.model.input_size)
+    x = PixelStore.read(paths.pixels).images_for(rows["path"], params.model.input_size)
     return x, y, rows
 
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alzstage.artifacts import TrainRun
+from alzstage.artifacts import PixelStore, TrainRun
 from alzstage.files import read_json
-from alzstage.model.ood import fit_from_split
+from alzstage.model.ood import fit_from_pixels
 from alzstage.model.pyfunc import log_pyfunc
 from alzstage.model.train import run_train
 
@@ -35,7 +35,8 @@ def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageRes
         "backbone": params.model.resolved_backbone,
     }
     # The input check and leak guard travel with the model (alzstage.model.ood).
-    check, thumbnails = fit_from_split(paths.split_file, paths.raw, (h, w))
+    store = PixelStore.read(paths.pixels)
+    check, thumbnails = fit_from_pixels(paths.split_file, store, (h, w))
     meta["input_check"] = check.model_dump(mode="json")
     example = np.zeros((1, h, w), dtype=np.uint8)
     model_uri = log_pyfunc(paths.model_file, meta, example, training_thumbnails=thumbnails)
