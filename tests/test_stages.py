@@ -163,3 +163,35 @@ def test_dvc_metrics_are_the_headlines_only() -> None:
         "evaluate": ["reports/headline.json"],
         "cv_report": ["reports/cv/metrics.json"],
     }
+
+
+# --------------------------------------------------------------------------- scoped params
+
+
+def test_a_stage_reads_only_the_params_it_declares() -> None:
+    from alzstage.config import Params
+    from alzstage.stages import ScopedParams, UndeclaredParamsError
+
+    # given the augment stage's view of the params (base, augment, model.input_size)
+    scoped = ScopedParams(Params(), ("base", "augment", "model.input_size"), "augment")
+    # then its own sections and keys read as usual
+    assert scoped.base.seed == Params().base.seed
+    assert scoped.augment.rotation_deg == Params().augment.rotation_deg
+    assert tuple(scoped.model.input_size) == tuple(Params().model.input_size)
+    # and another stage's section, or an undeclared key of a declared one, is an error
+    with pytest.raises(UndeclaredParamsError, match="'augment' reads params split"):
+        _ = scoped.split
+    with pytest.raises(UndeclaredParamsError, match="reads params model.widths"):
+        _ = scoped.model.widths
+
+
+def test_derived_params_need_every_key_they_read() -> None:
+    from alzstage.config import Params
+    from alzstage.stages import ScopedParams, UndeclaredParamsError
+
+    # cv_report declares train.recipe and model.weights: Params.recipe reads exactly those
+    assert ScopedParams(Params(), ("train.recipe", "model.weights"), "x").recipe == "scratch"
+    with pytest.raises(UndeclaredParamsError, match="model.weights"):
+        _ = ScopedParams(Params(), ("train",), "x").recipe
+    # params.yaml's "validate" section is the attribute validate_
+    assert ScopedParams(Params(), ("validate",), "x").validate_ == Params().validate_

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alzstage.errors import ConfigError
+
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.result import StageResult
 
@@ -48,9 +50,73 @@ class Stage:
         return getattr(importlib.import_module(module), name)
 
     def run(self, params: Any, paths: Any, tracker: Any, **options: Any) -> StageResult:
-        """Call the run function with what it takes: params, paths, --fold, the run."""
+        """Call the run function with what it takes: params, paths, --fold, the run.
+
+        The function gets :class:`ScopedParams`: only what this entry's ``params``
+        declare (and so what dvc.yaml tracks). Reading any other section is an error at
+        the read, naming the stage and the key, so a stage cannot quietly depend on a
+        param whose change would not re-run it.
+        """
         extra = {"tracker": tracker} if self.takes_tracker else {}
-        return self.function()(params, paths, **options, **extra)
+        scoped = ScopedParams(params, self.params, self.name)
+        return self.function()(scoped, paths, **options, **extra)
+
+
+class UndeclaredParamsError(ConfigError):
+    """A stage read a params section or key its registry entry does not declare.
+
+    A bug in alzstage, not in the user's params: the message names the stage and key.
+    """
+
+
+def _declares(declared: Iterable[str], key: str) -> bool:
+    """Is ``key`` (``section`` or ``section.field``) inside what ``declared`` lists?"""
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+#: Derived values and the keys they read (``Params.recipe``, ``ModelParams.resolved_backbone``).
+DERIVED: dict[str, tuple[str, ...]] = {
+    "recipe": ("train.recipe", "model.weights"),
+    "resolved_backbone": ("model.backbone", "model.weights"),
+}
+ATTRIBUTE = {"validate": "validate_"}  # params.yaml name -> Params attribute
+
+
+class _Scoped:
+    """Attribute access to ``target`` limited to ``declared`` keys under ``prefix``."""
+
+    def __init__(self, target: Any, declared: tuple[str, ...], stage: str, prefix: str) -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_declared", declared)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        key = self._prefix + ("validate" if name == "validate_" else name)
+        needs = DERIVED.get(name, (key,))
+        missing = [k for k in needs if not _declares(self._declared, k)]
+        value = getattr(self._target, ATTRIBUTE.get(name, name))
+        if not missing:
+            return value
+        deeper = [d for d in self._declared if d.startswith(key + ".")]
+        if deeper and name not in DERIVED:
+            return _Scoped(value, self._declared, self._stage, key + ".")
+        raise UndeclaredParamsError(
+            f"stage {self._stage!r} reads params {missing[0]}, which it does not declare; "
+            "add it to the stage's params in src/alzstage/stages.py and dvc.yaml"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("params are read-only")
+
+
+class ScopedParams(_Scoped):
+    """:class:`~alzstage.config.Params` as one stage may read them (see :meth:`Stage.run`)."""
+
+    def __init__(self, params: Any, declared: tuple[str, ...], stage: str) -> None:
+        super().__init__(params, tuple(declared), stage, "")
 
 
 STAGES: tuple[Stage, ...] = (
