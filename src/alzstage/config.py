@@ -436,7 +436,7 @@ class TrainParams(_Section):
     recipe: Literal["auto", "scratch", "transfer"] = "auto"
     scratch: ScratchParams = Field(default_factory=ScratchParams)
     epochs: int = Field(default=8, ge=1)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=64, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     fine_tune_from: str | None = "final_block"
     fine_tune_epochs: int = Field(default=3, ge=0)
