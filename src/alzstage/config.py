@@ -8,6 +8,10 @@ as a stack trace twenty minutes into training.
 Every default below is the value the shipped ``params.yaml`` holds
 (``tests/test_config.py`` compares them key by key): a key left out of a params file
 means what the repository's file says, not a second opinion kept here.
+
+Why one module of about 600 lines: every params section is here so that the pydantic
+models are the single source of defaults (``tests/test_config.py`` holds params.yaml
+to them); each section is a small independent class.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Keeping them here means the stage modules never import MLflow (fast CLI start, testable
 logic) and there is one place that decides how runs are tagged and how ``models:/``
 URIs are built.
+
+Why one module of about 650 lines: it is the whole MLflow boundary by design (issue 17:
+nothing else imports mlflow), so runs, tags, registry, aliases, model URIs and pyfunc
+loading all sit here; cutting it would put MLflow imports in two places again.
 """
 
 from __future__ import annotations

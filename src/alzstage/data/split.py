@@ -16,6 +16,11 @@ near-duplicate in train) so the claim is checked, not assumed.
 
 Layout: pure functions over arrays / DataFrames first, the thin I/O shell
 :func:`run_split` last.
+
+Why one module of about 800 lines: subject recovery, the three strategies, the CV folds and
+the leakage measurement are one concern, who may sit in which split and the proof that
+no brain crossed; each part is a pure function on arrays and frames, the stage shell is
+the last one (``run_split``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ What "honest" means here, concretely:
 
 Pure functions (report assembly) come first; :func:`run_evaluate` is the thin I/O shell,
 and :func:`run_evaluate_stage` links its results to the training run in MLflow.
+
+Why one module of about 650 lines: the stage's pure scoring (metrics, CIs, calibration,
+subject level) and its report and figures share one report dict; the metrics themselves
+live in ``metrics.py``, ``calibration.py`` and ``baselines.py``.
 """
 
 from __future__ import annotations

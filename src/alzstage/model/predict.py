@@ -11,6 +11,10 @@ check, prediction and Grad-CAM in :func:`predict_decoded`), and both get the typ
 results of :mod:`alzstage.model.prediction`, so a file gets the same numbers whichever
 way it is sent; the probabilities come from the registered pyfunc, so they also match
 ``mlflow models serve``.
+
+Why about 530 lines: model loading (registry, files, demo), input expansion and the
+shared image path (``predict_decoded``) for the CLI and the API; the result type is
+``prediction.py``, volumes ``subject.py``, rendering ``predict_command.py``.
 """
 
 from __future__ import annotations
