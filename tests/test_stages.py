@@ -181,7 +181,7 @@ def test_a_stage_reads_only_the_params_it_declares() -> None:
     # and another stage's section, or an undeclared key of a declared one, is an error
     with pytest.raises(UndeclaredParamsError, match="'augment' reads params split"):
         _ = scoped.split
-    with pytest.raises(UndeclaredParamsError, match="reads params model.widths"):
+    with pytest.raises(UndeclaredParamsError, match=r"reads params model\.widths"):
         _ = scoped.model.widths
 
 
@@ -191,7 +191,7 @@ def test_derived_params_need_every_key_they_read() -> None:
 
     # cv_report declares train.recipe and model.weights: Params.recipe reads exactly those
     assert ScopedParams(Params(), ("train.recipe", "model.weights"), "x").recipe == "scratch"
-    with pytest.raises(UndeclaredParamsError, match="model.weights"):
+    with pytest.raises(UndeclaredParamsError, match=r"model\.weights"):
         _ = ScopedParams(Params(), ("train",), "x").recipe
     # params.yaml's "validate" section is the attribute validate_
     assert ScopedParams(Params(), ("validate",), "x").validate_ == Params().validate_
