@@ -23,7 +23,8 @@ from scipy import ndimage
 from alzstage.config import Params
 from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.split import load_thumbnails, pseudo_subjects
-from alzstage.data.validate import check_images, run_manifest_suite
+from alzstage.data.validation.checks import check_images
+from alzstage.data.validation.gx import run_manifest_suite
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 

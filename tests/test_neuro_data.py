@@ -14,11 +14,13 @@ import pandas as pd
 import pytest
 from neuro_volumes import corrupt_gzip, moved_affine, save_nifti, synthetic_volume
 
+from alzstage.artifacts import read_volumes
 from alzstage.config import Params, Paths
 from alzstage.data.download import run_download
 from alzstage.data.manifest import read_manifest
-from alzstage.data.validate import ValidationFailed, read_volume_qc, run_validate
+from alzstage.data.validate import run_validate
 from alzstage.errors import DownloadError
+from alzstage.errors import ValidationError as ValidationFailed
 
 CLASSES = ["CN", "MCI", "LMCI", "AD"]
 SIZE = (64, 56)
@@ -87,7 +89,7 @@ def test_download_writes_slices_with_true_subject_ids(downloaded: tuple[Path, Pa
     root, _ = downloaded
     paths = Paths(root)
     manifest = read_manifest(paths.raw_manifest)
-    volumes = read_volume_qc(paths.raw_volumes)
+    volumes = read_volumes(paths.raw_volumes)
     good = volumes[volumes["status"] == "ok"]
     # 9 brain volumes + the noise volume (preprocessed, judged later) -> slices.
     assert len(good) == 10 and len(manifest) == 10 * N_SLICES

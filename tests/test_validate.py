@@ -19,17 +19,12 @@ from PIL import Image, ImageFile, PngImagePlugin
 from alzstage.artifacts import write_raw_manifest
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import MANIFEST_COLUMNS, RawRecord, build_manifest, read_manifest
-from alzstage.data.validate import (
-    IMAGE_CHECKS,
-    QUARANTINE_COLUMNS,
-    ValidationFailed,
-    check_images,
-    decide,
-    expectation_specs,
-    run_manifest_suite,
-    run_validate,
-    suite_frames,
-)
+from alzstage.data.validate import run_validate
+from alzstage.data.validation.checks import IMAGE_CHECKS, check_images
+from alzstage.data.validation.decision import QUARANTINE_COLUMNS, decide
+from alzstage.data.validation.gx import run_manifest_suite
+from alzstage.data.validation.rules import expectation_specs, suite_frames
+from alzstage.errors import ValidationError as ValidationFailed
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 H, W = 40, 32  # small images keep the tests fast; base.image_size is (height, width)

@@ -36,54 +36,15 @@ import pandas as pd
 from alzstage.artifacts import read_raw_manifest, read_volumes, write_manifest
 from alzstage.config import Params, Paths
 from alzstage.data.sources.layout import SKIP_REASONS, SKIPPED_FILE, Skipped, read_skipped
-from alzstage.data.validation.checks import IMAGE_CHECK_COLUMNS, IMAGE_CHECKS, check_images
-from alzstage.data.validation.decision import QUARANTINE_COLUMNS, Outcome, decide
-from alzstage.data.validation.gx import SUITE_PREFIX, run_manifest_suite
-from alzstage.data.validation.report import EXAMPLES_PER_PROBLEM, build_report, format_failure
-from alzstage.data.validation.rules import (
-    VOLUME_QUARANTINE_COLUMNS,
-    ExpectationResult,
-    ExpectationSpec,
-    SuiteResult,
-    expectation_specs,
-    suite_frames,
-    volume_frame,
-    volume_specs,
-)
+from alzstage.data.validation.checks import check_images
+from alzstage.data.validation.decision import QUARANTINE_COLUMNS, decide
+from alzstage.data.validation.gx import run_manifest_suite
+from alzstage.data.validation.report import build_report, format_failure
 from alzstage.errors import ValidationError as ValidationFailed
 from alzstage.files import atomic_dir, write_csv, write_json
 from alzstage.result import StageResult
 
-# The stage's parts are importable from here, as before the split (tests, benchmarks).
-__all__ = [
-    "EXAMPLES_PER_PROBLEM",
-    "IMAGE_CHECKS",
-    "IMAGE_CHECK_COLUMNS",
-    "QUARANTINE_COLUMNS",
-    "SUITE_PREFIX",
-    "VOLUME_QUARANTINE_COLUMNS",
-    "ExpectationResult",
-    "ExpectationSpec",
-    "Outcome",
-    "SuiteResult",
-    "ValidationFailed",
-    "build_report",
-    "check_images",
-    "decide",
-    "expectation_specs",
-    "format_failure",
-    "read_volume_qc",
-    "run_manifest_suite",
-    "run_validate",
-    "skipped_rows",
-    "suite_frames",
-    "volume_frame",
-    "volume_specs",
-]
-
 log = logging.getLogger(__name__)
-
-read_volume_qc = read_volumes  # the name this module exported before the CSV contracts
 
 
 def skipped_rows(skipped: list[Skipped]) -> pd.DataFrame:
