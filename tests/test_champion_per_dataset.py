@@ -22,10 +22,9 @@ from test_split import run as run_split
 from typer.testing import CliRunner
 
 from alzstage import tracking
-from alzstage.artifacts import MetricsReport, TrainRun
+from alzstage.artifacts import MetricsReport, TrainRun, read_manifest
 from alzstage.config import ConfigError, Params, Paths, parse_params
 from alzstage.data.identity import dataset_name, image_fingerprint
-from alzstage.data.manifest import read_manifest
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 HASHES = [f"{i:064x}" for i in range(5)]

@@ -25,9 +25,10 @@ import pytest
 from conftest import CLASSES, LocalServer, write_jpeg
 from PIL import Image
 
+from alzstage.artifacts import read_raw_manifest
 from alzstage.config import BaseParams, DataParams, Params, Paths
 from alzstage.data.download import SOURCES, run_download
-from alzstage.data.manifest import MANIFEST_COLUMNS, read_manifest
+from alzstage.data.manifest import MANIFEST_COLUMNS
 from alzstage.data.sources.huggingface import label_table
 from alzstage.data.sources.kaggle import kaggle_credentials
 from alzstage.errors import ConfigError, DownloadError, UnsafeArchiveError
@@ -64,7 +65,7 @@ def leftovers(paths: Paths) -> list[str]:
 
 
 def assert_kaggle_layout(paths: Paths) -> None:
-    manifest = read_manifest(paths.raw_manifest)
+    manifest = read_raw_manifest(paths.raw_manifest)
     assert list(manifest.columns) == MANIFEST_COLUMNS
     assert len(manifest) == 16
     assert (manifest["path"].str.split("/").str[1] == manifest["source_split"]).all()
@@ -119,7 +120,7 @@ def test_folder_source_without_splits(tmp_path: Path) -> None:
     write_jpeg(src / "non demented" / "b.jpg", 2)
     paths = Paths(tmp_path / "proj")
     run_download(params_for(source="folder", path=str(src)), paths)
-    manifest = read_manifest(paths.raw_manifest)
+    manifest = read_raw_manifest(paths.raw_manifest)
     assert manifest["path"].tolist() == ["images/MildDemented/a.jpg", "images/NonDemented/b.jpg"]
     assert manifest["source_split"].tolist() == ["", ""]
     assert (src / "Mild_Demented" / "a.jpg").exists()  # a folder source is copied, not moved
@@ -260,7 +261,7 @@ def test_every_file_is_kept_or_listed_with_a_reason(tmp_path: Path, kaggle_tree:
     result = run_download(params_for(source="archive", path=str(archive)), paths)
 
     # then every file is either in the manifest or in skipped.csv, with its reason
-    manifest = read_manifest(paths.raw_manifest)
+    manifest = read_raw_manifest(paths.raw_manifest)
     skipped = pd.read_csv(paths.raw / "skipped.csv", keep_default_na=False)
     assert len(manifest) + len(skipped) == n_files
     assert "images/train/MildDemented/noext_png.png" in set(manifest["path"])
@@ -616,7 +617,7 @@ def hf_params(server: LocalServer, files: dict[str, str | None], **extra: object
 
 
 def assert_labels_by_name(paths: Paths) -> pd.DataFrame:
-    manifest = read_manifest(paths.raw_manifest)
+    manifest = read_raw_manifest(paths.raw_manifest)
     by_name = {"MildDemented": 0, "ModerateDemented": 1, "NonDemented": 2, "VeryMildDemented": 3}
     for row in manifest.itertuples():
         pixels = np.asarray(Image.open(paths.raw / row.path))
@@ -750,7 +751,7 @@ def test_real_archive_counts(tmp_path: Path) -> None:
         pytest.skip("set ALZSTAGE_REAL_ARCHIVE to the Kaggle-layout zip to run this")
     paths = Paths(tmp_path / "proj")
     run_download(params_for(source="archive", path=archive), paths)
-    manifest = read_manifest(paths.raw_manifest)
+    manifest = read_raw_manifest(paths.raw_manifest)
     counts = manifest.groupby(["source_split", "label"]).size().unstack()
     assert counts.loc["train"].to_dict() == {
         "MildDemented": 562,

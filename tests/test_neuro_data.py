@@ -14,10 +14,9 @@ import pandas as pd
 import pytest
 from neuro_volumes import corrupt_gzip, moved_affine, save_nifti, synthetic_volume
 
-from alzstage.artifacts import read_volumes
+from alzstage.artifacts import read_manifest, read_raw_manifest, read_volumes
 from alzstage.config import Params, Paths
 from alzstage.data.download import run_download
-from alzstage.data.manifest import read_manifest
 from alzstage.data.validate import run_validate
 from alzstage.errors import DownloadError
 from alzstage.errors import ValidationError as ValidationFailed
@@ -88,7 +87,7 @@ def downloaded(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 def test_download_writes_slices_with_true_subject_ids(downloaded: tuple[Path, Params]) -> None:
     root, _ = downloaded
     paths = Paths(root)
-    manifest = read_manifest(paths.raw_manifest)
+    manifest = read_raw_manifest(paths.raw_manifest)
     volumes = read_volumes(paths.raw_volumes)
     good = volumes[volumes["status"] == "ok"]
     # 9 brain volumes + the noise volume (preprocessed, judged later) -> slices.

@@ -19,9 +19,9 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import adjusted_rand_score
 
-from alzstage.artifacts import read_split, write_manifest
+from alzstage.artifacts import read_manifest, read_split, write_manifest
 from alzstage.config import Params, Paths
-from alzstage.data.manifest import RawRecord, build_manifest, read_manifest
+from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.split import (
     SPLIT_COLUMNS,
     SplitLeakageError,

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
-from alzstage.artifacts import write_raw_manifest
+from alzstage.artifacts import read_manifest, read_raw_manifest, write_raw_manifest
 from alzstage.config import Params, Paths
-from alzstage.data.manifest import MANIFEST_COLUMNS, RawRecord, build_manifest, read_manifest
+from alzstage.data.manifest import MANIFEST_COLUMNS, RawRecord, build_manifest
 from alzstage.data.validate import run_validate
 from alzstage.data.validation.checks import IMAGE_CHECKS, check_images
 from alzstage.data.validation.decision import QUARANTINE_COLUMNS, decide
@@ -105,11 +105,11 @@ def make_dataset(
     manifest = build_manifest(records, raw)
     paths.raw_manifest.parent.mkdir(parents=True, exist_ok=True)
     write_raw_manifest(manifest, paths.raw_manifest)
-    return paths, read_manifest(paths.raw_manifest)
+    return paths, read_raw_manifest(paths.raw_manifest)
 
 
 def validate_frame(paths: Paths, params: Params):
-    manifest = read_manifest(paths.raw_manifest)
+    manifest = read_raw_manifest(paths.raw_manifest)
     problems = check_images(manifest, paths.raw, params)
     suite = run_manifest_suite(manifest, params, None)
     return manifest, problems, suite, decide(manifest, problems, suite, params)

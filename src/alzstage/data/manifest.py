@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 
 from alzstage.artifacts import RAW_MANIFEST_CSV
-from alzstage.artifacts import read_raw_manifest as read_manifest  # either manifest's reader
 
 # The columns, their types and their readers are the contract in alzstage.artifacts.
 MANIFEST_COLUMNS = RAW_MANIFEST_CSV.names
@@ -85,4 +84,4 @@ def build_manifest(records: Iterable[RawRecord], raw_dir: Path, workers: int = 4
     return df.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-__all__ = ["MANIFEST_COLUMNS", "RawRecord", "build_manifest", "describe_image", "read_manifest"]
+__all__ = ["MANIFEST_COLUMNS", "RawRecord", "build_manifest", "describe_image"]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alzstage.artifacts import PixelStore
+from alzstage.artifacts import PixelStore, read_manifest
 from alzstage.config import Params, Paths
 from alzstage.errors import DataError, ImageReadError, MissingInputError
 from alzstage.model.inputs import decode_slice, to_model_array
@@ -115,15 +115,7 @@ def write_pixels(raw: Path, rel_paths: Sequence[str], params: Params, target: Pa
 
 def run_decode(params: Params, paths: Paths) -> StageResult:
     """Validated manifest + ``data/raw`` -> ``data/processed/pixels/``."""
-    from alzstage.data.manifest import read_manifest
-
-    src = paths.validated_manifest
-    if not src.exists():
-        raise MissingInputError(
-            f"{src}: validated manifest not found; run `alzstage validate` "
-            "(or `dvc repro validate`) first"
-        )
-    rel_paths = read_manifest(src)["path"].tolist()
+    rel_paths = read_manifest(paths.validated_manifest)["path"].tolist()
     t0 = time.perf_counter()
     store = write_pixels(paths.raw, rel_paths, params, paths.pixels)
     seconds = time.perf_counter() - t0
