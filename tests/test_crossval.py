@@ -88,20 +88,36 @@ def test_fold_ids_must_be_zero_to_k_minus_one(folds: list[int]) -> None:
         Params.model_validate({"cv": {"folds": folds}})
 
 
+def _with_probabilities(rows: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """Random slice probabilities, and CSF fractions that grow with the stage."""
+    probs = rng.dirichlet(np.ones(len(CLASSES)), size=len(rows))
+    rows = rows.copy()
+    rows["predicted"] = [CLASSES[i] for i in probs.argmax(axis=1)]
+    for i, c in enumerate(CLASSES):
+        rows[f"p_{c}"] = probs[:, i]
+    stage = rows["label"].map(CLASSES.index).to_numpy()
+    rows["morph_csf_fraction"] = 0.1 + 0.05 * stage + rng.normal(0, 0.01, len(rows))
+    rows["morph_head_fraction"] = 0.5
+    return rows
+
+
 def _fold_predictions(folds: pd.DataFrame, rng: np.random.Generator) -> list[pd.DataFrame]:
     """Per fold: its test rows with random probabilities and baseline predictions."""
     frames = []
     for k in sorted(folds["test_fold"].unique()):
         rows = folds[folds["test_fold"] == k][["path", "label", "subject"]].copy()
-        probs = rng.dirichlet(np.ones(len(CLASSES)), size=len(rows))
-        rows["fold"] = k
-        rows["predicted"] = [CLASSES[i] for i in probs.argmax(axis=1)]
-        for i, c in enumerate(CLASSES):
-            rows[f"p_{c}"] = probs[:, i]
+        rows = _with_probabilities(rows, rng).assign(fold=k, repeat=0)
         for name in ("majority", "nearest", "pixel"):
             rows[f"baseline_{name}"] = rng.choice(CLASSES, size=len(rows))
         frames.append(rows)
     return frames
+
+
+def _fit_slices(folds: pd.DataFrame, k: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Fold ``k``'s training and validation rows as cv_fold writes them."""
+    rows = folds[folds[f"fold_{k}"].isin(["train", "val"])]
+    out = _with_probabilities(rows[["path", "label", "subject"]], rng)
+    return out.assign(fold=k, repeat=0, role=rows[f"fold_{k}"].to_numpy())
 
 
 def test_pooling_refuses_duplicates_and_missing_folds() -> None:
@@ -134,15 +150,17 @@ def test_pooled_metrics_equal_those_recomputed_from_out_of_fold_predictions(
 ) -> None:
     # given: a project with folds.csv, folds.json and five folds' predictions
     paths = Paths(tmp_path)
-    p = params(bootstrap=200)
+    p = params(bootstrap=200, repeats=1)
     folds = subject_folds(table(), p)
     paths.cv_folds.parent.mkdir(parents=True)
     folds.to_csv(paths.cv_folds, index=False)
     paths.cv_reports.mkdir(parents=True)
     (paths.cv_reports / "folds.json").write_text(json.dumps({"k": 5}))
-    for k, frame in enumerate(_fold_predictions(folds, np.random.default_rng(1))):
+    rng = np.random.default_rng(1)
+    for k, frame in enumerate(_fold_predictions(folds, rng)):
         fold_dir(paths, k).mkdir(parents=True)
         frame.to_csv(fold_dir(paths, k) / "predictions.csv", index=False)
+        _fit_slices(folds, k, rng).to_csv(fold_dir(paths, k) / "fit_slices.csv", index=False)
     # when
     run_cv_report(p, paths)
     # then: the pooled numbers are those of the out-of-fold table
@@ -152,14 +170,22 @@ def test_pooled_metrics_equal_those_recomputed_from_out_of_fold_predictions(
     expected = balanced_accuracy_score(oof["label"], oof["predicted"])
     assert report["balanced_accuracy"] == pytest.approx(expected)
     assert head["bacc"] == pytest.approx(expected, abs=1e-3)
+    # and every brain is scored once, by models that never saw it
+    brains = pd.read_csv(paths.cv_reports / "brains_oof.csv")
+    assert sorted(brains["subject"]) == sorted(folds["subject"].unique())
+    brain = report["brain_level"]
+    assert brain["n_brains"] == folds["subject"].nunique()
+    assert head["brain"] == pytest.approx(
+        brain["scores"]["predictors"][brain["default"]]["balanced_accuracy_main"], abs=1e-3
+    )
     assert report["n_test"] == len(folds) == len(oof)
     assert report["subject_level"]["n_subjects"] == folds["subject"].nunique()
     pixel = report["baselines"]["baselines"]["pixel"]
     assert pixel["balanced_accuracy"] == pytest.approx(
         balanced_accuracy_score(oof["label"], oof["baseline_pixel"]), abs=1e-6
     )
-    low, high = (float(v) for v in head["bacc_ci"].split("-"))
-    assert low <= head["bacc"] <= high
-    assert set(head) <= {"bacc", "bacc_ci", "f1", "qwk", "ece", "subj_bacc"}
+    low, high = (float(v) for v in head["brain_ci"].split("-"))
+    assert low <= head["brain"] <= high
+    assert set(head) == {"brain", "brain_ci", "morph", "cover", "set", "bacc"}
     spread = report["fold_spread"]["balanced_accuracy"]
     assert len(report["fold_spread"]["per_fold"]) == 5 and spread["sd"] >= 0

@@ -196,7 +196,7 @@ def test_stages_after_decode_never_open_data_raw(
     # given: a decoded project whose data/raw is then removed, and no image may be opened
     from alzstage.data.augment import run_augment
     from alzstage.model.baselines import thumbnail_rows
-    from alzstage.model.crossval import _role_arrays, run_cv_split
+    from alzstage.model.crossval import _role_arrays, read_folds, role_column, run_cv_split
     from alzstage.model.train import load_split_images
 
     paths = make_project(tmp_path)
@@ -217,9 +217,8 @@ def test_stages_after_decode_never_open_data_raw(
     x_val, _, _ = load_split_images(paths, params, "val")
     x_test, _, test_rows = load_split_images(paths, params, "test")
     spec, _ = fit_from_pixels(paths.split_file, PixelStore.read(paths.pixels), (56, 48))
-    folds = pd.read_csv(paths.cv_folds, dtype={"test_fold": int}, keep_default_na=False)
-    folds = folds.astype({c: str for c in folds.columns if c != "test_fold"})
-    x_fold, _, fold_rows = _role_arrays(folds, 0, "test", params, paths)
+    folds = read_folds(paths)
+    x_fold, _, fold_rows = _role_arrays(folds, role_column(0), "test", params, paths)
     thumbs = thumbnail_rows(PixelStore.read(paths.pixels), fold_rows["path"])
 
     # then: everything came from data/processed/pixels

@@ -368,6 +368,13 @@ def _tiny_project(root: Path, params) -> None:
         backbone="tiny",
         weights="imagenet",
     ).write(root / "models/train_run.json")
+    # The fixed pooling rule, its sets calibrated on three made-up validation brains.
+    from alzstage.model.brain import BrainModel
+    from alzstage.model.conformal import ConformalCalibration
+
+    brain = BrainModel(CLASSES, aggregator="pool")
+    brain.conformal = ConformalCalibration(np.array([0.2, 0.5, 0.7]), np.array([0, 1, 2]), 4, False)
+    (root / "models/brain_model.json").write_text(json.dumps(brain.to_dict()))
 
 
 def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
@@ -407,8 +414,14 @@ def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
     head = json.loads((tmp_path / "reports/headline.json").read_text())
     assert (tmp_path / "reports/headline.json") in result.artifacts
     assert head["bacc"] == round(rep["balanced_accuracy"], 3)
-    assert head["f1"] == round(rep["macro_f1"], 3)
-    assert head["subj_bacc"] == round(rep["subject_level"]["balanced_accuracy"], 3)
+    brain = rep["brain_level"]
+    assert brain["n_brains"] == 8  # the test subjects, one row each
+    best = brain["scores"]["predictors"]["brain_model"]
+    assert head["brain"] == round(best["balanced_accuracy_main"], 3)
+    assert head["morph"] == round(
+        brain["scores"]["predictors"]["morphometric"]["balanced_accuracy_main"], 3
+    )
+    assert head["cover"] == round(brain["conformal"]["marginal"]["coverage"], 2)
     assert head["leak"] == 0.25 and head["valid"] == "60/62"
 
     # baselines: fitted on the 36 train slices, scored on the network's 8 test subjects
@@ -444,19 +457,42 @@ def _split_and_validation(subject_leak: float = 0.0, near_duplicates: float = 0.
 def test_headline_is_eight_short_keys_rounded_for_a_narrow_row() -> None:
     from alzstage.model.headline import headline
 
-    # given: a full report (subject ids known) and an honest split
-    report = json_safe(_report())
+    from alzstage.model.brain_metrics import bootstrap_brains
+    from alzstage.model.conformal import coverage_report
+
+    # given: a full report with a brain-level block, and an honest split
+    report = _report()
+    y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    pred = np.array([0, 1, 1, 1, 2, 0, 0, 1])
+    subjects = np.array([f"s{i}" for i in range(8)])
+    sets = np.eye(4, dtype=bool)[pred] | np.eye(4, dtype=bool)[y]
+    report["brain_level"] = {
+        "default": "brain_model",
+        "scores": bootstrap_brains(
+            y,
+            {"brain_model": pred, "morphometric": y * 0},
+            subjects,
+            CLASSES,
+            reference="brain_model",
+            seed=0,
+            n_resamples=200,
+        ),
+        "conformal": {"selected": "marginal", "marginal": coverage_report(sets, y, CLASSES, 0.9)},
+    }
+    report = json_safe(report)
     # when
     head = headline(report, *_split_and_validation())
     # then: the figures, rounded to 3 digits; the CI as text; the counts as valid/checked
-    ci = report["ci"]["balanced_accuracy"]
+    best = report["brain_level"]["scores"]["predictors"]["brain_model"]
+    ci = best["ci"]["balanced_accuracy_main"]
     assert head == {
+        "brain": round(best["balanced_accuracy_main"], 3),
+        "brain_ci": f"{ci['low']:.2f}-{ci['high']:.2f}",
+        # main classes: the two with 3 brains; always the first stage recalls one of them
+        "morph": 0.5,
+        "cover": 1.0,
+        "set": 1.2,  # two sets of two stages among eight brains: 1.25
         "bacc": round(report["balanced_accuracy"], 3),
-        "bacc_ci": f"{ci['low']:.2f}-{ci['high']:.2f}",
-        "f1": round(report["macro_f1"], 3),
-        "qwk": round(report["quadratic_weighted_kappa"], 3),
-        "ece": round(report["ece"], 3),
-        "subj_bacc": round(report["subject_level"]["balanced_accuracy"], 3),
         "leak": 0.0,
         "valid": "5120/5120",
     }
@@ -471,7 +507,7 @@ def test_headline_leak_is_the_larger_measured_leak_and_missing_figures_are_null(
     report["quadratic_weighted_kappa"] = None  # undefined on this test set
     head = headline(report, *_split_and_validation(subject_leak=0.9, near_duplicates=0.4))
     assert head["leak"] == 0.9
-    assert head["subj_bacc"] is None and head["qwk"] is None
+    assert head["brain"] is None and head["cover"] is None
 
 
 def test_plot_column_problems_name_a_class_scheme_dvc_yaml_does_not_list(tmp_path) -> None:

@@ -485,6 +485,19 @@ class PixelStore:
             )
         return self._take(f"thumbs_{side}", paths)
 
+    def feature_columns_for(self, paths: Iterable[str], columns: Sequence[str]) -> Any:
+        """(N, len(columns)) float64 measurements of ``paths`` that decode made on the
+        full-size file, e.g. the atrophy features of :mod:`alzstage.model.morphometry`."""
+        names = list(self.meta.input_features)
+        missing = [m for m in columns if m not in names]
+        if missing:
+            raise ArtifactError(
+                f"{self.folder}: no {missing[0]} measurements (written by an older decode); "
+                f"{self._rerun()} again"
+            )
+        table = self._take("input_features", paths)
+        return table[:, [names.index(m) for m in columns]]
+
     def input_features_for(
         self, paths: Iterable[str]
     ) -> tuple[list[dict[str, float]], list[tuple[int, int]]]:

@@ -79,6 +79,7 @@ class Paths:
         self.models = r / "models"
         self.model_file = self.models / "model.keras"
         self.train_run = self.models / "train_run.json"
+        self.brain_model = self.models / "brain_model.json"
         self.reports = r / "reports"
         self.figures = self.reports / "figures"
         self.plots = self.reports / "plots"
@@ -434,6 +435,13 @@ class ScratchParams(_Section):
     online_augment: bool = True
 
 
+ORDINAL_FOCAL_MESSAGE = (
+    "train.loss: focal is a softmax loss and does not apply to train.head: ordinal (which "
+    "trains on its own cumulative cross-entropy); set train.loss: cross_entropy or "
+    "train.head: softmax"
+)
+
+
 class TrainParams(_Section):
     # auto: ``scratch`` when model.weights is none, ``transfer`` (the reference project's
     # two-phase ResNet50 recipe) when pretrained weights are given.
@@ -458,6 +466,15 @@ class TrainParams(_Section):
     patience: int = Field(default=3, ge=1)
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: float = Field(default=2.0, ge=0)
+    # ordinal: a CORN head (Shi et al. 2021) that uses the order of base.classes; the model
+    # still outputs class probabilities, so everything after training is unchanged.
+    head: Literal["softmax", "ordinal"] = "softmax"
+
+    @model_validator(mode="after")
+    def _loss_fits_head(self) -> TrainParams:
+        if self.head == "ordinal" and self.loss == "focal":
+            raise ValueError(ORDINAL_FOCAL_MESSAGE)
+        return self
 
 
 class CVParams(_Section):
@@ -472,6 +489,10 @@ class CVParams(_Section):
     # training subjects, as a fraction of its images, per class.
     val_size: float = Field(default=0.15, gt=0, lt=0.5)
     bootstrap: int = Field(default=1000, ge=100)
+    # Repeats of the K-fold CV, each with new folds (fold seed base.seed + repeat): the
+    # pooled CI then reflects the method, not one draw of folds. Each cv_fold stage
+    # trains one model per repeat.
+    repeats: int = Field(default=3, ge=1, le=20)
 
     @field_validator("folds")
     @classmethod
@@ -481,6 +502,23 @@ class CVParams(_Section):
                 f"must be the fold ids 0..K-1 with K >= 2, e.g. [0, 1, 2, 3, 4]; got {v}"
             )
         return v
+
+
+class BrainParams(_Section):
+    """The brain-level model (``alzstage.model.brain``): one stage and a conformal set
+    per brain from its slices. Fitted by ``train`` (and inside every CV fold) on training
+    brains; the sets are calibrated on validation brains."""
+
+    # pool: the fixed mean-log-probability rule (the reference); logistic: a regularised
+    # logistic regression over the pooled log-probabilities and the atrophy features.
+    aggregator: Literal["pool", "logistic"] = "logistic"
+    features: list[Literal["cnn", "morphometry"]] = Field(
+        default_factory=lambda: ["cnn", "morphometry"], min_length=1
+    )
+    C: float = Field(default=1.0, gt=0)  # inverse L2 strength of the logistic aggregator
+    max_class_weight: float | None = Field(default=5.0, gt=0)  # cap on balanced weights
+    confidence: float = Field(default=0.9, gt=0, lt=1)  # conformal set coverage
+    mondrian: bool = False  # class-conditional (Mondrian) coverage instead of marginal
 
 
 class EvaluateParams(_Section):
@@ -505,6 +543,7 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     promote: PromoteParams = Field(default_factory=PromoteParams)
     cv: CVParams = Field(default_factory=CVParams)
+    brain: BrainParams = Field(default_factory=BrainParams)
     neuro: NeuroParams = Field(default_factory=NeuroParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

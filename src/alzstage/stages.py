@@ -169,7 +169,8 @@ STAGES: tuple[Stage, ...] = (
         "alzstage.model.train_run:run_train_stage",
         "Train the classifier; log it to MLflow with a signature; write models/train_run.json.",
         # augment: online augmentation ranges (train.scratch.online_augment)
-        params=("base", "model", "train", "augment"),
+        # brain: the brain-level model fitted after the network
+        params=("base", "model", "train", "augment", "brain"),
         # val slices, and the input check's measurements of the train slices
         reads=("data/processed/augmented", "data/processed/split.csv", "data/processed/pixels"),
         takes_tracker=True,
@@ -179,10 +180,11 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         "alzstage.model.evaluate:run_evaluate_stage",
         "Score the trained model on the test split; write reports/headline.json and detail.",
-        params=("base", "data", "model", "evaluate"),
+        params=("base", "data", "model", "evaluate", "brain"),
         reads=(
             "models/model.keras",
             "models/train_run.json",
+            "models/brain_model.json",
             "data/processed/split.csv",
             "reports/split.json",
             "reports/validation.json",  # the validation counts in the headline
@@ -224,7 +226,7 @@ STAGES: tuple[Stage, ...] = (
         "alzstage.model.crossval:run_cv_report",
         "Pool the folds' out-of-fold predictions: CIs, per-fold spread, baselines.",
         # train.recipe and model.weights: the report names the recipe (Params.recipe)
-        params=("base", "cv", "train.recipe", "model.weights"),
+        params=("base", "cv", "brain", "train.recipe", "model.weights"),
         reads=(
             "data/processed/cv/folds.csv",
             "reports/cv/folds.json",

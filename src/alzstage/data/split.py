@@ -417,7 +417,7 @@ def split_by_source(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     return _finish(out, decisions, "source")
 
 
-def subject_folds(df: pd.DataFrame, params: Params) -> pd.DataFrame:
+def subject_folds(df: pd.DataFrame, params: Params, repeat: int = 0) -> pd.DataFrame:
     """Subject-level K-fold roles: one column ``fold_<i>`` (train/val/test) per fold.
 
     Test folds come from scikit-learn's ``StratifiedGroupKFold`` over subjects, so every
@@ -426,6 +426,9 @@ def subject_folds(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     training subjects per class by ``_allocate``, which seeds train first: a class with
     two subjects keeps one in training whenever the other is tested. ``drop`` and
     ``train_only`` from ``split.tiny_class_policy`` apply as in the single split.
+
+    ``repeat`` r > 0 draws new folds from seed ``base.seed + r`` (repeated CV); repeat 0
+    is the folds a single CV has always drawn.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -435,7 +438,7 @@ def subject_folds(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     keys = _group_keys(df)
     testable = ~df["label"].isin(train_only).to_numpy()
     test_fold = np.full(len(df), -1)
-    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=params.base.seed)
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=params.base.seed + repeat)
     with warnings.catch_warnings():
         # "The least populated class in y has only 2 members": a tiny class is tested in
         # fewer than K folds. Recorded per class in ``tiny_classes`` instead.
@@ -453,7 +456,8 @@ def subject_folds(df: pd.DataFrame, params: Params) -> pd.DataFrame:
             members = {str(g): int(sizes[g]) for g in sorted(set(keys[pool].tolist()))}
             if len(members) < 2:
                 continue
-            rng = _rng(params.base.seed, "cv", str(fold), str(cls))
+            keys_rng = ("cv", str(fold), str(cls)) + ((f"repeat{repeat}",) if repeat else ())
+            rng = _rng(params.base.seed, *keys_rng)
             frac = params.cv.val_size
             assign = _allocate(members, {"train": 1 - frac, "val": frac}, ["train", "val"], rng)
             role[pool] = keys[pool].map(assign)

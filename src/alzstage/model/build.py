@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from alzstage.config import ModelParams
@@ -78,6 +79,49 @@ class GrayscaleToBackbone(layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "mode": self.mode}
+
+
+def corn_class_probabilities(logits: np.ndarray) -> np.ndarray:
+    """(n, K-1) CORN logits -> (n, K) class probabilities (numpy twin of CornProbabilities).
+
+    CORN (Shi et al. 2021, "Deep neural networks for rank-consistent ordinal regression
+    based on conditional probabilities"): logit k scores s_k = P(y > k | y > k-1), so
+    P(y > k) = prod_{j<=k} s_j can only fall with k (rank-consistent by construction), and
+    p_0 = 1 - P(y > 0), p_k = P(y > k-1) - P(y > k), p_{K-1} = P(y > K-2).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    s = 1.0 / (1.0 + np.exp(-z))
+    above = np.cumprod(s, axis=1)  # P(y > k), k = 0..K-2
+    ones, zeros = np.ones((len(z), 1)), np.zeros((len(z), 1))
+    return np.concatenate([ones, above], axis=1) - np.concatenate([above, zeros], axis=1)
+
+
+@keras.saving.register_keras_serializable(package="alzstage")
+class CornProbabilities(layers.Layer):
+    """The ordinal head's output: K-1 CORN logits in, K class probabilities out.
+
+    ``train.head: ordinal`` puts this after a Dense(K-1) so that the model still outputs
+    the (n, K) class probability vector: temperature scaling, evaluation, the pyfunc and
+    Grad-CAM need no second code path. See :func:`corn_class_probabilities` for the
+    decoding (Shi et al. 2021). Computed in log space, each p_k is a product of sigmoids
+    rather than a difference, so it is positive and exact far into the tails.
+    """
+
+    def log_probabilities(self, logits):  # type: ignore[no-untyped-def]
+        """log p_k for every class, stable for any logits (Grad-CAM explains these)."""
+        z = ops.cast(logits, "float32")
+        log_above = ops.cumsum(ops.log_sigmoid(z), axis=-1)  # log P(y > k)
+        log_not_next = ops.log_sigmoid(-z)  # log P(y = k | y > k-1)
+        first = log_not_next[..., :1]
+        middle = log_above[..., :-1] + log_not_next[..., 1:]
+        last = log_above[..., -1:]
+        return ops.concatenate([first, middle, last], axis=-1)
+
+    def call(self, logits):  # type: ignore[no-untyped-def]
+        return ops.exp(self.log_probabilities(logits))
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape[:-1], input_shape[-1] + 1)
 
 
 def keras_cache_file(backbone: str) -> Path:
@@ -198,8 +242,22 @@ class Network:
             layer.trainable = wanted
 
 
-def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
-    """Assemble preprocessing, backbone and head.
+def _output_layers(n_classes: int, head: str, init: keras.initializers.Initializer) -> list:
+    """The head's last layers: softmax over K, or CORN's K-1 logits decoded to K (ordinal)."""
+    if head == "softmax":
+        return [
+            layers.Dense(n_classes, activation="softmax", kernel_initializer=init, name="probs")
+        ]
+    if head == "ordinal":
+        return [
+            layers.Dense(n_classes - 1, kernel_initializer=init, name="logits"),
+            CornProbabilities(name="probs"),
+        ]
+    raise ValueError(f"train.head: must be 'softmax' or 'ordinal', got {head!r}")
+
+
+def build_network(params: ModelParams, n_classes: int, seed: int, head: str = "softmax") -> Network:
+    """Assemble preprocessing, backbone and head (``head``: train.head, softmax or ordinal).
 
     With pretrained weights every BatchNorm layer is frozen for good: re-estimating its
     statistics on a few thousand slices with small batches hurts more than it helps. With
@@ -218,7 +276,7 @@ def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
     _, mode = BACKBONES[params.resolved_backbone]
     preprocess = GrayscaleToBackbone(mode=mode, name="preprocess")
     init = keras.initializers.GlorotUniform(seed=seed)
-    head = keras.Sequential(
+    classifier = keras.Sequential(
         [
             layers.GlobalAveragePooling2D(name="pool"),
             layers.Dropout(params.dropout, seed=seed, name="dropout_1"),
@@ -226,15 +284,15 @@ def build_network(params: ModelParams, n_classes: int, seed: int) -> Network:
                 params.dense_units, activation="relu", kernel_initializer=init, name="dense"
             ),
             layers.Dropout(params.dropout, seed=seed + 1, name="dropout_2"),
-            layers.Dense(n_classes, activation="softmax", kernel_initializer=init, name="probs"),
+            *_output_layers(n_classes, head, init),
         ],
         name="head",
     )
     inputs = keras.Input((h, w, 1), name="image")
-    outputs = head(backbone(preprocess(inputs)))
+    outputs = classifier(backbone(preprocess(inputs)))
     model = keras.Model(inputs, outputs, name=f"alzstage_{params.resolved_backbone}")
     return Network(
-        model=model, preprocess=preprocess, backbone=backbone, head=head, freeze_bn=freeze_bn
+        model=model, preprocess=preprocess, backbone=backbone, head=classifier, freeze_bn=freeze_bn
     )
 
 

@@ -49,6 +49,16 @@ def fold_dir(paths: Paths, fold: int) -> Path:
     return paths.cv_reports / "folds" / f"fold_{fold}"
 
 
+def role_column(fold: int, repeat: int = 0) -> str:
+    """``folds.csv``'s role column of ``fold`` in ``repeat`` (repeat 0: ``fold_<i>``)."""
+    return f"fold_{fold}" if repeat == 0 else f"r{repeat}_fold_{fold}"
+
+
+def test_column(repeat: int = 0) -> str:
+    """``folds.csv``'s column naming the fold that tests each row in ``repeat``."""
+    return "test_fold" if repeat == 0 else f"r{repeat}_test_fold"
+
+
 # --------------------------------------------------------------------------- cv_split
 
 
@@ -83,9 +93,20 @@ def run_cv_split(params: Params, paths: Paths) -> StageResult:
     split = read_split(paths.split_file)
     k = len(params.cv.folds)
     folds = subject_folds(split.drop(columns=["split"]), params)
-    keep = ["path", "label", "subject", "test_fold", *[f"fold_{i}" for i in range(k)]]
+    for r in range(1, params.cv.repeats):  # new folds per repeat, same rows (sorted by path)
+        again = subject_folds(split.drop(columns=["split"]), params, repeat=r)
+        folds[test_column(r)] = again["test_fold"].to_numpy()
+        for i in range(k):
+            folds[role_column(i, r)] = again[f"fold_{i}"].to_numpy()
+    keep = [
+        "path",
+        "label",
+        "subject",
+        *[c for r in range(params.cv.repeats) for c in (test_column(r), *_roles(k, r))],
+    ]
     write_csv(paths.cv_folds, folds[keep])
     summary = folds_summary(folds, params.base.classes, k)
+    summary["repeats"] = params.cv.repeats
     summary["tiny_classes"] = folds.attrs.get("tiny_classes", {})
     write_json(paths.cv_reports / "folds.json", summary)
     return StageResult(
@@ -98,79 +119,162 @@ def run_cv_split(params: Params, paths: Paths) -> StageResult:
     )
 
 
+def _roles(k: int, repeat: int) -> list[str]:
+    return [role_column(i, repeat) for i in range(k)]
+
+
 # --------------------------------------------------------------------------- cv_fold
 
 
 def _role_arrays(
-    folds: pd.DataFrame, fold: int, role: str, params: Params, paths: Paths
+    folds: pd.DataFrame, column: str, role: str, params: Params, paths: Paths
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     from alzstage.model.train import load_rows
 
-    rows = folds[folds[f"fold_{fold}"] == role].reset_index(drop=True)
-    where = f"{paths.cv_folds}: fold {fold} has no {role} rows"
+    rows = folds[folds[column] == role].reset_index(drop=True)
+    where = f"{paths.cv_folds}: {column} has no {role} rows"
     return load_rows(rows, params, paths, where, "too few subjects for cv.folds / cv.val_size")
 
 
-def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | None) -> StageResult:
-    """Train on fold ``fold``'s training subjects; predict its test subjects."""
+def read_folds(paths: Paths) -> pd.DataFrame:
+    """``folds.csv`` with its test-fold columns as integers and every other as text."""
+    folds = pd.read_csv(paths.cv_folds, dtype=str, keep_default_na=False)
+    tests = [c for c in folds.columns if c == "test_fold" or c.endswith("_test_fold")]
+    return folds.astype(dict.fromkeys(tests, int))
+
+
+def _slice_table(
+    rows: pd.DataFrame, probs: np.ndarray, morph: np.ndarray, classes: list[str], **cols: object
+) -> pd.DataFrame:
+    """Rows' ids, labels, calibrated probabilities and atrophy measurements, one per slice."""
+    from alzstage.model.morphometry import MORPH_FEATURES
+
+    out = rows[["path", "label", "subject"]].copy()
+    for name, value in cols.items():
+        out[name] = value
+    out["predicted"] = [classes[i] for i in probs.argmax(axis=1)]
+    for i, c in enumerate(classes):
+        out[f"p_{c}"] = np.round(probs[:, i], 6)
+    for j, name in enumerate(MORPH_FEATURES):
+        out[name] = np.round(morph[:, j], 6)
+    return out
+
+
+def _fold_repeat(
+    params: Params, paths: Paths, folds: pd.DataFrame, fold: int, repeat: int, tracker: Any
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Train fold ``fold`` of ``repeat``; predict its test slices and its training and
+    validation slices (the brain-level model is fitted on those in cv_report)."""
     from alzstage.artifacts import PixelStore
     from alzstage.model.baselines import baseline_predictions, thumbnail_rows
     from alzstage.model.calibration import apply_temperature
     from alzstage.model.feed import predict_array
+    from alzstage.model.morphometry import MORPH_FEATURES
     from alzstage.model.train import HISTORY_COLUMNS, train_model
 
+    column = role_column(fold, repeat)
+    x, y, train_rows = _role_arrays(folds, column, "train", params, paths)
+    x_val, y_val, val_rows = _role_arrays(folds, column, "val", params, paths)
+    x_test, _, test_rows = _role_arrays(folds, column, "test", params, paths)
+    model, summary = train_model(params, x, y, x_val, y_val, tracker)
+
+    def probs(images: np.ndarray) -> np.ndarray:
+        raw = predict_array(model, images, params.train.batch_size).astype(np.float64)
+        return apply_temperature(raw, summary["temperature"])
+
+    store = PixelStore.read(paths.pixels)
+    classes = params.base.classes
+    preds = _slice_table(
+        test_rows,
+        probs(x_test),
+        store.feature_columns_for(test_rows["path"], MORPH_FEATURES),
+        classes,
+        fold=fold,
+        repeat=repeat,
+    )
+    # Baselines fitted on the same training subjects, scored on the same test subjects.
+    base = baseline_predictions(
+        thumbnail_rows(store, train_rows["path"]),
+        y,
+        thumbnail_rows(store, test_rows["path"]),
+        len(classes),
+        seed=params.base.seed,
+    )
+    for name, pred in base.items():
+        preds[f"baseline_{name}"] = [classes[i] for i in pred]
+    fit = pd.concat(
+        [
+            _slice_table(
+                rows,
+                probs(images),
+                store.feature_columns_for(rows["path"], MORPH_FEATURES),
+                classes,
+                fold=fold,
+                repeat=repeat,
+                role=role,
+            )
+            for role, rows, images in (("train", train_rows, x), ("val", val_rows, x_val))
+        ],
+        ignore_index=True,
+    )
+    history = pd.DataFrame(summary.pop("history"), columns=HISTORY_COLUMNS).assign(repeat=repeat)
+    summary.update({"fold": fold, "repeat": repeat, "n_train": len(x), "n_val": len(x_val)})
+    summary["n_test"] = len(x_test)
+    return preds, fit, history, summary
+
+
+def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | None) -> StageResult:
+    """Train on fold ``fold``'s training subjects, once per repeat; predict its brains.
+
+    Writes ``predictions.csv`` (test slices, with the baselines), ``fit_slices.csv``
+    (the training and validation slices' probabilities, for the brain-level model),
+    ``history.csv`` and ``train.json`` under ``reports/cv/folds/fold_<i>/``. Repeat 0's
+    training curves go to the stage's MLflow run; later repeats log their summaries.
+    """
     if fold not in params.cv.folds:
         raise ConfigError(
             f"--fold {fold} is not in cv.folds {params.cv.folds}; pass one of those, or "
             "run all folds with `dvc repro cv/dvc.yaml`"
         )
-    folds = pd.read_csv(paths.cv_folds, dtype={"test_fold": int}, keep_default_na=False)
-    folds = folds.astype({c: str for c in folds.columns if c != "test_fold"})
-    x, y, _ = _role_arrays(folds, fold, "train", params, paths)
-    x_val, y_val, _ = _role_arrays(folds, fold, "val", params, paths)
-    x_test, y_test, test_rows = _role_arrays(folds, fold, "test", params, paths)
-
-    model, summary = train_model(params, x, y, x_val, y_val, tracker)
-    probs = apply_temperature(
-        predict_array(model, x_test, params.train.batch_size).astype(np.float64),
-        summary["temperature"],
-    )
-    # Baselines fitted on the same training subjects, scored on the same test subjects.
-    train_rows = folds[folds[f"fold_{fold}"] == "train"]
-    store = PixelStore.read(paths.pixels)
-    thumbs_train = thumbnail_rows(store, train_rows["path"])
-    thumbs_test = thumbnail_rows(store, test_rows["path"])
-    base = baseline_predictions(
-        thumbs_train, y, thumbs_test, len(params.base.classes), seed=params.base.seed
-    )
-
-    classes = params.base.classes
-    preds = test_rows[["path", "label", "subject"]].copy()
-    preds["fold"] = fold
-    preds["predicted"] = [classes[i] for i in probs.argmax(axis=1)]
-    for i, c in enumerate(classes):
-        preds[f"p_{c}"] = np.round(probs[:, i], 6)
-    for name, pred in base.items():
-        preds[f"baseline_{name}"] = [classes[i] for i in pred]
+    folds = read_folds(paths)
+    if role_column(fold, params.cv.repeats - 1) not in folds:
+        raise MissingInputError(
+            f"{paths.cv_folds}: has no folds for cv.repeats={params.cv.repeats}; re-run "
+            "`alzstage cv-split` (or `dvc repro cv/dvc.yaml`)"
+        )
+    parts = [
+        _fold_repeat(params, paths, folds, fold, r, tracker if r == 0 else None)
+        for r in range(params.cv.repeats)
+    ]
     out = fold_dir(paths, fold)
-    pred_file = write_csv(out / "predictions.csv", preds)
-    history = pd.DataFrame(summary.pop("history"), columns=HISTORY_COLUMNS)
-    hist_file = write_csv(out / "history.csv", history)
-    summary.update({"fold": fold, "n_train": len(x), "n_val": len(x_val), "n_test": len(x_test)})
-    write_json(out / "train.json", summary)
-    acc = float((probs.argmax(axis=1) == y_test).mean())
-    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    pred_file = write_csv(out / "predictions.csv", pd.concat([p[0] for p in parts]))
+    fit_file = write_csv(out / "fit_slices.csv", pd.concat([p[1] for p in parts]))
+    hist_file = write_csv(out / "history.csv", pd.concat([p[2] for p in parts]))
+    summaries = [p[3] for p in parts]
+    write_json(out / "train.json", {"fold": fold, "repeats": summaries})
+    accs = [float((p[0]["predicted"] == p[0]["label"]).mean()) for p in parts]
+    metrics: dict[str, float] = {}
+    for r, summary in enumerate(summaries):
+        prefix = "" if r == 0 else f"r{r}_"
+        metrics.update(
+            {prefix + k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+        )
+        metrics[prefix + "test_accuracy"] = accs[r]
     return StageResult(
-        metrics={**metrics, "test_accuracy": acc},
-        artifacts=[pred_file, hist_file, out / "train.json"],
+        metrics=metrics,
+        artifacts=[pred_file, fit_file, hist_file, out / "train.json"],
         # cv.folds_sha links the K fold runs even when DVC re-ran only some of them (then
         # their pipeline ids differ): the same folds.csv means the same CV.
         tags={
             "cv.fold": str(fold),
             "cv.k": str(len(params.cv.folds)),
+            "cv.repeats": str(params.cv.repeats),
             "cv.folds_sha": hashlib.sha256(paths.cv_folds.read_bytes()).hexdigest()[:12],
         },
-        summary=f"fold {fold}: trained on {len(x)} slices, test accuracy {acc:.3f}",
+        summary=(
+            f"fold {fold}: {len(parts)} repeat(s), trained on {summaries[0]['n_train']} "
+            f"slices, test accuracy {', '.join(f'{a:.3f}' for a in accs)}"
+        ),
     )
 
 
@@ -178,22 +282,29 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
 
 
 def pool_folds(frames: list[pd.DataFrame], folds: pd.DataFrame) -> pd.DataFrame:
-    """Concatenate the folds' test predictions; every testable slice exactly once."""
+    """Concatenate the folds' test predictions; every testable slice once per repeat."""
     pooled = pd.concat(frames, ignore_index=True)
-    dup = pooled["path"][pooled["path"].duplicated()]
+    if "repeat" not in pooled:
+        pooled["repeat"] = 0
+    dup = pooled["path"][pooled.duplicated(["repeat", "path"])]
     if not dup.empty:
         raise DataError(
             f"cv_report: {dup.iloc[0]!r} is predicted by more than one fold; re-run "
             "`dvc repro cv/dvc.yaml` so that every fold comes from the same folds.csv"
         )
-    expected = set(folds.loc[folds["test_fold"].astype(int) >= 0, "path"])
-    missing = sorted(expected - set(pooled["path"]))
-    if missing:
-        raise DataError(
-            f"cv_report: {len(missing)} slices have no out-of-fold prediction (e.g. "
-            f"{missing[0]!r}); a fold is missing or stale: re-run `dvc repro cv/dvc.yaml`"
+    for repeat, part in pooled.groupby("repeat"):
+        column = test_column(int(repeat))
+        expected = (
+            set(folds.loc[folds[column].astype(int) >= 0, "path"]) if column in folds else set()
         )
-    return pooled.sort_values("path", kind="stable").reset_index(drop=True)
+        missing = sorted(expected - set(part["path"]))
+        if missing or column not in folds:
+            raise DataError(
+                f"cv_report: {len(missing)} slices of repeat {repeat} have no out-of-fold "
+                f"prediction (e.g. {missing[0] if missing else column!r}); a fold is missing or "
+                "stale: re-run `dvc repro cv/dvc.yaml`"
+            )
+    return pooled.sort_values(["repeat", "path"], kind="stable").reset_index(drop=True)
 
 
 def fold_spread(pooled: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
@@ -202,11 +313,14 @@ def fold_spread(pooled: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
 
     index = {c: i for i, c in enumerate(classes)}
     rows = []
-    for fold, part in pooled.groupby("fold", sort=True):
+    keys = ["repeat", "fold"] if "repeat" in pooled else ["fold"]
+    for key, part in pooled.groupby(keys, sort=True):
+        fold = key[-1] if isinstance(key, tuple) else key
         y = part["label"].map(index).to_numpy()
         pred = part["predicted"].map(index).to_numpy()
         m = summary_metrics(y, pred, len(classes))
-        rows.append({"fold": int(fold), "n_test": len(part), **m})
+        repeat = int(key[0]) if isinstance(key, tuple) else 0
+        rows.append({"repeat": repeat, "fold": int(fold), "n_test": len(part), **m})
     out: dict[str, Any] = {"per_fold": rows}
     for key in ("balanced_accuracy", "macro_f1", "accuracy"):
         vals = np.array([r[key] for r in rows], dtype=float)
@@ -217,22 +331,22 @@ def fold_spread(pooled: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_cv_report(params: Params, paths: Paths) -> StageResult:
-    """Pool the K folds' out-of-fold predictions into one honest estimate."""
-    from alzstage.model.baselines import compare_with_baselines
-    from alzstage.model.evaluate import build_report, json_safe
-    from alzstage.model.headline import model_headline
-
-    classes = params.base.classes
-    k = len(params.cv.folds)
-    folds = pd.read_csv(paths.cv_folds, dtype=str, keep_default_na=False)
+def _read_fold_files(paths: Paths, params: Params, name: str) -> list[pd.DataFrame]:
     frames = []
     for fold in params.cv.folds:
-        f = fold_dir(paths, fold) / "predictions.csv"
+        f = fold_dir(paths, fold) / name
         if not f.exists():
             raise MissingInputError(f"cv_report: {f} is missing; run `dvc repro cv/dvc.yaml`")
         frames.append(pd.read_csv(f, dtype={"path": str, "subject": str}, keep_default_na=False))
-    pooled = pool_folds(frames, folds)
+    return frames
+
+
+def slice_cv_report(pooled: pd.DataFrame, params: Params) -> dict[str, Any]:
+    """The slice-level pooled report (every repeat's out-of-fold slices) with baselines."""
+    from alzstage.model.baselines import compare_with_baselines
+    from alzstage.model.evaluate import build_report
+
+    classes = params.base.classes
     index = {c: i for i, c in enumerate(classes)}
     y = pooled["label"].map(index).to_numpy(np.int64)
     probs = pooled[[f"p_{c}" for c in classes]].to_numpy(np.float64)
@@ -249,10 +363,6 @@ def run_cv_report(params: Params, paths: Paths) -> StageResult:
         seed=params.base.seed,
         n_resamples=params.cv.bootstrap,
     )
-    report["k"] = k
-    report["protocol"] = "subject k-fold (StratifiedGroupKFold), out-of-fold predictions pooled"
-    report["recipe"] = params.recipe
-    report["fold_spread"] = fold_spread(pooled, classes)
     base_preds = {
         name: pooled[f"baseline_{name}"].map(index).to_numpy()
         for name in ("majority", "nearest", "pixel")
@@ -266,34 +376,69 @@ def run_cv_report(params: Params, paths: Paths) -> StageResult:
         seed=params.base.seed,
         n_resamples=params.cv.bootstrap,
     )
+    return report
+
+
+def run_cv_report(params: Params, paths: Paths) -> StageResult:
+    """Pool the folds' out-of-fold predictions (every repeat) into one honest estimate:
+    slice level, and brain level with the brain model fitted inside each fold."""
+    from alzstage.model.brain_cv import assert_disjoint, brain_cv_report, cv_brains
+    from alzstage.model.evaluate import json_safe
+    from alzstage.model.headline import cv_headline
+
+    classes = params.base.classes
+    k = len(params.cv.folds)
+    folds = read_folds(paths)
+    pooled = pool_folds(_read_fold_files(paths, params, "predictions.csv"), folds)
+    fit = pd.concat(_read_fold_files(paths, params, "fit_slices.csv"), ignore_index=True)
+    assert_disjoint(fit, pooled)
+    report = slice_cv_report(pooled, params)
+    report.update(k=k, repeats=int(pooled["repeat"].nunique()), recipe=params.recipe)
+    report["protocol"] = "subject k-fold (StratifiedGroupKFold), out-of-fold predictions pooled"
+    report["fold_spread"] = fold_spread(pooled, classes)
+    brains = cv_brains(pooled, fit, classes, params.brain, params.base.seed)
+    report["brain_level"] = brain_cv_report(
+        brains, classes, params.brain, seed=params.base.seed, n_resamples=params.cv.bootstrap
+    )
     report["folds"] = read_json(paths.cv_reports / "folds.json")
     report = json_safe(report)
     write_json(paths.cv_reports / "report.json", report)
-    head = json_safe(model_headline(report))
+    head = json_safe(cv_headline(report))
     write_json(paths.cv_reports / "metrics.json", head)
     oof = write_csv(paths.cv_reports / "predictions_oof.csv", pooled)
-    ci = report["ci"].get("balanced_accuracy") or {}
-    spread = report["fold_spread"]["balanced_accuracy"]
-    verdict = report["baselines"]["baselines"]["pixel"]["verdict"]
+    brains_file = write_csv(paths.cv_reports / "brains_oof.csv", brains)
+    brain = report["brain_level"]
+    best = brain["scores"]["predictors"][brain["default"]]
+    ci = best["ci"]["balanced_accuracy_main"] or {}
+    cover = brain["conformal"][brain["conformal"]["selected"]]
     return StageResult(
         metrics={
             **{key: float(v) for key, v in head.items() if isinstance(v, (int, float))},
-            "fold_bacc_mean": spread["mean"],
-            "fold_bacc_sd": spread["sd"],
+            "slice_bacc": float(report["balanced_accuracy"]),
             **{
-                f"{name}_baseline_bacc": float(b["balanced_accuracy"])
-                for name, b in report["baselines"]["baselines"].items()
+                f"brain_{name}_bacc_main": float(p["balanced_accuracy_main"])
+                for name, p in brain["scores"]["predictors"].items()
             },
-            "beats_pixel_baseline": float(report["baselines"]["baselines"]["pixel"]["beats"]),
+            "coverage": float(cover["coverage"]),
+            "mean_set_size": float(cover["mean_set_size"]),
         },
-        artifacts=[paths.cv_reports / "report.json", paths.cv_reports / "metrics.json", oof],
+        artifacts=[
+            paths.cv_reports / "report.json",
+            paths.cv_reports / "metrics.json",
+            oof,
+            brains_file,
+        ],
         tags={
             "cv.k": str(k),
+            "cv.repeats": str(report["repeats"]),
             "cv.folds_sha": hashlib.sha256(paths.cv_folds.read_bytes()).hexdigest()[:12],
         },
         summary=(
-            f"{k}-fold subject CV: pooled balanced accuracy {report['balanced_accuracy']:.3f} "
-            f"[95% CI {ci.get('low', float('nan')):.3f}-{ci.get('high', float('nan')):.3f}], "
-            f"per fold {spread['mean']:.3f} ± {spread['sd']:.3f}; {verdict}"
+            f"{k}-fold subject CV x{report['repeats']}: brain-level ({brain['default']}) "
+            f"balanced accuracy {best['balanced_accuracy_main']:.3f} over "
+            f"{len(brain['scores']['main_classes'])} classes [95% CI "
+            f"{ci.get('low', float('nan')):.3f}-{ci.get('high', float('nan')):.3f}], "
+            f"{best['balanced_accuracy']:.3f} over all; {cover['nominal']:.0%} sets cover "
+            f"{cover['coverage']:.3f} at mean size {cover['mean_set_size']:.2f}"
         ),
     )

@@ -11,7 +11,8 @@ while decoding and resizing) and keeps what later stages look at, in
   :func:`alzstage.model.inputs.load_batch` makes of the file;
 * grayscale thumbnails at ``split.thumb_size`` and at 32 px (the baselines' and the input
   check's size): :func:`alzstage.data.split.load_thumbnails` is ``correlation_rows`` of them;
-* the input check's features and native size (:func:`alzstage.model.ood.image_features`),
+* the input check's features and native size (:func:`alzstage.model.ood.image_features`)
+  and the atrophy measurements (:func:`alzstage.model.morphometry.slice_morphometry`),
   which need the full-size image.
 
 Cost: at the defaults (56x48 inputs, 32x32 thumbnails) a row is 2,688 + 1,024 bytes of
@@ -35,10 +36,13 @@ from alzstage.artifacts import PixelStore, read_manifest
 from alzstage.config import Params, Paths
 from alzstage.errors import DataError, ImageReadError, MissingInputError
 from alzstage.model.inputs import decode_slice, to_model_array
+from alzstage.model.morphometry import MORPH_FEATURES, slice_morphometry
 from alzstage.model.ood import FEATURES, THUMB_SIZE, image_features, thumbnail
 from alzstage.result import StageResult
 
-INPUT_FEATURES = FEATURES[:-1]  # the last, mean_correlation, needs every thumbnail first
+# The input check's features (the last, mean_correlation, needs every thumbnail first),
+# then the atrophy measurements the brain-level model reads: both need the full-size image.
+INPUT_FEATURES = (*FEATURES[:-1], *MORPH_FEATURES)
 
 
 def thumbnail_sizes(params: Params) -> tuple[int, ...]:
@@ -88,7 +92,7 @@ def decode_files(
         gray = _gray(Path(raw) / rel_paths[i])
         out["images"][i] = to_model_array(gray, (h, w))
         out["sizes"][i] = gray.shape[:2]
-        for name, value in image_features(gray).items():
+        for name, value in (*image_features(gray).items(), *slice_morphometry(gray).items()):
             out[name][i] = value
         for s in thumb_sizes:
             out[f"thumbs_{s}"][i] = thumbnail(gray, s)

@@ -39,6 +39,7 @@ from alzstage.artifacts import MetricsReport, PixelStore, SplitReport, TrainRun,
 from alzstage.config import Params, Paths
 from alzstage.files import atomic_path, read_json, write_csv, write_json, write_text
 from alzstage.model.baselines import headline_metrics, score_baselines, thumbnail_rows
+from alzstage.model.brain_fit import brain_test_report
 from alzstage.model.calibration import (
     DEFAULT_BINS,
     apply_temperature,
@@ -548,6 +549,12 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     baselines_file = paths.reports / "baselines.json"
     write_json(baselines_file, baselines)
     report.update(headline_metrics(baselines))
+    if subjects is not None and known.all():
+        t_brain = time.perf_counter()
+        report["brain_level"] = json_safe(brain_test_report(params, paths, rows, probs))
+        timings["brain_level"] = time.perf_counter() - t_brain
+    else:
+        report["brain_level"] = {"available": False, "reason": "test slices without subject ids"}
     timings["baselines"] = time.perf_counter() - t_base
     paths.plots.mkdir(parents=True, exist_ok=True)
     paths.figures.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,11 @@ def _cam_batch(
             # confident prediction and would show nothing exactly where we look most.
             logits = tf.matmul(z, last.kernel) + last.bias
             probs = tf.nn.softmax(logits)
+        elif hasattr(last, "log_probabilities"):
+            # The ordinal (CORN) head: its exact log-probabilities, not log of clipped
+            # probabilities, whose gradient is zero for a class below the clip.
+            logits = last.log_probabilities(z)
+            probs = tf.exp(logits)
         else:
             probs = last(z, training=False)
             logits = tf.math.log(tf.clip_by_value(probs, 1e-12, 1.0))

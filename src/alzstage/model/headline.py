@@ -11,19 +11,23 @@ under 100 columns (94 on the Kaggle archive); long names or a ninth key push it 
 ============  ===========================================================================
 key           meaning
 ============  ===========================================================================
-bacc          balanced accuracy on the test slices
-bacc_ci       its 95% CI, ``low-high``, bootstrap over subjects (``ci.unit`` in metrics)
-f1            macro-F1 on the test slices
-qwk           quadratic weighted kappa (the stages are ordinal)
-ece           expected calibration error of the calibrated probabilities
-subj_bacc     balanced accuracy per subject (slices pooled per brain)
+brain         brain-level balanced accuracy of the brain model (``brain_level`` in the
+              report), over the classes with more than two brains
+brain_ci      its 95% CI, ``low-high``, bootstrap over brains
+morph         the morphometric baseline's figure on the same brains (CSF fraction +
+              logistic regression): the number ``brain`` has to beat
+cover         empirical coverage of the conformal sets (nominal ``brain.confidence``)
+set           their mean size (number of stages in a brain's set)
+bacc          balanced accuracy on the test slices (every stage)
 leak          share of test slices whose subject, or a near-duplicate slice, is in train
               (the larger of the two; ``leakage.test`` in split.json)
 valid         images that passed validation / images checked
 ============  ===========================================================================
 
-A figure that cannot be computed on this test set (QWK with one class, subject-level
-without subject ids) is null; ``dvc metrics show`` then leaves its column out.
+The CV's headline (``reports/cv/metrics.json``) has the same keys but ``leak`` and
+``valid``, which belong to the single split. A figure that cannot be computed on this
+test set (no subject ids, no held-out brain to calibrate sets) is null; ``dvc metrics
+show`` then prints ``-``.
 """
 
 from __future__ import annotations
@@ -38,21 +42,34 @@ def _rounded(value: Any, digits: int = DIGITS) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
+def _brain(report: dict[str, Any]) -> dict:
+    brain = report.get("brain_level") or {}
+    if "scores" not in brain:
+        return dict.fromkeys(("brain", "brain_ci", "morph", "cover", "set"))
+    best = brain["scores"]["predictors"][brain["default"]]
+    ci = best["ci"]["balanced_accuracy_main"]
+    morph = brain["scores"]["predictors"].get("morphometric", {})
+    cover = brain["conformal"].get(brain["conformal"]["selected"]) or {}
+    return {
+        "brain": _rounded(best["balanced_accuracy_main"]),
+        "brain_ci": f"{ci['low']:.{CI_DIGITS}f}-{ci['high']:.{CI_DIGITS}f}" if ci else None,
+        "morph": _rounded(morph.get("balanced_accuracy_main")),
+        "cover": _rounded(cover.get("coverage"), CI_DIGITS),
+        "set": _rounded(cover.get("mean_set_size"), 1),
+    }
+
+
 def model_headline(report: dict[str, Any]) -> dict:
     """The keys any test report has (evaluate's, or the pooled CV's), same names in both.
 
     ``dvc metrics show`` then lines the default run and the CV up in shared columns.
     """
-    ci = report["ci"].get("balanced_accuracy")
-    subject = report["subject_level"]
-    return {
-        "bacc": _rounded(report["balanced_accuracy"]),
-        "bacc_ci": f"{ci['low']:.{CI_DIGITS}f}-{ci['high']:.{CI_DIGITS}f}" if ci else None,
-        "f1": _rounded(report["macro_f1"]),
-        "qwk": _rounded(report["quadratic_weighted_kappa"]),
-        "ece": _rounded(report["ece"]),
-        "subj_bacc": _rounded(subject.get("balanced_accuracy") if subject["available"] else None),
-    }
+    return {**_brain(report), "bacc": _rounded(report["balanced_accuracy"])}
+
+
+def cv_headline(report: dict[str, Any]) -> dict:
+    """``reports/cv/metrics.json``: :func:`model_headline` of the pooled CV report."""
+    return model_headline(report)
 
 
 def headline(report: dict[str, Any], split: dict[str, Any], validation: dict[str, Any]) -> dict:

@@ -87,7 +87,9 @@ def train_model(
         from alzstage.model.build import build_network
 
         with strategy.scope():
-            net = build_network(params.model, len(params.base.classes), params.base.seed)
+            net = build_network(
+                params.model, len(params.base.classes), params.base.seed, params.train.head
+            )
             summary["parameters"] = int(net.model.count_params())
             phase = train_from_scratch(net, x, y, x_val, y_val, params, tracker, cw, stop_when)
         summary["build_seconds"] = 0.0

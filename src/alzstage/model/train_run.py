@@ -13,8 +13,9 @@ import numpy as np
 
 from alzstage.artifacts import PixelStore, TrainRun
 from alzstage.files import read_json
+from alzstage.model.brain_fit import fit_split_brain_model
 from alzstage.model.ood import fit_from_pixels
-from alzstage.model.pyfunc import log_pyfunc
+from alzstage.model.pyfunc import log_pyfunc, probabilities
 from alzstage.model.train import run_train
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,9 +26,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageResult:
     """:func:`run_train`, then the pyfunc on ``tracker``'s run and ``models/train_run.json``."""
+    import keras
+
     result = run_train(params, paths, tracker)
     report = read_json(paths.train_report)
     h, w = params.model.input_size
+    # The brain-level model: fitted on the training brains, its sets calibrated on the
+    # validation brains, with this network's calibrated probabilities.
+    network = keras.models.load_model(paths.model_file, compile=False)
+    brain = fit_split_brain_model(
+        params, paths, lambda x: probabilities(network, x, (h, w), report["temperature"])
+    )
     meta = {
         "classes": params.base.classes,
         "input_size": [h, w],
@@ -38,6 +47,7 @@ def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageRes
     store = PixelStore.read(paths.pixels)
     check, thumbnails = fit_from_pixels(paths.split_file, store, (h, w))
     meta["input_check"] = check.model_dump(mode="json")
+    meta["brain_model"] = brain.to_dict()
     example = np.zeros((1, h, w), dtype=np.uint8)
     model_uri = log_pyfunc(paths.model_file, meta, example, training_thumbnails=thumbnails)
     TrainRun(
@@ -50,5 +60,9 @@ def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageRes
         backbone=meta["backbone"],
         weights=params.model.weights,
     ).write(paths.train_run)
-    result.artifacts.append(paths.train_run)
+    result.artifacts.extend([paths.train_run, paths.brain_model])
+    result.tags["brain.aggregator"] = brain.aggregator
+    result.metrics["brain_calibration_brains"] = float(
+        0 if brain.conformal is None else len(brain.conformal.labels)
+    )
     return result

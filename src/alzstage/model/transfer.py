@@ -98,7 +98,7 @@ def build_frozen(params: Params) -> tuple[Any, str | None]:
     """The network with its backbone frozen, and where fine-tuning cuts it (None: nowhere)."""
     from alzstage.model.build import build_network, resolve_cut
 
-    net = build_network(params.model, len(params.base.classes), params.base.seed)
+    net = build_network(params.model, len(params.base.classes), params.base.seed, params.train.head)
     cut = resolve_cut(params.model.resolved_backbone, params.train.fine_tune_from)
     net.backbone.trainable = False
     return net, cut
