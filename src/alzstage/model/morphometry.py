@@ -5,15 +5,17 @@ atrophy, i.e. how much of the brain is CSF (dark). A radiologist would eyeball e
 that, so every brain-level report compares the network with a logistic model on these
 numbers (the *morphometric baseline*), and the brain-level model may use them too.
 
-Measured on the 5,120-slice archive (160 brains, 5-fold subject CV repeated 5 times,
-logistic regression on the brain's mean, ``/tmp`` exploration recorded in docs/models.md):
-the dark fraction below 25% of the head's 99th percentile scored a 3-class balanced
-accuracy of 0.498 at the native 208x176, 0.488 at half size and only about 0.45 at the
-network's 56x48. That is why the decode stage measures it on the full-size image, next
-to the input check's features, and why ``predict`` measures it on the file, not on the
-network input. A relative threshold (not a fixed grey level) keeps it meaningful for
-16-bit or differently windowed sources; at full size it matched the fixed level 60
-(0.496).
+Measured on the 5,120-slice archive (160 brains; brain-level logistic regression on the
+mean over a brain's slices, 5-fold subject CV repeated 5 times;
+``benchmarks/bench_brain_features.py``, docs/models.md): this dark fraction, below 25% of
+the head's 99th percentile, scores a 3-class balanced accuracy of 0.498 at the native
+208x176, 0.476 at half size and 0.471 at the network's 56x48. That is why the decode
+stage measures it on the full-size image, next to the input check's features, and why
+``predict`` measures it on the file, not on the network input. A relative threshold
+(not a fixed grey level) keeps it meaningful for 16-bit or differently windowed sources;
+at full size it matches the fixed level 60 (0.496) and beats 40% of the median (0.459).
+The CSF fraction by quarters of the recovered slice order scored 0.506: no clear gain for
+four features instead of one on ~128 training brains, so the brain model uses the mean.
 
 :func:`slice_order` recovers the order of a brain's slices from the images alone
 (adjacent slices are near-duplicates): the Fiedler vector of the slices' similarity
