@@ -259,6 +259,72 @@ def test_model_card_of_a_network_that_beats_every_baseline_has_no_warning() -> N
     assert "## Baselines" not in render_model_card(rep, SPLIT_INFO, PROVENANCE)
 
 
+def _brain_level(brain_pred: np.ndarray, morph_pred: np.ndarray) -> dict:
+    """A brain_level block as brain_test_report writes it, for 12 test brains."""
+    from alzstage.model.brain_metrics import binary_view, bootstrap_brains
+    from alzstage.model.conformal import coverage_report
+
+    y = np.repeat([0, 1, 2], 4)
+    subjects = np.array([f"b{i}" for i in range(len(y))])
+    probs = np.full((len(y), 4), 0.05)
+    probs[np.arange(len(y)), brain_pred] = 0.85
+    sets = np.eye(4, dtype=bool)[brain_pred] | np.eye(4, dtype=bool)[y]
+    preds = {"brain_model": brain_pred, "pool": y * 0, "morphometric": morph_pred}
+    return json_safe(
+        {
+            "default": "brain_model",
+            "aggregator": "logistic",
+            "features": ["cnn", "morphometry"],
+            "n_brains": len(y),
+            "scores": bootstrap_brains(
+                y, preds, subjects, CLASSES, reference="brain_model", seed=0, n_resamples=300
+            ),
+            "conformal": {
+                "confidence": 0.9,
+                "selected": "marginal",
+                "marginal": coverage_report(sets, y, CLASSES, 0.9),
+                "calibration_brains": 20,
+            },
+            "binary": binary_view(y, probs, subjects, seed=0, n_resamples=200),
+        }
+    )
+
+
+def test_model_card_says_the_brain_model_does_not_beat_the_morphometric_baseline() -> None:
+    # given: a brain model and a morphometric baseline that are right on the same brains
+    y = np.repeat([0, 1, 2], 4)
+    pred = y.copy()
+    pred[[1, 5]] = 2
+    rep = json_safe(_report())
+    rep["brain_level"] = _brain_level(pred, pred.copy())
+    # when
+    card = render_model_card(rep, SPLIT_INFO, PROVENANCE)
+    # then: the section scores both, with the paired difference and a plain verdict
+    section = card[card.index("## Brain level") : card.index("## Calibration")]
+    best = rep["brain_level"]["scores"]["predictors"]["brain_model"]
+    assert f"| brain model | {best['balanced_accuracy_main']:.3f} |" in section
+    assert "morphometric baseline (CSF fraction only)" in section
+    assert (
+        "- The brain model does not beat the morphometric baseline (paired difference "
+        "+0.000, 95% CI +0.000 to +0.000: the interval includes 0), main classes."
+    ) in section
+    # ... beats the pooling rule that is always wrong on two thirds of the brains
+    assert "- The brain model beats the fixed pooling rule (paired difference +0.500" in section
+    # ... the conformal coverage on the test brains and the number of calibration brains
+    assert "coverage 1.000 on 12 test brains, mean set size 1.17; calibrated on 20" in section
+    # ... and the binary view with intervals
+    assert "Binary view (not demented vs any dementia, 12 brains): sensitivity 1.000" in section
+    assert "specificity 0.750" in section and "ROC AUC 0.875" in section
+
+
+def test_model_card_without_a_brain_level_block_has_no_brain_section() -> None:
+    rep = json_safe(_report())
+    assert "## Brain level" not in render_model_card(rep, SPLIT_INFO, PROVENANCE)
+    rep["brain_level"] = {"available": False, "reason": "test slices without subject ids"}
+    card = render_model_card(rep, SPLIT_INFO, PROVENANCE)
+    assert "## Brain level\n\nNot scored: test slices without subject ids." in card
+
+
 def test_flat_metrics_carry_the_baseline_headline() -> None:
     from alzstage.model.baselines import headline_metrics
 
@@ -455,10 +521,9 @@ def _split_and_validation(subject_leak: float = 0.0, near_duplicates: float = 0.
 
 
 def test_headline_is_eight_short_keys_rounded_for_a_narrow_row() -> None:
-    from alzstage.model.headline import headline
-
     from alzstage.model.brain_metrics import bootstrap_brains
     from alzstage.model.conformal import coverage_report
+    from alzstage.model.headline import headline
 
     # given: a full report with a brain-level block, and an honest split
     report = _report()

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from alzstage.cli import app
 from alzstage.config import NeuroParams, NeuroPreprocessParams, NiftiQCParams
+from alzstage.model.conformal import describe_set
 from alzstage.model.metrics import pool_slices
 from alzstage.serve.demo import DemoChampion
 
@@ -69,10 +70,13 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: DemoChampion)
 def test_cli_predicts_one_subject_stage_from_a_volume(
     project: Path, scans: dict[str, Path], demo: DemoChampion, tmp_path: Path
 ) -> None:
+    # given a volume and the demo champion, which stores a calibrated brain model
     out_dir = tmp_path / "cams"
+    # when it is predicted with Grad-CAM, as JSON
     result = CliRunner().invoke(
         app, ["predict", str(scans["good"]), "-f", "json", "--gradcam", str(out_dir)]
     )
+    # then one brain-level row: the brain model's stage with its conformal set
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     (row,) = doc["predictions"]
@@ -80,17 +84,54 @@ def test_cli_predicts_one_subject_stage_from_a_volume(
     assert row["kind"] == "volume" and row["n_slices"] == N_SLICES
     assert row["aggregate"] == "mean_log" and row["registration_score"] > 0.8
     assert len(vol["slices"]) == N_SLICES
+    assert row["brain_model"] == vol["brain_model"] == "logistic"
+    assert row["stage"] == vol["stage"] == max(demo.classes, key=lambda c: row[c])
+    assert vol["set_confidence"] == 0.9 and vol["stage"] in vol["prediction_set"]
+    assert row["set_text"] == vol["set_text"] == describe_set(vol["prediction_set"], 0.9)
+    assert vol["n_slices_used"] == N_SLICES and 0 < vol["csf_fraction"] < 1
+    # ... and the fixed pooling rule's stage beside it, as the reference
     slice_probs = np.array([[s["probabilities"][c] for c in demo.classes] for s in vol["slices"]])
     pooled = pool_slices(slice_probs, "mean_log")
-    np.testing.assert_allclose([row[c] for c in demo.classes], pooled, atol=1e-9)
-    assert row["stage"] == demo.classes[int(pooled.argmax())] == vol["stage"]
-    # Grad-CAM on the 2 slices that most support the subject's stage, as PNG files.
+    np.testing.assert_allclose(
+        [vol["pooled_probabilities"][c] for c in demo.classes], pooled, atol=1e-9
+    )
+    assert row["pooled_stage"] == vol["pooled_stage"] == demo.classes[int(pooled.argmax())]
+    # Grad-CAM on the 2 slices that most support the brain's stage, as PNG files.
     k = demo.classes.index(row["stage"])
     best = sorted(range(N_SLICES), key=lambda i: -slice_probs[i, k])[:2]
     assert vol["informative_slices"] == best
     written = sorted(p.name for p in out_dir.iterdir())
     assert written == sorted(f"sub-01.s{i:03d}.gradcam.png" for i in best)
     assert vol["qc"]["brain_ml"] > 1000 and vol["qc"]["voxel_max_mm"] == 4.0
+
+
+def test_a_volume_predicted_by_a_model_without_a_brain_model_falls_back_to_pooling(
+    project: Path, scans: dict[str, Path], demo: DemoChampion
+) -> None:
+    # given the demo network as a bare .keras file: no meta, so no brain model
+    keras_file = demo.root / "model.keras"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["input_size"] = list(demo.input_size)  # a file says nothing of its size
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # when a volume is predicted with it
+    result = CliRunner().invoke(
+        app, ["predict", str(scans["good"]), "--model", str(keras_file), "-f", "json"]
+    )
+    # then the fixed pooling rule gives the stage, there is no set, and the answer says so
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (row,) = doc["predictions"]
+    (vol,) = doc["volumes"]
+    assert row["brain_model"] == "pool (no brain model stored)"
+    assert vol["prediction_set"] is None and vol["set_text"] is None
+    assert row["stage"] == row["pooled_stage"]
+    np.testing.assert_allclose(
+        [row[c] for c in demo.classes], [vol["pooled_probabilities"][c] for c in demo.classes]
+    )
+    table = CliRunner().invoke(
+        app, ["predict", str(scans["good"]), "--model", str(keras_file)], env={"COLUMNS": "200"}
+    )
+    assert "brain model: none stored with this model; fixed pooling rule" in table.stdout
 
 
 def test_cli_batch_lists_every_bad_volume_and_continues(
@@ -133,19 +174,22 @@ def test_cli_batch_lists_every_bad_volume_and_continues(
 def test_cli_aggregate_rule_comes_from_params(
     project: Path, scans: dict[str, Path], demo: DemoChampion
 ) -> None:
+    # given params whose reference pooling rule is the slices' vote
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["neuro"]["aggregate"] = "vote"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # when a volume is predicted
     result = CliRunner().invoke(app, ["predict", str(scans["other"]), "-f", "json"])
+    # then the pooled reference is the vote; the brain model's stage is unchanged by it
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     row, vol = doc["predictions"][0], doc["volumes"][0]
-    assert row["aggregate"] == "vote"
+    assert row["aggregate"] == "vote" and row["brain_model"] == "logistic"
     votes = np.bincount(
         [demo.classes.index(s["stage"]) for s in vol["slices"]], minlength=len(demo.classes)
     )
-    assert votes[demo.classes.index(row["stage"])] == votes.max()  # the most voted stage
-    shares = np.array([row[c] for c in demo.classes])
+    assert votes[demo.classes.index(row["pooled_stage"])] == votes.max()  # the most voted
+    shares = np.array([vol["pooled_probabilities"][c] for c in demo.classes])
     np.testing.assert_allclose(shares, votes / votes.sum(), atol=1e-5)  # vote shares
 
 
@@ -188,6 +232,11 @@ def test_rest_volume_endpoint_answers_good_and_bad_volumes(
         assert good["status"] == 200 and good["stage"] in demo.classes
         assert good["n_slices"] == N_SLICES and len(good["slices"]) == N_SLICES
         assert good["registration_score"] > 0.8 and good["aggregate"] == "mean_log"
+        # the brain-level stage comes with its conformal set and the pooled reference
+        assert good["kind"] == "volume" and good["brain_model"] == "logistic"
+        assert good["stage"] in good["prediction_set"] and good["set_confidence"] == 0.9
+        assert good["set_text"] == describe_set(good["prediction_set"], 0.9)
+        assert good["pooled_stage"] in demo.classes
         assert all(s["image"].startswith("data:image/png;base64,") for s in good["slices"])
         with_cam = [s["index"] for s in good["slices"] if s["gradcam"]]
         assert with_cam == sorted(s["index"] for s in good["slices"] if s["informative"])
@@ -251,8 +300,48 @@ def test_page_shows_a_slice_strip_with_overlays(
             expect(cams).to_have_count(NEURO["gradcam_slices"])
             assert cams.first.evaluate("img => img.complete && img.naturalWidth > 0")
             assert cards.first.get_by_test_id("stage").inner_text()
+            # the brain's set next to its stage, and the demo model said to be synthetic
+            expect(cards.first.get_by_test_id("set-text")).to_contain_text("(90%)")
+            expect(cards.first.get_by_test_id("card-synthetic-demo")).to_be_visible()
             expect(cards.nth(1).get_by_test_id("error")).to_contain_text("fslroi")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "volume_page.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_page_shows_one_brain_from_its_slices_with_the_set(
+    server: str, tmp_path: Path, mri_slices: list[np.ndarray]
+) -> None:
+    from PIL import Image
+    from test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian chromium at /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    # given one brain's four slices as files
+    files = []
+    for i, gray in enumerate(mri_slices[:4]):
+        files.append(tmp_path / f"s{i}.png")
+        Image.fromarray(gray).save(files[-1])
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(server + "/")
+            # when they are sent as one brain
+            page.set_input_files("#files", [str(f) for f in files])
+            page.check("#one-brain")
+            page.click("#submit")
+            # then one brain card: the stage, the set in words, the slice strip
+            expect = sync_api.expect
+            card = page.get_by_test_id("volume-result")
+            expect(card).to_have_count(1, timeout=120_000)
+            expect(card.get_by_test_id("set-text")).to_contain_text("(90%)")
+            expect(card.get_by_test_id("brain-model")).to_contain_text("4 of 4 slice files")
+            expect(card.get_by_test_id("slice-strip").locator("img")).to_have_count(4)
+            assert card.get_by_test_id("stage").inner_text()
         finally:
             browser.close()

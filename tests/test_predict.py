@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from alzstage.cli import app
+from alzstage.model.conformal import describe_set
 from alzstage.model.explain import unique_png
 from alzstage.model.predict import (
     CorruptImage,
@@ -232,7 +233,8 @@ def test_records_have_the_same_columns_whichever_inputs_failed() -> None:
     # then every row has the same columns, in one order that failures do not change
     columns = ["file", "stage", "confidence", "low_confidence", "error", *classes]
     columns += ["out_of_distribution", "ood_reason", "seen_in_training", "training_correlation"]
-    columns += ["kind", "n_slices", "aggregate", "registration_score", "gradcam"]
+    columns += ["kind", "n_slices", "aggregate", "registration_score", "n_slices_used"]
+    columns += ["brain_model", "pooled_stage", "set_text", "gradcam"]
     assert all(list(r) == columns for r in rows)
     assert [r["kind"] for r in rows] == ["image", "image", "image", "volume", "volume"]
     assert rows[0]["out_of_distribution"] is None and rows[0]["low_confidence"] is False
@@ -351,3 +353,137 @@ def test_predicting_a_training_slice_says_it_was_seen_in_training(
     assert p["stage"] in demo.classes
     table = CliRunner().invoke(app, ["predict", str(train_file)], env={"COLUMNS": "200"})
     assert "(seen in training)" in table.stdout
+
+
+# --------------------------------------------------------------------------- one brain
+
+
+def _brain_folder(root: Path, slices: list[np.ndarray]) -> Path:
+    """One brain's slices as PNGs, plus a noise image and a damaged file among them."""
+    for i, gray in enumerate(slices):
+        write_slice(root / f"slice_{i:02d}.png", gray)
+    write_png(root / "slice_98_noise.png", 0, (208, 176))
+    (root / "slice_99_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return root
+
+
+def test_a_folder_of_one_brains_slices_gives_one_brain_answer(
+    project: Path, demo: DemoChampion, tmp_path: Path, mri_slices: list[np.ndarray]
+) -> None:
+    # given a folder of one brain's four slices, a noise image and a damaged file
+    folder = _brain_folder(tmp_path / "sub-01", mri_slices[:4])
+    # when it is predicted as one brain, as JSON
+    result = CliRunner().invoke(app, ["predict", "--brain", str(folder), "-f", "json"])
+    # then one brain-level answer: the brain model's stage, its set and the pooled stage
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (row,) = doc["predictions"]
+    (brain,) = doc["brains"]
+    assert "volumes" not in doc
+    assert row["kind"] == "brain" and row["file"] == str(folder)
+    assert row["n_slices"] == 6 and row["n_slices_used"] == 4
+    assert row["brain_model"] == "logistic" and row["stage"] == brain["stage"]
+    assert brain["stage"] in brain["prediction_set"] and brain["set_confidence"] == 0.9
+    assert row["set_text"] == brain["set_text"] == describe_set(brain["prediction_set"], 0.9)
+    assert row["pooled_stage"] in demo.classes
+    # ... with the per-slice table: the noise and the damaged file are left out, and why
+    by_name = {s["filename"]: s for s in brain["slices"]}
+    assert [Path(n).name for n in by_name] == [f"slice_{i:02d}.png" for i in range(4)] + [
+        "slice_98_noise.png",
+        "slice_99_broken.png",
+    ]
+    noise, broken = (
+        by_name[str(folder / "slice_98_noise.png")],
+        by_name[str(folder / "slice_99_broken.png")],
+    )
+    assert noise["out_of_distribution"] is True and noise["stage"] is None
+    assert noise["left_out"].startswith("out of distribution: ")
+    assert "damaged or truncated" in broken["left_out"] and broken["probabilities"] is None
+    used = [s for s in brain["slices"] if not s["left_out"]]
+    assert len(used) == 4 and all(s["stage"] in demo.classes for s in used)
+    # the terminal table says the same in words
+    table = CliRunner().invoke(app, ["predict", "--brain", str(folder)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())
+    assert f"sub-01: brain stage {brain['stage']}; set {brain['set_text']}" in text
+    assert "slices of sub-01" in text and "left out: out of distribution" in text
+    assert "sub-01: left out slice_98_noise.png: out of distribution: not like" in text
+
+
+def test_the_pyfunc_brain_mode_gives_one_row_like_predict_brain(
+    project: Path, demo: DemoChampion, tmp_path: Path, mri_slices: list[np.ndarray]
+) -> None:
+    from alzstage.serve.demo import scoped_tracking_uri
+    from alzstage.tracking import load_pyfunc
+
+    # given one brain's four full-size slices, as a folder and as one array
+    folder = tmp_path / "sub-02"
+    for i, gray in enumerate(mri_slices[4:8]):
+        write_slice(folder / f"s{i}.png", gray)
+    with scoped_tracking_uri(demo.tracking_uri):
+        model, _ = load_pyfunc(demo.uri)  # mlflow.pyfunc.load_model, as MLflow serves it
+    # when the pyfunc is asked for a brain, and for slices
+    frame = model.predict(np.stack(mri_slices[4:8]), params={"brain": True})
+    per_slice = model.predict(np.stack(mri_slices[4:8]))
+    # then ONE row for the brain, with its set; without the parameter, one per slice
+    assert len(frame) == 1 and len(per_slice) == 4
+    row = frame.iloc[0]
+    assert row["n_slices"] == row["n_slices_used"] == 4 and row["left_out"] == 0
+    assert row["brain_model"] == "logistic" and row["stage"] in row["prediction_set"]
+    assert row["set_text"] == describe_set(list(row["prediction_set"]), 0.9)
+    # ... the same answer as `alzstage predict --brain` on the same pixels
+    cli = CliRunner().invoke(app, ["predict", "--brain", str(folder), "-f", "json"])
+    assert cli.exit_code == 0, cli.output
+    (brain,) = json.loads(cli.stdout)["brains"]
+    got = np.array([row[c] for c in demo.classes], dtype=np.float64)
+    np.testing.assert_allclose(got, [brain["probabilities"][c] for c in demo.classes], atol=1e-6)
+    assert row["stage"] == brain["stage"] and list(row["prediction_set"]) == brain["prediction_set"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        ("empty", "the folder is empty"),
+        ("nested", "no JPEG/PNG slices directly in this folder (its sub-folders hold 1)"),
+        ("text", "the folder holds no JPEG/PNG slices"),
+        ("file", "not a folder"),
+        ("missing", "no such folder"),
+    ],
+)
+def test_a_brain_folder_without_slices_is_one_line_naming_the_folder(
+    project: Path, tmp_path: Path, layout: str, expected: str
+) -> None:
+    # given a folder (or not) that holds no slice of its own
+    folder = tmp_path / "sub-03"
+    if layout == "file":
+        folder = write_png(tmp_path / "one.png", 0)
+    elif layout != "missing":
+        folder.mkdir()
+    if layout == "nested":
+        write_png(folder / "deeper" / "a.png", 0)
+    if layout == "text":
+        (folder / "notes.txt").write_text("no slices here")
+    # when it is predicted as one brain
+    result = CliRunner().invoke(app, ["predict", "--brain", str(folder)])
+    # then a usage error, one line naming the folder and the fix, before any model loads
+    assert result.exit_code == 2
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert str(folder) in line and expected in line, line
+
+
+def test_a_model_without_a_brain_model_answers_a_brain_by_pooling_and_says_so() -> None:
+    from alzstage.model.brain_predict import NO_BRAIN_MODEL, brain_answer, brain_model_from_meta
+
+    # given the meta of a model logged before brain models existed, and one brain's slices
+    classes = ["A", "B", "C"]
+    meta = {"classes": classes, "input_size": [32, 32], "temperature": 1.0}
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.5, 0.4, 0.1]])
+    grays = [np.full((20, 16), 100, np.uint8)] * 3
+    # when the brain is answered with what the meta holds
+    answer = brain_answer(brain_model_from_meta(meta), classes, probs, grays)
+    # then the fixed pooling rule's stage, no set, and the answer names the fallback
+    pooled = np.exp(np.log(probs).mean(axis=0))
+    np.testing.assert_allclose(answer.probabilities, pooled / pooled.sum())
+    assert answer.stage == answer.pooled_stage == "A"
+    assert answer.members is None and answer.set_text is None
+    assert answer.fields(0.5)["brain_model"] == NO_BRAIN_MODEL

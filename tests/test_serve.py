@@ -198,6 +198,56 @@ def test_missing_files_field_is_422_with_a_message(client) -> None:
     assert r.status_code == 422 and "multipart/form-data" in r.json()["detail"]
 
 
+# --------------------------------------------------------------------------- one brain
+
+
+def test_brain_endpoint_gives_one_brain_answer_with_its_set(
+    client, demo: DemoChampion, mri_slices: list[np.ndarray]
+) -> None:
+    from alzstage.model.conformal import describe_set
+
+    # given four slices of one brain, a noise image and a damaged file, uploaded together
+    files = _files(
+        *[(f"s{i}.png", png_of(g), "image/png") for i, g in enumerate(mri_slices[:4])],
+        ("noise.png", png_bytes(5, (208, 176)), "image/png"),
+        ("cut.png", png_bytes(6)[:120], "image/png"),
+    )
+    # when they are sent as one brain, with Grad-CAM
+    r = client.post("/predict/brain?gradcam=true", files=files)
+    # then one brain-level answer with the brain model's stage, its set and the reference
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (b,) = body["predictions"]
+    assert body["model"]["synthetic_demo"] is True
+    assert b["kind"] == "brain" and b["status"] == 200
+    assert (b["n_slices"], b["n_slices_used"]) == (6, 4)
+    assert b["brain_model"] == "logistic" and b["stage"] in b["prediction_set"]
+    assert b["set_text"] == describe_set(b["prediction_set"], b["set_confidence"])
+    assert b["pooled_stage"] in demo.classes and list(b["probabilities"]) == demo.classes
+    # ... and the per-slice strip: the usable slices with their image, the others left out
+    by_name = {s["filename"]: s for s in b["slices"]}
+    assert list(by_name) == ["s0.png", "s1.png", "s2.png", "s3.png", "noise.png", "cut.png"]
+    assert by_name["noise.png"]["out_of_distribution"] is True
+    assert by_name["noise.png"]["left_out"].startswith("out of distribution")
+    assert "truncated" in by_name["cut.png"]["left_out"] and by_name["cut.png"]["image"] is None
+    used = [s for s in b["slices"] if not s["left_out"]]
+    assert all(s["image"].startswith("data:image/png;base64,") for s in used)
+    assert [s["index"] for s in used if s["gradcam"]] == sorted(
+        s["index"] for s in used if s["informative"]
+    )
+
+
+def test_brain_endpoint_without_a_usable_slice_is_422_naming_why(client) -> None:
+    # given only an image that is not a brain MRI slice
+    files = _files(("noise.png", png_bytes(7, (208, 176)), "image/png"))
+    # when it is sent as a brain
+    r = client.post("/predict/brain", files=files)
+    # then the request fails with the reason and the fix, not a stage
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "none of its 1 slice file(s) can be used" in detail and "out of distribution" in detail
+
+
 # --------------------------------------------------------------------------- input check
 
 
@@ -732,6 +782,14 @@ def test_mlflow_models_serve_takes_native_slices_like_the_cli(
         assert [p["stage"] for p in served] == [p["stage"] for p in cli_preds]
         for p in served:
             assert p["out_of_distribution"] is False and p["seen_in_training"] is False
+        # the same slices as ONE brain (the signature's `brain` parameter): one row
+        status, body = _invoke(
+            port, {"inputs": [g.tolist() for g in mri_slices[:3]], "params": {"brain": True}}
+        )
+        assert status == 200, body
+        (brain,) = body["predictions"]
+        assert brain["n_slices_used"] == 3 and brain["stage"] in brain["prediction_set"]
+        assert brain["set_text"].endswith("(90%)") and brain["brain_model"] == "logistic"
         # a slice already at the network's input size is accepted too
         small = to_model_array(mri_slices[0], demo.input_size)
         status, body = _invoke(port, {"inputs": [small.tolist()]})

@@ -146,12 +146,24 @@ def predict(
             "(<stem>.gradcam.png; existing files are never overwritten).",
         ),
     ] = None,
+    brain: Annotated[
+        bool,
+        typer.Option(
+            "--brain",
+            help="Each input is the folder of ONE brain's slices (JPEG/PNG): one brain-level "
+            "stage with its conformal set, plus the per-slice table. Slices unlike the "
+            "training slices are left out and listed.",
+        ),
+    ] = False,
 ) -> None:
     """Predict the stage of each image with calibrated probabilities; batches get a summary.
 
     A NIfTI volume is registered to MNI152, cut into the training slice format, and gets
-    one subject-level stage pooled from its slices (neuro.aggregate); JSON output adds
-    the per-slice probabilities and QC, --gradcam the most informative slices.
+    one brain-level stage from its slices: the brain model stored with the network, with
+    its conformal set ("VeryMildDemented or MildDemented (90%)"), the fixed pooling rule
+    (neuro.aggregate) beside it. --brain DIR does the same for a folder of one brain's
+    slices. JSON output adds the per-slice probabilities and QC, --gradcam the most
+    informative slices.
     """
     if output not in ("table", "json", "csv"):
         _fail(f"--format must be one of table, json, csv (got {output!r})")
@@ -164,7 +176,13 @@ def predict(
     try:
         # The model is said on stderr, so that JSON and CSV on stdout stay clean.
         run = command.run_predict(
-            inputs, model, params, paths, gradcam, announce=lambda s: typer.echo(s, err=True)
+            inputs,
+            model,
+            params,
+            paths,
+            gradcam,
+            announce=lambda s: typer.echo(s, err=True),
+            brain=brain,
         )
     except InputError as exc:  # no such input
         _fail(str(exc))
@@ -237,7 +255,8 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve the web page at / and the REST API (POST /predict, /predict/volume, /docs)."""
+    """Serve the web page at / and the REST API (POST /predict, /predict/volume,
+    /predict/brain, /docs)."""
     params, paths = _load()
     import uvicorn
 

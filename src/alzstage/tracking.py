@@ -534,9 +534,10 @@ def _pyfunc_class() -> type:
 
         # No type hints here: MLflow would try to derive (and enforce) a schema from them.
         def predict(self, context, model_input, params=None):
-            """Stage, probabilities and the input check's fields per (H, W) slice."""
+            """Stage, probabilities and the input check's fields per (H, W) slice; with
+            ``params={"brain": True}``, one row for the input as one brain's slices."""
             try:
-                return self.bundle.predict_frame(model_input)
+                return self.bundle.predict_frame(model_input, params)
             except InputError as exc:  # a malformed slice: the client's 400, not a 500
                 raise MlflowException.invalid_parameter_value(str(exc)) from None
 
@@ -561,22 +562,28 @@ def log_pyfunc_model(
     output_columns: dict[str, str],
     example: Any,
     pip_requirements: list[str],
+    params: tuple[tuple[str, str, Any], ...] = (),
 ) -> str:
     """Log the alzstage pyfunc into the active run; returns its model URI.
 
     ``load_bundle(artifact paths)`` builds what serves predictions when MLflow loads the
     model. The input signature is a uint8 tensor of shape (-1, -1, -1): any number of
     slices of any one H x W per request (the model resizes), so a client sends slices at
-    their exported size (Kaggle 208 x 176) as ``{"inputs": [[[...]]]}``.
+    their exported size (Kaggle 208 x 176) as ``{"inputs": [[[...]]]}``. ``params``
+    ``(name, type, default)`` become the signature's inference parameters, which MLflow
+    passes to ``predict`` only when declared (``{"inputs": ..., "params": {"brain": true}}``).
     """
     import mlflow.pyfunc
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
         outputs=Schema([ColSpec(kind, name) for name, kind in output_columns.items()]),
+        params=ParamSchema([ParamSpec(name, kind, default) for name, kind, default in params])
+        if params
+        else None,
     )
     info = mlflow.pyfunc.log_model(
         name="model",

@@ -191,17 +191,158 @@ def baselines_section(baselines: dict) -> list[str]:
     return [*lines, ""]
 
 
-def render_model_card(
-    report: dict, split_info: dict, provenance: dict, baselines: dict | None = None
-) -> str:
-    """Markdown model card from metrics.json, split.json, run provenance and baselines.json.
+# The brain-level predictors brain_test_report scores, in the card's words and order.
+BRAIN_PREDICTORS = {
+    "brain_model": "brain model",
+    "morphometric": "morphometric baseline (CSF fraction only)",
+    "pool": "fixed pooling rule (mean log-probability)",
+    "majority": "majority class",
+}
 
-    Pure. ``baselines`` None (a report from before baselines existed) omits that section.
+
+def _diff(cmp: dict | None) -> tuple[str, str]:
+    """A paired difference and its interval as the table shows them."""
+    if not cmp:
+        return "", ""
+    d, iv = cmp.get("difference"), cmp.get("ci")
+    diff = "n/a" if d is None else f"{d:+.3f}"
+    return diff, "n/a" if not iv else f"{iv['low']:+.3f} to {iv['high']:+.3f}"
+
+
+def brain_verdict(name: str, cmp: dict | None) -> str:
+    """``the brain model does not beat the morphometric baseline (...)``, in plain words.
+
+    Beats: the whole 95% interval of the paired difference is above 0; worse: below 0;
+    otherwise the interval includes 0 and the brain model "does not beat" it.
     """
-    classes = provenance.get("classes") or list(report.get("per_class", {}))
-    ci = report.get("ci", {})
-    cal = report.get("calibration", {})
-    sub = report.get("subject_level", {})
+    what = BRAIN_PREDICTORS.get(name, name).split(" (")[0]
+    iv = (cmp or {}).get("ci")
+    if not iv:
+        return f"the brain model's difference from the {what} has no interval (too few brains)"
+    span = (
+        f"paired difference {cmp['difference']:+.3f}, 95% CI {iv['low']:+.3f} to {iv['high']:+.3f}"
+    )
+    if iv["low"] > 0:
+        return f"the brain model beats the {what} ({span})"
+    if iv["high"] < 0:
+        return f"the brain model is WORSE than the {what} ({span})"
+    return f"the brain model does not beat the {what} ({span}: the interval includes 0)"
+
+
+def _brain_conformal(conformal: dict) -> str:
+    """The conformal sets' coverage on the test brains, in one sentence."""
+    if not conformal or conformal.get("available") is False:
+        why = (conformal or {}).get("reason", "no calibration")
+        return f"Conformal sets: none ({why})."
+    chosen = conformal.get("selected", "marginal")
+    cov = conformal.get(chosen, {})
+    nominal = cov.get("nominal", conformal.get("confidence"))
+    return (
+        f"Conformal sets ({chosen}, nominal coverage {_num(nominal, 2)}): coverage "
+        f"{_num(cov.get('coverage'))} on {cov.get('n', '?')} test brains, mean set size "
+        f"{_num(cov.get('mean_set_size'), 2)}; calibrated on "
+        f"{conformal.get('calibration_brains', '?')} validation brains (never fitted on)."
+    )
+
+
+def _brain_binary(binary: dict) -> str:
+    """The screening view (not demented vs any dementia), in one sentence."""
+    if not binary:
+        return "Binary view: not reported."
+    ci = binary.get("ci", {})
+    parts = [
+        f"{label} {_num(binary.get(key))} ({_ci(ci, key)})"
+        for key, label in (
+            ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"),
+            ("roc_auc", "ROC AUC"),
+        )
+    ]
+    return (
+        f"Binary view (not demented vs any dementia, {binary.get('n_brains', '?')} brains): "
+        + ", ".join(parts)
+        + "."
+    )
+
+
+def brain_level_section(brain: dict) -> list[str]:
+    """The brain-level answer users get: the brain model against the morphometric
+    baseline and the fixed pooling rule on the same test brains, its conformal sets'
+    coverage, and the binary view.
+
+    The verdicts are printed, not left to the reader: a brain model whose paired
+    interval against the CSF-fraction baseline includes 0 "does not beat" it, however
+    its point estimate looks.
+    """
+    if brain.get("available") is False:
+        return ["## Brain level", "", f"Not scored: {brain.get('reason', 'no brains')}.", ""]
+    scores = brain.get("scores", {})
+    predictors = scores.get("predictors", {})
+    main = ", ".join(scores.get("main_classes", [])) or "?"
+    lines = [
+        "## Brain level",
+        "",
+        f"One stage per test brain from all its slices, as `predict` answers a volume or a "
+        f"folder of one brain's slices: the brain model (`{brain.get('aggregator', '?')}` "
+        f"over {', '.join(brain.get('features', [])) or '?'}, fitted on the training "
+        f"brains), on {brain.get('n_brains', '?')} test brains. 95% intervals: bootstrap "
+        f"over brains ({scores.get('n_resamples', '?')} resamples, stratified by class); "
+        "differences are the brain model's balanced accuracy minus the other's, paired on "
+        f"the same draws. Main classes (at least 3 brains): {main}.",
+        "",
+    ]
+    rows = []
+    for name, label in BRAIN_PREDICTORS.items():
+        if name not in predictors:
+            continue
+        p = predictors[name]
+        ci = p.get("ci", {})
+        cmp = p.get("vs_reference", {})
+        diff, interval = _diff(cmp.get("balanced_accuracy_main"))
+        diff_all, interval_all = _diff(cmp.get("balanced_accuracy"))
+        rows.append(
+            [
+                label,
+                _num(p.get("balanced_accuracy_main")),
+                _ci(ci, "balanced_accuracy_main"),
+                _num(p.get("balanced_accuracy")),
+                _ci(ci, "balanced_accuracy"),
+                diff,
+                interval,
+                diff_all,
+                interval_all,
+            ]
+        )
+    lines += _table(
+        [
+            "predictor",
+            "balanced accuracy (main)",
+            "95% CI",
+            "balanced accuracy (all)",
+            "95% CI",
+            "brain model minus it (main)",
+            "CI",
+            "minus it (all)",
+            "CI",
+        ],
+        rows,
+    )
+    for name in ("morphometric", "pool"):
+        if name in predictors:
+            cmp = predictors[name].get("vs_reference", {}).get("balanced_accuracy_main")
+            text = brain_verdict(name, cmp)
+            lines.append(f"- {text[0].upper()}{text[1:]}, main classes.")
+    lines += [
+        f"- {_brain_conformal(brain.get('conformal', {}))}",
+        f"- {_brain_binary(brain.get('binary', {}))}",
+        "",
+    ]
+    return lines
+
+
+def _header(report: dict, baselines: dict | None) -> list[str]:
+    """Title, research notice, the leakage caveat and a lost pixel baseline: what a reader
+    must see before any number."""
     lines: list[str] = ["# Model card: alzstage Alzheimer's-stage classifier", ""]
     lines += [RESEARCH_NOTICE, ""]
     if report.get("split_leaky"):
@@ -217,8 +358,12 @@ def render_model_card(
         # Said at the top: a network no better than PCA + logistic regression on 32x32
         # thumbnails has not shown that it learned anything a linear model could not.
         lines += [f"> **{pixel['verdict'][0].upper()}{pixel['verdict'][1:]}.**", ""]
+    return lines
 
-    lines += ["## Model", ""]
+
+def _model_sections(classes: list[str], cal: dict, provenance: dict) -> list[str]:
+    """What the model is and what it is for."""
+    lines = ["## Model", ""]
     lines += [
         f"- Task: classify a brain MRI slice into ordered stages {' < '.join(classes)}.",
         f"- Architecture: {provenance.get('backbone', '?')} backbone "
@@ -246,8 +391,14 @@ def render_model_card(
         "conclusions. " + RESEARCH_NOTICE,
         "",
     ]
+    return lines
 
-    lines += ["## Data and provenance", ""]
+
+def _data_sections(
+    report: dict, split_info: dict, provenance: dict, classes: list[str]
+) -> list[str]:
+    """Where the data came from and how the test brains were kept apart."""
+    lines = ["## Data and provenance", ""]
     counts = split_info.get("counts", {})
     subjects = split_info.get("subjects", {})
     lines += [
@@ -282,8 +433,13 @@ def render_model_card(
             )
         lines += ["Images / subjects per split:", ""]
         lines += _table(["split", *classes, "total"], rows)
+    return lines
 
-    lines += ["## Test performance", ""]
+
+def _performance_section(report: dict, classes: list[str]) -> list[str]:
+    """Slice-level test scores with their intervals, overall and per class."""
+    ci = report.get("ci", {})
+    lines = ["## Test performance", ""]
     unit = ci.get("unit", "image")
     lines += [
         f"{report.get('n_test', 0)} test slices. 95% intervals: {ci.get('method', 'bootstrap')}, "
@@ -322,37 +478,42 @@ def render_model_card(
         ["class", "precision", "recall", "recall 95% CI", "F1", "ROC-AUC", "PR-AUC", "slices"],
         rows,
     )
+    return lines
 
-    if sub.get("available"):
-        sci = sub.get("ci", {})
-        lines += [
-            "### Subject level",
-            "",
-            f"Slices pooled per subject ({sub.get('aggregation', '')}); "
-            f"{sub.get('n_subjects', 0)} subjects (ids: {sub.get('subject_ids', '?')}).",
-            "",
-        ]
-        rows = [
-            [
-                "balanced accuracy",
-                _num(sub.get("balanced_accuracy")),
-                _ci(sci, "balanced_accuracy"),
-            ],
-            ["macro-F1", _num(sub.get("macro_f1")), _ci(sci, "macro_f1")],
-            ["accuracy", _num(sub.get("accuracy")), _ci(sci, "accuracy")],
-            ["quadratic weighted kappa", _num(sub.get("quadratic_weighted_kappa")), ""],
-        ]
-        lines += _table(["metric (subject level)", "value", "95% CI"], rows)
-        per = sub.get("n_subjects_per_class", {})
-        lines += [
-            "Test subjects per class: " + ", ".join(f"{c} {per.get(c, 0)}" for c in classes),
-            "",
-        ]
 
-    if baselines:
-        lines += baselines_section(baselines)
+def _subject_section(sub: dict, classes: list[str]) -> list[str]:
+    """The fixed pooling rule's subject-level scores (nothing without subject ids)."""
+    if not sub.get("available"):
+        return []
+    sci = sub.get("ci", {})
+    lines = [
+        "### Subject level",
+        "",
+        f"Slices pooled per subject ({sub.get('aggregation', '')}); "
+        f"{sub.get('n_subjects', 0)} subjects (ids: {sub.get('subject_ids', '?')}).",
+        "",
+    ]
+    rows = [
+        [
+            "balanced accuracy",
+            _num(sub.get("balanced_accuracy")),
+            _ci(sci, "balanced_accuracy"),
+        ],
+        ["macro-F1", _num(sub.get("macro_f1")), _ci(sci, "macro_f1")],
+        ["accuracy", _num(sub.get("accuracy")), _ci(sci, "accuracy")],
+        ["quadratic weighted kappa", _num(sub.get("quadratic_weighted_kappa")), ""],
+    ]
+    lines += _table(["metric (subject level)", "value", "95% CI"], rows)
+    per = sub.get("n_subjects_per_class", {})
+    lines += [
+        "Test subjects per class: " + ", ".join(f"{c} {per.get(c, 0)}" for c in classes),
+        "",
+    ]
+    return lines
 
-    lines += ["## Calibration", ""]
+
+def _calibration_section(cal: dict) -> list[str]:
+    lines = ["## Calibration", ""]
     if cal:
         before, after = cal.get("uncalibrated", {}), cal.get("calibrated", {})
         rows = [[k, _num(before.get(k), 4), _num(after.get(k), 4)] for k in ("ece", "nll", "brier")]
@@ -363,6 +524,29 @@ def render_model_card(
             "",
         ]
         lines += _table(["test", "uncalibrated", "calibrated"], rows)
+    return lines
+
+
+def render_model_card(
+    report: dict, split_info: dict, provenance: dict, baselines: dict | None = None
+) -> str:
+    """Markdown model card from metrics.json, split.json, run provenance and baselines.json.
+
+    Pure. ``baselines`` None (a report from before baselines existed) omits that section;
+    so does a report without ``brain_level`` (from before the brain model) its section.
+    """
+    classes = provenance.get("classes") or list(report.get("per_class", {}))
+    cal = report.get("calibration", {})
+    lines = _header(report, baselines)
+    lines += _model_sections(classes, cal, provenance)
+    lines += _data_sections(report, split_info, provenance, classes)
+    lines += _performance_section(report, classes)
+    lines += _subject_section(report.get("subject_level", {}), classes)
+    if report.get("brain_level"):
+        lines += brain_level_section(report["brain_level"])
+    if baselines:
+        lines += baselines_section(baselines)
+    lines += _calibration_section(cal)
 
     lines += ["## Figures", ""]
     lines += [

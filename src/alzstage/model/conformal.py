@@ -141,7 +141,7 @@ def coverage_report(sets: np.ndarray, y: np.ndarray, classes: list[str], confide
 
 
 def describe_set(members: list[str], confidence: float) -> str:
-    """``"VeryMildDemented or MildDemented (90%)"``; every stage: ``"any stage (90%)"``."""
+    """``"VeryMildDemented or MildDemented (90%)"``: the stages that cannot be ruled out."""
     pct = f"{confidence * 100:.0f}%"
     if not members:
         return f"no stage fits ({pct})"

@@ -26,6 +26,7 @@ __all__ = [
     "UnsupportedImage",
     "decode_image",
     "decode_slice",
+    "display_image",
     "load_batch",
     "load_gray",
     "to_model_array",
@@ -35,6 +36,9 @@ IMAGE_FORMATS = ("JPEG", "PNG")
 # A 4096 x 4096 slice is already far beyond any MRI export; the cap exists so a tiny
 # compressed file cannot make the decoder allocate gigabytes (a decompression bomb).
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# Decoded slices are kept at most this large (shrunk while decoding): the Grad-CAM
+# display size, well above the network input and the input check's 64 px.
+DISPLAY_MAX_SIDE = 512
 
 
 class UnsupportedImage(ImageReadError):
@@ -185,6 +189,15 @@ def to_model_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if im.size != (w, h):
         im = im.resize((w, h), Image.Resampling.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
+
+
+def display_image(gray: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    """The original slice, shrunk to at most ``max_side`` so overlays stay small files."""
+    h, w = gray.shape
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return gray
+    return to_model_array(gray, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
 def load_gray(path: Path, size: tuple[int, int]) -> np.ndarray:

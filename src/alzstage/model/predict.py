@@ -12,9 +12,10 @@ results of :mod:`alzstage.model.prediction`, so a file gets the same numbers whi
 way it is sent; the probabilities come from the registered pyfunc, so they also match
 ``mlflow models serve``.
 
-Why about 530 lines: model loading (registry, files, demo), input expansion and the
-shared image path (``predict_decoded``) for the CLI and the API; the result type is
-``prediction.py``, volumes ``subject.py``, rendering ``predict_command.py``.
+Why about 610 lines: model loading (registry, files, demo), input expansion (and the
+``--brain`` folders) and the shared image path (``predict_decoded``) for the CLI and the
+API; the result type is ``prediction.py``, volumes and brains ``subject.py`` (their
+brain-level answer ``brain_predict.py``), rendering ``predict_command.py``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import numpy as np
 
 from alzstage import tracking
 from alzstage.data.identity import DEMO, ConfiguredDataset, configured_dataset
-from alzstage.errors import ImageReadError, ModelError, ModelNotFound  # re-exported
+from alzstage.errors import ImageReadError, InputError, ModelError, ModelNotFound  # re-exported
 from alzstage.model.explain import overlay_writer
 from alzstage.model.inputs import (  # decoding lives with the other input code; re-exported
     DEFAULT_MAX_PIXELS,
+    DISPLAY_MAX_SIDE,
     IMAGE_FORMATS,  # noqa: F401
     CorruptImage,  # noqa: F401
     DecodedImage,
@@ -43,13 +45,16 @@ from alzstage.model.inputs import (  # decoding lives with the other input code;
     UnsupportedImage,  # noqa: F401
     decode_image,  # noqa: F401
     decode_slice,
+    display_image,
     to_model_array,
 )
 from alzstage.model.prediction import ImagePrediction, ModelRef, Prediction, failed, scored
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
+    from alzstage.model.brain import BrainModel
     from alzstage.model.ood import InputCheck
+    from alzstage.model.prediction import VolumePrediction
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -93,6 +98,40 @@ def expand_inputs(items: Iterable[str]) -> list[Path]:
                 elif wanted(m):
                     found.append(m)
     return sorted(dict.fromkeys(q.resolve() for q in found))
+
+
+def brain_files(folder: Path) -> list[Path]:
+    """The JPEG/PNG slices directly in ``folder``, sorted: one brain for ``--brain``.
+
+    Only the folder's own files: a folder of brains (one sub-folder each) would
+    otherwise become one brain. Raises :class:`~alzstage.errors.InputError`, one line
+    naming the folder and the fix, when there is nothing to predict.
+    """
+    from alzstage.neuro.volume import is_volume_path
+
+    folder = Path(folder)
+    how = "--brain takes a folder holding one brain's slices (.jpg, .jpeg, .png)"
+    if not folder.exists():
+        raise InputError(f"{folder}: no such folder; {how}")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; {how} (predict single files without --brain)")
+    entries = sorted(folder.iterdir())
+    files = [q for q in entries if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+    if files:
+        return files
+    if any(q.is_file() and is_volume_path(q) for q in entries):
+        raise InputError(
+            f"{folder}: holds NIfTI volumes, not slice images; a volume is one brain by "
+            "itself: predict it without --brain"
+        )
+    nested = [q for q in folder.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+    if nested:
+        raise InputError(
+            f"{folder}: no JPEG/PNG slices directly in this folder (its sub-folders hold "
+            f"{len(nested)}); give each brain's own folder to --brain"
+        )
+    state = "is empty" if not entries else "holds no JPEG/PNG slices"
+    raise InputError(f"{folder}: the folder {state}; {how}")
 
 
 # --------------------------------------------------------------------------- model
@@ -393,6 +432,13 @@ class LoadedModel:
         return self.bundle.guard is not None
 
     @property
+    def brain_model(self) -> BrainModel | None:
+        """The brain-level model stored with the network (``meta["brain_model"]``); None
+        for a model logged before it existed, or a bare ``.keras`` file: the brain's stage
+        then comes from the fixed pooling rule, with no set."""
+        return self.bundle.brain
+
+    @property
     def keras_model(self) -> Any:
         """The Keras network itself (for Grad-CAM, which needs gradients, not a pyfunc)."""
         return self.bundle.model
@@ -429,20 +475,6 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- batch
-
-
-# Decoded slices are kept at most this large (shrunk while decoding): the Grad-CAM
-# display size, well above the network input and the input check's 64 px.
-DISPLAY_MAX_SIDE = 512
-
-
-def display_image(gray: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
-    """The original slice, shrunk to at most ``max_side`` so overlays stay small files."""
-    h, w = gray.shape
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return gray
-    return to_model_array(gray, (max(1, round(h * scale)), max(1, round(w * scale))))
 
 
 def predict_decoded(
@@ -517,6 +549,48 @@ def predict_files(
     for p in predict_decoded(model, decoded, low_confidence, overlay_to):
         results[p.index] = p
     return [results[i] for i in sorted(results)]
+
+
+def predict_brain_folders(
+    model: LoadedModel,
+    brains: Sequence[tuple[Path, list[Path]]],
+    params: Params,
+    gradcam_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[VolumePrediction]:
+    """One brain-level result per ``(folder, its files)`` (:func:`brain_files`), each
+    with the per-slice table; files that cannot be read are listed, not fatal.
+
+    With ``gradcam_dir``, each informative slice's overlay of the brain's stage is
+    written there as ``<file stem>.gradcam.png`` (never overwriting).
+    """
+    from alzstage.model.subject import predict_brain_slices
+
+    write = None if gradcam_dir is None else overlay_writer(gradcam_dir)
+    results = []
+    for index, (folder, files) in enumerate(brains):
+        decoded, unreadable = [], []
+        for i, f in enumerate(files):
+            try:
+                decoded.append((i, str(f), decode_slice(f, max_pixels, max_side=DISPLAY_MAX_SIDE)))
+            except ImageReadError as exc:
+                unreadable.append((i, str(f), str(exc)))
+        overlay_to = (
+            None if write is None else (lambda i, rgb, fs=files: write(Path(fs[i]).stem, rgb))
+        )
+        results.append(
+            predict_brain_slices(
+                model,
+                decoded,
+                unreadable,
+                str(folder),
+                params.neuro,
+                params.evaluate.low_confidence,
+                index=index,
+                overlay_to=overlay_to,
+            )
+        )
+    return results
 
 
 def predict_paths(

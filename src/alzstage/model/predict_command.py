@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from alzstage.errors import InputError, ModelError, ModelNotFound
 from alzstage.model.prediction import (
+    NO_BRAIN_MODEL_NOTE,
     ModelRef,
     Prediction,
     Summary,
@@ -55,31 +56,44 @@ def run_predict(
     paths: Paths,
     gradcam_dir: Path | None = None,
     announce: Callable[[str], None] = print,
+    brain: bool = False,
 ) -> PredictionRun:
     """Expand the inputs, load the model ``--model`` names (by default the configured
     dataset's champion, announced so that JSON and CSV output stay clean) and predict.
 
-    Raises :class:`~alzstage.errors.InputError` for inputs that name no file, and
-    :class:`~alzstage.errors.ModelError` (or ``DatasetUnknown``) when there is no model
-    to use; a file that cannot be read is a result with an ``error``, not an exception.
+    With ``brain`` each input is the folder of one brain's slices and gets one
+    brain-level result (stage, conformal set, per-slice table) instead of one per file.
+
+    Raises :class:`~alzstage.errors.InputError` for inputs that name no file (or, with
+    ``brain``, a folder without slices), and :class:`~alzstage.errors.ModelError` (or
+    ``DatasetUnknown``) when there is no model to use; a file that cannot be read is a
+    result with an ``error`` (a brain's: a left-out slice), not an exception.
     """
     from alzstage.model.predict import (
         LoadedModel,
+        brain_files,
         choose_model,
         expand_inputs,
         missing_champion_hint,
+        predict_brain_folders,
         predict_paths,
         store_uris,
     )
 
-    try:
-        files = expand_inputs(inputs)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
-    if not files:
-        raise InputError(
-            "no image files found in the given inputs (expected .jpg, .jpeg, .png, .nii or .nii.gz)"
-        )
+    brains: list[tuple[Path, list[Path]]] = []
+    files: list[Path] = []
+    if brain:  # checked before the model loads: a wrong folder fails in a second
+        brains = [(Path(folder), brain_files(Path(folder))) for folder in inputs]
+    else:
+        try:
+            files = expand_inputs(inputs)
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from None
+        if not files:
+            raise InputError(
+                "no image files found in the given inputs (expected .jpg, .jpeg, .png, .nii "
+                "or .nii.gz)"
+            )
     tracking_uri, registry_uri = store_uris(paths.root)
     choice = choose_model(model_ref, params, paths)
     announce(f"model: {choice.reason}")
@@ -95,9 +109,15 @@ def run_predict(
         hint = missing_champion_hint(choice, params.promote.model_name, tracking_uri, registry_uri)
         raise ModelNotFound(f"{exc}; {hint}" if hint else str(exc)) from None
     try:
-        predictions = predict_paths(model, files, params, gradcam_dir)
+        if brain:
+            predictions: list[Prediction] = list(
+                predict_brain_folders(model, brains, params, gradcam_dir)
+            )
+        else:
+            predictions = predict_paths(model, files, params, gradcam_dir)
     except ValueError as exc:  # Grad-CAM on a model that is not preprocess -> backbone -> head
-        raise ModelError(f"--gradcam: {exc}") from None
+        what = "--gradcam" if gradcam_dir is not None else model.info.label
+        raise ModelError(f"{what}: {exc}") from None
     return PredictionRun(
         model=model.info.ref,
         label=model.info.label,
@@ -128,8 +148,10 @@ def json_document(run: PredictionRun) -> str:
         "predictions": records(run.predictions, run.classes, gradcam),
         "summary": run.summary.model_dump(mode="json"),
     }
-    if run.volumes:
-        doc["volumes"] = volume_details(run.volumes, gradcam)
+    for kind, key in (("volume", "volumes"), ("brain", "brains")):
+        chosen = [v for v in run.volumes if v.kind == kind]
+        if chosen:
+            doc[key] = volume_details(chosen, gradcam)
     return json.dumps(doc, indent=2)
 
 
@@ -144,6 +166,7 @@ def csv_text(run: PredictionRun) -> str:
 def csv_notes(run: PredictionRun) -> list[str]:
     """What a person reads next to the CSV (stderr): the model and, for a batch, the summary."""
     notes = [f"# model {run.label}: {run.model.provenance}"]
+    notes += [f"# {brain_lines(v)[0]}" for v in run.volumes if not v.error]
     if len(run.predictions) > 1:
         notes.append(f"# summary: {json.dumps(run.summary.model_dump(mode='json'))}")
     return notes
@@ -166,7 +189,7 @@ def print_table(run: PredictionRun) -> None:
     for p in run.predictions:
         shown = Path(p.filename).name
         if isinstance(p, VolumePrediction) and not p.error:
-            shown += f" (volume: {p.n_slices} slices, {p.aggregate})"
+            shown += f" ({p.kind}: {p.n_slices_used} of {p.n_slices} slices, {p.brain_model})"
         if p.error:
             table.add_row(shown, "[red]unreadable[/red]", *no_numbers)
             errors.append(p.error)
@@ -192,17 +215,64 @@ def print_table(run: PredictionRun) -> None:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for v in run.volumes:
         if not v.error:
-            z = {s.index: s.z_mm for s in v.slices or []}
-            where = ", ".join(f"{i} (z={z[i]:g} mm)" for i in v.informative_slices)
-            console.print(
-                f"{Path(v.filename).name}: registration score {v.registration_score:.2f}; "
-                f"most informative slices for {v.stage}: {where or 'none'}",
-                highlight=False,
-            )
+            _print_brain(console, v, classes)
     if len(run.predictions) > 1:
         _print_summary(console, run.summary, classes)
     if run.gradcam_dir is not None:
         console.print(f"Grad-CAM overlays written to {run.gradcam_dir}")
+
+
+def brain_lines(v: VolumePrediction) -> list[str]:
+    """The brain-level answer in words: stage and set, the pooled reference, where the
+    answer looked (a volume's informative slices), and the slices left out."""
+    name = Path(v.filename).name
+    if v.no_brain_model:
+        how = f"{NO_BRAIN_MODEL_NOTE} ({v.aggregate})"
+    else:
+        how = f"brain model {v.brain_model}; fixed pooling rule {v.aggregate}: {v.pooled_stage}"
+    lines = [
+        f"{name}: brain stage {v.stage}; set {v.set_text or 'none (no calibrated brain model)'}"
+        f"; {how}"
+    ]
+    where = ", ".join(
+        f"{s.index} (z={s.z_mm:g} mm)" if s.z_mm is not None else Path(s.filename or "").name
+        for i in v.informative_slices
+        for s in v.slices or []
+        if s.index == i
+    )
+    reg = "" if v.registration_score is None else f"registration score {v.registration_score:.2f}; "
+    lines.append(f"{name}: {reg}most informative slices for {v.stage}: {where or 'none'}")
+    for s in v.slices or []:
+        if s.left_out:  # an unreadable file's reason already starts with its path
+            why = s.left_out.removeprefix(f"{s.filename}: ")
+            lines.append(f"{name}: left out {Path(s.filename or str(s.index)).name}: {why}")
+    return lines
+
+
+def _print_brain(console: Console, v: VolumePrediction, classes: list[str]) -> None:
+    """The brain-level lines; a brain's files also get their per-slice table."""
+    from rich.table import Table
+
+    first, *rest = brain_lines(v)
+    console.print(first, style="bold", highlight=False)
+    for line in rest:
+        console.print(line, highlight=False)
+    if v.kind != "brain":
+        return
+    table = Table(title=f"slices of {Path(v.filename).name} (* most informative)")
+    table.add_column("slice", overflow="fold")
+    table.add_column("stage", overflow="fold")
+    for col in ["confidence", *classes]:
+        table.add_column(col)
+    for s in v.slices or []:
+        shown = Path(s.filename or str(s.index)).name + (" *" if s.informative else "")
+        if s.probabilities is None or s.confidence is None:
+            why = "out of distribution" if s.out_of_distribution else "unreadable"
+            table.add_row(shown, f"[yellow]left out: {why}[/yellow]", *[""] * (1 + len(classes)))
+            continue
+        probs = [f"{s.probabilities[c]:.3f}" for c in classes]
+        table.add_row(shown, s.stage or "", f"{s.confidence:.3f}", *probs)
+    console.print(table)
 
 
 def _print_summary(console: Console, s: Summary, classes: list[str]) -> None:

@@ -18,6 +18,12 @@ from pydantic import BaseModel, Field
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.errors import ImageReadError
 
+#: ``brain_model`` of an answer made without a stored brain model (a model logged
+#: before brain models existed): the fixed pooling rule gave the stage, with no set.
+NO_BRAIN_MODEL = "pool (no brain model stored)"
+#: What a person reads next to such an answer.
+NO_BRAIN_MODEL_NOTE = "brain model: none stored with this model; fixed pooling rule"
+
 
 class ModelRef(BaseModel):
     """Which registered model version produced the answer, and what it was trained on."""
@@ -110,38 +116,99 @@ class ImagePrediction(Prediction):
 
 
 class SlicePrediction(BaseModel):
-    """One axial slice of a volume, in the training image format."""
+    """One slice of a brain: an axial slice of a volume in the training image format, or
+    one file of a folder (or upload) of one brain's slices."""
 
-    index: int = Field(description="Slice number, inferior to superior.")
-    z_mm: float = Field(description="MNI z coordinate of the slice in mm.")
-    stage: str = Field(description="The slice's own most probable stage.")
-    confidence: float
-    probabilities: dict[str, float]
+    index: int = Field(
+        description="Slice number: inferior to superior for a volume, the file's position "
+        "among the brain's files otherwise."
+    )
+    z_mm: float | None = Field(
+        None, description="MNI z coordinate of the slice in mm (volumes; null for files)."
+    )
+    filename: str | None = Field(None, description="The slice's file (a brain's files only).")
+    stage: str | None = Field(
+        None, description="The slice's own most probable stage (null when left out)."
+    )
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
     informative: bool = Field(
-        description="One of the neuro.gradcam_slices slices that most support the volume's stage."
+        False,
+        description="One of the neuro.gradcam_slices slices that most support the brain's stage.",
+    )
+    out_of_distribution: bool | None = Field(
+        None,
+        description="A brain's file judged unlike the training slices by the input check "
+        "(left out of the brain); null for volume slices and unchecked models.",
+    )
+    left_out: str | None = Field(
+        None,
+        description="Why this file is not part of the brain's answer (out of distribution "
+        "or unreadable); null when it is.",
     )
     image: str | None = Field(
         None, description="The slice as the model saw it, a data:image/png URL (API only)."
     )
     gradcam: str | None = Field(
         None,
-        description="Grad-CAM of the volume's stage on this slice (informative slices): a "
+        description="Grad-CAM of the brain's stage on this slice (informative slices): a "
         "data:image/png URL (the CLI: the PNG file it wrote).",
     )
 
 
 class VolumePrediction(Prediction):
-    """The subject-level outcome for one NIfTI volume."""
+    """The brain-level outcome for one brain: a NIfTI volume, or a folder (upload) of one
+    brain's slices (``kind`` "brain").
 
-    error: str | None = Field(None, description="Why the volume could not be used.")
-    stage: str | None = Field(None, description="Subject-level stage pooled from the slices.")
+    ``stage`` and ``probabilities`` are the brain model's (stored with the network, fitted
+    on training brains), ``prediction_set`` its conformal set; the fixed pooling rule's
+    stage stays beside it as the reference (``pooled_stage``). A model stored without a
+    brain model gives the pooled stage and no set, and ``brain_model`` says so.
+    """
+
+    kind: str = Field(
+        "volume", description="volume (a NIfTI volume) or brain (one brain's slice files)."
+    )
+    error: str | None = Field(None, description="Why the brain could not be used.")
+    stage: str | None = Field(None, description="Brain-level stage from the brain model.")
     confidence: float | None = None
     low_confidence: bool | None = None
     probabilities: dict[str, float] | None = Field(
-        None, description="Pooled probability per class, in class order."
+        None, description="The brain model's probability per class, in class order."
     )
-    aggregate: str | None = Field(None, description="Pooling rule: mean_log, mean or vote.")
-    n_slices: int | None = None
+    prediction_set: list[str] | None = Field(
+        None,
+        description="Conformal prediction set: the stages that cannot be ruled out at "
+        "`set_confidence` coverage (calibrated on held-out brains); null when the model "
+        "carries no calibrated brain model.",
+    )
+    set_confidence: float | None = Field(
+        None, description="Coverage the set is calibrated for, e.g. 0.9."
+    )
+    set_text: str | None = Field(
+        None, description='The set in words: "VeryMildDemented or MildDemented (90%)".'
+    )
+    brain_model: str | None = Field(
+        None,
+        description="The brain model's aggregator (logistic, pool), or "
+        '"pool (no brain model stored)" for a model logged without one.',
+    )
+    pooled_stage: str | None = Field(
+        None, description="The fixed pooling rule's stage (`aggregate`), the reference."
+    )
+    pooled_probabilities: dict[str, float] | None = Field(
+        None, description="The fixed pooling rule's probability per class."
+    )
+    aggregate: str | None = Field(
+        None, description="The reference pooling rule: mean_log, mean or vote."
+    )
+    n_slices: int | None = Field(None, description="Slices (or files) the brain came with.")
+    n_slices_used: int | None = Field(
+        None, description="Slices the brain-level answer rests on (the rest: `left_out`)."
+    )
+    csf_fraction: float | None = Field(
+        None, description="The brain's mean CSF fraction of the head, measured at full size."
+    )
     registration_score: float | None = Field(
         None, description="Correlation with MNI152 after affine registration (0..1)."
     )
@@ -151,13 +218,18 @@ class VolumePrediction(Prediction):
     slices: list[SlicePrediction] | None = None
 
     @property
+    def no_brain_model(self) -> bool:
+        """Answered by the fixed pooling rule because the model stores no brain model."""
+        return self.brain_model == NO_BRAIN_MODEL
+
+    @property
     def informative_slices(self) -> list[int]:
         """The informative slices, most informative first: highest probability of the
-        volume's stage, ties to the lower index (how they were chosen)."""
+        brain's stage, ties to the lower index (how they were chosen)."""
         if self.stage is None:
             return []
-        chosen = [s for s in self.slices or [] if s.informative]
-        chosen.sort(key=lambda s: (-s.probabilities[self.stage], s.index))
+        chosen = [s for s in self.slices or [] if s.informative and s.probabilities]
+        chosen.sort(key=lambda s: (-(s.probabilities or {})[self.stage], s.index))
         return [s.index for s in chosen]
 
 
@@ -235,7 +307,31 @@ def summarize(
 # --------------------------------------------------------------------------- CLI renderings
 
 CHECK_COLUMNS = ("out_of_distribution", "ood_reason", "seen_in_training", "training_correlation")
-VOLUME_COLUMNS = ("n_slices", "aggregate", "registration_score")
+VOLUME_COLUMNS = (
+    "n_slices",
+    "aggregate",
+    "registration_score",
+    "n_slices_used",
+    "brain_model",
+    "pooled_stage",
+    "set_text",
+)
+# Per-slice fields in --format json: a volume's slices have a z, a brain's files a name.
+SLICE_DETAIL = {
+    "volume": {"index", "z_mm", "stage", "probabilities"},
+    "brain": {"index", "filename", "stage", "probabilities", "out_of_distribution", "left_out"},
+}
+BRAIN_DETAIL = (
+    "prediction_set",
+    "set_confidence",
+    "set_text",
+    "brain_model",
+    "pooled_stage",
+    "pooled_probabilities",
+    "n_slices",
+    "n_slices_used",
+    "csf_fraction",
+)
 
 
 def records(
@@ -244,8 +340,9 @@ def records(
     """One flat row per input, the table ``alzstage predict`` prints as JSON or CSV.
 
     Columns: ``file``, ``stage``, ``confidence``, ``low_confidence``, ``error``, one per
-    class, then the input check's columns when there are images, ``kind`` and the
-    volume columns when there are volumes, and ``gradcam`` with ``--gradcam``. The
+    class, then the input check's columns when there are images, ``kind`` (image, volume
+    or brain) and the brain-level columns when there are volumes or brains (the set in
+    words, ``set_text``; the pooled reference stage), and ``gradcam`` with ``--gradcam``. The
     columns depend only on the kinds of inputs, never on which of them failed. A field
     that does not apply is null; ``stage``, ``error`` and ``gradcam`` are "" instead.
     """
@@ -267,7 +364,7 @@ def records(
             if checked:  # an unchecked model's images: no reason, as for a valid image
                 row["ood_reason"] = row["ood_reason"] or ""
         if has_volumes:
-            row["kind"] = "volume" if isinstance(p, VolumePrediction) else "image"
+            row["kind"] = p.kind if isinstance(p, VolumePrediction) else "image"
             row.update({k: getattr(p, k, None) for k in VOLUME_COLUMNS})
         if gradcam:
             row["gradcam"] = ";".join(overlay_files(p))
@@ -285,22 +382,25 @@ def overlay_files(p: Prediction) -> list[str]:
 
 
 def volume_details(volumes: Sequence[VolumePrediction], gradcam: bool = False) -> list[dict]:
-    """Per-slice probabilities and QC of each volume, for ``--format json`` (no pixels)."""
+    """Brain-level answer (set included), per-slice probabilities and QC of each volume
+    or brain, for ``--format json`` (no pixels)."""
     out: list[dict[str, Any]] = []
     for v in volumes:
         if v.error:
-            out.append({"file": v.filename, "error": v.error})
+            out.append({"file": v.filename, "kind": v.kind, "error": v.error})
             continue
         detail = {
             "file": v.filename,
+            "kind": v.kind,
             "stage": v.stage,
             "confidence": v.confidence,
-            "aggregate": v.aggregate,
             "probabilities": v.probabilities,
+            **{k: getattr(v, k) for k in BRAIN_DETAIL},
+            "aggregate": v.aggregate,
             "informative_slices": v.informative_slices,
             "qc": v.qc,
             "slices": [
-                s.model_dump(mode="json", include={"index", "z_mm", "stage", "probabilities"})
+                s.model_dump(mode="json", include=SLICE_DETAIL.get(v.kind, SLICE_DETAIL["volume"]))
                 for s in v.slices or []
             ],
         }

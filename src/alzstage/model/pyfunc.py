@@ -10,6 +10,13 @@ Slices come at any H x W (the Kaggle export is 208 x 176, the network takes its
 input check has judged them at their own size. The MLflow ``PythonModel`` adapter itself
 lives in :mod:`alzstage.tracking` (the one module that imports MLflow);
 :class:`ClassifierBundle` is everything it does.
+
+With ``params={"brain": True}`` (a parameter of the logged signature, default false)
+the whole input is one brain's slices and the answer is ONE row: the brain model's stage
+and probabilities, its conformal set, and how many slices it rests on
+(:data:`BRAIN_COLUMNS`, :mod:`alzstage.model.brain_predict`), as ``alzstage predict
+--brain`` gives it. A model logged before the parameter existed ignores it (MLflow
+warns) and answers per slice.
 """
 
 from __future__ import annotations
@@ -23,12 +30,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from alzstage.model.brain import BrainModel
+from alzstage.model.brain_predict import brain_answer, brain_model_from_meta
 from alzstage.model.calibration import apply_temperature
 from alzstage.model.inputs import to_model_array
 from alzstage.model.ood import THUMBNAILS_FILE, InputCheck, InputGuard, save_thumbnails_file
 
-# Columns after the per-class probabilities, in every pyfunc answer.
+# Columns after the per-class probabilities, in every per-slice pyfunc answer.
 CHECK_COLUMNS = ("out_of_distribution", "ood_reason", "seen_in_training", "training_correlation")
+# Columns after the per-class probabilities of the one-row brain answer (params brain).
+BRAIN_COLUMNS = (
+    "prediction_set",
+    "set_confidence",
+    "set_text",
+    "brain_model",
+    "pooled_stage",
+    "n_slices",
+    "n_slices_used",
+    "left_out",
+)
+#: The pyfunc's inference parameters (name, MLflow type, default), in its signature.
+PARAMS = (("brain", "boolean", False),)
 
 
 def probabilities(
@@ -71,6 +93,7 @@ class ClassifierBundle:
     size: tuple[int, int]
     temperature: float = 1.0
     guard: InputGuard | None = None
+    brain: BrainModel | None = None  # None: logged before brain models (fixed pooling)
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str]) -> ClassifierBundle:
@@ -93,6 +116,7 @@ class ClassifierBundle:
             size=(int(meta["input_size"][0]), int(meta["input_size"][1])),
             temperature=float(meta.get("temperature", 1.0)),
             guard=InputGuard.from_meta(meta, thumbnails),
+            brain=brain_model_from_meta(meta),
         )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -105,8 +129,10 @@ class ClassifierBundle:
         """The input check's verdicts, or None for a model stored without one."""
         return None if self.guard is None else self.guard.check(grays, sizes)
 
-    def predict_frame(self, model_input: Any) -> pd.DataFrame:
-        """The pyfunc answer: stage, one column per class, then :data:`CHECK_COLUMNS`.
+    def predict_frame(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """The pyfunc answer: per slice (stage, one column per class, then
+        :data:`CHECK_COLUMNS`) or, with ``params={"brain": True}``, one row for the
+        whole input as one brain's slices (:meth:`brain_frame`).
 
         An out-of-distribution slice gets no stage and no probabilities (nulls), only
         the reason; the others are resized to the network's input and predicted.
@@ -119,6 +145,8 @@ class ClassifierBundle:
             if usable
             else np.zeros((0, len(self.classes)))
         )
+        if (params or {}).get("brain"):
+            return self.brain_frame(grays, usable, probs)
         rows: list[dict[str, Any]] = []
         by_index = dict(zip(usable, probs, strict=True))
         for i in range(len(grays)):
@@ -135,6 +163,30 @@ class ClassifierBundle:
         columns = ["stage", *self.classes, *CHECK_COLUMNS]
         # object columns keep None as null in MLflow's JSON (a float column would send NaN)
         return pd.DataFrame(rows, columns=columns, dtype=object)
+
+    def brain_frame(
+        self, grays: list[np.ndarray], usable: list[int], probs: np.ndarray
+    ) -> pd.DataFrame:
+        """One row for one brain: stage, probabilities, :data:`BRAIN_COLUMNS`.
+
+        The atrophy measurements are taken on the arrays as given (send full-size
+        slices, as exported: the brain model was fitted on full-size measurements).
+        Out-of-distribution slices are left out (``left_out`` counts them); when none is
+        left the row has no stage, only ``n_slices_used`` 0.
+        """
+        row: dict[str, Any] = dict.fromkeys(["stage", *self.classes, *BRAIN_COLUMNS])
+        row.update(
+            n_slices=len(grays), n_slices_used=len(usable), left_out=len(grays) - len(usable)
+        )
+        if usable:
+            answer = brain_answer(self.brain, self.classes, probs, [grays[i] for i in usable])
+            fields = answer.fields(0.0)
+            row.update(
+                stage=answer.stage,
+                **fields["probabilities"],
+                **{k: fields[k] for k in BRAIN_COLUMNS if k in fields},
+            )
+        return pd.DataFrame([row], columns=["stage", *self.classes, *BRAIN_COLUMNS], dtype=object)
 
 
 def _flagged(check: InputCheck | None) -> bool:
@@ -190,11 +242,17 @@ def log_pyfunc(
             output_columns(meta["classes"]),
             example_input(meta),
             _requirements(),
+            params=PARAMS,
         )
 
 
 def output_columns(classes: list[str]) -> dict[str, str]:
-    """Column name -> MLflow type of the answer, for the logged signature."""
+    """Column name -> MLflow type of the (per-slice) answer, for the logged signature.
+
+    The brain answer (``params={"brain": True}``) has :data:`BRAIN_COLUMNS` instead of
+    the input check's; MLflow does not enforce an output schema, and a signature has
+    only one, so the per-slice answer (the default) is the one described.
+    """
     return {
         "stage": "string",
         **dict.fromkeys(classes, "double"),
@@ -208,7 +266,9 @@ def output_columns(classes: list[str]) -> dict[str, str]:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
+    # scipy (atrophy measurements), crepes and scikit-learn (conformal sets): the brain answer
     pkgs = ["mlflow", "keras", "numpy", "pandas", "pillow", "pydantic"]
+    pkgs += ["scipy", "crepes", "scikit-learn"]
     reqs = [f"{p}=={version(p)}" for p in pkgs]
     try:
         reqs.append(f"tensorflow-cpu=={version('tensorflow-cpu')}")

@@ -1,5 +1,5 @@
-"""One request's uploads in, per-file results out: what ``POST /predict`` and
-``POST /predict/volume`` run in a worker thread.
+"""One request's uploads in, per-file results out: what ``POST /predict``,
+``POST /predict/volume`` and ``POST /predict/brain`` run in a worker thread.
 
 Kept apart from :mod:`alzstage.serve.routes` (the endpoints) because this is
 where memory is decided: each upload is read, decoded (shrunk while decoding, within
@@ -177,6 +177,40 @@ def run_volumes(
             )
         )
     return model, results
+
+
+def run_brain(
+    cache: ModelCache, uploads: list[Upload], want_gradcam: bool
+) -> tuple[LoadedModel | None, list[VolumePrediction]]:
+    """One brain from all the request's slice files (runs in a worker thread).
+
+    Decoded as ``POST /predict`` decodes (one upload's bytes at a time, shrunk while
+    decoding, within the request's pixel budget), then
+    :func:`alzstage.model.subject.predict_brain_slices`, as ``alzstage predict --brain``
+    runs it: unreadable and out-of-distribution files are left out of the brain and
+    listed among its slices. The model is only loaded when some file could be decoded.
+    """
+    from alzstage.model.subject import predict_brain_slices
+
+    s = cache.settings
+    decoded = _decode_all(uploads, s)
+    if not decoded:
+        return None, [failed_result(up, VolumePrediction) for up in uploads]
+    unreadable = [(up.index, up.filename, up.error or "") for up in uploads if up.error]
+    model = cache.get()
+    name = f"brain of {len(uploads)} slice file(s)"
+    brain = predict_brain_slices(
+        model,
+        decoded,
+        unreadable,
+        name,
+        s.neuro,
+        s.low_confidence,
+        slice_image=png_data_url,
+        overlay_to=(lambda _, rgb: png_data_url(rgb)) if want_gradcam else None,
+        lock=cache.infer_lock,
+    )
+    return model, [brain]
 
 
 def failure(results: Sequence[Prediction]) -> JSONResponse:

@@ -5,9 +5,10 @@ registry tags, alias) to be exercised honestly, but running the pipeline takes m
 This builds the project's own network at 32x32 with random weights, logs it through the
 same :func:`alzstage.model.pyfunc.log_pyfunc` the ``train`` stage uses, and registers it
 with the same tags ``promote`` writes, into a store of its own. Its predictions mean
-nothing; its contract is exactly the production one, input check and leak guard
-included: they are fitted, as ``train`` fits them, on JPEG slices from the demo
-generator (:func:`demo_training_files`).
+nothing; its contract is exactly the production one, input check, leak guard and
+brain-level model included: they are fitted, as ``train`` fits them, on JPEG slices
+from the demo generator (:func:`demo_training_files`); the brain model on the first
+subjects of each class, its conformal sets calibrated on the last (:func:`demo_brain_model`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from alzstage.tracking import register_standalone, registered_name
 from alzstage.tracking import scoped_tracking_uri as scoped_tracking_uri  # re-exported
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.model.brain import BrainModel
 
 # The generator's own Kaggle-sized slices: 4 classes x 3 subjects x 8 adjacent slices.
 DEMO_IMAGE_SIZE = (208, 176)
@@ -76,6 +81,48 @@ def demo_training_files(folder: Path, seed: int = 0) -> list[Path]:
     return sorted(r.path for r in records)
 
 
+def demo_brain_model(
+    net: Any, files: list[Path], input_size: tuple[int, int], temperature: float
+) -> BrainModel:
+    """The brain model ``train`` would fit, on the demo slices: fitted on every class's
+    first subjects, calibrated on each class's last (brains the fit never saw).
+
+    The files are ``<class>/<subject>_s<k>.jpg`` as the generator writes them; the atrophy
+    is measured on the full-size slices, the probabilities are the network's calibrated
+    ones, so the logged model answers brains through the production path.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from alzstage.config import BrainParams
+    from alzstage.model.brain import brain_table, fit_brain_model
+    from alzstage.model.brain_predict import morphometry_rows
+    from alzstage.model.pyfunc import probabilities
+
+    grays = []
+    for f in files:
+        with Image.open(f) as im:
+            grays.append(np.asarray(im.convert("L")))
+    subjects = np.array([f.stem.rsplit("_s", 1)[0] for f in files])
+    y = np.array([DEMO_CLASSES.index(f.parent.name) for f in files])
+    probs = probabilities(net, np.stack(grays), input_size, temperature)
+    morph = morphometry_rows(grays)
+    last = {c: max(subjects[y == c]) for c in np.unique(y)}
+    held = np.array([s == last[c] for s, c in zip(subjects, y, strict=True)])
+    tables = [brain_table(subjects[m], probs[m], morph[m], y[m]) for m in (~held, held)]
+    b = BrainParams()
+    return fit_brain_model(
+        *tables,
+        DEMO_CLASSES,
+        aggregator=b.aggregator,
+        features=tuple(b.features),
+        C=b.C,
+        max_class_weight=b.max_class_weight,
+        confidence=b.confidence,
+        mondrian=b.mondrian,
+    )
+
+
 def ensure_demo_champion(
     root: Path,
     model_name: str = "alzstage",
@@ -117,13 +164,16 @@ def ensure_demo_champion(
     model_file = root / "model.keras"
     net.model.save(model_file)
     # As ``train`` does: fitted on the training images, stored beside the weights.
-    check, thumbs = fit_from_files(demo_training_files(root / "training-slices", seed), input_size)
+    files = demo_training_files(root / "training-slices", seed)
+    check, thumbs = fit_from_files(files, input_size)
+    brain = demo_brain_model(net.model, files, input_size, temperature)
     meta = {
         "classes": DEMO_CLASSES,
         "input_size": list(input_size),
         "temperature": temperature,
         "backbone": params.backbone,
         "input_check": check.model_dump(mode="json"),
+        "brain_model": brain.to_dict(),
     }
     registered = registered_name(model_name, DEMO_TAGS["dataset"])
     version = register_standalone(

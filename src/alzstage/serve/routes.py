@@ -1,4 +1,5 @@
-"""The API's endpoints: ``/health``, ``/model``, ``POST /predict`` and ``POST /predict/volume``.
+"""The API's endpoints: ``/health``, ``/model``, ``POST /predict``, ``POST /predict/volume``
+and ``POST /predict/brain``.
 
 Each route reads the server's shared state (the model cache and its settings) through a
 dependency on ``request.app.state``, set once by :func:`alzstage.serve.app.create_app`; the work of
@@ -103,14 +104,46 @@ async def predict_volume(
     ] = False,
 ) -> JSONResponse:
     """Each volume is registered to MNI152, cut into the training slice format
-    (``neuro.preprocess``), checked against ``validate.nifti`` and given one stage
-    pooled from its slices (``neuro.aggregate``), with every slice's probabilities
-    and image. Volumes fail independently, with a per-file ``status`` and ``error``
-    naming the problem and the fix (415 not NIfTI, 422 unusable, 413 too large)."""
+    (``neuro.preprocess``), checked against ``validate.nifti`` and given one
+    brain-level stage: the brain model stored with the network, with its conformal
+    ``prediction_set`` and ``set_text`` ("VeryMildDemented or MildDemented (90%)"), and
+    the fixed pooling rule's ``pooled_stage`` (``neuro.aggregate``) beside it; with
+    every slice's probabilities and image. Volumes fail independently, with a per-file
+    ``status`` and ``error`` naming the problem and the fix (415 not NIfTI, 422
+    unusable, 413 too large)."""
     s = cache.settings
     how = "start the server with a larger --max-volume-mb"
     uploads = _uploads(files, s.max_files, s.max_volume_bytes, how)
     return await _answer(cache, files, uploads, batch.run_volumes, VolumeResponse, gradcam)
+
+
+@router.post(
+    "/predict/brain",
+    response_model=VolumeResponse,
+    responses=ERRORS,
+    summary="One brain-level stage, with its conformal set, from one brain's slices",
+)
+async def predict_brain(
+    files: Annotated[
+        list[UploadFile],
+        File(min_length=1, description="The JPEG/PNG slices of ONE brain."),
+    ],
+    cache: Cache,
+    gradcam: Annotated[
+        bool,
+        Query(description="Add Grad-CAM overlays on the most informative slices."),
+    ] = False,
+) -> JSONResponse:
+    """All the files are one brain's slices: one answer (``kind`` "brain") with the
+    brain model's stage, its conformal ``prediction_set`` and ``set_text``, the pooled
+    reference stage, and the per-slice table (``slices``). Files that cannot be read
+    or are out of distribution are left out of the brain and listed with why
+    (``left_out``); the request fails (413, 415 or 422) only when no file is usable.
+    The same limits as ``POST /predict`` apply (file size, file count, pixels)."""
+    s = cache.settings
+    how = "downscale it or start the server with a larger --max-upload-mb"
+    uploads = _uploads(files, s.max_files, s.max_file_bytes, how)
+    return await _answer(cache, files, uploads, batch.run_brain, VolumeResponse, gradcam)
 
 
 def _uploads(

@@ -153,10 +153,59 @@ function resultCard(p, file, classes) {
 
 const isVolume = (f) => /\.nii(\.gz)?$/i.test(f.name);
 
-// One card per NIfTI volume: the pooled stage, then a strip of every slice (Grad-CAM
-// on the most informative ones, which are outlined), scrollable left to right.
-function volumeCard(v, classes) {
+// One card per brain (a NIfTI volume, or one brain's slice files): the brain-level stage
+// and its conformal set first, then a strip of every slice (Grad-CAM on the most
+// informative ones, which are outlined; left-out files say why), scrollable sideways.
+function brainHead(v, demo) {
+  const head = el("div", { class: "brain-head" });
+  const line = el("p");
+  line.appendChild(el("span", { class: "stage", "data-testid": "stage" }, v.stage));
+  line.appendChild(document.createTextNode(` · confidence ${pct(v.confidence)}`));
+  if (v.low_confidence) line.appendChild(el("span", { class: "badge" }, "low confidence"));
+  if (demo) {
+    line.appendChild(el("strong", { class: "badge demo", "data-testid": "card-synthetic-demo" },
+      "synthetic demo model: meaningless on real scans"));
+  }
+  head.appendChild(line);
+  // The conformal set: the stages that cannot be ruled out at the stated coverage.
+  head.appendChild(el("p", { class: "set", "data-testid": "set-text" }, v.set_text
+    ? `Could be: ${v.set_text}`
+    : "No prediction set: the model stores no calibrated brain model."));
+  const how = v.brain_model === "pool (no brain model stored)"
+    ? `brain model: none stored with this model; fixed pooling rule (${v.aggregate})`
+    : `brain model ${v.brain_model}; fixed pooling rule (${v.aggregate}): ${v.pooled_stage}`;
+  const where = v.kind === "brain"
+    ? `${v.n_slices_used} of ${v.n_slices} slice files used`
+    : `${v.n_slices} slices · registration ${v.registration_score.toFixed(2)}`;
+  head.appendChild(el("p", { class: "brain-how", "data-testid": "brain-model" },
+    `${how} · ${where}`));
+  return head;
+}
+
+function sliceFigure(s) {
+  const fig = el("figure", { class: s.informative ? "slice informative" : "slice" });
+  const where = s.z_mm === null || s.z_mm === undefined ? (s.filename || `file ${s.index}`)
+    : `z ${s.z_mm} mm`;
+  if (s.left_out) {
+    fig.classList.add("left-out");
+    fig.appendChild(el("div", { class: "left-out-box", "data-testid": "slice-left-out",
+      title: s.left_out }, "left out"));
+    fig.appendChild(el("figcaption", {}, `${where} · ${s.out_of_distribution
+      ? "out of distribution" : "unreadable"}`));
+    return fig;
+  }
+  fig.appendChild(el("img", {
+    src: s.gradcam || s.image,
+    alt: `slice ${s.index} (${where})${s.gradcam ? ", Grad-CAM" : ""}`,
+    "data-testid": s.gradcam ? "slice-gradcam" : "slice",
+  }));
+  fig.appendChild(el("figcaption", {}, `${where} · ${s.stage} ${pct(s.confidence)}`));
+  return fig;
+}
+
+function volumeCard(v, classes, demo = false) {
   const card = el("article", { class: "card volume", "data-testid": "volume-result" });
+  card.dataset.kind = v.kind || "volume";
   card.appendChild(el("h3", {}, v.filename));
   if (v.error) {
     card.classList.add("failed");
@@ -164,30 +213,15 @@ function volumeCard(v, classes) {
       `HTTP ${v.status}: ${v.error}`));
     return card;
   }
-  const head = el("p");
-  head.appendChild(el("span", { class: "stage", "data-testid": "stage" }, v.stage));
-  head.appendChild(document.createTextNode(
-    ` · subject-level, ${v.aggregate} of ${v.n_slices} slices · confidence ${pct(v.confidence)}`
-    + ` · registration ${v.registration_score.toFixed(2)}`));
-  if (v.low_confidence) head.appendChild(el("span", { class: "badge" }, "low confidence"));
-  card.appendChild(head);
+  card.appendChild(brainHead(v, demo));
   const chart = el("figure", { "data-testid": "prob-chart" });
-  chart.appendChild(el("figcaption", {}, "pooled probability per stage"));
+  chart.appendChild(el("figcaption", {}, "brain-level probability per stage"));
   chart.appendChild(barChart(classes, classes.map((c) => v.probabilities[c]), {
     title: `probabilities for ${v.filename}`,
   }));
   card.appendChild(chart);
   const strip = el("div", { class: "strip", "data-testid": "slice-strip" });
-  for (const s of v.slices || []) {
-    const fig = el("figure", { class: s.informative ? "slice informative" : "slice" });
-    fig.appendChild(el("img", {
-      src: s.gradcam || s.image,
-      alt: `slice ${s.index} at z ${s.z_mm} mm${s.gradcam ? ", Grad-CAM" : ""}`,
-      "data-testid": s.gradcam ? "slice-gradcam" : "slice",
-    }));
-    fig.appendChild(el("figcaption", {}, `z ${s.z_mm} mm · ${s.stage} ${pct(s.confidence)}`));
-    strip.appendChild(fig);
-  }
+  for (const s of v.slices || []) strip.appendChild(sliceFigure(s));
   card.appendChild(strip);
   return card;
 }
@@ -209,9 +243,24 @@ async function submitVolumes(files, explain) {
   const target = document.getElementById("volumes");
   const { res, data } = await postFiles(`predict/volume?gradcam=${explain}`, files);
   const classes = data.classes || state.classes;
-  (data.predictions || []).forEach((v) => target.appendChild(volumeCard(v, classes)));
+  const demo = Boolean(data.model && data.model.synthetic_demo);
+  (data.predictions || []).forEach((v) => target.appendChild(volumeCard(v, classes, demo)));
   return res.ok ? `${data.summary.n_predicted} of ${files.length} volume(s) predicted`
     : `volumes: ${data.detail || `HTTP ${res.status}`}`;
+}
+
+// All the chosen slices as ONE brain: one brain-level card (stage, set, slice strip).
+async function submitBrain(files, explain) {
+  const target = document.getElementById("volumes");
+  const { res, data } = await postFiles(`predict/brain?gradcam=${explain}`, files);
+  const classes = data.classes || state.classes;
+  const demo = Boolean(data.model && data.model.synthetic_demo);
+  if (res.ok) {
+    (data.predictions || []).forEach((v) => target.appendChild(volumeCard(v, classes, demo)));
+    const b = data.predictions[0];
+    return `one brain from ${b.n_slices_used} of ${files.length} slice(s)`;
+  }
+  return `brain: ${data.detail || `HTTP ${res.status}`}`;
 }
 
 function renderSummary(data) {
@@ -273,7 +322,14 @@ async function submit(event) {
   document.getElementById("volumes").replaceChildren();
   document.getElementById("summary").hidden = true;
   try {
-    const volumeStatus = volumes.length ? await submitVolumes(volumes, explain) : "";
+    let volumeStatus = volumes.length ? await submitVolumes(volumes, explain) : "";
+    if (slices.length && document.getElementById("one-brain").checked) {
+      const brainStatus = await submitBrain(slices, explain);
+      volumeStatus = [volumeStatus, brainStatus].filter(Boolean).join("; ");
+      setStatus(`Done: ${volumeStatus}.`, /(^|; )(volumes|brain):/.test(volumeStatus));
+      if (!state.classes.length) loadModel();
+      return;
+    }
     if (!slices.length) {
       setStatus(`Done: ${volumeStatus}.`, volumeStatus.startsWith("volumes:"));
       if (!state.classes.length) loadModel();
