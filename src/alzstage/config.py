@@ -513,7 +513,7 @@ class BrainParams(_Section):
     # logistic regression over the pooled log-probabilities and the atrophy features.
     aggregator: Literal["pool", "logistic"] = "logistic"
     features: list[Literal["cnn", "morphometry"]] = Field(
-        default_factory=lambda: ["cnn", "morphometry"], min_length=1
+        default_factory=lambda: ["cnn"], min_length=1
     )
     C: float = Field(default=1.0, gt=0)  # inverse L2 strength of the logistic aggregator
     max_class_weight: float | None = Field(default=5.0, gt=0)  # cap on balanced weights
