@@ -279,3 +279,30 @@ def test_paired_difference_of_a_predictor_with_itself_is_zero_and_never_beats() 
     diff = out["predictors"]["b"]["vs_reference"]["balanced_accuracy_main"]
     assert diff["difference"] == 0 and diff["beats"] is False
     assert diff["ci"] == {"low": 0.0, "high": 0.0}
+
+
+def test_ensemble_gain_is_zero_when_every_repeat_agrees() -> None:
+    from alzstage.model.brain_cv import ensemble_gain
+
+    # given: two repeats that give every brain the same probabilities
+    rng = np.random.default_rng(0)
+    rows = []
+    for repeat in (0, 1):
+        for b in range(12):
+            y = b % 3
+            p = np.full(4, 0.1)
+            p[(y + (b % 2)) % 3] = 0.7
+            rows.append(
+                {
+                    "repeat": repeat,
+                    "subject": f"s{b}",
+                    "y": y,
+                    "v_pred": int(p.argmax()),
+                    **{f"v_p_{c}": p[i] for i, c in enumerate(CLASSES)},
+                }
+            )
+    # when
+    gain = ensemble_gain(pd.DataFrame(rows), "v", CLASSES, seed=0, n_resamples=200)
+    # then: averaging identical models changes nothing
+    assert gain["difference"] == 0 and gain["ensemble"] == gain["single_mean"]
+    assert gain["beats"] is False

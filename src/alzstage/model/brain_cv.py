@@ -140,6 +140,45 @@ def ensemble_rows(brains: pd.DataFrame, variant: str, classes: list[str]) -> pd.
     return mean.reset_index()
 
 
+def ensemble_gain(
+    brains: pd.DataFrame, variant: str, classes: list[str], *, seed: int, n_resamples: int
+) -> dict[str, Any]:
+    """Balanced accuracy (main classes) of the repeat-averaged ensemble minus the mean of
+    the single repeats, resampling brains (the same brains for both: paired)."""
+    from alzstage.model.brain_metrics import CI_LEVEL, _scores_from_cms
+    from alzstage.model.metrics import primary_labels, resample_counts
+
+    k = len(classes)
+    ens = ensemble_rows(brains, variant, classes)
+    subjects = ens["subject"].astype(str).to_numpy()
+    y = ens["y"].to_numpy(np.int64)
+    main = main_classes(y, subjects, k)
+    preds = [ens[[f"{variant}_p_{c}" for c in classes]].to_numpy().argmax(axis=1)]
+    for _, part in brains.groupby("repeat", sort=True):
+        single = part.set_index(part["subject"].astype(str))[f"{variant}_pred"]
+        preds.append(single.loc[subjects].to_numpy(np.int64))
+    draws = resample_counts(
+        primary_labels(y, np.arange(len(y)), len(y), k), n_resamples, np.random.default_rng(seed)
+    )
+    unit = np.arange(len(y))
+    scores = []
+    for pred in preds:
+        per_unit = np.zeros((len(y), k * k))
+        np.add.at(per_unit, (unit, y * k + pred), 1.0)
+        cms = np.vstack([per_unit.sum(axis=0)[None], draws @ per_unit]).reshape(-1, k, k)
+        scores.append(_scores_from_cms(cms, main)["balanced_accuracy_main"])
+    diff = scores[0] - np.mean(scores[1:], axis=0)
+    tail = (1 - CI_LEVEL) / 2 * 100
+    lo, hi = np.percentile(diff[1:], [tail, 100 - tail])
+    return {
+        "ensemble": round(float(scores[0][0]), 6),
+        "single_mean": round(float(np.mean([s[0] for s in scores[1:]])), 6),
+        "difference": round(float(diff[0]), 6),
+        "ci": {"low": round(float(lo), 6), "high": round(float(hi), 6)},
+        "beats": bool(lo > 0),
+    }
+
+
 def brain_cv_report(
     brains: pd.DataFrame, classes: list[str], brain: Any, *, seed: int, n_resamples: int
 ) -> dict[str, Any]:
@@ -203,6 +242,9 @@ def brain_cv_report(
             "note": "each brain's probabilities averaged over the repeats' models, none of "
             "which trained on it",
             **ens_scores,
+            "minus_single_repeats": None
+            if brains["repeat"].nunique() < 2
+            else ensemble_gain(brains, default, classes, seed=seed, n_resamples=n_resamples),
         },
         "per_repeat_balanced_accuracy_main": per_repeat,
         "fit_guard": "aggregators fitted on each fold's training brains, sets calibrated on "
