@@ -149,6 +149,43 @@ def test_severity_is_visible(dataset: tuple[Path, list[RawRecord]]) -> None:
     assert all(a < b for a, b in itertools.pairwise(means)), means
 
 
+def test_a_brains_dark_fraction_rises_with_its_class_so_stages_can_be_told_apart_per_brain(
+    dataset: tuple[Path, list[RawRecord]],
+) -> None:
+    """The class signal survives pooling a subject's slices, and neighbours still overlap.
+
+    The pipeline's headline is brain-level (one prediction per subject), so the signal
+    must be in the brains, not only in a few slices; but a generator that sorted every
+    brain perfectly would hide the overlap real cohorts have.
+    """
+    from scipy.stats import spearmanr
+
+    # given: 3 generated brains per class, each a run of adjacent slices
+    _, records = dataset
+    brains = _by_subject(records)
+
+    # when: each brain is reduced to one number, the share of dark (CSF) pixels in its brain
+    stage, dark = [], []
+    for rs in brains.values():
+        stack = np.stack([_pixels(r.path) for r in rs])
+        brain = stack > 20
+        stage.append(CLASSES.index(rs[0].label))
+        dark.append(float((brain & (stack < 0.35 * 255)).sum() / brain.sum()))
+    stage_arr, dark_arr = np.array(stage), np.array(dark)
+
+    # then: the brains' order by dark fraction follows their class closely ...
+    rho = spearmanr(stage_arr, dark_arr).statistic
+    assert rho > 0.7, (rho, sorted(zip(stage, dark, strict=True)))
+    # ... and each class's mean brain is darker than the class before it
+    means = [float(dark_arr[stage_arr == k].mean()) for k in range(len(CLASSES))]
+    assert all(a < b for a, b in itertools.pairwise(means)), means
+    # ... but not perfectly: some brain is darker than a brain of the next class up
+    assert any(
+        dark_arr[stage_arr == k].max() > dark_arr[stage_arr == k + 1].min()
+        for k in range(len(CLASSES) - 1)
+    ), sorted(zip(stage, dark, strict=True))
+
+
 def test_any_number_of_classes(tmp_path: Path) -> None:
     classes = ["CN", "MCI", "LMCI", "AD", "Severe"]
     records = generate_demo(

@@ -177,9 +177,9 @@ class BaseParams(_Section):
 
 class DemoParams(_Section):
     subjects_per_class: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [16, 12, 8, 4]
+        default_factory=lambda: [26, 22, 18, 14]
     )
-    slices_per_subject: int = Field(default=16, ge=1, le=30)  # the MNI band holds 30 slices
+    slices_per_subject: int = Field(default=8, ge=1, le=30)  # the MNI band holds 30 slices
 
 
 # Label names of the Hugging Face parquet export in label-id order (ids are alphabetical).
