@@ -302,3 +302,20 @@ def fit_brain_model(
     if calibration is not None and len(calibration.y):
         model.calibrate(calibration, mondrian=mondrian)
     return model
+
+
+def fit_from_params(
+    train: BrainTable, calibration: BrainTable | None, classes: list[str], brain: Any
+) -> BrainModel:
+    """:func:`fit_brain_model` with the ``brain`` params section's choices (train, demo)."""
+    return fit_brain_model(
+        train,
+        calibration,
+        classes,
+        aggregator=brain.aggregator,
+        features=tuple(brain.features),
+        C=brain.C,
+        max_class_weight=brain.max_class_weight,
+        confidence=brain.confidence,
+        mondrian=brain.mondrian,
+    )

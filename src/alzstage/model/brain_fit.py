@@ -25,7 +25,7 @@ import pandas as pd
 from alzstage.artifacts import PixelStore, read_split
 from alzstage.errors import ArtifactError, MissingInputError
 from alzstage.files import read_json, write_json
-from alzstage.model.brain import BrainModel, BrainTable, brain_table, fit_brain_model
+from alzstage.model.brain import BrainModel, BrainTable, brain_table, fit_from_params
 from alzstage.model.morphometry import MORPH_FEATURES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,17 +70,11 @@ def fit_split_brain_model(
     # only brains the model never saw may calibrate its sets. None left: no sets.
     held_out = ~np.isin(tables["val"].subjects, tables["train"].subjects)
     calibration = _subset(tables["val"], held_out)
-    b = params.brain
-    model = fit_brain_model(
+    model = fit_from_params(
         tables["train"],
         calibration if len(calibration.y) else None,
         classes,
-        aggregator=b.aggregator,
-        features=tuple(b.features),
-        C=b.C,
-        max_class_weight=b.max_class_weight,
-        confidence=b.confidence,
-        mondrian=b.mondrian,
+        params.brain,
     )
     write_json(paths.brain_model, model.to_dict())
     return model

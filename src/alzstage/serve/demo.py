@@ -95,7 +95,7 @@ def demo_brain_model(
     from PIL import Image
 
     from alzstage.config import BrainParams
-    from alzstage.model.brain import brain_table, fit_brain_model
+    from alzstage.model.brain import brain_table, fit_from_params
     from alzstage.model.brain_predict import morphometry_rows
     from alzstage.model.pyfunc import probabilities
 
@@ -110,17 +110,7 @@ def demo_brain_model(
     last = {c: max(subjects[y == c]) for c in np.unique(y)}
     held = np.array([s == last[c] for s, c in zip(subjects, y, strict=True)])
     tables = [brain_table(subjects[m], probs[m], morph[m], y[m]) for m in (~held, held)]
-    b = BrainParams()
-    return fit_brain_model(
-        *tables,
-        DEMO_CLASSES,
-        aggregator=b.aggregator,
-        features=tuple(b.features),
-        C=b.C,
-        max_class_weight=b.max_class_weight,
-        confidence=b.confidence,
-        mondrian=b.mondrian,
-    )
+    return fit_from_params(*tables, DEMO_CLASSES, BrainParams())
 
 
 def ensure_demo_champion(
