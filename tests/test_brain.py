@@ -285,7 +285,6 @@ def test_ensemble_gain_is_zero_when_every_repeat_agrees() -> None:
     from alzstage.model.brain_cv import ensemble_gain
 
     # given: two repeats that give every brain the same probabilities
-    rng = np.random.default_rng(0)
     rows = []
     for repeat in (0, 1):
         for b in range(12):

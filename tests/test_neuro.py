@@ -228,6 +228,109 @@ def test_normalisation_methods() -> None:
     assert tuple(to_uint8(np.array([0.0, 1.0]), "minmax")) == (1, 248)
 
 
+# --------------------------------------------------------------------------- speed vs fidelity
+
+
+def test_fast_defaults_agree_with_the_reference_settings(tmp_path: Path) -> None:
+    """The tuned speed knobs give the slices, score and QC verdict of the old settings.
+
+    docs/neuro.md#speed-and-fidelity: per-slice NCC >= 0.98, |score change| <= 0.01, the
+    same verdict on every validate.nifti rule (benchmarks/bench_neuro.py --compare is
+    the 1 mm version of this, with timings).
+    """
+    from alzstage.neuro.preprocess import REFERENCE_PARAMS
+    from alzstage.neuro.qc import rule_failure
+    from alzstage.neuro.slices import slice_ncc
+
+    # given a 2 mm head, moved, with a bias field and noise, and 3 NaN voxels (QC fails)
+    truth = moved_affine((6.0, -4.0, 9.0), (-6.0, 5.0, 4.0), 1.04)
+    data, affine = synthetic_volume(truth, resolution=2.0, bias=0.2, noise=0.03)
+    data[2, 3, 4:7] = np.nan
+    f = save_nifti(tmp_path / "s.nii.gz", data, affine, dtype=np.float32)
+    fast = NeuroPreprocessParams(registration_resolution=3, n_slices=8)
+    reference = fast.model_copy(update=REFERENCE_PARAMS)
+    assert fast.registration_gradient_filter != reference.registration_gradient_filter
+    # when both preprocess it
+    new, old = preprocess_volume(f, fast, SIZE), preprocess_volume(f, reference, SIZE)
+    # then the slices, the score and every rule's verdict agree
+    assert slice_ncc(new.slices, old.slices).min() >= 0.98
+    assert abs(new.qc["registration_score"] - old.qc["registration_score"]) <= 0.01
+    rules = volume_rules(NiftiQCParams())
+    verdicts = [
+        [rule_failure(r, out.qc.get(r.column)) is None for r in rules] for out in (new, old)
+    ]
+    assert verdicts[0] == verdicts[1] == [True, True, False, True, True]  # only the NaNs fail
+    assert new.qc["brain_ml"] == pytest.approx(old.qc["brain_ml"], rel=0.01)
+    for tissue in ("csf", "gm", "wm"):
+        assert new.qc[f"{tissue}_fraction"] == pytest.approx(old.qc[f"{tissue}_fraction"], abs=0.02)
+
+
+def test_registration_settings_come_from_the_params_and_repeat_exactly() -> None:
+    from alzstage.neuro.register import RegistrationSettings, mni152, register_to_mni
+
+    assert RegistrationSettings.from_params(NeuroPreprocessParams()) == RegistrationSettings()
+    # A fixed sampling seed: the same volume gets the same transform every time (seed 0
+    # would be SimpleITK's wall clock, and the transform moved between runs).
+    tpl = mni152(3)
+    moved = np.roll(tpl.t1, (2, -1, 1), axis=(0, 1, 2)) * 800.0
+    first = register_to_mni(moved, tpl.affine, "a", 3)
+    again = register_to_mni(moved, tpl.affine, "a", 3)
+    np.testing.assert_allclose(first.matrix, again.matrix, atol=1e-6)
+
+
+def test_foreground_majority_vote_is_the_median_filter_exactly() -> None:
+    """foreground_stride > 1 skips the median image: median > t <=> >= 14 of 27 above t."""
+    import SimpleITK as sitk
+
+    from alzstage.neuro.mask import _majority, _strided_median, otsu_foreground
+
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, 100.0, (23, 19, 17)).astype(np.float32)
+    median = sitk.GetArrayFromImage(sitk.Median(sitk.GetImageFromArray(x), [1, 1, 1]))
+    np.testing.assert_array_equal(_strided_median(x, 1, chunk=5), median)  # edges as ITK
+    np.testing.assert_array_equal(_strided_median(x, 2), median[::2, ::2, ::2])
+    for t in (150.0, 200.0, 260.0):
+        np.testing.assert_array_equal(_majority(x > np.float32(t)), median > np.float32(t))
+    # On a head, the threshold from every 2nd voxel per axis gives the same foreground.
+    data, affine = synthetic_volume(moved_affine((5.0, 0.0, -5.0)), resolution=2.0, noise=0.05)
+    every = otsu_foreground(data, affine, stride=1)
+    assert dice(otsu_foreground(data, affine, stride=2), every) > 0.999
+
+
+def test_tissue_kmeans_on_the_histogram_is_kmeans_on_the_voxels() -> None:
+    from sklearn.cluster import KMeans
+
+    from alzstage.neuro.mask import TISSUE_BINS, segment_tissue, tissue_fractions
+
+    # given three tissue-like intensity classes (CSF < GM < WM on T1)
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [rng.normal(300, 60, 20_000), rng.normal(600, 50, 45_000), rng.normal(800, 40, 35_000)]
+    ).astype(np.float32)
+    data = values.reshape(100, 100, 10)
+    mask = np.ones(data.shape, bool)
+    # when it is segmented from the histogram, and by k-means on every voxel
+    labels = segment_tissue(data, mask)
+    km = KMeans(n_clusters=3, n_init=10, random_state=0).fit(values.reshape(-1, 1))
+    order = np.argsort(km.cluster_centers_[:, 0])
+    rank = np.empty(3, int)
+    rank[order] = [1, 2, 3]
+    exact = rank[km.labels_].reshape(data.shape)
+    # then they agree to within a bin width
+    bin_width = float(np.ptp(values)) / TISSUE_BINS
+    for k in (1, 2, 3):
+        centre = float(values[labels.reshape(-1) == k].mean())
+        assert centre == pytest.approx(
+            float(np.sort(km.cluster_centers_[:, 0])[k - 1]), abs=2 * bin_width
+        )
+    assert np.mean(labels != exact) < 0.002
+    fractions = tissue_fractions(labels)
+    assert fractions["gm"] > fractions["wm"] > fractions["csf"]
+    # the old random-sample fit is still there
+    sample = tissue_fractions(segment_tissue(data, mask, method="sample"))
+    assert all(abs(sample[k] - fractions[k]) < 0.01 for k in fractions)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -420,6 +523,10 @@ def test_neuro_params_are_checked_with_the_key_named() -> None:
         ({"neuro": {"aggregate": "max"}}, "neuro.aggregate"),
         ({"neuro": {"preprocess": {"normalise": "robust"}}}, "neuro.preprocess.normalise"),
         ({"neuro": {"preprocess": {"z_range_mm": [40, -18]}}}, "neuro.preprocess.z_range_mm"),
+        (
+            {"neuro": {"preprocess": {"registration_shrink_factors": [1, 2]}}},
+            "neuro.preprocess.registration_shrink_factors",
+        ),
         ({"validate": {"nifti": {"min_registration_score": 2}}}, "validate.nifti"),
         ({"data": {"source": "nifti"}}, "data.path"),
     ):

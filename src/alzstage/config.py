@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -99,6 +100,8 @@ class Paths:
         self.cache = r / ".cache" / "alzstage"
         # Shared by `dvc exp run` copies, like mlflow.db: a queued sweep reuses it.
         self.activation_cache = tracking_home(r) / ".cache" / "alzstage" / "activations"
+        # Preprocessed NIfTI volumes by content (data.source: nifti), shared the same way.
+        self.volume_cache = tracking_home(r) / ".cache" / "alzstage" / "volumes"
 
 
 # --------------------------------------------------------------------------- params
@@ -272,6 +275,14 @@ class NeuroPreprocessParams(_Section):
     """How a NIfTI volume becomes Kaggle-like axial slices (alzstage.neuro)."""
 
     registration_resolution: int = Field(default=2, ge=1, le=4)  # MNI152 grid, mm
+    # Speed against fidelity (docs/neuro.md#speed-and-fidelity; the settings before them:
+    # [4, 2, 1], 0.25, 0.001, true, 1, sample).
+    registration_shrink_factors: tuple[Annotated[int, Field(ge=1, le=8)], ...] = (4, 2)
+    registration_sampling: float = Field(default=0.1, gt=0, le=1)  # full-grid metric sampling
+    registration_min_step: float = Field(default=0.01, gt=0, le=1)  # optimiser stop, ~mm
+    registration_gradient_filter: bool = False  # ITK's gradient images (slow) vs at the samples
+    foreground_stride: int = Field(default=2, ge=1, le=4)  # Otsu threshold from every n-th voxel
+    tissue_kmeans: Literal["histogram", "sample"] = "histogram"
     clip_percentiles: tuple[
         Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]
     ] = (0.5, 99.5)
@@ -293,6 +304,16 @@ class NeuroPreprocessParams(_Section):
     @classmethod
     def _z_order(cls, v: tuple[float, float]) -> tuple[float, float]:
         return _ordered_pair(v, "z_range_mm")
+
+    @field_validator("registration_shrink_factors")
+    @classmethod
+    def _pyramid(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(a < b for a, b in pairwise(v)):
+            raise ValueError(
+                "registration_shrink_factors must be one or more factors, coarse to fine "
+                f"(e.g. [4, 2]), got {list(v)}"
+            )
+        return v
 
 
 class NeuroParams(_Section):
@@ -532,6 +553,40 @@ class PromoteParams(_Section):
     allow_leaky: bool = False
 
 
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([kKMGT]i?B|B)?\s*$")
+
+
+class ComputeParams(_Section):
+    """Where per-volume preprocessing and batch prediction run (alzstage.compute).
+
+    None of these change a result, only where and how fast it is made: a changed value
+    re-runs ``download``, which then reuses every cached volume (docs/scale.md).
+    """
+
+    # An existing Dask scheduler (tcp://10.0.0.5:8786); null: a LocalCluster per stage.
+    scheduler: str | None = None
+    workers: int | None = Field(default=None, ge=1)  # LocalCluster processes; null: one per core
+    memory_limit: str = "4GiB"  # per LocalCluster worker; Dask restarts a worker past it
+    retries: int = Field(default=2, ge=0, le=20)  # reruns of a task whose worker died
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[a-z][a-z0-9+]*://\S+$", v):
+            raise ValueError(
+                f"scheduler must be a Dask scheduler address such as tcp://10.0.0.5:8786, "
+                f"or null for a local cluster (got {v!r})"
+            )
+        return v
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if not _SIZE.match(v):
+            raise ValueError(f"memory_limit must be a size such as 4GiB or 3500MB (got {v!r})")
+        return v
+
+
 class Params(_Section):
     base: BaseParams = Field(default_factory=BaseParams)
     data: DataParams = Field(default_factory=DataParams)
@@ -545,6 +600,7 @@ class Params(_Section):
     cv: CVParams = Field(default_factory=CVParams)
     brain: BrainParams = Field(default_factory=BrainParams)
     neuro: NeuroParams = Field(default_factory=NeuroParams)
+    compute: ComputeParams = Field(default_factory=ComputeParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -32,8 +32,11 @@ def clip_percentiles(
     inside = np.asarray(data, dtype=np.float32)[mask]
     if inside.size == 0:
         return np.zeros_like(data, dtype=np.float32)
-    lo, hi = np.percentile(inside, percentiles)
-    return np.clip(data, lo, hi).astype(np.float32)
+    lo, hi = np.percentile(inside, percentiles)  # float64 scalars
+    # Bounds as float32, so a float32 volume is clipped in float32: the same values as
+    # clipping in float64 and casting back, without a float64 copy of the volume.
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    return np.clip(data, lo32, hi32).astype(np.float32, copy=False)
 
 
 def normalise_intensity(

@@ -26,6 +26,18 @@ from alzstage.neuro.volume import Volume, load_volume
 
 STEPS = ("load", "normalise", "register", "mask", "slice")
 
+# The neuro.preprocess values of the speed-against-fidelity knobs before they were tuned
+# (about 3x slower per 1 mm volume on one core). ``benchmarks/bench_neuro.py --compare`` and
+# tests/test_neuro.py hold the defaults against them: docs/neuro.md#speed-and-fidelity.
+REFERENCE_PARAMS: dict[str, Any] = {
+    "registration_shrink_factors": (4, 2, 1),
+    "registration_sampling": 0.25,
+    "registration_min_step": 0.001,
+    "registration_gradient_filter": True,
+    "foreground_stride": 1,
+    "tissue_kmeans": "sample",
+}
+
 
 @dataclass
 class Preprocessed:
@@ -35,6 +47,7 @@ class Preprocessed:
     z_mm: np.ndarray  # MNI z of each slice
     qc: dict[str, Any]  # the measurements of data/raw/volumes.csv (QC_COLUMNS)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step (STEPS)
+    transform: np.ndarray | None = None  # 4x4 registration, MNI mm -> subject mm
 
 
 @contextmanager
@@ -61,7 +74,7 @@ def preprocess_volume(
     """
     from alzstage.neuro.intensity import clip_percentiles, normalise_intensity, to_uint8
     from alzstage.neuro.mask import brain_mask, otsu_foreground, segment_tissue, tissue_fractions
-    from alzstage.neuro.register import register_to_mni
+    from alzstage.neuro.register import RegistrationSettings, register_to_mni
     from alzstage.neuro.slices import sample_slices, slice_positions
 
     timings: dict[str, float] = {}
@@ -92,7 +105,7 @@ def preprocess_volume(
     del volume
 
     with _timed(timings, "normalise"):
-        foreground = otsu_foreground(data, affine)
+        foreground = otsu_foreground(data, affine, params.foreground_stride)
         if not foreground.any():
             raise EmptyBrainMask(
                 f"{name}: no foreground found (the image is blank or constant); check that "
@@ -101,7 +114,13 @@ def preprocess_volume(
         clipped = clip_percentiles(data, foreground, params.clip_percentiles)
 
     with _timed(timings, "register"):
-        reg = register_to_mni(clipped, affine, name, params.registration_resolution)
+        reg = register_to_mni(
+            clipped,
+            affine,
+            name,
+            params.registration_resolution,
+            RegistrationSettings.from_params(params),
+        )
     qc["registration_score"] = round(reg.score, 4)
 
     with _timed(timings, "mask"):
@@ -110,7 +129,9 @@ def preprocess_volume(
         )
         qc["brain_ml"] = round(float(mask.sum()) * float(np.prod(zooms)) / 1000.0, 2)
         if params.tissue_segmentation:
-            fractions = tissue_fractions(segment_tissue(clipped, mask))
+            labels = segment_tissue(clipped, mask, method=params.tissue_kmeans)
+            fractions = tissue_fractions(labels)
+            del labels
             qc.update({f"{k}_fraction": round(v, 4) for k, v in fractions.items()})
     if rules is not None:
         check_measurements(qc, rules, name, {"registration_score", "brain_ml"})
@@ -129,4 +150,4 @@ def preprocess_volume(
         slices = np.where(inside > 0, to_uint8(values, params.normalise), 0).astype(np.uint8)
     qc["n_slices"] = len(slices)
     qc["seconds"] = round(sum(timings.values()), 3)
-    return Preprocessed(slices=slices, z_mm=z_mm, qc=qc, timings=timings)
+    return Preprocessed(slices=slices, z_mm=z_mm, qc=qc, timings=timings, transform=reg.matrix)

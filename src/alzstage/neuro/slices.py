@@ -60,3 +60,26 @@ def sample_slices(
     shape, grid = slice_grid(image_size, z_mm)
     stack = resample(data, affine, shape, grid, template_to_subject, nearest=nearest)
     return np.ascontiguousarray(stack.transpose(2, 1, 0))
+
+
+def slice_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-slice normalised cross-correlation of two (n, height, width) slice stacks.
+
+    Computed over the pixels that are brain (non-zero) in either slice, so a brain mask
+    that differs counts against the agreement, and the black background cannot inflate
+    it. Two empty slices agree (1.0). Used to hold faster preprocessing settings against
+    the reference ones (``benchmarks/bench_neuro.py --compare``, tests/test_neuro.py).
+    """
+    out = np.empty(len(a))
+    for k, (x, y) in enumerate(zip(a.astype(np.float64), b.astype(np.float64), strict=True)):
+        inside = (x > 0) | (y > 0)
+        if not inside.any():
+            out[k] = 1.0
+            continue
+        xs, ys = x[inside] - x[inside].mean(), y[inside] - y[inside].mean()
+        denom = float(np.sqrt((xs * xs).sum() * (ys * ys).sum()))
+        if denom > 0:
+            out[k] = float((xs * ys).sum()) / denom
+        else:  # a constant brain: agreement is equality
+            out[k] = float(np.array_equal(x, y))
+    return out
