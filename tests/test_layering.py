@@ -2,7 +2,7 @@
 
 The layers, lowest first (a module may import its own layer and the layers below it):
 
-    foundation  errors, config, files, result, artifacts, tracking, the package root
+    foundation  errors, config, files, result, artifacts, tracking, compute, the package root
     neuro       volumes to MNI slices; knows nothing of data sources or models
     data        sources (one per data.source), manifest, validate, split, augment, demo
     model       build, train, evaluate, predict, ... (reads what data wrote)
@@ -23,7 +23,7 @@ import pytest
 from alzstage.stages import PACKAGE, SRC, imported_modules
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("", "errors", "config", "files", "result", "artifacts", "tracking"),
+    ("", "errors", "config", "files", "result", "artifacts", "tracking", "compute"),
     ("neuro",),
     ("data",),
     ("model",),
@@ -145,6 +145,7 @@ def test_an_import_up_the_layers_is_reported(module: str, target: str) -> None:
 
 
 def test_imports_inside_functions_count_and_type_checking_ones_do_not() -> None:
-    # stages.py imports StageResult only for type checkers; nifti imports preprocess in a function
+    # stages.py imports StageResult only for type checkers; the nifti source's volume task
+    # imports preprocess in a function
     assert "alzstage.result" not in imported_modules("alzstage.stages")
-    assert "alzstage.neuro.preprocess" in imported_modules("alzstage.data.sources.nifti")
+    assert "alzstage.neuro.preprocess" in imported_modules("alzstage.data.sources.volume_cache")

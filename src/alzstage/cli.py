@@ -155,6 +155,16 @@ def predict(
             "training slices are left out and listed.",
         ),
     ] = False,
+    batch_output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Batch mode for many inputs: predict on the compute engine (params.yaml "
+            "compute: local worker processes or a Dask scheduler) and write one row per input, "
+            "in input order, to this .csv or .parquet file; memory stays flat (docs/scale.md).",
+        ),
+    ] = None,
 ) -> None:
     """Predict the stage of each image with calibrated probabilities; batches get a summary.
 
@@ -172,6 +182,10 @@ def predict(
     params, paths = _load()
     from alzstage.errors import AlzstageError, InputError
     from alzstage.model import predict_command as command
+
+    if batch_output is not None:
+        _predict_batch(inputs, model, batch_output, gradcam, brain, params, paths)
+        return
 
     try:
         # The model is said on stderr, so that JSON and CSV on stdout stay clean.
@@ -197,6 +211,35 @@ def predict(
     else:
         command.print_table(run)
     if run.summary.n_errors:
+        raise typer.Exit(1)
+
+
+def _predict_batch(
+    inputs: list[str],
+    model: str | None,
+    output: Path,
+    gradcam: Path | None,
+    brain: bool,
+    params: Params,
+    paths: Paths,
+) -> None:
+    """``predict --output FILE``: the batch mode (alzstage.model.predict_batch)."""
+    from alzstage.errors import AlzstageError, InputError
+    from alzstage.model.predict_batch import run_batch_predict
+
+    if gradcam is not None or brain:
+        what = "--gradcam" if gradcam is not None else "--brain"
+        _fail(f"{what} does not combine with --output (batch mode); predict without --output")
+    try:
+        summary = run_batch_predict(
+            inputs, model, params, paths, output, announce=lambda s: typer.echo(s, err=True)
+        )
+    except InputError as exc:
+        _fail(str(exc))
+    except AlzstageError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(summary.line())
+    if summary.n_errors:
         raise typer.Exit(1)
 
 

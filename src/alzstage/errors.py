@@ -9,6 +9,7 @@ anything else is a bug and keeps its traceback. The subclasses say whose mistake
   validation, split leakage, a stage input that is not there yet or lacks a key);
 * :class:`InputError`: a file handed to ``predict`` or ``serve``;
 * :class:`ModelError`: a model that cannot be found, loaded or registered.
+* :class:`ComputeError`: the Dask cluster of ``compute`` (unreachable, lost).
 
 Several also derive from the builtin they replaced (``ValueError``, ``RuntimeError``,
 ``FileNotFoundError``), so code that caught the builtin keeps working. The older names
@@ -90,3 +91,10 @@ class WeightsError(ModelError):
 
 class DatasetUnknown(DataError):
     """The configured dataset, and so its champion, cannot be named until the pipeline ran."""
+
+
+# --------------------------------------------------------------------------- compute
+
+
+class ComputeError(AlzstageError, RuntimeError):
+    """The Dask cluster (``compute``) cannot be started or reached, or was lost mid-run."""

@@ -119,6 +119,30 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_new_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temp directory; rename it to ``target`` on success, once.
+
+    For caches whose entries are written once and never changed: if ``target`` appeared
+    meanwhile (another process made the same entry), it is kept and the new copy dropped,
+    so a reader never sees an entry disappear or half-written.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, target)  # fails if target exists and is not empty
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so multi-GB archives need no memory."""
     h = hashlib.sha256()

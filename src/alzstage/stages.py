@@ -125,7 +125,9 @@ STAGES: tuple[Stage, ...] = (
         "download",
         "alzstage.data.download:run_download",
         "Fetch the configured source (data.source) into data/raw with a manifest.",
-        params=("base", "data", "neuro.preprocess"),
+        # compute: where nifti volumes are preprocessed (changes no output; cached volumes
+        # are reused when it changes)
+        params=("base", "data", "neuro.preprocess", "compute"),
     ),
     Stage(
         "validate",

@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
 
 
+# Past this many inputs the interactive mode suggests batch mode (predict --output).
+LARGE_BATCH = 5000
+
+
 @dataclass(frozen=True)
 class PredictionRun:
     """What one ``alzstage predict`` produced: the model, one result per input, a summary."""
@@ -93,6 +97,11 @@ def run_predict(
             raise InputError(
                 "no image files found in the given inputs (expected .jpg, .jpeg, .png, .nii "
                 "or .nii.gz)"
+            )
+        if len(files) > LARGE_BATCH:
+            announce(
+                f"note: {len(files):,} inputs are held in memory until printed; "
+                "--output results.csv (or .parquet) streams them from the compute engine"
             )
     tracking_uri, registry_uri = store_uris(paths.root)
     choice = choose_model(model_ref, params, paths)

@@ -15,29 +15,48 @@ so the subject split needs no guessing. Every volume also gets a row in
 ``data/raw/volumes.csv`` (:data:`alzstage.neuro.qc.QC_COLUMNS`): its measurements, or
 why it could not be preprocessed. A bad volume never stops the others; the validate
 stage decides what its QC means.
+
+The volumes are preprocessed on the compute engine (:mod:`alzstage.compute`: a local
+cluster of worker processes, or ``compute.scheduler``), one task per volume, and cached
+by content (:mod:`alzstage.data.sources.volume_cache`): a killed download run again
+redoes only the volumes that had not finished, and prints how many it computed and
+reused (docs/scale.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 from alzstage.artifacts import write_volumes
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord
 from alzstage.data.sources.fetch import project_path
+from alzstage.data.sources.volume_cache import (
+    CachedVolume,
+    PreprocessSpec,
+    preprocess_cached,
+    remove_stale_temps,
+)
 from alzstage.errors import DownloadError, SubjectsCsvError
-from alzstage.neuro.errors import MissingVolume, VolumeError
 from alzstage.neuro.qc import QC_COLUMNS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.compute import Outcome
 
 log = logging.getLogger(__name__)
 CSV_COLUMNS = ("subject", "file", "label")
 VOLUMES_FILE = "volumes.csv"
+# Statuses of volumes that never got a result from their task (besides VolumeError checks).
+WORKER_KILLED = "worker_killed"  # it killed its Dask worker compute.retries + 1 times
+TASK_ERROR = "error"  # the task raised something other than a VolumeError
 
 
 def read_subjects_csv(csv: Path, params: Params) -> pd.DataFrame:
@@ -91,58 +110,110 @@ def _stem(subject: str, file: str, repeated: bool) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "subject"
 
 
-def preprocess_subjects(
-    table: pd.DataFrame, folder: Path, params: Params, images_dir: Path
-) -> tuple[list[RawRecord], pd.DataFrame]:
-    """Preprocess every row; write slices as PNG; return records and the QC table."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from alzstage.neuro.preprocess import preprocess_volume
-
-    records: list[RawRecord] = []
-    qc_rows: list[dict[str, Any]] = []
+def slice_stems(table: pd.DataFrame) -> list[str]:
+    """Every row's slice file stem, checked to be unique before any volume is touched."""
     repeated = set(table.loc[table["subject"].duplicated(), "subject"])
-    taken: set[str] = set()
-    for row in tqdm(
-        table.itertuples(index=False), total=len(table), desc="preprocess", disable=None
-    ):
-        path = Path(row.file).expanduser()
-        path = path if path.is_absolute() else folder / path
-        qc: dict[str, Any] = {"subject": row.subject, "file": row.file, "label": row.label}
-        try:
-            if not path.is_file():
-                raise MissingVolume(
-                    f"{path}: no such file; fix the file column of data.subjects_csv "
-                    "(paths are relative to data.path)"
-                )
-            result = preprocess_volume(
-                path, params.neuro.preprocess, params.base.image_size, name=str(path)
-            )
-        except VolumeError as exc:
-            qc.update(status=exc.check, error=str(exc))
-            qc_rows.append(qc)
-            log.warning("nifti: %s", exc)
-            continue
-        qc.update(result.qc, status="ok", error="")
-        qc_rows.append(qc)
-        stem = _stem(row.subject, row.file, row.subject in repeated)
-        if stem in taken:
+    stems = [
+        _stem(s, f, s in repeated) for s, f in zip(table["subject"], table["file"], strict=True)
+    ]
+    first: dict[str, str] = {}
+    for subject, stem in zip(table["subject"], stems, strict=True):
+        if stem in first:
             raise SubjectsCsvError(
-                f"subjects {row.subject!r} and another map to the same file names ({stem}); "
+                f"subjects {first[stem]!r} and {subject!r} map to the same file names ({stem}); "
                 "make the subject ids differ by more than punctuation"
             )
-        taken.add(stem)
-        target = images_dir / row.label
-        target.mkdir(parents=True, exist_ok=True)
-        # Lets validate map a volume's verdict onto exactly its slices in the manifest.
-        qc["slice_prefix"] = f"{images_dir.name}/{row.label}/{stem}_s"
-        for k, pixels in enumerate(result.slices):
-            out = target / f"{stem}_s{k:03d}.png"
-            Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG")
-            records.append(RawRecord(path=out, label=row.label, subject=row.subject))
+        first[stem] = subject
+    return stems
+
+
+def _place(source: Path, target: Path) -> None:
+    """A hard link to the cached slice (no copy of the pixels), or a copy across devices."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _volume_of(outcome: Outcome[CachedVolume], path: str) -> CachedVolume:
+    """A task's result, or the reason it has none (the worker died, the task raised)."""
+    if outcome.ok:
+        assert outcome.value is not None
+        return outcome.value
+    status = WORKER_KILLED if outcome.killed else TASK_ERROR
+    return CachedVolume(path, status, f"{path}: {outcome.error}")
+
+
+def preprocess_subjects(
+    table: pd.DataFrame, folder: Path, params: Params, images_dir: Path, cache_root: Path
+) -> tuple[list[RawRecord], pd.DataFrame]:
+    """Preprocess every row on the compute engine; place its slices; records + QC table.
+
+    One Dask task per volume (:func:`preprocess_cached`) writes the slices into the
+    volume cache and returns a small result; here, in input order, they are linked into
+    ``images_dir`` under the row's label and stem. A volume that fails, or kills its
+    workers, gets its reason in the QC table and the others go on.
+    """
+    from alzstage.compute import Progress, engine
+
+    stems = slice_stems(table)
+    files = [str(_volume_path(f, folder)) for f in table["file"]]
+    spec = PreprocessSpec(params.neuro.preprocess, tuple(params.base.image_size), str(cache_root))
+    remove_stale_temps(cache_root)
+    records: list[RawRecord] = []
+    qc_rows: list[dict[str, Any]] = []
+    computed = reused = 0
+    progress = Progress(len(files), "preprocess", "volume")
+    try:
+        with engine(params.compute, f"preprocess: {len(files)} volumes") as eng:
+            outcomes = eng.map_ordered(
+                preprocess_cached,
+                files,
+                spec,
+                name="volume",
+                progress=progress,
+                failures=lambda v: int(v.status != "ok"),
+            )
+            for row, stem, outcome in zip(
+                table.itertuples(index=False), stems, outcomes, strict=True
+            ):
+                volume = _volume_of(outcome, files[outcome.index])
+                computed += volume.key is not None and volume.computed
+                reused += not volume.computed
+                qc: dict[str, Any] = {"subject": row.subject, "file": row.file, "label": row.label}
+                if volume.status != "ok":
+                    qc.update(status=volume.status, error=volume.error)
+                    qc_rows.append(qc)
+                    log.warning("nifti: %s", volume.error)
+                    continue
+                qc.update(volume.qc, status="ok", error="")
+                # Lets validate map a volume's verdict onto exactly its slices in the manifest.
+                qc["slice_prefix"] = f"{images_dir.name}/{row.label}/{stem}_s"
+                qc_rows.append(qc)
+                target = images_dir / row.label
+                target.mkdir(parents=True, exist_ok=True)
+                for k, cached in enumerate(volume.slice_files(cache_root)):
+                    out = target / f"{stem}_s{k:03d}.png"
+                    _place(cached, out)
+                    records.append(RawRecord(path=out, label=row.label, subject=row.subject))
+    finally:
+        progress.close()
+    failed = sum(r["status"] != "ok" for r in qc_rows)
+    _say(
+        f"preprocess: {len(files)} volumes: computed {computed}, reused {reused} from "
+        f"{cache_root}, {failed} not preprocessed"
+    )
     qc_table = pd.DataFrame(qc_rows).reindex(columns=QC_COLUMNS)
     return records, qc_table
+
+
+def _volume_path(file: str, folder: Path) -> Path:
+    path = Path(file).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def collect_nifti(params: Params, paths: Paths, staging: Path) -> list[RawRecord]:
@@ -164,7 +235,9 @@ def collect_nifti(params: Params, paths: Paths, staging: Path) -> list[RawRecord
     if table.empty:
         raise DownloadError(f"{folder / params.data.subjects_csv}: no rows")
     try:
-        records, qc = preprocess_subjects(table, folder, params, staging / "images")
+        records, qc = preprocess_subjects(
+            table, folder, params, staging / "images", paths.volume_cache
+        )
     except SubjectsCsvError as exc:
         raise DownloadError(str(exc)) from None
     write_volumes(qc, staging / VOLUMES_FILE)
