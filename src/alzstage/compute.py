@@ -140,53 +140,72 @@ class Engine:
         and not yet yielded, so a slow first item holds back only that many results.
         ``weight`` (e.g. images in a chunk) and ``failures`` (bad inputs in a result)
         feed ``progress``.
+
+        A worker death counts against every task queued on that worker, so an innocent
+        neighbour of a task that kills its worker can be declared killed too (seen: one
+        worker, window 2). A task declared killed is therefore re-run *alone*, once the
+        tasks in flight have drained; only a task that kills its worker when nothing
+        else runs is reported as killed.
         """
         from distributed import as_completed
 
         run = uuid.uuid4().hex[:8]
         todo = iter(enumerate(items))
-        pending: dict[Any, tuple[int, int]] = {}  # future -> (index, weight)
+        pending: dict[Any, tuple[int, int, Any]] = {}  # future -> (index, weight, item)
         finished: dict[int, Outcome[T]] = {}
+        suspects: dict[int, tuple[int, Any]] = {}  # index -> (weight, item): re-run alone
         stream = as_completed(loop=self.client.loop)
         exhausted = False
+
+        def submit(i: int, item: Any, key: str) -> None:
+            future = self.client.submit(
+                fn, item, *args, key=key, retries=self.params.retries, pure=False
+            )
+            pending[future] = (i, weight(item), item)
+            stream.add(future)
 
         def submit_more() -> None:
             nonlocal exhausted
             window = max(2, WINDOW_PER_THREAD * self.threads())
-            while not exhausted and len(pending) + len(finished) < window:
+            while not suspects and not exhausted and len(pending) + len(finished) < window:
                 nxt = next(todo, None)
                 if nxt is None:
                     exhausted = True
                     return
-                i, item = nxt
-                future = self.client.submit(
-                    fn,
-                    item,
-                    *args,
-                    key=f"{name}-{i}-{run}",
-                    retries=self.params.retries,
-                    pure=False,
-                )
-                pending[future] = (i, weight(item))
-                stream.add(future)
+                submit(nxt[0], nxt[1], f"{name}-{nxt[0]}-{run}")
+
+        def record(index: int, size: int, outcome: Outcome[T]) -> None:
+            finished[index] = outcome
+            if progress is not None:
+                bad = size if not outcome.ok else failures(outcome.value)  # type: ignore[arg-type]
+                progress.update(size, bad)
 
         submit_more()
         following = 0
-        while pending or finished:
+        while pending or finished or suspects:
             while following in finished:
                 yield finished.pop(following)
                 following += 1
                 submit_more()
             if not pending:
+                if suspects:  # drained: re-run the first suspect with nothing beside it
+                    index = min(suspects)
+                    size, item = suspects.pop(index)
+                    submit(index, item, f"{name}-{index}-{run}-alone")
+                    future = next(stream)
+                    _, size, _ = pending.pop(future)
+                    record(index, size, self._outcome(index, future))
+                    future.release()
+                    submit_more()
                 continue
             future = next(stream)
-            index, size = pending.pop(future)
+            index, size, item = pending.pop(future)
             outcome = self._outcome(index, future)
             future.release()
-            finished[index] = outcome
-            if progress is not None:
-                bad = size if not outcome.ok else failures(outcome.value)  # type: ignore[arg-type]
-                progress.update(size, bad)
+            if outcome.killed and not future.key.endswith("-alone"):
+                suspects[index] = (size, item)
+            else:
+                record(index, size, outcome)
             submit_more()
 
     def _outcome(self, index: int, future: Any) -> Outcome[T]:
