@@ -86,6 +86,15 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def _temp_dir_beside(target: Path) -> Path:
+    """An empty temp directory next to ``target`` (same filesystem: rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # mkdtemp creates 0700 directories; the output should be as readable as a mkdir().
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temp directory; swap it in for ``target`` only on success.
@@ -94,10 +103,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     previous good output (or nothing), never a mixture.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    # mkdtemp creates 0700 directories; the output should be as readable as a mkdir().
-    os.chmod(tmp, 0o777 & ~_umask())
+    tmp = _temp_dir_beside(target)
     try:
         yield tmp
         old = None
@@ -128,9 +134,7 @@ def atomic_new_dir(target: Path) -> Iterator[Path]:
     so a reader never sees an entry disappear or half-written.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    tmp = _temp_dir_beside(target)
     try:
         yield tmp
         try:

@@ -80,21 +80,23 @@ def fold_brains(
     test_t = _table(test, classes)
     out = pd.DataFrame({"subject": test_t.subjects, "y": test_t.y})
     for name, (aggregator, features) in VARIANTS.items():
-        for mondrian in (False, True):
-            model = fit_brain_model(
-                train_t,
-                val_t,
-                classes,
-                aggregator=aggregator,
-                features=features,
-                C=brain.C,
-                max_class_weight=brain.max_class_weight,
-                confidence=brain.confidence,
-                mondrian=mondrian,
-            )
-            sets = model.sets(test_t)
-            out[f"{name}_set_{'mondrian' if mondrian else 'marginal'}"] = [
-                "|".join(c for c, keep in zip(classes, row, strict=True) if keep) for row in sets
+        # Fitted once; its sets calibrated twice on the same validation brains.
+        model = fit_brain_model(
+            train_t,
+            val_t,
+            classes,
+            aggregator=aggregator,
+            features=features,
+            C=brain.C,
+            max_class_weight=brain.max_class_weight,
+            confidence=brain.confidence,
+            mondrian=False,
+        )
+        for kind in ("marginal", "mondrian"):
+            model.calibrate(val_t, mondrian=kind == "mondrian")
+            out[f"{name}_set_{kind}"] = [
+                "|".join(c for c, keep in zip(classes, row, strict=True) if keep)
+                for row in model.sets(test_t)
             ]
         probs = model.predict_proba(test_t)
         for i, c in enumerate(classes):

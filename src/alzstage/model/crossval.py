@@ -184,14 +184,12 @@ def _fold_repeat(
 
     store = PixelStore.read(paths.pixels)
     classes = params.base.classes
-    preds = _slice_table(
-        test_rows,
-        probs(x_test),
-        store.feature_columns_for(test_rows["path"], MORPH_FEATURES),
-        classes,
-        fold=fold,
-        repeat=repeat,
-    )
+
+    def table(rows: pd.DataFrame, images: np.ndarray, **cols: object) -> pd.DataFrame:
+        morph = store.feature_columns_for(rows["path"], MORPH_FEATURES)
+        return _slice_table(rows, probs(images), morph, classes, fold=fold, repeat=repeat, **cols)
+
+    preds = table(test_rows, x_test)
     # Baselines fitted on the same training subjects, scored on the same test subjects.
     base = baseline_predictions(
         thumbnail_rows(store, train_rows["path"]),
@@ -203,18 +201,7 @@ def _fold_repeat(
     for name, pred in base.items():
         preds[f"baseline_{name}"] = [classes[i] for i in pred]
     fit = pd.concat(
-        [
-            _slice_table(
-                rows,
-                probs(images),
-                store.feature_columns_for(rows["path"], MORPH_FEATURES),
-                classes,
-                fold=fold,
-                repeat=repeat,
-                role=role,
-            )
-            for role, rows, images in (("train", train_rows, x), ("val", val_rows, x_val))
-        ],
+        [table(train_rows, x, role="train"), table(val_rows, x_val, role="val")],
         ignore_index=True,
     )
     history = pd.DataFrame(summary.pop("history"), columns=HISTORY_COLUMNS).assign(repeat=repeat)
