@@ -1,6 +1,6 @@
 """Which atrophy measurement, at which resolution, best stages a brain on its own?
 
-The morphometric baseline and the brain model's atrophy feature (alzstage.model.morphometry)
+The morphometric baseline and the brain model's atrophy feature (alzstage.data.morphometry)
 were chosen with this harness: brain-level logistic regression (class-balanced, scaled) on
 the mean over a brain's slices, in 5-fold subject CV repeated 5 times (StratifiedKFold over
 brains, seeds 0-4), scored as balanced accuracy over all four classes and over the three
@@ -34,7 +34,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from alzstage.model.morphometry import slice_morphometry, slice_order
+from alzstage.data.morphometry import slice_morphometry, slice_order
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 

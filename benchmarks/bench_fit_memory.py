@@ -23,7 +23,7 @@ def child(mode: str, n: int) -> None:
     import keras
     import numpy as np
 
-    from alzstage.model.feed import batches, predict_array
+    from alzstage.train.feed import batches, predict_array
 
     a = np.random.default_rng(0).random((n, 7, 6, 1024), dtype=np.float32)
     y = np.arange(n) % 4

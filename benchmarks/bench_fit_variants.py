@@ -40,10 +40,10 @@ def build(params: Any, variant: tuple[int | None, bool, str, int], x: Any, y: An
     """A fresh compiled network and its training pipeline, traced by one untimed epoch."""
     import keras
 
-    from alzstage.model.build import build_network
-    from alzstage.model.feed import batches
-    from alzstage.model.fit import online_augmenter
-    from alzstage.model.losses import make_loss
+    from alzstage.model.network import build_network
+    from alzstage.train.feed import batches
+    from alzstage.train.fit import online_augmenter
+    from alzstage.train.losses import make_loss
 
     batch, jit, policy, spe = variant
     keras.mixed_precision.set_global_policy(policy)
@@ -77,7 +77,7 @@ def main() -> None:
     import os
 
     from alzstage.config import parse_params
-    from alzstage.model.inputs import load_batch
+    from alzstage.data.images import load_batch
 
     raw = harness_params(args.archive, "subject", "scratch", 30, None, {})
     project = args.work / "project"

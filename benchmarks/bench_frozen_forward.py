@@ -31,8 +31,8 @@ def main() -> None:
     import numpy as np
 
     from alzstage.config import Params
-    from alzstage.model.build import build_network, resolve_cut, split_backbone
-    from alzstage.model.feed import predict_array
+    from alzstage.model.network import build_network, resolve_cut, split_backbone
+    from alzstage.train.feed import predict_array
 
     h, w = args.input_size
     params = Params.model_validate({"model": {"weights": "none", "input_size": [h, w]}})

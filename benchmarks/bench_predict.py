@@ -49,8 +49,8 @@ def main() -> None:
     ap.add_argument("--no-cli", action="store_true", help="skip the whole-command figure")
     args = ap.parse_args()
 
-    from alzstage.model.inputs import to_model_array
-    from alzstage.model.predict import LoadedModel, decode_image, predict_files
+    from alzstage.data.images import to_model_array
+    from alzstage.inference.predict import LoadedModel, decode_image, predict_files
 
     uri, tracking, what = resolve_model(args)
     with tempfile.TemporaryDirectory() as tmp:

@@ -143,7 +143,7 @@ def compile_like_train(model: Any, params: Any) -> None:
     """The scratch recipe's optimiser (AdamW) and loss; the rate does not change speed."""
     import keras
 
-    from alzstage.model.losses import make_loss
+    from alzstage.train.losses import make_loss
 
     sp = params.train.scratch
     optimizer = (
@@ -183,8 +183,8 @@ def pipeline_images_per_second(params: Any, n: int, model: Any | None) -> float:
     """
     import numpy as np
 
-    from alzstage.model.feed import batches
-    from alzstage.model.fit import online_augmenter
+    from alzstage.train.feed import batches
+    from alzstage.train.fit import online_augmenter
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, *params.model.input_size), dtype=np.uint8)
@@ -235,7 +235,7 @@ def ttt_rates(path: Path, train_flops: int) -> list[dict]:
 def measure(args: argparse.Namespace) -> dict:
     """Every figure of the roofline report, in this process."""
     from alzstage.config import load_params
-    from alzstage.model.build import build_network
+    from alzstage.model.network import build_network
 
     params = load_params(REPO / "params.yaml")
     batch, size = params.train.batch_size, tuple(params.model.input_size)

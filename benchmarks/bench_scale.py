@@ -221,7 +221,7 @@ def make_slices(folder: Path, n: int) -> Path:
 
 
 def predict_pass(slices: Path, root: Path, model_uri: str, workers: int) -> dict[str, Any]:
-    from alzstage.model.predict_batch import run_batch_predict
+    from alzstage.inference.batch import run_batch_predict
 
     raw = load_params(REPO / "params.yaml").model_dump(by_alias=True)
     raw["compute"].update(workers=workers, scheduler=None)

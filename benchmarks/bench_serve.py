@@ -81,7 +81,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str]:
 
     if not args.demo:
         from alzstage.config import Paths, load_params
-        from alzstage.model.predict import choose_model
+        from alzstage.inference.predict import choose_model
 
         uri = tracking_uri(ROOT)
         try:
@@ -113,8 +113,8 @@ def main() -> None:
 
     import requests
 
-    from alzstage.model.inputs import to_model_array
-    from alzstage.model.predict import LoadedModel, decode_image
+    from alzstage.data.images import to_model_array
+    from alzstage.inference.predict import LoadedModel, decode_image
 
     uri, tracking, what = resolve_model(args)
     data = slices(max([*args.batches, 8]))

@@ -31,6 +31,7 @@ from sklearn.metrics import adjusted_rand_score, homogeneity_completeness_v_meas
 from alzstage.artifacts import write_manifest
 from alzstage.config import Params, Paths, SplitParams
 from alzstage.data.manifest import MANIFEST_COLUMNS
+from alzstage.data.pixels import run_decode
 from alzstage.data.split import (
     LEAKAGE_SWEEP,
     assign_subjects,
@@ -42,7 +43,6 @@ from alzstage.data.split import (
     split_by_subject,
     split_stratified,
 )
-from alzstage.model.decode import run_decode
 
 TRUE_SUBJECTS = {
     "NonDemented": 80,

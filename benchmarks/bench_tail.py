@@ -47,7 +47,7 @@ def child(spec: dict) -> dict:
     import keras
 
     from alzstage.config import ModelParams
-    from alzstage.model import build
+    from alzstage.model import network as build
 
     if spec.get("policy"):
         keras.mixed_precision.set_global_policy(spec["policy"])

@@ -187,8 +187,8 @@ def split_rows(raw: dict, root: Path) -> Any:
     """alzstage's decode and split stages over the validated manifest; split.csv as a frame."""
     from alzstage.artifacts import read_split
     from alzstage.config import Paths, parse_params
+    from alzstage.data.pixels import run_decode
     from alzstage.data.split import run_split
-    from alzstage.model.decode import run_decode
 
     paths = Paths(root)
     with warnings.catch_warnings():
@@ -362,7 +362,7 @@ def score_test(rows: list[dict], probs: Any, classes: list[str], seed: int, n: i
     """Accuracy, balanced accuracy and macro-F1 on test, CIs by subject (evaluate's code)."""
     import numpy as np
 
-    from alzstage.model.evaluate import build_report
+    from alzstage.evaluate.stage import build_report
 
     report = build_report(
         labels_of(rows, classes),
@@ -389,7 +389,7 @@ def whole_network(params: Any, recipe: str) -> Any:
     From scratch every layer trains; for transfer the final block and the head train
     (BatchNorm stays frozen, as ``build_network`` leaves it for pretrained weights).
     """
-    from alzstage.model.build import FINAL_BLOCK, build_network, split_backbone
+    from alzstage.model.network import FINAL_BLOCK, build_network, split_backbone
 
     net = build_network(params.model, len(params.base.classes), params.base.seed)
     if recipe == "scratch":
@@ -413,8 +413,8 @@ def run_alzstage(spec: dict, recipe: str) -> dict:
 
     from alzstage.config import parse_params
     from alzstage.data.augment import build_views
-    from alzstage.model.inputs import load_batch
-    from alzstage.model.train import predict_array, train_model
+    from alzstage.data.images import load_batch
+    from alzstage.train.recipe import predict_array, train_model
 
     params = parse_params(spec["params"][recipe])
     classes, rows, size = params.base.classes, spec["rows"], params.model.input_size
@@ -505,7 +505,7 @@ def run_reference(spec: dict, recipe: str) -> dict:
     import keras
 
     from alzstage.config import parse_params
-    from alzstage.model.losses import class_weights
+    from alzstage.train.losses import class_weights
 
     params = parse_params(spec["params"][recipe])
     classes, seed, bs = params.base.classes, params.base.seed, REFERENCE_BATCH

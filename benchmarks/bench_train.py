@@ -218,10 +218,10 @@ def run_alzstage(spec: dict, warm: bool) -> dict:
 
     from alzstage.config import Params
     from alzstage.data.augment import build_views
-    from alzstage.model.activation_cache import ActivationCache
-    from alzstage.model.feed import predict_array
-    from alzstage.model.inputs import load_batch
-    from alzstage.model.train import train_model
+    from alzstage.data.images import load_batch
+    from alzstage.train.activation_cache import ActivationCache
+    from alzstage.train.feed import predict_array
+    from alzstage.train.recipe import train_model
 
     params = Params.model_validate(
         {

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alzstage.model.brain_metrics import bootstrap_brains
+from alzstage.evaluate.brain import bootstrap_brains
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 

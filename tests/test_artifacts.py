@@ -131,7 +131,7 @@ def test_a_writer_is_stopped_before_it_writes_a_report_a_reader_would_refuse(
 def test_promote_refuses_metrics_without_a_split_fingerprint(tmp_path: Path) -> None:
     # given a metrics.json from before the split fingerprint was recorded
     from alzstage.config import Params, Paths
-    from alzstage.model.promote import run_promote
+    from alzstage.promote import run_promote
 
     paths = Paths(tmp_path)
     train_run().write(paths.train_run)

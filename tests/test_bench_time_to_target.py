@@ -30,7 +30,7 @@ from _machine import cpu_description, flags_text
 from test_train import backbone_weights
 
 from alzstage.config import parse_params
-from alzstage.model.inputs import load_batch
+from alzstage.data.images import load_batch
 
 # Keras warns that a plain `fit` on a dataset ignores shuffle=True: that is the plain recipe.
 pytestmark = pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")
@@ -258,7 +258,7 @@ def test_alzstage_stops_through_train_models_own_hook_not_a_patch(spec: dict) ->
         seen.append(row)
         return True
 
-    from alzstage.model.train import train_model
+    from alzstage.train.recipe import train_model
 
     params = parse_params(spec["params"]["scratch"])
     x = load_batch([r["path"] for r in spec["rows"]["train"]], params.model.input_size)

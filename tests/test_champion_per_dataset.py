@@ -84,7 +84,7 @@ def test_split_records_the_name_derived_from_the_validated_manifest(tmp_path: Pa
 def test_only_nothing_a_version_or_an_alias_means_the_configured_datasets_model(
     tmp_path: Path,
 ) -> None:
-    from alzstage.model.predict import refers_to_dataset_model
+    from alzstage.inference.predict import refers_to_dataset_model
 
     for ref in (None, "", "3", "@challenger", "champion"):
         assert refers_to_dataset_model(ref), ref
@@ -131,7 +131,7 @@ def log_constant_model(root: Path, params: Params, answer: str) -> TrainRun:
     """Log a pyfunc that always predicts ``answer``; returns its train_run.json."""
     import keras
 
-    from alzstage.model.pyfunc import log_pyfunc
+    from alzstage.inference.pyfunc import log_pyfunc
 
     inp = keras.Input((32, 32, 1))
     dense = keras.layers.Dense(len(CLASSES), activation="softmax")
@@ -184,7 +184,7 @@ def predict_json(image: Path) -> dict:
 def test_demo_then_real_data_each_keep_a_champion_and_predict_follows_params(
     project: Path,
 ) -> None:
-    from alzstage.model.promote import run_promote
+    from alzstage.promote import run_promote
 
     paths = Paths(project)
     tracking.configure(project)
@@ -255,7 +255,7 @@ def test_predict_says_why_when_the_configured_data_has_no_known_name(project: Pa
 
 def test_predict_names_the_datasets_that_do_have_a_champion(project: Path) -> None:
     from alzstage.cli import app
-    from alzstage.model.promote import run_promote
+    from alzstage.promote import run_promote
 
     # given only a demo champion, and params that name another dataset
     paths = Paths(project)

@@ -27,6 +27,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("neuro",),
     ("data",),
     ("model",),
+    ("inference",),
+    ("train", "evaluate", "promote"),
+    ("cv",),
     ("serve",),
     ("stages", "cli"),
 )
@@ -135,7 +138,7 @@ def test_a_cycle_is_found_through_imports_inside_functions() -> None:
     [
         ("alzstage.neuro.slices", "alzstage.data.demo"),
         ("alzstage.data.split", "alzstage.model.metrics"),
-        ("alzstage.model.evaluate", "alzstage.serve.app"),
+        ("alzstage.evaluate.stage", "alzstage.serve.app"),
         ("alzstage.config", "alzstage.neuro.qc"),
     ],
 )

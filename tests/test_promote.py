@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alzstage.model.promote import decide
+from alzstage.promote import decide
 
 FP = "abc123"
 
@@ -97,7 +97,7 @@ def _setup(tmp_path, monkeypatch, value, fp=FP):
 def test_run_promote_moves_champion_only_when_better(tmp_path, monkeypatch):
     import json
 
-    from alzstage.model.promote import run_promote
+    from alzstage.promote import run_promote
 
     reg = FakeRegistry()
     params, paths, tracking = _setup(tmp_path, monkeypatch, 0.5)
@@ -118,7 +118,7 @@ def test_run_promote_moves_champion_only_when_better(tmp_path, monkeypatch):
 def test_crash_midway_keeps_exactly_one_champion(tmp_path, monkeypatch):
     import pytest
 
-    from alzstage.model.promote import run_promote
+    from alzstage.promote import run_promote
 
     reg = FakeRegistry()
     params, paths, tracking = _setup(tmp_path, monkeypatch, 0.5)

@@ -359,11 +359,11 @@ class PixelStore:
 
     * ``paths.npy``: (N,) the manifest paths, relative to ``data/raw``;
     * ``images.npy``: (N, H, W) uint8 at ``model.input_size``, what
-      :func:`alzstage.model.inputs.load_batch` makes of each file;
+      :func:`alzstage.data.images.load_batch` makes of each file;
     * ``thumbs_<side>.npy``: (N, side, side) uint8 grayscale thumbnails;
       ``correlation_rows`` of them is what :func:`alzstage.data.split.load_thumbnails` returns;
     * ``input_features.npy`` (N, F) float64 and ``sizes.npy`` (N, 2) the native (H, W):
-      what the input check (``alzstage.model.ood``) measures on the full-size file;
+      what the input check (``alzstage.inference.ood``) measures on the full-size file;
     * ``meta.json``: :class:`PixelsMeta`.
 
     Plain ``.npy`` files, so that a reader maps them and copies only the rows it asks for:
@@ -487,7 +487,7 @@ class PixelStore:
 
     def feature_columns_for(self, paths: Iterable[str], columns: Sequence[str]) -> Any:
         """(N, len(columns)) float64 measurements of ``paths`` that decode made on the
-        full-size file, e.g. the atrophy features of :mod:`alzstage.model.morphometry`."""
+        full-size file, e.g. the atrophy features of :mod:`alzstage.data.morphometry`."""
         names = list(self.meta.input_features)
         missing = [m for m in columns if m not in names]
         if missing:

@@ -114,7 +114,7 @@ def promote(
         params, paths = _load()
         from alzstage import tracking
         from alzstage.errors import AlzstageError
-        from alzstage.model.promote import set_alias_by_hand
+        from alzstage.promote import set_alias_by_hand
 
         tracking.configure(paths.root)
         try:
@@ -181,7 +181,7 @@ def predict(
         _fail(f"--gradcam {gradcam}: exists and is not a folder; give a folder to write PNGs into")
     params, paths = _load()
     from alzstage.errors import AlzstageError, InputError
-    from alzstage.model import predict_command as command
+    from alzstage.inference import command
 
     if batch_output is not None:
         _predict_batch(inputs, model, batch_output, gradcam, brain, params, paths)
@@ -223,9 +223,9 @@ def _predict_batch(
     params: Params,
     paths: Paths,
 ) -> None:
-    """``predict --output FILE``: the batch mode (alzstage.model.predict_batch)."""
+    """``predict --output FILE``: the batch mode (alzstage.inference.batch)."""
     from alzstage.errors import AlzstageError, InputError
-    from alzstage.model.predict_batch import run_batch_predict
+    from alzstage.inference.batch import run_batch_predict
 
     if gradcam is not None or brain:
         what = "--gradcam" if gradcam is not None else "--brain"

@@ -140,7 +140,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "decode",
         "decode",
-        "alzstage.model.decode:run_decode",
+        "alzstage.data.pixels:run_decode",
         "Decode every validated image once: network inputs, thumbnails, input-check features.",
         # the network's input size and the split's thumbnail side
         params=("model.input_size", "split.thumb_size"),
@@ -168,7 +168,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train",
         "train",
-        "alzstage.model.train_run:run_train_stage",
+        "alzstage.train.stage:run_train_stage",
         "Train the classifier; log it to MLflow with a signature; write models/train_run.json.",
         # augment: online augmentation ranges (train.scratch.online_augment)
         # brain: the brain-level model fitted after the network
@@ -180,7 +180,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate",
         "evaluate",
-        "alzstage.model.evaluate:run_evaluate_stage",
+        "alzstage.evaluate.stage:run_evaluate_stage",
         "Score the trained model on the test split; write reports/headline.json and detail.",
         params=("base", "data", "model", "evaluate", "brain"),
         reads=(
@@ -196,7 +196,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "promote",
         "promote",
-        "alzstage.model.promote:run_promote",
+        "alzstage.promote:run_promote",
         "Register the new model as challenger; move champion only if it is better.",
         params=("promote",),
         reads=("models/train_run.json", "reports/metrics.json"),
@@ -205,7 +205,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "cv_split",
         "cv-split",
-        "alzstage.model.crossval:run_cv_split",
+        "alzstage.cv.stages:run_cv_split",
         "Assign every subject to one of cv.folds test folds (plus val subjects per fold).",
         params=("base", "split", "cv"),
         reads=("data/processed/split.csv",),
@@ -214,7 +214,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "cv_fold",
         "cv-fold",
-        "alzstage.model.crossval:run_cv_fold",
+        "alzstage.cv.stages:run_cv_fold",
         "Train on one fold's training subjects and predict its test subjects.",
         params=("base", "model", "train", "augment", "cv"),
         reads=("data/processed/cv/folds.csv", "data/processed/pixels"),
@@ -225,7 +225,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "cv_report",
         "cv-report",
-        "alzstage.model.crossval:run_cv_report",
+        "alzstage.cv.stages:run_cv_report",
         "Pool the folds' out-of-fold predictions: CIs, per-fold spread, baselines.",
         # train.recipe and model.weights: the report names the recipe (Params.recipe)
         params=("base", "cv", "brain", "train.recipe", "model.weights"),
@@ -267,7 +267,7 @@ def _imports(nodes: Iterable[ast.AST]) -> set[str]:
     """The ``alzstage`` modules that ``nodes`` import, at any depth.
 
     Imports under ``if TYPE_CHECKING:`` never run and are left out. ``from alzstage.model
-    import build`` names the module ``alzstage.model.build``.
+    import build`` names the module ``alzstage.model.network``.
     """
     found: set[str] = set()
 

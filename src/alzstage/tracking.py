@@ -508,7 +508,7 @@ def _pyfunc_class() -> type:
 
     What it serves is injected (``load_bundle``: artifact paths -> an object with
     ``predict_frame``), so this module imports no model code; cloudpickle stores that
-    loader by reference (:meth:`alzstage.model.pyfunc.ClassifierBundle.from_artifacts`).
+    loader by reference (:meth:`alzstage.inference.pyfunc.ClassifierBundle.from_artifacts`).
     Subclassing needs MLflow imported, which this module otherwise defers (a fast CLI),
     so the class is made on first use and reached as ``tracking.AlzstageModel`` through
     the module ``__getattr__`` below; its ``__module__``/``__qualname__`` make that its

@@ -3,7 +3,7 @@
 Augmenting after the split (never before) keeps augmented copies of a test brain out of
 training. Views are written once, decoded and resized to the model's input size, so
 training never decodes a JPEG and the frozen part of the network can be computed once
-per view and cached (see ``alzstage.model.train``).
+per view and cached (see ``alzstage.train.recipe``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ brain's slices into one answer:
 
 1. a :class:`BrainTable` per brain: the slices' probabilities pooled by the fixed rule
    (mean log-probability, the reference), and the brain's mean atrophy measurements
-   (:mod:`alzstage.model.morphometry`);
+   (:mod:`alzstage.data.morphometry`);
 2. an *aggregator*: ``pool`` keeps the fixed rule; ``logistic`` is a regularised,
    class-weighted logistic regression over the pooled log-probabilities and the atrophy
    features, fitted on **training brains only**;
@@ -30,13 +30,17 @@ Stored as plain numbers (:meth:`BrainModel.to_dict`), so the MLflow model, the A
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from alzstage.artifacts import PixelStore
+from alzstage.data.morphometry import MORPH_FEATURES
+from alzstage.errors import ArtifactError, MissingInputError
+from alzstage.files import read_json
 from alzstage.model.conformal import ConformalCalibration, calibrate, prediction_sets
-from alzstage.model.morphometry import MORPH_FEATURES
 
 AGGREGATORS = ("pool", "logistic")
 FEATURE_KINDS = ("cnn", "morphometry")
@@ -64,7 +68,7 @@ def brain_table(
 ) -> BrainTable:
     """Group slices by brain (sorted by id): pool probabilities, average atrophy.
 
-    ``morph`` holds the per-slice :data:`~alzstage.model.morphometry.MORPH_FEATURES`
+    ``morph`` holds the per-slice :data:`~alzstage.data.morphometry.MORPH_FEATURES`
     (columns in that order, or a frame with those names). A brain whose slices carry two
     labels is an error: a brain has one stage.
     """
@@ -319,3 +323,44 @@ def fit_from_params(
         confidence=brain.confidence,
         mondrian=brain.mondrian,
     )
+
+
+def split_brain_table(
+    rows: pd.DataFrame,
+    store: PixelStore,
+    classes: list[str],
+    probs: np.ndarray | None,
+) -> BrainTable:
+    """A brain table of split rows (path, label, subject); ``probs`` None: uniform
+    (a table for the atrophy-only model, which reads no network output)."""
+    index = {c: i for i, c in enumerate(classes)}
+    if probs is None:
+        probs = np.full((len(rows), len(classes)), 1.0 / len(classes))
+    return brain_table(
+        rows["subject"].astype(str).to_numpy(),
+        probs,
+        store.feature_columns_for(rows["path"], MORPH_FEATURES),
+        rows["label"].map(index).to_numpy(np.int64),
+    )
+
+
+def subset_table(table: BrainTable, keep: np.ndarray) -> BrainTable:
+    return BrainTable(
+        subjects=table.subjects[keep],
+        y=table.y[keep],
+        pooled=table.pooled[keep],
+        morph=table.morph[keep],
+        n_slices=table.n_slices[keep],
+    )
+
+
+def read_brain_model(path: Path) -> BrainModel:
+    """``models/brain_model.json`` as a model; a missing or foreign file names the fix."""
+    if not Path(path).exists():
+        raise MissingInputError(f"{path}: not found; run `alzstage train` (or `dvc repro train`)")
+    try:
+        return BrainModel.from_dict(read_json(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path}: not a brain model written by train ({exc}); re-run `dvc repro train`"
+        ) from None

@@ -28,7 +28,7 @@ STEPS = ("load", "normalise", "register", "mask", "slice")
 
 # The neuro.preprocess values of the speed-against-fidelity knobs before they were tuned
 # (about 3x slower per 1 mm volume on one core). ``benchmarks/bench_neuro.py --compare`` and
-# tests/test_neuro.py hold the defaults against them: docs/neuro.md#speed-and-fidelity.
+# tests/neuro/test_neuro.py hold the defaults against them: docs/neuro.md#speed-and-fidelity.
 REFERENCE_PARAMS: dict[str, Any] = {
     "registration_shrink_factors": (4, 2, 1),
     "registration_sampling": 0.25,

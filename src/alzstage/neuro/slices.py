@@ -68,7 +68,7 @@ def slice_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     Computed over the pixels that are brain (non-zero) in either slice, so a brain mask
     that differs counts against the agreement, and the black background cannot inflate
     it. Two empty slices agree (1.0). Used to hold faster preprocessing settings against
-    the reference ones (``benchmarks/bench_neuro.py --compare``, tests/test_neuro.py).
+    the reference ones (``benchmarks/bench_neuro.py --compare``, tests/neuro/test_neuro.py).
     """
     out = np.empty(len(a))
     for k, (x, y) in enumerate(zip(a.astype(np.float64), b.astype(np.float64), strict=True)):

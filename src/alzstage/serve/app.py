@@ -15,7 +15,7 @@ Hardening that matters for a service that decodes images from strangers
   before a voxel is read (:mod:`alzstage.neuro.volume`);
 - at most ``max_concurrent`` prediction requests run and ``max_queued`` wait; more get
   503, and freed memory goes back to the OS when the server is idle again;
-- each image is checked against the training images (:mod:`alzstage.model.ood`): one
+- each image is checked against the training images (:mod:`alzstage.inference.ood`): one
   that is not like them gets ``out_of_distribution`` and no stage;
 - cross-origin POSTs and DNS-rebound Host names are refused, and every response says
   ``X-Content-Type-Options: nosniff`` (:mod:`alzstage.serve.guards`);

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from fastapi.responses import JSONResponse
 
 from alzstage.errors import ImageReadError
-from alzstage.model.prediction import ImagePrediction, Prediction, VolumePrediction
+from alzstage.inference.prediction import ImagePrediction, Prediction, VolumePrediction
 from alzstage.serve.schemas import ErrorResponse, ModelResponse
 
 P = TypeVar("P", bound=Prediction)
@@ -27,8 +27,8 @@ P = TypeVar("P", bound=Prediction)
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from alzstage.model.inputs import DecodedImage
-    from alzstage.model.predict import LoadedModel
+    from alzstage.data.images import DecodedImage
+    from alzstage.inference.predict import LoadedModel
     from alzstage.serve.state import ModelCache, ServeSettings
 
 
@@ -93,8 +93,8 @@ def failed_result(up: Upload, kind: type[P]) -> P:
 def _decode_all(uploads: list[Upload], s: ServeSettings) -> list[tuple[int, str, DecodedImage]]:
     """Read and decode one file at a time, shrunk while decoding: at most one upload's
     bytes are in memory at once, and what is kept per image is at most 512 px a side."""
-    from alzstage.model.inputs import PixelBudget, decode_slice
-    from alzstage.model.predict import DISPLAY_MAX_SIDE
+    from alzstage.data.images import PixelBudget, decode_slice
+    from alzstage.inference.predict import DISPLAY_MAX_SIDE
 
     budget = PixelBudget(s.max_request_pixels)
     decoded = []
@@ -115,11 +115,11 @@ def run_batch(
     """Decode, check, predict and explain one request's files (runs in a worker thread).
 
     Files that cannot be decoded fail alone; the rest go through
-    :func:`alzstage.model.predict.predict_decoded`, as ``alzstage predict`` runs them,
+    :func:`alzstage.inference.predict.predict_decoded`, as ``alzstage predict`` runs them,
     with the model lock held around the model calls. The model is only loaded when some
     file could be decoded.
     """
-    from alzstage.model.predict import predict_decoded
+    from alzstage.inference.predict import predict_decoded
 
     s = cache.settings
     decoded = _decode_all(uploads, s)
@@ -144,7 +144,7 @@ def run_volumes(
     arrays of one volume are all that is ever held (the header is checked first, see
     :func:`alzstage.neuro.volume.load_volume`).
     """
-    from alzstage.model.subject import (
+    from alzstage.inference.volume import (
         predict_preprocessed,
         preprocess_for_prediction,
         volume_prediction,
@@ -186,11 +186,11 @@ def run_brain(
 
     Decoded as ``POST /predict`` decodes (one upload's bytes at a time, shrunk while
     decoding, within the request's pixel budget), then
-    :func:`alzstage.model.subject.predict_brain_slices`, as ``alzstage predict --brain``
+    :func:`alzstage.inference.volume.predict_brain_slices`, as ``alzstage predict --brain``
     runs it: unreadable and out-of-distribution files are left out of the brain and
     listed among its slices. The model is only loaded when some file could be decoded.
     """
-    from alzstage.model.subject import predict_brain_slices
+    from alzstage.inference.volume import predict_brain_slices
 
     s = cache.settings
     decoded = _decode_all(uploads, s)

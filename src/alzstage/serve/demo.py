@@ -3,7 +3,7 @@
 Why: the serving code needs a real ``models:/alzstage-demo@champion`` (pyfunc, signature,
 registry tags, alias) to be exercised honestly, but running the pipeline takes minutes.
 This builds the project's own network at 32x32 with random weights, logs it through the
-same :func:`alzstage.model.pyfunc.log_pyfunc` the ``train`` stage uses, and registers it
+same :func:`alzstage.inference.pyfunc.log_pyfunc` the ``train`` stage uses, and registers it
 with the same tags ``promote`` writes, into a store of its own. Its predictions mean
 nothing; its contract is exactly the production one, input check, leak guard and
 brain-level model included: they are fitted, as ``train`` fits them, on JPEG slices
@@ -95,9 +95,9 @@ def demo_brain_model(
     from PIL import Image
 
     from alzstage.config import BrainParams
+    from alzstage.inference.brain import morphometry_rows
+    from alzstage.inference.pyfunc import probabilities
     from alzstage.model.brain import brain_table, fit_from_params
-    from alzstage.model.brain_predict import morphometry_rows
-    from alzstage.model.pyfunc import probabilities
 
     grays = []
     for f in files:
@@ -144,9 +144,9 @@ def ensure_demo_champion(
     import keras
 
     from alzstage.config import ModelParams
-    from alzstage.model.build import build_network
-    from alzstage.model.ood import fit_from_files
-    from alzstage.model.pyfunc import log_pyfunc
+    from alzstage.inference.ood import fit_from_files
+    from alzstage.inference.pyfunc import log_pyfunc
+    from alzstage.model.network import build_network
 
     keras.utils.set_random_seed(seed)  # the backbone's initialisers draw from the global seed
     params = ModelParams(backbone="resnet50", weights="none", input_size=input_size, dense_units=8)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from alzstage.model.prediction import summarize
+from alzstage.inference.prediction import summarize
 from alzstage.serve import batch
 from alzstage.serve.schemas import (
     ERRORS,

@@ -1,8 +1,8 @@
 """The REST API's request and response types: the contract ``/docs`` publishes.
 
 One place for every field a client sees, so the OpenAPI schema, the page and the tests
-read the same names (``tests/test_serve.py`` checks responses against the schema). The
-per-file results are :mod:`alzstage.model.prediction`'s types, the ones ``alzstage
+read the same names (``tests/serve/test_serve.py`` checks responses against the schema). The
+per-file results are :mod:`alzstage.inference.prediction`'s types, the ones ``alzstage
 predict`` renders, re-exported here with the responses that carry them.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 # The per-file results are the one prediction type the CLI renders too; re-exported.
-from alzstage.model.prediction import (
+from alzstage.inference.prediction import (
     ImagePrediction,
     ModelRef,
     SlicePrediction,

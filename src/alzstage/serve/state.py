@@ -15,7 +15,7 @@ from alzstage.config import NeuroParams, NiftiQCParams
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
-    from alzstage.model.predict import LoadedModel
+    from alzstage.inference.predict import LoadedModel
 
 log = logging.getLogger("alzstage.serve")
 
@@ -75,7 +75,7 @@ class ServeSettings:
 
         Raises :class:`~alzstage.errors.DatasetUnknown` when no model can be chosen.
         """
-        from alzstage.model.predict import choose_model, store_uris
+        from alzstage.inference.predict import choose_model, store_uris
 
         choice = choose_model(model_ref, params, paths)
         tracking_uri, registry_uri = store_uris(paths.root)
@@ -117,7 +117,7 @@ class ModelCache:
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
-                    from alzstage.model.predict import LoadedModel
+                    from alzstage.inference.predict import LoadedModel
 
                     s = self.settings
                     self._model = LoadedModel(

@@ -1,0 +1,59 @@
+"""Size-free features of one grayscale slice, and the 32 px thumbnail every check compares.
+
+Measured once per image by the decode stage (:mod:`alzstage.data.pixels`) and again on
+every input at prediction time (:mod:`alzstage.inference.ood`), so both must be the same
+function: the input check compares one with the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Features are measured on a fixed-size copy, so a 4096-pixel export and a 96-pixel
+# network-size slice are judged alike; 64 px keeps the ring and the fraction precise.
+ANALYSIS_SIZE = 64
+
+THUMB_SIZE = 32  # the split stage's thumbnails, so correlations mean the same thing
+
+BORDER_PX = 4  # outer ring of the 64 px analysis image (1/16 of a side)
+
+FOREGROUND_LEVEL = 0.1  # of the 99th percentile
+
+FEATURES = (
+    "aspect",
+    "contrast",
+    "foreground_fraction",
+    "border_brightness",
+    "foreground_texture",
+    "mean_correlation",
+)
+
+
+def _resized(gray: np.ndarray, side: int) -> np.ndarray:
+    from PIL import Image
+
+    im = Image.fromarray(np.asarray(gray, dtype=np.uint8))
+    return np.asarray(im.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def thumbnail(gray: np.ndarray, side: int = THUMB_SIZE) -> np.ndarray:
+    """uint8 ``side`` x ``side`` copy, made exactly as the split stage makes its thumbnails."""
+    return _resized(gray, side).astype(np.uint8)
+
+
+def image_features(gray: np.ndarray) -> dict[str, float]:
+    """The size-free features of one uint8 (H, W) image (all but the mean correlation)."""
+    a = _resized(gray, ANALYSIS_SIZE)
+    p1, p99 = (float(v) for v in np.percentile(a, (1, 99)))
+    fg = a > FOREGROUND_LEVEL * p99 if p99 > 0 else np.zeros(a.shape, dtype=bool)
+    ring = np.ones(a.shape, dtype=bool)
+    ring[BORDER_PX:-BORDER_PX, BORDER_PX:-BORDER_PX] = False
+    inside = a[fg]
+    h, w = np.asarray(gray).shape[:2]
+    return {
+        "aspect": w / h,
+        "contrast": (p99 - p1) / 255.0,
+        "foreground_fraction": float(fg.mean()),
+        "border_brightness": float(a[ring].mean()) / max(p99, 1.0),
+        "foreground_texture": float(inside.std() / max(inside.mean(), 1e-6)) if fg.any() else 0.0,
+    }

@@ -1,0 +1,614 @@
+"""Prediction for ``alzstage predict`` and ``alzstage serve``: pixels in, stage + probabilities out.
+
+By default the model is the ``champion`` of the dataset params.yaml configures (one per
+dataset, see :func:`choose_model`); ``--model`` takes a version number or an alias of
+that dataset's model, a ``models:/`` or ``runs:/`` URI, or a local path (an MLflow model
+directory or a ``.keras`` file), so the same command works on a laptop and against a team
+server.
+
+The CLI and the REST API share everything here (decoding, the model wrapper, the input
+check, prediction and Grad-CAM in :func:`predict_decoded`), and both get the typed
+results of :mod:`alzstage.inference.prediction`, so a file gets the same numbers whichever
+way it is sent; the probabilities come from the registered pyfunc, so they also match
+``mlflow models serve``.
+
+Why about 610 lines: model loading (registry, files, demo), input expansion (and the
+``--brain`` folders) and the shared image path (``predict_decoded``) for the CLI and the
+API; the result type is ``prediction.py``, volumes and brains ``subject.py`` (their
+brain-level answer ``brain_predict.py``), rendering ``predict_command.py``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from alzstage import tracking
+from alzstage.data.identity import DEMO, ConfiguredDataset, configured_dataset
+from alzstage.data.images import (  # decoding lives with the other input code; re-exported
+    DEFAULT_MAX_PIXELS,
+    DISPLAY_MAX_SIDE,
+    IMAGE_FORMATS,  # noqa: F401
+    CorruptImage,  # noqa: F401
+    DecodedImage,
+    ImageTooLarge,  # noqa: F401
+    UnsupportedImage,  # noqa: F401
+    decode_image,  # noqa: F401
+    decode_slice,
+    display_image,
+    to_model_array,
+)
+from alzstage.errors import ImageReadError, InputError, ModelError, ModelNotFound  # re-exported
+from alzstage.inference.gradcam import overlay_writer
+from alzstage.inference.prediction import ImagePrediction, ModelRef, Prediction, failed, scored
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alzstage.config import Params, Paths
+    from alzstage.inference.ood import InputCheck
+    from alzstage.inference.prediction import VolumePrediction
+    from alzstage.model.brain import BrainModel
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+# Registry tags (written by ``promote``) that describe how good the model is.
+METRIC_TAGS = ("balanced_accuracy", "macro_f1", "accuracy")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def expand_inputs(items: Iterable[str]) -> list[Path]:
+    """Files, folders (recursively) and glob patterns → a sorted, de-duplicated file list.
+
+    A file named explicitly is always kept, whatever its suffix, so that a wrong file is
+    reported instead of silently skipped; folders and globs contribute image files and
+    NIfTI volumes (``.nii``, ``.nii.gz``) only.
+    """
+    from alzstage.neuro.volume import is_volume_path
+
+    found: list[Path] = []
+
+    def wanted(q: Path) -> bool:
+        return q.suffix.lower() in IMAGE_SUFFIXES or is_volume_path(q)
+
+    def images_under(folder: Path) -> list[Path]:
+        return [q for q in folder.rglob("*") if q.is_file() and wanted(q)]
+
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found += images_under(p)
+        elif p.exists():
+            found.append(p)
+        else:
+            matches = [Path(m) for m in glob.glob(item, recursive=True)]
+            if not matches:
+                raise FileNotFoundError(f"{item}: no such file, folder or glob match")
+            for m in matches:
+                if m.is_dir():
+                    found += images_under(m)
+                elif wanted(m):
+                    found.append(m)
+    return sorted(dict.fromkeys(q.resolve() for q in found))
+
+
+def brain_files(folder: Path) -> list[Path]:
+    """The JPEG/PNG slices directly in ``folder``, sorted: one brain for ``--brain``.
+
+    Only the folder's own files: a folder of brains (one sub-folder each) would
+    otherwise become one brain. Raises :class:`~alzstage.errors.InputError`, one line
+    naming the folder and the fix, when there is nothing to predict.
+    """
+    from alzstage.neuro.volume import is_volume_path
+
+    folder = Path(folder)
+    how = "--brain takes a folder holding one brain's slices (.jpg, .jpeg, .png)"
+    if not folder.exists():
+        raise InputError(f"{folder}: no such folder; {how}")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; {how} (predict single files without --brain)")
+    entries = sorted(folder.iterdir())
+    files = [q for q in entries if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+    if files:
+        return files
+    if any(q.is_file() and is_volume_path(q) for q in entries):
+        raise InputError(
+            f"{folder}: holds NIfTI volumes, not slice images; a volume is one brain by "
+            "itself: predict it without --brain"
+        )
+    nested = [q for q in folder.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+    if nested:
+        raise InputError(
+            f"{folder}: no JPEG/PNG slices directly in this folder (its sub-folders hold "
+            f"{len(nested)}); give each brain's own folder to --brain"
+        )
+    state = "is empty" if not entries else "holds no JPEG/PNG slices"
+    raise InputError(f"{folder}: the folder {state}; {how}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def refers_to_dataset_model(ref: str | None) -> bool:
+    """Nothing, a version number or an alias: a model of the configured dataset.
+
+    Anything else (a URI, a path, a missing path) names its model by itself.
+    """
+    if not ref or ref.isdigit() or ref.startswith("@"):
+        return True
+    return re.fullmatch(r"[A-Za-z0-9_-]+", ref) is not None and not Path(ref).exists()
+
+
+def resolve_model_uri(ref: str | None, model_name: str) -> str:
+    """Turn the user's ``--model`` into something MLflow or Keras can load.
+
+    ``model_name`` is the registered model that a bare version or alias refers to.
+    """
+    if ref is None or ref == "":
+        return f"models:/{model_name}@champion"
+    if ref.isdigit():
+        return f"models:/{model_name}/{ref}"
+    if ref.startswith("@"):
+        return f"models:/{model_name}{ref}"
+    if "://" in ref or ref.startswith(("models:/", "runs:/")):
+        return ref
+    if Path(ref).exists():
+        return str(Path(ref).resolve())
+    if ref.endswith(".keras") or any(c in ref for c in "/\\") or ref.startswith((".", "~")):
+        # An alias cannot hold these, so the person meant a file that is not there.
+        raise ModelNotFound(
+            f"--model {ref}: no such file; give the path of an existing .keras file or MLflow "
+            "model folder, a version number or an alias (e.g. champion)"
+        )
+    return f"models:/{model_name}@{ref}"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model predict or serve will load, and why that one (said to the user)."""
+
+    uri: str
+    dataset: ConfiguredDataset | None = None  # None: --model named the model by itself
+
+    @property
+    def reason(self) -> str:
+        if self.dataset is None:
+            return f"{self.uri}, as given by --model"
+        return f"{self.uri}, for dataset {self.dataset.name} ({self.dataset.why})"
+
+
+def choose_model(ref: str | None, params: Params, paths: Paths) -> ModelChoice:
+    """``--model`` as given, or (by default) the champion of the configured dataset.
+
+    A bare version number or alias also refers to the configured dataset's registered
+    model. Raises :class:`~alzstage.errors.DatasetUnknown` when that dataset cannot be
+    named (a non-demo source that the pipeline has not split yet, and no ``data.name``).
+    """
+    if not refers_to_dataset_model(ref):
+        return ModelChoice(resolve_model_uri(ref, params.promote.model_name))
+    dataset = configured_dataset(params, paths)
+    name = tracking.registered_name(params.promote.model_name, dataset.name)
+    return ModelChoice(resolve_model_uri(ref, name), dataset)
+
+
+def missing_champion_hint(
+    choice: ModelChoice, model_name: str, tracking_uri: str | None, registry_uri: str | None
+) -> str:
+    """When the configured dataset has no such model: which datasets have a champion."""
+    if choice.dataset is None:
+        return ""
+    others = [
+        d
+        for d in tracking.dataset_champions(model_name, tracking_uri, registry_uri)
+        if d != choice.dataset.name
+    ]
+    hint = f"dataset {choice.dataset.name} ({choice.dataset.why}) has no such model"
+    if others:
+        hint += (
+            f"; champions exist for dataset(s) {', '.join(others)}: configure that data "
+            f"(or data.name) in params.yaml, or pass --model models:/{model_name}-<dataset>"
+            "@champion"
+        )
+    return hint
+
+
+def store_uris(root: Path) -> tuple[str, str]:
+    """``(tracking_uri, registry_uri)`` to read models from, named explicitly.
+
+    Read-only use: unlike ``tracking.configure()`` this creates no experiment and does
+    not repoint MLflow for the whole process. ``MLFLOW_REGISTRY_URI`` wins for the
+    registry, as MLflow itself would do.
+    """
+    store = tracking.tracking_uri(root)
+    return store, os.environ.get("MLFLOW_REGISTRY_URI") or store
+
+
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """``(name, version, alias)`` of ``models:/name@alias`` / ``models:/name/3``, else None."""
+    m = _REGISTRY_URI.match(uri)
+    if not m:
+        return None
+    return m["name"], m["version"], m["alias"]
+
+
+@dataclass
+class ModelInfo:
+    """What is being served: the reference asked for and the registry version behind it."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The champion's test metrics, as ``promote`` tagged them on the version."""
+        out = {}
+        for k in METRIC_TAGS:
+            try:
+                out[k] = float(self.tags[k])
+            except (KeyError, ValueError):
+                continue
+        return out
+
+    @property
+    def split_strategy(self) -> str | None:
+        return self.tags.get("split_strategy") or None
+
+    @property
+    def split_leaky(self) -> bool | None:
+        v = self.tags.get("split_leaky")
+        return None if v in (None, "") else v == "True"
+
+    @property
+    def dataset(self) -> str | None:
+        return self.tags.get("dataset") or None
+
+    @property
+    def recipe(self) -> str | None:
+        return self.tags.get("recipe") or None
+
+    @property
+    def synthetic_demo(self) -> bool:
+        """Trained on the synthetic demo images (``data.name: demo`` is reserved for them)."""
+        return self.tags.get("data_source") == DEMO or self.dataset == DEMO
+
+    @property
+    def provenance(self) -> str:
+        """What the model was trained on, one line for the CLI, the API and the page."""
+        if not self.dataset:
+            return "training dataset not recorded (a file, or registered without a dataset tag)"
+        text = f"trained on dataset {self.dataset}"
+        if self.synthetic_demo:
+            text += " (SYNTHETIC demo images, not real MRI: meaningless on real scans)"
+        if self.recipe:
+            backbone = self.tags.get("backbone")
+            text += f", recipe {self.recipe}" + (f" ({backbone})" if backbone else "")
+        return text
+
+    @property
+    def ref(self) -> ModelRef:
+        """These facts as every prediction response carries them."""
+        return ModelRef(
+            uri=self.uri,
+            name=self.name,
+            version=self.version,
+            alias=self.alias,
+            dataset=self.dataset,
+            recipe=self.recipe,
+            synthetic_demo=self.synthetic_demo,
+            provenance=self.provenance,
+        )
+
+    @property
+    def label(self) -> str:
+        """``alzstage v3 (@champion)`` or the path, for titles."""
+        if self.name and self.version:
+            alias = f" (@{self.alias})" if self.alias else ""
+            return f"{self.name} v{self.version}{alias}"
+        return self.uri
+
+
+def _no_model(uri: str, why: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"{uri}: no such model ({why}). Run `dvc repro` or `alzstage promote` to create a "
+        "champion, or pass --model with a version, alias or path"
+    )
+
+
+def _resolve_registry(
+    uri: str, tracking_uri: str | None, registry_uri: str | None
+) -> tuple[ModelInfo, str]:
+    """Pin an alias to the version it names *now*, and find that version's files.
+
+    Loading from the version's artifact location (not the alias) means the version we
+    report is exactly the one whose weights were loaded, even if the alias moves while
+    loading, and a local store needs no download into a temp folder.
+    """
+    parsed = parse_registry_uri(uri)
+    assert parsed is not None
+    name, version, alias = parsed
+    try:
+        found = tracking.resolve_registered(name, version, alias, tracking_uri, registry_uri)
+    except ModelNotFound as exc:
+        raise _no_model(uri, str(exc)) from None
+    info = ModelInfo(uri=uri, name=name, version=found.version, alias=alias, tags=found.tags)
+    return info, found.location
+
+
+def _load_keras_file(path: Path) -> Any:
+    """A ``.keras`` file, or a :class:`ModelError` that tells a missing file from a bad one."""
+    import zipfile
+
+    if not path.is_file():
+        raise ModelNotFound(
+            f"--model {path}: no such file; give the path of an existing .keras file "
+            "(`alzstage train` writes models/model.keras)"
+        )
+    if not zipfile.is_zipfile(path):  # Keras says "File not found" for these
+        raise ModelError(
+            f"--model {path}: not a Keras model file (a .keras file is a zip archive); it is "
+            "damaged or something else renamed: re-export it with model.save() or re-run "
+            "`alzstage train`"
+        )
+    import keras
+
+    import alzstage.model.network  # noqa: F401
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a damaged archive
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"--model {path}: cannot load this Keras model ({first}); it is damaged or was "
+            "saved by an incompatible Keras: re-export it or re-run `alzstage train`"
+        ) from None
+
+
+class LoadedModel:
+    """Either a pyfunc from MLflow or a bare ``.keras`` file, behind one ``predict``.
+
+    ``tracking_uri`` / ``registry_uri`` (default: MLflow's current ones) name the store
+    explicitly, so neither the CLI nor the API server has to change MLflow's process-wide
+    settings (which MLflow also copies into ``os.environ``) just to read a model.
+
+    A registry model carries its input check and training thumbnails (``check``); a bare
+    ``.keras`` file has neither, and its results say ``out_of_distribution: null``.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        classes: list[str],
+        input_size: tuple[int, int],
+        tracking_uri: str | None = None,
+        registry_uri: str | None = None,
+    ) -> None:
+        from alzstage.inference.pyfunc import ClassifierBundle
+
+        self.uri = uri
+        self.info = ModelInfo(uri=uri)
+        if uri.endswith(".keras"):
+            keras_model = _load_keras_file(Path(uri))
+            self.bundle = ClassifierBundle(keras_model, list(classes), tuple(input_size))
+            return
+        location = uri
+        if parse_registry_uri(uri):
+            self.info, location = _resolve_registry(uri, tracking_uri, registry_uri)
+        try:
+            _, inner = tracking.load_pyfunc(location)
+        except ModelNotFound as exc:
+            raise _no_model(uri, str(exc)) from None
+        # Models logged before the bundle existed unpickle into the same class and
+        # rebuild it in load_context, so every registry model has one.
+        self.bundle = inner.bundle
+
+    @property
+    def classes(self) -> list[str]:
+        return self.bundle.classes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.bundle.size
+
+    @property
+    def temperature(self) -> float:
+        return self.bundle.temperature
+
+    @property
+    def has_input_check(self) -> bool:
+        return self.bundle.guard is not None
+
+    @property
+    def brain_model(self) -> BrainModel | None:
+        """The brain-level model stored with the network (``meta["brain_model"]``); None
+        for a model logged before it existed, or a bare ``.keras`` file: the brain's stage
+        then comes from the fixed pooling rule, with no set."""
+        return self.bundle.brain
+
+    @property
+    def keras_model(self) -> Any:
+        """The Keras network itself (for Grad-CAM, which needs gradients, not a pyfunc)."""
+        return self.bundle.model
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, n_classes) for uint8 (N, H, W) images.
+
+        The pyfunc's own numbers (same function, same temperature), without its input
+        check: callers run :meth:`check` first, on the images at their native size.
+        """
+        return self.bundle.probabilities(np.asarray(images, dtype=np.uint8))
+
+    def check(
+        self, grays: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[InputCheck | None]:
+        """The stored input check's verdict per image (``None`` each without a check)."""
+        found = self.bundle.check(list(grays), None if sizes is None else list(sizes))
+        return [None] * len(grays) if found is None else list(found)
+
+    def gradcam_overlays(
+        self, model_arrays: np.ndarray, display: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """RGB Grad-CAM overlays of the predicted class, drawn on each ``display`` image.
+
+        The map is computed at the network's input size (what the model saw) and
+        stretched over the display image, which can be the full-resolution original.
+        """
+        from alzstage.inference.gradcam import gradcam, overlay
+
+        if len(model_arrays) == 0:
+            return []
+        maps = gradcam(self.keras_model, np.asarray(model_arrays, dtype=np.uint8))
+        return [overlay(img, m) for img, m in zip(display, maps, strict=True)]
+
+
+# --------------------------------------------------------------------------- batch
+
+
+def predict_decoded(
+    model: LoadedModel,
+    decoded: Sequence[tuple[int, str, DecodedImage]],
+    low_confidence: float,
+    overlay_to: Callable[[ImagePrediction, np.ndarray], str] | None = None,
+    lock: AbstractContextManager[Any] | None = None,
+) -> list[ImagePrediction]:
+    """Check, predict and explain decoded images ``(index, name, image)``; the CLI and
+    the API both run this, so an image gets the same result from either.
+
+    Each image is judged by the model's input check first: one that is out of
+    distribution gets ``out_of_distribution`` and its reason instead of a stage; the
+    others are predicted in one batch. With ``overlay_to``, each predicted image also
+    gets a Grad-CAM overlay, stored where ``overlay_to`` says (a file, a data URL).
+    ``lock`` is held around the model calls only (the server shares one model).
+    """
+    checks = model.check([d.gray for *_, d in decoded], [(d.height, d.width) for *_, d in decoded])
+    results: dict[int, ImagePrediction] = {}
+    good = []
+    for (index, name, image), check in zip(decoded, checks, strict=True):
+        judged = ImagePrediction(
+            index=index,
+            filename=name,
+            status=200,
+            width=image.width,
+            height=image.height,
+            **({} if check is None else check.as_dict()),
+        )
+        if judged.out_of_distribution_flag:
+            results[index] = judged
+        else:
+            good.append((judged, image))
+    if good:
+        batch = np.stack([to_model_array(image.gray, model.size) for _, image in good])
+        with lock or nullcontext():
+            probs = model.predict(batch)
+            pictures: list[np.ndarray | None] = (
+                model.gradcam_overlays(batch, [display_image(image.gray) for _, image in good])
+                if overlay_to is not None
+                else [None] * len(good)
+            )
+        for (judged, _), p, rgb in zip(good, probs, pictures, strict=True):
+            gradcam = None if rgb is None or overlay_to is None else overlay_to(judged, rgb)
+            update = {**scored(model.classes, p, low_confidence), "gradcam": gradcam}
+            results[judged.index] = judged.model_copy(update=update)
+    return [results[i] for i in sorted(results)]
+
+
+def predict_files(
+    model: LoadedModel,
+    files: list[Path],
+    low_confidence: float,
+    gradcam_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[ImagePrediction]:
+    """One result per image file, in order; unreadable files get an error, the others
+    still get results. With ``gradcam_dir``, each predicted file also gets an overlay
+    PNG there (``gradcam``), named after its stem."""
+    results: dict[int, ImagePrediction] = {}
+    decoded = []
+    for i, f in enumerate(files):
+        try:
+            decoded.append(
+                (i, str(f), decode_slice(Path(f), max_pixels, max_side=DISPLAY_MAX_SIDE))
+            )
+        except ImageReadError as exc:
+            results[i] = failed(i, str(f), exc, ImagePrediction)
+    write = None if gradcam_dir is None else overlay_writer(gradcam_dir)
+    overlay_to = None if write is None else (lambda p, rgb: write(Path(p.filename).stem, rgb))
+    for p in predict_decoded(model, decoded, low_confidence, overlay_to):
+        results[p.index] = p
+    return [results[i] for i in sorted(results)]
+
+
+def predict_brain_folders(
+    model: LoadedModel,
+    brains: Sequence[tuple[Path, list[Path]]],
+    params: Params,
+    gradcam_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[VolumePrediction]:
+    """One brain-level result per ``(folder, its files)`` (:func:`brain_files`), each
+    with the per-slice table; files that cannot be read are listed, not fatal.
+
+    With ``gradcam_dir``, each informative slice's overlay of the brain's stage is
+    written there as ``<file stem>.gradcam.png`` (never overwriting).
+    """
+    from alzstage.inference.volume import predict_brain_slices
+
+    write = None if gradcam_dir is None else overlay_writer(gradcam_dir)
+    results = []
+    for index, (folder, files) in enumerate(brains):
+        decoded, unreadable = [], []
+        for i, f in enumerate(files):
+            try:
+                decoded.append((i, str(f), decode_slice(f, max_pixels, max_side=DISPLAY_MAX_SIDE)))
+            except ImageReadError as exc:
+                unreadable.append((i, str(f), str(exc)))
+        overlay_to = (
+            None if write is None else (lambda i, rgb, fs=files: write(Path(fs[i]).stem, rgb))
+        )
+        results.append(
+            predict_brain_slices(
+                model,
+                decoded,
+                unreadable,
+                str(folder),
+                params.neuro,
+                params.evaluate.low_confidence,
+                index=index,
+                overlay_to=overlay_to,
+            )
+        )
+    return results
+
+
+def predict_paths(
+    model: LoadedModel, files: list[Path], params: Params, gradcam_dir: Path | None = None
+) -> list[Prediction]:
+    """Images and NIfTI volumes together: one result each, in the order of ``files``."""
+    from alzstage.inference.volume import predict_volume_files
+    from alzstage.neuro.volume import is_volume_path
+
+    threshold = params.evaluate.low_confidence
+    is_volume = [is_volume_path(f) for f in files]
+    images = [f for f, v in zip(files, is_volume, strict=True) if not v]
+    volumes = [f for f, v in zip(files, is_volume, strict=True) if v]
+    image_results = iter(predict_files(model, images, threshold, gradcam_dir) if images else [])
+    volume_results = iter(
+        predict_volume_files(model, volumes, params, threshold, gradcam_dir) if volumes else []
+    )
+    return [
+        next(volume_results if v else image_results).model_copy(update={"index": i})
+        for i, v in enumerate(is_volume)
+    ]
