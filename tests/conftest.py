@@ -29,6 +29,13 @@ from PIL import Image
 
 from alzstage.artifacts import SPLIT_CSV
 
+# tests/ mirrors src/alzstage (tests/data/, tests/train/, ...), and a few test modules
+# share helpers by module name (``from test_split import make_project``): every test
+# folder goes on sys.path, as the flat tests/ folder was before the move.
+for _folder in sorted(Path(__file__).resolve().parent.iterdir()):
+    if _folder.is_dir() and not _folder.name.startswith((".", "_")):
+        sys.path.append(str(_folder)) if str(_folder) not in sys.path else None
+
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 
 

@@ -9,7 +9,7 @@ keras = pytest.importorskip("keras")
 
 from alzstage.config import ModelParams  # noqa: E402
 from alzstage.errors import WeightsError  # noqa: E402
-from alzstage.model import build  # noqa: E402
+from alzstage.model import network as build  # noqa: E402
 from alzstage.train.losses import class_weights  # noqa: E402
 
 SMALL_SCRATCH = {"input_size": (32, 32), "dense_units": 8, "dropout": 0.0}
