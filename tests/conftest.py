@@ -33,8 +33,9 @@ from alzstage.artifacts import SPLIT_CSV
 # share helpers by module name (``from test_split import make_project``): every test
 # folder goes on sys.path, as the flat tests/ folder was before the move.
 for _folder in sorted(Path(__file__).resolve().parent.iterdir()):
-    if _folder.is_dir() and not _folder.name.startswith((".", "_")):
-        sys.path.append(str(_folder)) if str(_folder) not in sys.path else None
+    _name = _folder.name
+    if _folder.is_dir() and not _name.startswith((".", "_")) and str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 
