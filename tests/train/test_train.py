@@ -23,6 +23,9 @@ from alzstage.train.fit import online_augmenter
 from alzstage.train.losses import class_weights
 from alzstage.train.recipe import save_model_atomic, train_model
 
+# What a training subprocess puts on sys.path to import this module's helpers: this
+# folder and tests/ (for conftest).
+HELPER_PATHS = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 
 
@@ -259,14 +262,14 @@ def test_two_logical_cpus_run_mirrored_strategy(tmp_path):
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import json, sys
-        sys.path.insert(0, %r)
+        sys.path[:0] = %r
         from test_train import separable, tiny_params
         from alzstage.train.recipe import train_model
         x, y = separable(32, 0); xv, yv = separable(16, 1)
         _, s = train_model(tiny_params(epochs=1), x, y, xv, yv)
         print(json.dumps({"strategy": s["strategy"], "replicas": s["replicas"]}))
         """
-    ) % os.path.dirname(__file__)
+    ) % (HELPER_PATHS,)
     env = {**os.environ, "ALZSTAGE_MIRROR_CPUS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
@@ -347,7 +350,7 @@ def test_two_workers_train_in_lockstep_under_tf_config(tmp_path):
     script = textwrap.dedent(
         """
         import hashlib, json, sys
-        sys.path.insert(0, %r)
+        sys.path[:0] = %r
         from test_train import separable, tiny_params
         from alzstage.train.recipe import train_model
         x, y = separable(48, 0); xv, yv = separable(16, 1)
@@ -360,7 +363,7 @@ def test_two_workers_train_in_lockstep_under_tf_config(tmp_path):
             "losses": [h["loss"] for h in s["history"]],
         }))
         """
-    ) % os.path.dirname(__file__)
+    ) % (HELPER_PATHS,)
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
@@ -416,7 +419,7 @@ def test_killed_training_process_leaves_previous_model(tmp_path):
     script = textwrap.dedent(
         """
         import sys, pathlib
-        sys.path.insert(0, %r)
+        sys.path[:0] = %r
         from test_train import separable, tiny_params
         from alzstage.train.recipe import save_model_atomic, train_model
         x, y = separable(64, 0); xv, yv = separable(16, 1)
@@ -424,7 +427,7 @@ def test_killed_training_process_leaves_previous_model(tmp_path):
         model, _ = train_model(tiny_params(epochs=500, patience=500), x, y, xv, yv)
         save_model_atomic(model, pathlib.Path(%r))
         """
-    ) % (os.path.dirname(__file__), str(target))
+    ) % (HELPER_PATHS, str(target))
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,

@@ -38,6 +38,44 @@ def select_strategy() -> Any:
     return tf.distribute.get_strategy()
 
 
+def distributed_batches(
+    strategy: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: np.ndarray,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+) -> Any:
+    """Each global batch split across every replica of every worker, as a distributed set.
+
+    Every worker draws the same epoch order (same seed) and feeds only its own replicas'
+    parts; each sample's weight is scaled by 1/len(batch), so the summed replica losses
+    are the class-weighted mean over the global batch.
+    """
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+    next_epoch = epoch_batches(len(x), batch_size, seed, shuffle)
+
+    def dataset_fn(ctx: Any) -> Any:
+        local = replicas // ctx.num_input_pipelines
+        first = ctx.input_pipeline_id * local
+
+        def pieces() -> Any:
+            for idx in next_epoch():
+                scale = np.float32(1.0 / len(idx))
+                parts = np.array_split(idx, replicas)
+                for r in range(first, first + local):
+                    part = parts[r]
+                    yield as_network_input(x[part]), y[part], weights[part] * scale
+
+        signature = (*batch_specs(x, y), tf.TensorSpec((None,), tf.float32))
+        return tf.data.Dataset.from_generator(pieces, output_signature=signature).prefetch(2)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
 def fit_distributed(
     model: Any,
     x: np.ndarray,
@@ -65,8 +103,7 @@ def fit_distributed(
     import keras
     import tensorflow as tf
 
-    n = len(x)
-    weights = np.ones(n, np.float32)
+    weights = np.ones(len(x), np.float32)
     if class_weight:
         weights = np.array([class_weight.get(int(c), 1.0) for c in y], np.float32)
     loss_obj = model.loss
@@ -74,25 +111,7 @@ def fit_distributed(
     optimizer = model.optimizer
     if not optimizer.built:  # variables made now, under the strategy, not in a step
         optimizer.build(model.trainable_variables)
-    replicas = strategy.num_replicas_in_sync
-    next_epoch = epoch_batches(n, batch_size, seed, shuffle)
-
-    def dataset_fn(ctx: Any) -> Any:
-        local = replicas // ctx.num_input_pipelines
-        first = ctx.input_pipeline_id * local
-
-        def pieces() -> Any:
-            for idx in next_epoch():
-                scale = np.float32(1.0 / len(idx))
-                parts = np.array_split(idx, replicas)
-                for r in range(first, first + local):
-                    part = parts[r]
-                    yield as_network_input(x[part]), y[part], weights[part] * scale
-
-        signature = (*batch_specs(x, y), tf.TensorSpec((None,), tf.float32))
-        return tf.data.Dataset.from_generator(pieces, output_signature=signature).prefetch(2)
-
-    batches = strategy.distribute_datasets_from_function(dataset_fn)
+    batches = distributed_batches(strategy, x, y, weights, batch_size, seed, shuffle)
 
     def replica_step(xb: Any, yb: Any, wb: Any) -> Any:
         with tf.GradientTape() as tape:

@@ -115,6 +115,29 @@ def make_epoch_callback(
     return SelectOnBalancedMetrics()
 
 
+def make_optimizer(
+    lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float, weight_decay: float
+) -> Any:
+    """Adam (AdamW when ``weight_decay`` > 0) on a cosine decay, after a linear warm-up.
+
+    A from-scratch network's first steps, with BatchNorm statistics still settling,
+    diverge at the full rate: ``warmup_epochs`` ramps the rate from 0 first.
+    """
+    import keras
+
+    warmup = round(warmup_epochs * steps_per_epoch)
+    steps = max(1, steps_per_epoch * epochs - warmup)
+    if warmup:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=steps, alpha=0.01, warmup_target=lr, warmup_steps=warmup
+        )
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.1)
+    if weight_decay:
+        return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+    return keras.optimizers.Adam(schedule)
+
+
 def fit_phase(
     model: Any,
     x: np.ndarray,
@@ -142,22 +165,8 @@ def fit_phase(
     at the full rate); ``weight_decay`` > 0 switches Adam to AdamW; ``augment`` maps each
     training batch (see ``online_augmenter``); ``stop_when`` as in ``make_epoch_callback``.
     """
-    import keras
-
     steps_per_epoch = max(1, int(np.ceil(len(x) / params.train.batch_size)))
-    warmup = round(warmup_epochs * steps_per_epoch)
-    steps = max(1, steps_per_epoch * epochs - warmup)
-    if warmup:
-        schedule = keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=steps, alpha=0.01, warmup_target=lr, warmup_steps=warmup
-        )
-    else:
-        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.1)
-    optimizer = (
-        keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
-        if weight_decay
-        else keras.optimizers.Adam(schedule)
-    )
+    optimizer = make_optimizer(lr, steps_per_epoch, epochs, warmup_epochs, weight_decay)
     model.compile(optimizer=optimizer, loss=make_loss(params))
     monitor = params.train.monitor
     cb = make_epoch_callback(
