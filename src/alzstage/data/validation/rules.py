@@ -80,7 +80,12 @@ class SuiteResult:
 
 def expectation_specs(params: Params) -> list[ExpectationSpec]:
     """The suite, derived from params so that the rules and the docs never drift apart."""
-    b, v = params.base, params.validate_
+    return [*_row_specs(params), *_configured_specs(params), *_count_specs(params)]
+
+
+def _row_specs(params: Params) -> list[ExpectationSpec]:
+    """What every manifest row must hold, whatever the params: columns, ids, labels."""
+    b = params.base
     redownload = "re-run `dvc repro download` to rebuild data/raw/manifest.csv"
     specs = [
         ExpectationSpec(
@@ -155,6 +160,13 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
             "exact_duplicate",
         ),
     ]
+    return specs
+
+
+def _configured_specs(params: Params) -> list[ExpectationSpec]:
+    """The rules a param switches on: every class present, one image size, one mode."""
+    b, v = params.base, params.validate_
+    specs: list[ExpectationSpec] = []
     if v.min_per_class > 0:
         specs.append(
             ExpectationSpec(
@@ -196,7 +208,13 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
                 detail=lambda row: f"manifest mode {row['mode']!r}, expected {v.expected_mode}",
             )
         )
-    specs += [
+    return specs
+
+
+def _count_specs(params: Params) -> list[ExpectationSpec]:
+    """The rules on aggregates: images per class, and labels per identical image."""
+    v = params.validate_
+    return [
         ExpectationSpec(
             "class_min_count",
             "class_counts",
@@ -217,7 +235,6 @@ def expectation_specs(params: Params) -> list[ExpectationSpec]:
             "label_conflict",
         ),
     ]
-    return specs
 
 
 def suite_frames(manifest: pd.DataFrame, params: Params) -> dict[str, pd.DataFrame]:
