@@ -149,64 +149,24 @@ class Engine:
         """
         from distributed import as_completed
 
-        run = uuid.uuid4().hex[:8]
+        window = _Window(
+            self, fn, args, name, progress, weight, failures, as_completed(loop=self.client.loop)
+        )
         todo = iter(enumerate(items))
-        pending: dict[Any, tuple[int, int, Any]] = {}  # future -> (index, weight, item)
-        finished: dict[int, Outcome[T]] = {}
-        suspects: dict[int, tuple[int, Any]] = {}  # index -> (weight, item): re-run alone
-        stream = as_completed(loop=self.client.loop)
-        exhausted = False
-
-        def submit(i: int, item: Any, key: str) -> None:
-            future = self.client.submit(
-                fn, item, *args, key=key, retries=self.params.retries, pure=False
-            )
-            pending[future] = (i, weight(item), item)
-            stream.add(future)
-
-        def submit_more() -> None:
-            nonlocal exhausted
-            window = max(2, WINDOW_PER_THREAD * self.threads())
-            while not suspects and not exhausted and len(pending) + len(finished) < window:
-                nxt = next(todo, None)
-                if nxt is None:
-                    exhausted = True
-                    return
-                submit(nxt[0], nxt[1], f"{name}-{nxt[0]}-{run}")
-
-        def record(index: int, size: int, outcome: Outcome[T]) -> None:
-            finished[index] = outcome
-            if progress is not None:
-                bad = size if not outcome.ok else failures(outcome.value)  # type: ignore[arg-type]
-                progress.update(size, bad)
-
-        submit_more()
+        window.fill(todo)
         following = 0
-        while pending or finished or suspects:
-            while following in finished:
-                yield finished.pop(following)
+        while window.pending or window.finished or window.suspects:
+            while following in window.finished:
+                yield window.finished.pop(following)
                 following += 1
-                submit_more()
-            if not pending:
-                if suspects:  # drained: re-run the first suspect with nothing beside it
-                    index = min(suspects)
-                    size, item = suspects.pop(index)
-                    submit(index, item, f"{name}-{index}-{run}-alone")
-                    future = next(stream)
-                    _, size, _ = pending.pop(future)
-                    record(index, size, self._outcome(index, future))
-                    future.release()
-                    submit_more()
+                window.fill(todo)
+            if not window.pending:
+                if window.suspects:  # drained: re-run the first suspect with nothing beside it
+                    window.rerun_first_suspect()
+                    window.fill(todo)
                 continue
-            future = next(stream)
-            index, size, item = pending.pop(future)
-            outcome = self._outcome(index, future)
-            future.release()
-            if outcome.killed and not future.key.endswith("-alone"):
-                suspects[index] = (size, item)
-            else:
-                record(index, size, outcome)
-            submit_more()
+            window.collect_next()
+            window.fill(todo)
 
     def _outcome(self, index: int, future: Any) -> Outcome[T]:
         from concurrent.futures import CancelledError
@@ -299,6 +259,78 @@ def engine(
         link = client.dashboard_link if _dashboard_available() or params.scheduler else None
         say(f"{purpose}: on {where}" + (f"; dashboard {link}" if link else ""))
         yield Engine(client, params, where)
+
+
+class _Window(Generic[T]):
+    """The bookkeeping of one :meth:`Engine.map_ordered`: what is submitted, finished, or
+    suspected of killing its worker, and the bound on how much is in flight."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        name: str,
+        progress: Progress | None,
+        weight: Callable[[Any], int],
+        failures: Callable[[T], int],
+        stream: Any,
+    ) -> None:
+        self.engine, self.fn, self.args, self.name = engine, fn, args, name
+        self.progress, self.weight, self.failures, self.stream = progress, weight, failures, stream
+        self.run = uuid.uuid4().hex[:8]
+        self.pending: dict[Any, tuple[int, int, Any]] = {}  # future -> (index, weight, item)
+        self.finished: dict[int, Outcome[T]] = {}
+        self.suspects: dict[int, tuple[int, Any]] = {}  # index -> (weight, item): re-run alone
+        self.exhausted = False
+
+    def submit(self, i: int, item: Any, key: str) -> None:
+        future = self.engine.client.submit(
+            self.fn, item, *self.args, key=key, retries=self.engine.params.retries, pure=False
+        )
+        self.pending[future] = (i, self.weight(item), item)
+        self.stream.add(future)
+
+    def fill(self, todo: Iterator[tuple[int, Any]]) -> None:
+        """Submit from ``todo`` until the window is full (never while a suspect waits)."""
+        window = max(2, WINDOW_PER_THREAD * self.engine.threads())
+        while (
+            not self.suspects
+            and not self.exhausted
+            and len(self.pending) + len(self.finished) < window
+        ):
+            nxt = next(todo, None)
+            if nxt is None:
+                self.exhausted = True
+                return
+            self.submit(nxt[0], nxt[1], f"{self.name}-{nxt[0]}-{self.run}")
+
+    def record(self, index: int, size: int, outcome: Outcome[T]) -> None:
+        self.finished[index] = outcome
+        if self.progress is not None:
+            bad = size if not outcome.ok else self.failures(outcome.value)  # type: ignore[arg-type]
+            self.progress.update(size, bad)
+
+    def collect_next(self) -> None:
+        """The next finished task; one that seems to have killed its worker becomes a suspect."""
+        future = next(self.stream)
+        index, size, item = self.pending.pop(future)
+        outcome = self.engine._outcome(index, future)
+        future.release()
+        if outcome.killed and not future.key.endswith("-alone"):
+            self.suspects[index] = (size, item)
+        else:
+            self.record(index, size, outcome)
+
+    def rerun_first_suspect(self) -> None:
+        """Run the first suspect with nothing beside it: its outcome is now its own."""
+        index = min(self.suspects)
+        size, item = self.suspects.pop(index)
+        self.submit(index, item, f"{self.name}-{index}-{self.run}-alone")
+        future = next(self.stream)
+        _, size, _ = self.pending.pop(future)
+        self.record(index, size, self.engine._outcome(index, future))
+        future.release()
 
 
 class Progress:
