@@ -15,7 +15,7 @@ a rule (which classes count as few, when a temperature is at its bound) here.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -379,8 +379,7 @@ def render_model_card(
     so does a report without ``brain_level`` (from before the brain model) its section.
     """
     context = card_context(report, split_info, provenance, baselines)
-    # asdict: plain dicts and lists, so the template reads fields and keys alike.
-    return _template().render(asdict(context))
+    return _template().render({f.name: getattr(context, f.name) for f in fields(context)})
 
 
 @cache
