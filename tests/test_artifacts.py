@@ -15,6 +15,7 @@ from alzstage.artifacts import (
     VOLUMES_CSV,
     MetricsReport,
     SplitReport,
+    TrainReport,
     TrainRun,
     read_manifest,
     read_split,
@@ -22,6 +23,7 @@ from alzstage.artifacts import (
     write_split,
 )
 from alzstage.errors import AlzstageError, ArtifactError, MissingInputError
+from alzstage.files import json_text
 
 
 def train_run() -> TrainRun:
@@ -91,6 +93,89 @@ def test_a_wrongly_typed_value_is_refused_not_coerced(tmp_path: Path) -> None:
 def test_a_missing_file_says_which_stage_writes_it(tmp_path: Path) -> None:
     with pytest.raises(MissingInputError, match=r"split\.json: not found; run `alzstage split`"):
         SplitReport.read(tmp_path / "split.json")
+
+
+def train_summary() -> dict:
+    """What the scratch recipe's train_model returns, less its history (a demo run's)."""
+    return {
+        "strategy": "_DefaultDistributionStrategy",
+        "replicas": 1,
+        "recipe": "scratch",
+        "backbone": "resnet_compact",
+        "parameters": 325716,
+        "scratch_epochs": 30,
+        "scratch_best_val_balanced_accuracy": 0.7552083333333334,
+        "scratch_images_per_second": 200.89736657987098,
+        "scratch_steady_images_per_second": 438.2207628937218,
+        "build_seconds": 0.0,
+        "feature_seconds": 0.0,
+        "train_seconds": 62.63851232900015,
+        "temperature": 1.4286932934589867,
+        "val_ece_before": 0.07693065609782936,
+        "val_ece_after": 0.09108572178783893,
+        "calibration_seconds": 0.11642988399944443,
+        "class_weight": {"MildDemented": 1.0833333333333333, "NonDemented": 0.7647058823529411},
+        "n_train_samples": 416,
+        "n_val": 96,
+    }
+
+
+def test_the_train_report_keeps_the_bytes_it_had_as_a_plain_dict(tmp_path: Path) -> None:
+    # given the summary the train stage used to write with write_json
+    summary = train_summary()
+    path = tmp_path / "reports" / "train.json"
+
+    # when it is checked against its contract, written, and read back
+    TrainReport.check(summary, path).write(path)
+    back = TrainReport.read(path)
+
+    # then the file is byte for byte what write_json wrote (no null for an unset key),
+    # and the reader gets typed fields and the phase figures
+    assert path.read_text() == json_text(summary)
+    assert back.temperature == summary["temperature"] and back.recipe == "scratch"
+    assert back.cut_cache_mb is None
+    assert back.model_extra == {k: v for k, v in summary.items() if k.startswith("scratch_")}
+
+
+def test_the_transfer_recipe_s_train_report_round_trips(tmp_path: Path) -> None:
+    # given a transfer run: two phases, the activation cache, stopped at its target
+    summary = {k: v for k, v in train_summary().items() if not k.startswith("scratch_")}
+    summary |= {"recipe": "transfer", "cut_cache_mb": 12.5, "stopped_at_target_epoch": 4}
+    summary["activation_cache"] = [{"name": "train", "key": "ab12", "status": "hit"}]
+    for phase in ("head", "fine_tune"):
+        summary |= {f"{phase}_epochs": 2, f"{phase}_best_val_loss": 0.61}
+        summary |= {f"{phase}_images_per_second": 90.0, f"{phase}_steady_images_per_second": 99.5}
+    path = tmp_path / "train.json"
+
+    # when it is written and read back
+    TrainReport.check(summary, path).write(path)
+
+    # then nothing is lost or added
+    assert json.loads(path.read_text()) == summary
+    assert TrainReport.read(path).activation_cache == summary["activation_cache"]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"tempreature": 1.2}, "key 'tempreature': String should match pattern"),
+        ({"scratch_epochs": "30"}, "key 'scratch_epochs.int': Input should be a valid integer"),
+        ({"temperature": None}, "key 'temperature': Input should be a valid number"),
+    ],
+)
+def test_a_train_report_names_the_key_it_refuses(tmp_path: Path, change: dict, named: str) -> None:
+    # given a train.json with a misspelt key, a phase figure as text, or no temperature
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(train_summary() | change))
+
+    # when it is read
+    with pytest.raises(ArtifactError) as caught:
+        TrainReport.read(path)
+
+    # then one line names the file, the key and the stage to run again
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    assert named in message and "alzstage train" in message
 
 
 def test_reports_keep_the_keys_no_reader_declares(tmp_path: Path) -> None:

@@ -139,6 +139,16 @@ def test_closure_of_one_run_function_leaves_out_its_neighbours_imports() -> None
     assert "alzstage.train.recipe" not in split and "alzstage.evaluate.stage" not in split
 
 
+def test_a_module_s_template_is_code_of_the_stages_that_import_the_module() -> None:
+    # given: evaluate/card.py renders the model card from evaluate/card.md.j2, beside it
+    by_name = {s.name: s for s in STAGES}
+    template = "src/alzstage/evaluate/card.md.j2"
+    # then: editing the template re-runs evaluate, and not a stage that never renders it
+    assert template in code_deps(by_name["evaluate"])
+    assert "src/alzstage/evaluate/card.py" in code_deps(by_name["evaluate"])
+    assert template not in code_deps(by_name["train"])
+
+
 def test_code_deps_are_repository_paths_of_existing_files() -> None:
     for stage in STAGES:
         for dep in code_deps(stage):

@@ -6,6 +6,8 @@ missing or mistyped key fails at the read with the file and the key named, inste
 Each type says which stage writes its file; the error names the stage to run again.
 
 * :class:`TrainRun`: ``models/train_run.json`` (train writes; evaluate and promote read);
+* :class:`TrainReport`: ``reports/train.json``, what training ran and how long it took
+  (train writes; the train stage's pyfunc step reads the temperature and recipe back);
 * :class:`SplitReport`: the fields of ``reports/split.json`` that evaluate reads (split
   writes); the rest of the report stays as it is, for the model card and the headline;
 * :class:`MetricsReport`: the fields of ``reports/metrics.json`` that promote reads
@@ -37,9 +39,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic import ValidationError as PydanticValidationError
 
 from alzstage.errors import ArtifactError, MissingInputError
@@ -115,6 +117,57 @@ class TrainRun(Artifact):
     recipe: str
     backbone: str
     weights: str
+
+
+#: A per-phase figure of the train report: ``<phase>_<figure>``, phases ``scratch`` (one
+#: phase) or ``head`` then ``fine_tune`` (transfer); ``best_`` is followed by train.monitor.
+TrainPhaseKey = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^(scratch|head|fine_tune)_"
+        r"(epochs|best_\w+|images_per_second|steady_images_per_second)$"
+    ),
+]
+
+
+class TrainReport(Artifact):
+    """``reports/train.json``: what the train stage ran, its calibration and its timings.
+
+    The train stage's last step reads the temperature and the recipe back from it. The
+    per-phase figures are the keys :data:`TrainPhaseKey` allows, each a number; the
+    optional keys are written only by the runs they describe (the transfer recipe's cache,
+    a run stopped at its target), and only the keys that were written are written back.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    written_by: ClassVar[str] = "train"
+    #: The undeclared keys: per-phase figures, whole numbers kept whole.
+    __pydantic_extra__: dict[TrainPhaseKey, int | float] = Field(init=False)
+
+    strategy: str  # the tf.distribute strategy that ran, and on how many replicas
+    replicas: int
+    recipe: str  # resolved: "scratch" or "transfer", never params' "auto"
+    backbone: str
+    parameters: int
+    n_train_samples: int
+    n_val: int
+    class_weight: dict[str, float]  # empty: no class weighting
+    #: Fitted on the validation split: predict and evaluate divide the logits by it.
+    temperature: float
+    val_ece_before: float
+    val_ece_after: float
+    build_seconds: float
+    feature_seconds: float
+    train_seconds: float
+    calibration_seconds: float
+    stopped_at_target_epoch: int | None = None
+    cut_cache_mb: float | None = None
+    activation_cache: list[dict[str, str]] | None = None
+
+    def write(self, path: Path) -> Path:
+        """Write the keys the writer gave, no ``null`` for an optional one it did not."""
+        write_json(path, self.model_dump(mode="json", exclude_unset=True))
+        return Path(path)
 
 
 class SplitReport(Artifact):

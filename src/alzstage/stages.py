@@ -351,12 +351,14 @@ def code_deps(stage: Stage) -> list[str]:
 
     Package ``__init__.py`` files are left out: they hold docstrings and a version string
     only (``tests/test_stages.py`` keeps it that way), so no stage output depends on them.
+    A module's Jinja2 templates are code too: the files beside it named after it
+    (``evaluate/card.py`` renders ``evaluate/card.md.j2``).
     """
     module, _, function = stage.entry.partition(":")
-    files = {module_file(m) for m in import_closure(module, function)}
-    return sorted(
-        str(f.relative_to(REPO_SRC)) for f in files if f is not None and f.name != "__init__.py"
-    )
+    found = {module_file(m) for m in import_closure(module, function)}
+    files = {f for f in found if f is not None and f.name != "__init__.py"}
+    files |= {t for f in files for t in f.parent.glob(f"{f.stem}.*.j2")}
+    return sorted(str(f.relative_to(REPO_SRC)) for f in files)
 
 
 def dvc_deps(stage: Stage) -> list[str]:

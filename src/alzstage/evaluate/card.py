@@ -5,14 +5,43 @@ same ``metrics.json`` that DVC tracks, it cannot. It states what a reader needs 
 trusting any number: where the data came from, how the test set was separated from
 training (and whether that leaks), the uncertainty of every headline metric, and what
 the model must not be used for.
+
+The words live in the Jinja2 template ``card.md.j2`` beside this module; this module
+reads the reports into a :class:`~alzstage.evaluate.card_context.CardContext` (every
+figure formatted as the card prints it, every choice the card makes already taken) and
+renders the template with it. A sentence is edited in the template; a number's format or
+a rule (which classes count as few, when a temperature is at its bound) here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import fields
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from alzstage.evaluate.card_context import (
+    Baselines,
+    Binary,
+    BrainLevel,
+    BrainVerdict,
+    Calibration,
+    CardContext,
+    Conformal,
+    DataFacts,
+    Figure,
+    Limitations,
+    ModelFacts,
+    Performance,
+    SubjectLevel,
+)
 from alzstage.model.calibration import TEMPERATURE_BOUNDS
 
+if TYPE_CHECKING:
+    import jinja2
+
+#: The template, beside this module (package data; the evaluate stage depends on it).
+TEMPLATE = "card.md.j2"
 RESEARCH_NOTICE = (
     "**Research use only. This model is not a medical device and must not be used for "
     "diagnosis, screening, triage or any clinical decision.**"
@@ -23,6 +52,17 @@ LEAKAGE_CAVEAT = (
     "scores below are inflated and do not estimate performance on new patients."
 )
 FEW_SUBJECTS = 3  # below this many test subjects a class's numbers are anecdotes
+# The brain-level predictors brain_test_report scores, in the card's words and order.
+BRAIN_PREDICTORS = {
+    "brain_model": "brain model",
+    "morphometric": "morphometric baseline (CSF fraction only)",
+    "pool": "fixed pooling rule (mean log-probability)",
+    "majority": "majority class",
+}
+_SCORES = ("balanced_accuracy", "accuracy", "macro_f1")  # the baselines table's columns
+
+
+# --------------------------------------------------------------------------- formats
 
 
 def _num(v: Any, digits: int = 3) -> str:
@@ -34,172 +74,6 @@ def _ci(block: dict | None, key: str) -> str:
     return "n/a" if not iv else f"{iv['low']:.3f} - {iv['high']:.3f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A markdown table followed by the blank line that ends it."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return [*lines, ""]
-
-
-def limitations(report: dict, split_info: dict, provenance: dict) -> list[str]:
-    """The caveats that follow from this particular run's data, split and model."""
-    out: list[str] = []
-    if report.get("split_leaky"):
-        out.append(LEAKAGE_CAVEAT.format(strategy=report.get("split_strategy", "?")))
-    sub = report.get("subject_level", {})
-    per_class_subjects = sub.get("n_subjects_per_class") or split_info.get("subjects", {}).get(
-        "test", {}
-    )
-    few = {
-        c: n
-        for c, n in per_class_subjects.items()
-        if c != "total" and n < FEW_SUBJECTS and c not in report.get("classes_absent_from_test", [])
-    }
-    if few:
-        listed = ", ".join(f"{c} ({n})" for c, n in few.items())
-        out.append(
-            f"Classes with fewer than {FEW_SUBJECTS} test subjects: {listed}. Their per-class "
-            "numbers rest on one or two brains, and their bootstrap intervals are too narrow: "
-            "resampling (stratified by class) cannot vary a class that has a single subject."
-        )
-    absent = report.get("classes_absent_from_test") or []
-    if absent:
-        out.append(
-            f"Classes absent from the test split: {', '.join(absent)}. They are not scored; "
-            "balanced accuracy and macro-F1 average over the remaining classes only."
-        )
-    if report.get("auc_skipped_classes"):
-        skipped = ", ".join(f"{c} ({r})" for c, r in report["auc_skipped_classes"].items())
-        out.append(f"ROC/PR-AUC not computed for: {skipped}.")
-    ids = sub.get("subject_ids") if sub.get("available") else None
-    if ids in ("pseudo", "mixed"):
-        out.append(
-            "Subject ids were (partly) recovered from image similarity (pseudo-subjects), not "
-            "given by the source; a wrongly merged or split volume would bias subject-level "
-            "numbers and the subject-disjointness of the split."
-        )
-    if not sub.get("available"):
-        out.append(
-            "No subject ids: confidence intervals resample single slices and assume they are "
-            "independent, which neighbouring slices of one brain are not; intervals are too narrow."
-        )
-    if provenance.get("weights") == "none":
-        out.append(
-            "No pretrained weights (`model.weights: none`): the whole network was trained "
-            "from random initialisation on this dataset alone (the `scratch` recipe)."
-        )
-    if provenance.get("data_source") == "demo":
-        out.append(
-            "Trained and tested on SYNTHETIC demo data; these numbers say nothing about "
-            "performance on real MRI."
-        )
-    out.append(
-        "Input is a single 2-D axial slice; the stage is a property of a person. The public "
-        "4-class slice datasets document neither how images were acquired and selected nor "
-        "how labels were assigned, and carry no scanner, site, age or sex metadata: shifts "
-        "in any of these are untested, and there is no external validation."
-    )
-    cal = report.get("calibration", {})
-    t = cal.get("temperature")
-    if not cal.get("applied", True):
-        out.append("No calibration temperature was recorded: probabilities are uncalibrated.")
-        return out
-    out.append(
-        f"Calibration (temperature {_num(t, 2)}) was fitted on the validation split of the "
-        "same cohort; probabilities on other data may again be over- or under-confident."
-    )
-    lo, hi = TEMPERATURE_BOUNDS
-    if t is not None and t >= hi * 0.99:
-        out.append(
-            f"The fitted temperature is at the top of its search range {TEMPERATURE_BOUNDS}: "
-            "on validation the model's confidence carried (almost) no information, so the "
-            "calibrated probabilities are close to uniform."
-        )
-    elif t is not None and t <= lo * 1.01:
-        out.append(
-            f"The fitted temperature is at the bottom of its search range {TEMPERATURE_BOUNDS}; "
-            "the calibration fit is unreliable."
-        )
-    return out
-
-
-def baselines_section(baselines: dict) -> list[str]:
-    """The baselines table: each baseline's scores and whether the network beats it.
-
-    A network is only worth its cost if it beats models that need no deep learning on
-    the same test subjects; the verdict is printed verbatim so that a model that does
-    not beat the pixel baseline is reported as such, not left for the reader to infer.
-    """
-    net = baselines.get("network", {})
-    blocks = baselines.get("baselines", {})
-    any_cmp = next(iter(blocks.values()), {}).get("network_minus_baseline", {})
-    fitted = ""
-    if "n_train" in baselines:  # absent when pooled out-of-fold predictions were compared
-        fitted = (
-            f", fitted on the {baselines['n_train']} original (not augmented) training "
-            f"slices, downsampled to {baselines.get('n_pixels', '?')} pixels each"
-        )
-    lines = [
-        "## Baselines",
-        "",
-        f"Scored on the same {baselines.get('n_test', '?')} test slices{fitted}. "
-        "Difference: the network's balanced accuracy minus the baseline's, with a "
-        f"{any_cmp.get('method', 'paired bootstrap')} over {any_cmp.get('n_units', '?')} "
-        f"{any_cmp.get('unit', 'unit')}s ({any_cmp.get('n_resamples', '?')} resamples). "
-        f"The network beats a baseline only when the whole {any_cmp.get('level', 0.95):.0%} "
-        "interval is above 0.",
-        "",
-    ]
-    rows = [
-        [
-            "network",
-            _num(net.get("balanced_accuracy")),
-            _num(net.get("accuracy")),
-            _num(net.get("macro_f1")),
-            "",
-            "",
-            "",
-        ]
-    ]
-    for name, b in blocks.items():
-        cmp = b.get("network_minus_baseline", {})
-        diff, iv = cmp.get("difference"), cmp.get("ci")
-        rows.append(
-            [
-                f"{name}: {b.get('description', '')}",
-                _num(b.get("balanced_accuracy")),
-                _num(b.get("accuracy")),
-                _num(b.get("macro_f1")),
-                "n/a" if diff is None else f"{diff:+.3f}",
-                "n/a" if not iv else f"{iv['low']:+.3f} to {iv['high']:+.3f}",
-                "yes" if b.get("beats") else "**NO**",
-            ]
-        )
-    lines += _table(
-        [
-            "model",
-            "balanced accuracy",
-            "accuracy",
-            "macro-F1",
-            "network minus baseline",
-            "CI",
-            "network beats it",
-        ],
-        rows,
-    )
-    lines += [f"- {b['verdict'][0].upper()}{b['verdict'][1:]}." for b in blocks.values()]
-    return [*lines, ""]
-
-
-# The brain-level predictors brain_test_report scores, in the card's words and order.
-BRAIN_PREDICTORS = {
-    "brain_model": "brain model",
-    "morphometric": "morphometric baseline (CSF fraction only)",
-    "pool": "fixed pooling rule (mean log-probability)",
-    "majority": "majority class",
-}
-
-
 def _diff(cmp: dict | None) -> tuple[str, str]:
     """A paired difference and its interval as the table shows them."""
     if not cmp:
@@ -209,322 +83,291 @@ def _diff(cmp: dict | None) -> tuple[str, str]:
     return diff, "n/a" if not iv else f"{iv['low']:+.3f} to {iv['high']:+.3f}"
 
 
-def brain_verdict(name: str, cmp: dict | None) -> str:
-    """``the brain model does not beat the morphometric baseline (...)``, in plain words.
-
-    Beats: the whole 95% interval of the paired difference is above 0; worse: below 0;
-    otherwise the interval includes 0 and the brain model "does not beat" it.
-    """
-    what = BRAIN_PREDICTORS.get(name, name).split(" (")[0]
-    iv = (cmp or {}).get("ci")
-    if not iv:
-        return f"the brain model's difference from the {what} has no interval (too few brains)"
-    span = (
-        f"paired difference {cmp['difference']:+.3f}, 95% CI {iv['low']:+.3f} to {iv['high']:+.3f}"
-    )
-    if iv["low"] > 0:
-        return f"the brain model beats the {what} ({span})"
-    if iv["high"] < 0:
-        return f"the brain model is WORSE than the {what} ({span})"
-    return f"the brain model does not beat the {what} ({span}: the interval includes 0)"
+def _figure(block: dict, key: str, ci: dict | None) -> Figure:
+    return Figure(_num(block.get(key)), _ci(ci, key))
 
 
-def _brain_conformal(conformal: dict) -> str:
-    """The conformal sets' coverage on the test brains, in one sentence."""
-    if not conformal or conformal.get("available") is False:
-        why = (conformal or {}).get("reason", "no calibration")
-        return f"Conformal sets: none ({why})."
-    chosen = conformal.get("selected", "marginal")
-    cov = conformal.get(chosen, {})
-    nominal = cov.get("nominal", conformal.get("confidence"))
-    return (
-        f"Conformal sets ({chosen}, nominal coverage {_num(nominal, 2)}): coverage "
-        f"{_num(cov.get('coverage'))} on {cov.get('n', '?')} test brains, mean set size "
-        f"{_num(cov.get('mean_set_size'), 2)}; calibrated on "
-        f"{conformal.get('calibration_brains', '?')} validation brains (never fitted on)."
+# --------------------------------------------------------------------------- sections
+
+
+def _model(classes: list[str], cal: dict, provenance: dict) -> ModelFacts:
+    return ModelFacts(
+        classes=classes,
+        backbone=str(provenance.get("backbone", "?")),
+        weights=str(provenance.get("weights", "?")),
+        input_size="x".join(str(v) for v in provenance.get("input_size", [])),
+        recipe=str(provenance.get("recipe", "?")),
+        temperature=_num(cal.get("temperature"), 3),
+        temperature_source=str(cal.get("temperature_source", "n/a")),
+        run_id=str(provenance.get("run_id", "")),
+        model_uri=str(provenance.get("model_uri", "")),
+        seed=str(provenance.get("seed", "?")),
     )
 
 
-def _brain_binary(binary: dict) -> str:
-    """The screening view (not demented vs any dementia), in one sentence."""
-    if not binary:
-        return "Binary view: not reported."
-    ci = binary.get("ci", {})
-    parts = [
-        f"{label} {_num(binary.get(key))} ({_ci(ci, key)})"
-        for key, label in (
-            ("sensitivity", "sensitivity"),
-            ("specificity", "specificity"),
-            ("roc_auc", "ROC AUC"),
-        )
-    ]
-    return (
-        f"Binary view (not demented vs any dementia, {binary.get('n_brains', '?')} brains): "
-        + ", ".join(parts)
-        + "."
-    )
-
-
-def brain_level_section(brain: dict) -> list[str]:
-    """The brain-level answer users get: the brain model against the morphometric
-    baseline and the fixed pooling rule on the same test brains, its conformal sets'
-    coverage, and the binary view.
-
-    The verdicts are printed, not left to the reader: a brain model whose paired
-    interval against the CSF-fraction baseline includes 0 "does not beat" it, however
-    its point estimate looks.
-    """
-    if brain.get("available") is False:
-        return ["## Brain level", "", f"Not scored: {brain.get('reason', 'no brains')}.", ""]
-    scores = brain.get("scores", {})
-    predictors = scores.get("predictors", {})
-    main = ", ".join(scores.get("main_classes", [])) or "?"
-    lines = [
-        "## Brain level",
-        "",
-        f"One stage per test brain from all its slices, as `predict` answers a volume or a "
-        f"folder of one brain's slices: the brain model (`{brain.get('aggregator', '?')}` "
-        f"over {', '.join(brain.get('features', [])) or '?'}, fitted on the training "
-        f"brains), on {brain.get('n_brains', '?')} test brains. 95% intervals: bootstrap "
-        f"over brains ({scores.get('n_resamples', '?')} resamples, stratified by class); "
-        "differences are the brain model's balanced accuracy minus the other's, paired on "
-        f"the same draws. Main classes (at least 3 brains): {main}.",
-        "",
-    ]
-    rows = []
-    for name, label in BRAIN_PREDICTORS.items():
-        if name not in predictors:
-            continue
-        p = predictors[name]
-        ci = p.get("ci", {})
-        cmp = p.get("vs_reference", {})
-        diff, interval = _diff(cmp.get("balanced_accuracy_main"))
-        diff_all, interval_all = _diff(cmp.get("balanced_accuracy"))
-        rows.append(
-            [
-                label,
-                _num(p.get("balanced_accuracy_main")),
-                _ci(ci, "balanced_accuracy_main"),
-                _num(p.get("balanced_accuracy")),
-                _ci(ci, "balanced_accuracy"),
-                diff,
-                interval,
-                diff_all,
-                interval_all,
-            ]
-        )
-    lines += _table(
-        [
-            "predictor",
-            "balanced accuracy (main)",
-            "95% CI",
-            "balanced accuracy (all)",
-            "95% CI",
-            "brain model minus it (main)",
-            "CI",
-            "minus it (all)",
-            "CI",
-        ],
-        rows,
-    )
-    for name in ("morphometric", "pool"):
-        if name in predictors:
-            cmp = predictors[name].get("vs_reference", {}).get("balanced_accuracy_main")
-            text = brain_verdict(name, cmp)
-            lines.append(f"- {text[0].upper()}{text[1:]}, main classes.")
-    lines += [
-        f"- {_brain_conformal(brain.get('conformal', {}))}",
-        f"- {_brain_binary(brain.get('binary', {}))}",
-        "",
-    ]
-    return lines
-
-
-def _header(report: dict, baselines: dict | None) -> list[str]:
-    """Title, research notice, the leakage caveat and a lost pixel baseline: what a reader
-    must see before any number."""
-    lines: list[str] = ["# Model card: alzstage Alzheimer's-stage classifier", ""]
-    lines += [RESEARCH_NOTICE, ""]
-    if report.get("split_leaky"):
-        lines += [
-            "> " + LEAKAGE_CAVEAT.format(strategy=report.get("split_strategy", "?")),
-            "",
-        ]
-        if report.get("split_warning"):
-            lines += [f"> {report['split_warning']}", ""]
-
-    pixel = (baselines or {}).get("baselines", {}).get("pixel")
-    if pixel and not pixel.get("beats"):
-        # Said at the top: a network no better than PCA + logistic regression on 32x32
-        # thumbnails has not shown that it learned anything a linear model could not.
-        lines += [f"> **{pixel['verdict'][0].upper()}{pixel['verdict'][1:]}.**", ""]
-    return lines
-
-
-def _model_sections(classes: list[str], cal: dict, provenance: dict) -> list[str]:
-    """What the model is and what it is for."""
-    lines = ["## Model", ""]
-    lines += [
-        f"- Task: classify a brain MRI slice into ordered stages {' < '.join(classes)}.",
-        f"- Architecture: {provenance.get('backbone', '?')} backbone "
-        f"(weights: `{provenance.get('weights', '?')}`) with a small dense head; input "
-        f"{'x'.join(str(v) for v in provenance.get('input_size', []))} grayscale.",
-        f"- Recipe: `{provenance.get('recipe', '?')}` "
-        + (
-            "(every layer trained from random weights, one phase, warm-up + cosine)."
-            if provenance.get("recipe") == "scratch"
-            else "(pretrained trunk: head first, then fine-tuning from `train.fine_tune_from`)."
-        ),
-        f"- Output: calibrated class probabilities (temperature "
-        f"{_num(cal.get('temperature'), 3)}; {cal.get('temperature_source', 'n/a')}).",
-        f"- MLflow run: `{provenance.get('run_id', '')}`; "
-        f"model: `{provenance.get('model_uri', '')}`.",
-        f"- Seed: {provenance.get('seed', '?')}.",
-        "",
-    ]
-
-    lines += ["## Intended use", ""]
-    lines += [
-        "- Methods research on leakage-aware evaluation of MRI stage classifiers, teaching, "
-        "and benchmarking of training choices.",
-        "- Not intended for any individual's diagnosis or care, nor for drawing clinical "
-        "conclusions. " + RESEARCH_NOTICE,
-        "",
-    ]
-    return lines
-
-
-def _data_sections(
-    report: dict, split_info: dict, provenance: dict, classes: list[str]
-) -> list[str]:
-    """Where the data came from and how the test brains were kept apart."""
-    lines = ["## Data and provenance", ""]
+def _data(report: dict, split_info: dict, provenance: dict, classes: list[str]) -> DataFacts:
     counts = split_info.get("counts", {})
     subjects = split_info.get("subjects", {})
-    lines += [
-        f"- Source: `{provenance.get('data_source', '?')}` - "
-        f"{provenance.get('data_reference', '')}",
-        f"- Images after validation: {split_info.get('n_images', '?')}; subject ids: "
-        f"{split_info.get('subject_ids', '?')}.",
-        f"- Test-set fingerprint (sha256 of the test rows of split.csv): "
-        f"`{report.get('split_fingerprint', '')}`.",
-        "",
-    ]
-
-    lines += ["## Split protocol", ""]
-    leaky = report.get("split_leaky")
-    lines += [
-        f"- Strategy: `{report.get('split_strategy', '?')}` "
-        f"({'LEAKY' if leaky else 'subject-disjoint: no brain in more than one split'}); "
-        f"test fraction {split_info.get('test_size', '?')}, validation fraction "
-        f"{split_info.get('val_size', '?')}.",
-        "",
-    ]
-    if counts:
-        rows = []
-        for s in ("train", "val", "test"):
-            c, n = counts.get(s, {}), subjects.get(s, {})
-            rows.append(
-                [
-                    s,
-                    *[f"{c.get(k, 0)} / {n.get(k, 0)}" for k in classes],
-                    f"{c.get('total', 0)} / {n.get('total', 0)}",
-                ]
-            )
-        lines += ["Images / subjects per split:", ""]
-        lines += _table(["split", *classes, "total"], rows)
-    return lines
+    rows = []
+    for s in ("train", "val", "test") if counts else ():
+        c, n = counts.get(s, {}), subjects.get(s, {})
+        cells = [f"{c.get(k, 0)} / {n.get(k, 0)}" for k in [*classes, "total"]]
+        rows.append([s, *cells])
+    return DataFacts(
+        source=str(provenance.get("data_source", "?")),
+        reference=str(provenance.get("data_reference", "")),
+        n_images=str(split_info.get("n_images", "?")),
+        subject_ids=str(split_info.get("subject_ids", "?")),
+        fingerprint=str(report.get("split_fingerprint", "")),
+        strategy=str(report.get("split_strategy", "?")),
+        leaky=bool(report.get("split_leaky")),
+        test_size=str(split_info.get("test_size", "?")),
+        val_size=str(split_info.get("val_size", "?")),
+        split_rows=rows,
+    )
 
 
-def _performance_section(report: dict, classes: list[str]) -> list[str]:
+def _performance(report: dict, classes: list[str]) -> Performance:
     """Slice-level test scores with their intervals, overall and per class."""
     ci = report.get("ci", {})
-    lines = ["## Test performance", ""]
-    unit = ci.get("unit", "image")
-    lines += [
-        f"{report.get('n_test', 0)} test slices. 95% intervals: {ci.get('method', 'bootstrap')}, "
-        f"{ci.get('n_resamples', '?')} resamples of {ci.get('n_units', '?')} {unit}s "
-        f"(seed {ci.get('seed', '?')}).",
-        "",
-    ]
-    rows = [
-        ["balanced accuracy", _num(report.get("balanced_accuracy")), _ci(ci, "balanced_accuracy")],
-        ["macro-F1", _num(report.get("macro_f1")), _ci(ci, "macro_f1")],
-        ["accuracy", _num(report.get("accuracy")), _ci(ci, "accuracy")],
-        ["quadratic weighted kappa", _num(report.get("quadratic_weighted_kappa")), ""],
-        ["ROC-AUC (macro, one-vs-rest)", _num(report.get("roc_auc", {}).get("macro")), ""],
-        ["PR-AUC (macro, average precision)", _num(report.get("pr_auc", {}).get("macro")), ""],
-    ]
-    lines += _table(["metric (slice level)", "value", "95% CI"], rows)
-
-    per_class = report.get("per_class", {})
-    rec_ci = ci.get("recall", {})
+    per_class, rec_ci = report.get("per_class", {}), ci.get("recall", {})
+    roc, pr = report.get("roc_auc", {}), report.get("pr_auc", {})
     rows = []
     for c in classes:
         m = per_class.get(c, {})
         rows.append(
             [
                 c,
-                _num(m.get("precision")),
-                _num(m.get("recall")),
-                "n/a" if not rec_ci.get(c) else f"{rec_ci[c]['low']:.3f} - {rec_ci[c]['high']:.3f}",
+                *(_num(m.get(k)) for k in ("precision", "recall")),
+                _ci(rec_ci, c),
                 _num(m.get("f1")),
-                _num(report.get("roc_auc", {}).get("per_class", {}).get(c)),
-                _num(report.get("pr_auc", {}).get("per_class", {}).get(c)),
+                _num(roc.get("per_class", {}).get(c)),
+                _num(pr.get("per_class", {}).get(c)),
                 str(m.get("support", 0)),
             ]
         )
-    lines += _table(
-        ["class", "precision", "recall", "recall 95% CI", "F1", "ROC-AUC", "PR-AUC", "slices"],
-        rows,
+    return Performance(
+        n_test=str(report.get("n_test", 0)),
+        method=str(ci.get("method", "bootstrap")),
+        n_resamples=str(ci.get("n_resamples", "?")),
+        n_units=str(ci.get("n_units", "?")),
+        unit=str(ci.get("unit", "image")),
+        seed=str(ci.get("seed", "?")),
+        balanced_accuracy=_figure(report, "balanced_accuracy", ci),
+        macro_f1=_figure(report, "macro_f1", ci),
+        accuracy=_figure(report, "accuracy", ci),
+        kappa=_num(report.get("quadratic_weighted_kappa")),
+        roc_auc=_num(roc.get("macro")),
+        pr_auc=_num(pr.get("macro")),
+        class_rows=rows,
     )
-    return lines
 
 
-def _subject_section(sub: dict, classes: list[str]) -> list[str]:
+def _subject(sub: dict, classes: list[str]) -> SubjectLevel | None:
     """The fixed pooling rule's subject-level scores (nothing without subject ids)."""
     if not sub.get("available"):
-        return []
+        return None
     sci = sub.get("ci", {})
-    lines = [
-        "### Subject level",
-        "",
-        f"Slices pooled per subject ({sub.get('aggregation', '')}); "
-        f"{sub.get('n_subjects', 0)} subjects (ids: {sub.get('subject_ids', '?')}).",
-        "",
-    ]
-    rows = [
-        [
-            "balanced accuracy",
-            _num(sub.get("balanced_accuracy")),
-            _ci(sci, "balanced_accuracy"),
-        ],
-        ["macro-F1", _num(sub.get("macro_f1")), _ci(sci, "macro_f1")],
-        ["accuracy", _num(sub.get("accuracy")), _ci(sci, "accuracy")],
-        ["quadratic weighted kappa", _num(sub.get("quadratic_weighted_kappa")), ""],
-    ]
-    lines += _table(["metric (subject level)", "value", "95% CI"], rows)
     per = sub.get("n_subjects_per_class", {})
-    lines += [
-        "Test subjects per class: " + ", ".join(f"{c} {per.get(c, 0)}" for c in classes),
-        "",
-    ]
-    return lines
+    return SubjectLevel(
+        aggregation=str(sub.get("aggregation", "")),
+        n_subjects=str(sub.get("n_subjects", 0)),
+        subject_ids=str(sub.get("subject_ids", "?")),
+        balanced_accuracy=_figure(sub, "balanced_accuracy", sci),
+        macro_f1=_figure(sub, "macro_f1", sci),
+        accuracy=_figure(sub, "accuracy", sci),
+        kappa=_num(sub.get("quadratic_weighted_kappa")),
+        per_class=", ".join(f"{c} {per.get(c, 0)}" for c in classes),
+    )
 
 
-def _calibration_section(cal: dict) -> list[str]:
-    lines = ["## Calibration", ""]
-    if cal:
-        before, after = cal.get("uncalibrated", {}), cal.get("calibrated", {})
-        rows = [[k, _num(before.get(k), 4), _num(after.get(k), 4)] for k in ("ece", "nll", "brier")]
-        lines += [
-            f"Temperature scaling, T = {_num(cal.get('temperature'), 3)} "
-            f"({cal.get('temperature_source', '')}); ECE over {cal.get('n_bins', '?')} "
-            "confidence bins. Reported probabilities are the calibrated ones.",
-            "",
-        ]
-        lines += _table(["test", "uncalibrated", "calibrated"], rows)
-    return lines
+def _brain_verdict(name: str, cmp: dict | None) -> BrainVerdict:
+    """Beats: the whole 95% interval of the paired difference is above 0; worse: below 0;
+    otherwise the interval includes 0 and the brain model "does not beat" it."""
+    what = BRAIN_PREDICTORS.get(name, name).split(" (")[0]
+    cmp = cmp or {}
+    iv = cmp.get("ci")
+    if not iv:
+        return BrainVerdict(what, "no interval")
+    kind = "beats" if iv["low"] > 0 else "worse" if iv["high"] < 0 else "includes 0"
+    span = f"{iv['low']:+.3f} to {iv['high']:+.3f}"
+    return BrainVerdict(what, kind, f"{cmp['difference']:+.3f}", span)
+
+
+def _conformal(conformal: dict) -> Conformal:
+    """The conformal sets' coverage on the test brains."""
+    if not conformal or conformal.get("available") is False:
+        return Conformal(False, reason=str((conformal or {}).get("reason", "no calibration")))
+    chosen = conformal.get("selected", "marginal")
+    cov = conformal.get(chosen, {})
+    return Conformal(
+        True,
+        chosen=str(chosen),
+        nominal=_num(cov.get("nominal", conformal.get("confidence")), 2),
+        coverage=_num(cov.get("coverage")),
+        n=str(cov.get("n", "?")),
+        mean_set_size=_num(cov.get("mean_set_size"), 2),
+        calibration_brains=str(conformal.get("calibration_brains", "?")),
+    )
+
+
+def _binary(binary: dict) -> Binary | None:
+    """The screening view (not demented vs any dementia)."""
+    if not binary:
+        return None
+    ci = binary.get("ci", {})
+    return Binary(
+        n_brains=str(binary.get("n_brains", "?")),
+        **{k: _figure(binary, k, ci) for k in ("sensitivity", "specificity", "roc_auc")},
+    )
+
+
+def _brain(brain: dict) -> BrainLevel:
+    """The brain model against the morphometric baseline and the fixed pooling rule on
+    the same test brains, its conformal sets' coverage, and the binary view."""
+    if brain.get("available") is False:
+        return BrainLevel(False, reason=str(brain.get("reason", "no brains")))
+    scores = brain.get("scores", {})
+    predictors = scores.get("predictors", {})
+    rows = []
+    for name, label in BRAIN_PREDICTORS.items():
+        if name not in predictors:
+            continue
+        p = predictors[name]
+        ci, cmp = p.get("ci", {}), p.get("vs_reference", {})
+        main, every = "balanced_accuracy_main", "balanced_accuracy"
+        rows.append(
+            [
+                label,
+                _num(p.get(main)),
+                _ci(ci, main),
+                _num(p.get(every)),
+                _ci(ci, every),
+                *_diff(cmp.get(main)),
+                *_diff(cmp.get(every)),
+            ]
+        )
+    return BrainLevel(
+        True,
+        aggregator=str(brain.get("aggregator", "?")),
+        features=", ".join(brain.get("features", [])) or "?",
+        n_brains=str(brain.get("n_brains", "?")),
+        n_resamples=str(scores.get("n_resamples", "?")),
+        main=", ".join(scores.get("main_classes", [])) or "?",
+        rows=rows,
+        verdicts=[
+            _brain_verdict(n, predictors[n].get("vs_reference", {}).get("balanced_accuracy_main"))
+            for n in ("morphometric", "pool")
+            if n in predictors
+        ],
+        conformal=_conformal(brain.get("conformal", {})),
+        binary=_binary(brain.get("binary", {})),
+    )
+
+
+def _baselines(baselines: dict) -> Baselines:
+    """Each baseline's scores and whether the network beats it, verdicts verbatim: a
+    network that does not beat the pixel baseline is reported as such."""
+    net = baselines.get("network", {})
+    blocks = baselines.get("baselines", {})
+    any_cmp = next(iter(blocks.values()), {}).get("network_minus_baseline", {})
+    rows = [["network", *(_num(net.get(k)) for k in _SCORES), "", "", ""]]
+    for name, b in blocks.items():
+        cmp = b.get("network_minus_baseline", {})
+        diff, iv = cmp.get("difference"), cmp.get("ci")
+        rows.append(
+            [
+                f"{name}: {b.get('description', '')}",
+                *(_num(b.get(k)) for k in _SCORES),
+                "n/a" if diff is None else f"{diff:+.3f}",
+                "n/a" if not iv else f"{iv['low']:+.3f} to {iv['high']:+.3f}",
+                "yes" if b.get("beats") else "**NO**",
+            ]
+        )
+    return Baselines(
+        n_test=str(baselines.get("n_test", "?")),
+        fitted="n_train" in baselines,  # absent when pooled out-of-fold predictions compared
+        n_train=str(baselines.get("n_train", "")),
+        n_pixels=str(baselines.get("n_pixels", "?")),
+        method=str(any_cmp.get("method", "paired bootstrap")),
+        n_units=str(any_cmp.get("n_units", "?")),
+        unit=str(any_cmp.get("unit", "unit")),
+        n_resamples=str(any_cmp.get("n_resamples", "?")),
+        level=f"{any_cmp.get('level', 0.95):.0%}",
+        rows=rows,
+        verdicts=[b["verdict"] for b in blocks.values()],
+    )
+
+
+def _calibration(cal: dict) -> Calibration | None:
+    if not cal:
+        return None
+    before, after = cal.get("uncalibrated", {}), cal.get("calibrated", {})
+    return Calibration(
+        temperature=_num(cal.get("temperature"), 3),
+        source=str(cal.get("temperature_source", "")),
+        n_bins=str(cal.get("n_bins", "?")),
+        rows=[[k, _num(before.get(k), 4), _num(after.get(k), 4)] for k in ("ece", "nll", "brier")],
+    )
+
+
+def _limitations(report: dict, split_info: dict, provenance: dict) -> Limitations:
+    sub = report.get("subject_level", {})
+    absent = report.get("classes_absent_from_test") or []
+    per_class_subjects = sub.get("n_subjects_per_class") or split_info.get("subjects", {}).get(
+        "test", {}
+    )
+    few = {
+        c: n
+        for c, n in per_class_subjects.items()
+        if c != "total" and n < FEW_SUBJECTS and c not in absent
+    }
+    skipped = report.get("auc_skipped_classes") or {}
+    cal = report.get("calibration", {})
+    t = cal.get("temperature")
+    lo, hi = TEMPERATURE_BOUNDS
+    bound = "" if t is None else "top" if t >= hi * 0.99 else "bottom" if t <= lo * 1.01 else ""
+    return Limitations(
+        few_threshold=FEW_SUBJECTS,
+        few_subjects=", ".join(f"{c} ({n})" for c, n in few.items()),
+        absent=", ".join(absent),
+        auc_skipped=", ".join(f"{c} ({r})" for c, r in skipped.items()),
+        pseudo_ids=bool(sub.get("available")) and sub.get("subject_ids") in ("pseudo", "mixed"),
+        no_subject_ids=not sub.get("available"),
+        no_pretrained_weights=provenance.get("weights") == "none",
+        demo_data=provenance.get("data_source") == "demo",
+        calibrated=bool(cal.get("applied", True)),
+        temperature=_num(t, 2),
+        temperature_bound=bound,
+        search_range=str(TEMPERATURE_BOUNDS),
+    )
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def card_context(
+    report: dict, split_info: dict, provenance: dict, baselines: dict | None = None
+) -> CardContext:
+    """What the card says about this run, from the same inputs as :func:`render_model_card`."""
+    classes = list(provenance.get("classes") or report.get("per_class", {}))
+    cal = report.get("calibration", {})
+    leaky = report.get("split_leaky")
+    pixel = (baselines or {}).get("baselines", {}).get("pixel")
+    return CardContext(
+        notice=RESEARCH_NOTICE,
+        leakage=LEAKAGE_CAVEAT.format(strategy=report.get("split_strategy", "?")) if leaky else "",
+        split_warning=str(report.get("split_warning") or ""),
+        pixel_verdict=pixel["verdict"] if pixel and not pixel.get("beats") else "",
+        model=_model(classes, cal, provenance),
+        data=_data(report, split_info, provenance, classes),
+        performance=_performance(report, classes),
+        subject=_subject(report.get("subject_level", {}), classes),
+        brain=_brain(report["brain_level"]) if report.get("brain_level") else None,
+        baselines=_baselines(baselines) if baselines else None,
+        calibration=_calibration(cal),
+        limitations=_limitations(report, split_info, provenance),
+    )
 
 
 def render_model_card(
@@ -535,29 +378,21 @@ def render_model_card(
     Pure. ``baselines`` None (a report from before baselines existed) omits that section;
     so does a report without ``brain_level`` (from before the brain model) its section.
     """
-    classes = provenance.get("classes") or list(report.get("per_class", {}))
-    cal = report.get("calibration", {})
-    lines = _header(report, baselines)
-    lines += _model_sections(classes, cal, provenance)
-    lines += _data_sections(report, split_info, provenance, classes)
-    lines += _performance_section(report, classes)
-    lines += _subject_section(report.get("subject_level", {}), classes)
-    if report.get("brain_level"):
-        lines += brain_level_section(report["brain_level"])
-    if baselines:
-        lines += baselines_section(baselines)
-    lines += _calibration_section(cal)
+    context = card_context(report, split_info, provenance, baselines)
+    return _template().render({f.name: getattr(context, f.name) for f in fields(context)})
 
-    lines += ["## Figures", ""]
-    lines += [
-        "`reports/figures/`: confusion.png, roc.png, pr.png, reliability.png, "
-        "gradcam_gallery.png (Grad-CAM on the backbone's last convolutional block for "
-        "confident right and wrong test predictions per class). Grad-CAM maps are coarse "
-        "(one cell per 32x32 pixels for ResNet) and show what the model used, not what is "
-        "clinically relevant.",
-        "",
-    ]
 
-    lines += ["## Limitations", ""]
-    lines += [f"- {item}" for item in limitations(report, split_info, provenance)] + [""]
-    return "\n".join(lines)
+@cache
+def _template() -> jinja2.Template:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent),
+        autoescape=False,  # Markdown, not HTML
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,  # a misspelt field fails, never prints ""
+    )
+    env.filters["upfirst"] = lambda s: s[0].upper() + s[1:]  # a verdict as a sentence
+    return env.get_template(TEMPLATE)

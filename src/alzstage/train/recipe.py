@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from alzstage.artifacts import TrainReport
 from alzstage.config import Params, Paths
 from alzstage.data.pixels import load_split_images
-from alzstage.files import write_json
 from alzstage.result import StageResult
 from alzstage.train.activation_cache import ActivationCache
 from alzstage.train.distribute import select_strategy
@@ -266,7 +266,7 @@ def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageRe
     history.to_csv(hist_file, index=False)
     summary["n_train_samples"] = len(x)
     summary["n_val"] = len(x_val)
-    write_json(paths.train_report, summary)
+    TrainReport.check(summary, paths.train_report).write(paths.train_report)
     metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
     return StageResult(
         metrics=metrics,

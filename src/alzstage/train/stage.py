@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alzstage.artifacts import PixelStore, TrainRun
-from alzstage.files import read_json
+from alzstage.artifacts import PixelStore, TrainReport, TrainRun
 from alzstage.inference.ood import fit_from_pixels
 from alzstage.inference.pyfunc import log_pyfunc, probabilities
 from alzstage.train.brain import fit_split_brain_model
@@ -29,18 +28,18 @@ def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageRes
     import keras
 
     result = run_train(params, paths, tracker)
-    report = read_json(paths.train_report)
+    report = TrainReport.read(paths.train_report)
     h, w = params.model.input_size
     # The brain-level model: fitted on the training brains, its sets calibrated on the
     # validation brains, with this network's calibrated probabilities.
     network = keras.models.load_model(paths.model_file, compile=False)
     brain = fit_split_brain_model(
-        params, paths, lambda x: probabilities(network, x, (h, w), report["temperature"])
+        params, paths, lambda x: probabilities(network, x, (h, w), report.temperature)
     )
     meta = {
         "classes": params.base.classes,
         "input_size": [h, w],
-        "temperature": report["temperature"],
+        "temperature": report.temperature,
         "backbone": params.model.resolved_backbone,
     }
     # The input check and leak guard travel with the model (alzstage.inference.ood).
@@ -56,7 +55,7 @@ def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageRes
         runs_uri=f"runs:/{tracker.run_id}/model",
         temperature=meta["temperature"],
         input_size=(h, w),
-        recipe=report["recipe"],
+        recipe=report.recipe,
         backbone=meta["backbone"],
         weights=params.model.weights,
     ).write(paths.train_run)
