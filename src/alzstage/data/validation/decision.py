@@ -5,6 +5,7 @@ rows and the dataset-level problems that stop the stage under either policy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 
@@ -12,6 +13,7 @@ from alzstage.config import Params
 from alzstage.data.validation.rules import (
     VOLUME_QUARANTINE_COLUMNS,
     ExpectationResult,
+    ExpectationSpec,
     SuiteResult,
     volume_detail,
 )
@@ -72,65 +74,9 @@ def decide(
         if spec.reason is None:
             dataset_problems.append(_dataset_problem(key, e, manifest))
             continue
-        flagged = sorted({"" if p is None else str(p) for p in e.unexpected})
-        if spec.frame == "volumes" and volumes is not None:
-            by_file = volumes.set_index("file", drop=False)
-            for f in flagged:
-                if f not in by_file.index:
-                    continue
-                row = by_file.loc[f]
-                detail = f"volume {f} (subject {row['subject']}): " + volume_detail(spec, row)
-                _add(volume_reasons, f, spec.reason, detail)
-                prefix = str(row["slice_prefix"])
-                if prefix:
-                    for p in paths[paths.str.startswith(prefix)]:
-                        _add(reasons, p, spec.reason, detail)
-        elif spec.reason == "exact_duplicate":
-            sub = manifest[paths.isin(flagged)]
-            for _, group in sub.groupby("sha256", sort=True):
-                ordered = sorted(group["path"].astype(str))
-                for p in ordered[1:]:
-                    _add(reasons, p, "exact_duplicate", f"same bytes as {ordered[0]} (kept)")
-        elif spec.reason == "label_conflict":
-            sub = manifest[paths.isin(flagged)]
-            for _, group in sub.groupby("pixel_hash", sort=True):
-                labels = sorted(set(group["label"].astype(str)))
-                for p, lab in zip(
-                    group["path"].astype(str), group["label"].astype(str), strict=True
-                ):
-                    others = sorted(q for q in group["path"].astype(str) if q != p)[:3]
-                    _add(
-                        reasons,
-                        p,
-                        "label_conflict",
-                        f"labelled {lab!r}; identical pixels labelled {labels} in {others}",
-                    )
-        else:
-            for p in flagged:
-                i = index_of.get(p)
-                row = manifest.loc[i] if i is not None else None
-                _add(reasons, p, spec.reason, spec.row_detail(row))
+        _flag(spec, e.unexpected, manifest, index_of, volumes, reasons, volume_reasons)
 
-    bad = paths.isin(set(reasons))
-    clean = manifest[~bad].copy()
-    q_rows = []
-    for p, lab in zip(paths[bad], manifest.loc[bad, "label"].astype(str), strict=True):
-        uniq = list(dict.fromkeys(reasons[p]))
-        q_rows.append(
-            {
-                "path": p,
-                "label": lab,
-                "reasons": ";".join(dict.fromkeys(r for r, _ in uniq)),
-                "details": " | ".join(f"{r}: {d}" for r, d in uniq),
-            }
-        )
-    quarantine = pd.DataFrame(q_rows, columns=QUARANTINE_COLUMNS)
-    unmatched = sorted(set(reasons) - set(paths))
-    if len(clean) + len(quarantine) != len(manifest) or unmatched:
-        raise RuntimeError(
-            f"validation bookkeeping error: {len(manifest)} rows in, {len(clean)} kept + "
-            f"{len(quarantine)} quarantined; reasons for unknown paths {unmatched[:5]}"
-        )
+    clean, quarantine = _apply(manifest, reasons)
 
     vols, vol_quarantine = _volume_verdicts(volumes, volume_reasons)
 
@@ -151,6 +97,83 @@ def decide(
         vols,
         vol_quarantine,
     )
+
+
+def _flag(
+    spec: ExpectationSpec,
+    unexpected: Any,
+    manifest: pd.DataFrame,
+    index_of: dict[str, Any],
+    volumes: pd.DataFrame | None,
+    reasons: dict[str, list[tuple[str, str]]],
+    volume_reasons: dict[str, list[tuple[str, str]]],
+) -> None:
+    """Record why each row (and volume) a failed per-row expectation flagged is excluded."""
+    paths = manifest["path"].astype(str)
+    flagged = sorted({"" if p is None else str(p) for p in unexpected})
+    if spec.frame == "volumes" and volumes is not None:
+        by_file = volumes.set_index("file", drop=False)
+        for f in flagged:
+            if f not in by_file.index:
+                continue
+            row = by_file.loc[f]
+            detail = f"volume {f} (subject {row['subject']}): " + volume_detail(spec, row)
+            _add(volume_reasons, f, spec.reason, detail)
+            prefix = str(row["slice_prefix"])
+            if prefix:
+                for p in paths[paths.str.startswith(prefix)]:
+                    _add(reasons, p, spec.reason, detail)
+    elif spec.reason == "exact_duplicate":
+        sub = manifest[paths.isin(flagged)]
+        for _, group in sub.groupby("sha256", sort=True):
+            ordered = sorted(group["path"].astype(str))
+            for p in ordered[1:]:
+                _add(reasons, p, "exact_duplicate", f"same bytes as {ordered[0]} (kept)")
+    elif spec.reason == "label_conflict":
+        sub = manifest[paths.isin(flagged)]
+        for _, group in sub.groupby("pixel_hash", sort=True):
+            labels = sorted(set(group["label"].astype(str)))
+            for p, lab in zip(group["path"].astype(str), group["label"].astype(str), strict=True):
+                others = sorted(q for q in group["path"].astype(str) if q != p)[:3]
+                _add(
+                    reasons,
+                    p,
+                    "label_conflict",
+                    f"labelled {lab!r}; identical pixels labelled {labels} in {others}",
+                )
+    else:
+        for p in flagged:
+            i = index_of.get(p)
+            row = manifest.loc[i] if i is not None else None
+            _add(reasons, p, spec.reason, spec.row_detail(row))
+
+
+def _apply(
+    manifest: pd.DataFrame, reasons: dict[str, list[tuple[str, str]]]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The kept rows and the quarantine table (every reason of every excluded row)."""
+    paths = manifest["path"].astype(str)
+    bad = paths.isin(set(reasons))
+    clean = manifest[~bad].copy()
+    q_rows = []
+    for p, lab in zip(paths[bad], manifest.loc[bad, "label"].astype(str), strict=True):
+        uniq = list(dict.fromkeys(reasons[p]))
+        q_rows.append(
+            {
+                "path": p,
+                "label": lab,
+                "reasons": ";".join(dict.fromkeys(r for r, _ in uniq)),
+                "details": " | ".join(f"{r}: {d}" for r, d in uniq),
+            }
+        )
+    quarantine = pd.DataFrame(q_rows, columns=QUARANTINE_COLUMNS)
+    unmatched = sorted(set(reasons) - set(paths))
+    if len(clean) + len(quarantine) != len(manifest) or unmatched:
+        raise RuntimeError(
+            f"validation bookkeeping error: {len(manifest)} rows in, {len(clean)} kept + "
+            f"{len(quarantine)} quarantined; reasons for unknown paths {unmatched[:5]}"
+        )
+    return clean, quarantine
 
 
 def _volume_verdicts(
