@@ -29,32 +29,22 @@ import pandas as pd
 from alzstage.config import Params
 from alzstage.data.similarity import aspect_free, mutual_matches
 from alzstage.data.split_report import group_keys
-from alzstage.errors import DataError
 
 
 def source_ids(rel_paths: Sequence[str], params: Params) -> np.ndarray | None:
     """The ``data.sources`` id of each manifest path (its first folder); None for one source.
 
-    A path under no configured id means data/raw was downloaded with other sources than
-    params.yaml now names: a one-line error says to download again.
+    Read from the paths, not from ``data.sources``: the rows say where they came from,
+    and the split stage then depends on no key but ``data.source``.
     """
     if params.data.source != "multi":
         return None
-    ids = [sid for sid, _ in params.data.entries()]
-    out = np.asarray([str(p).split("/", 1)[0] for p in rel_paths], dtype=object)
-    unknown = sorted(set(out.tolist()) - set(ids))
-    if unknown:
-        example = next(p for p, s in zip(rel_paths, out, strict=True) if s == unknown[0])
-        raise DataError(
-            f"manifest path {example!r} is under {unknown[0]!r}, which is not an id of "
-            f"data.sources {ids}; re-run `alzstage download` after changing data.sources"
-        )
-    return out.astype(str)
+    return np.asarray([str(p).split("/", 1)[0] for p in rel_paths]).astype(str)
 
 
 def pair_name(a: str, b: str) -> str:
-    """``a|b`` for a pair of source ids, in sorted order: the key in split.json."""
-    return "|".join(sorted((a, b)))
+    """``a/b`` for a pair of source ids, in sorted order: its key in split.json and MLflow."""
+    return "/".join(sorted((a, b)))
 
 
 def find_copies(thumbs: np.ndarray, sources: np.ndarray, threshold: float) -> pd.DataFrame:

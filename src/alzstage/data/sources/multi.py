@@ -16,12 +16,29 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from alzstage.config import Params, Paths
+from alzstage.config import DataParams, Params, Paths
 from alzstage.data.manifest import RawRecord
 from alzstage.data.sources.layout import SKIPPED_FILE, Skipped, read_skipped, write_skipped
 
 Collect = Callable[[Params, Paths, Path], list[RawRecord]]
+
+
+class _EntryParams:
+    """``params`` with ``data`` replaced by one entry's; every other read goes to ``params``.
+
+    Not ``params.model_copy``: the stage hands its function a scoped view of the params
+    (:class:`alzstage.stages.ScopedParams`) whose reads are checked against what the
+    stage declares, and that check must keep seeing the sources' reads.
+    """
+
+    def __init__(self, params: Params, data: DataParams) -> None:
+        self._params = params
+        self.data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._params, name)
 
 
 def collect_sources(
@@ -37,7 +54,7 @@ def collect_sources(
     for sid, data in params.data.entries():
         folder = staging / sid
         folder.mkdir(parents=True, exist_ok=False)
-        found = collectors[data.source](params.model_copy(update={"data": data}), paths, folder)
+        found = collectors[data.source](_EntryParams(params, data), paths, folder)  # type: ignore[arg-type]
         records += [replace(r, subject=f"{sid}:{r.subject}" if r.subject else "") for r in found]
         skipped += [replace(s, path=f"{sid}/{s.path}") for s in read_skipped(folder / SKIPPED_FILE)]
         (folder / SKIPPED_FILE).unlink(missing_ok=True)
