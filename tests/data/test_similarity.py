@@ -44,16 +44,17 @@ def test_aspect_free_thumbnails_match_padded_copies_that_plain_thumbnails_miss(t
     assert (free.argmax(axis=1) == np.arange(len(slices))).all()
 
 
-def test_aspect_free_rows_are_correlation_rows_and_blank_stays_zero() -> None:
-    # given: a blank thumbnail and a bright square on black
+def test_aspect_free_rows_are_correlation_rows_and_constant_images_stay_zero() -> None:
+    # given: a black and a grey thumbnail (no content), and a bright square on black
     blank = np.zeros((32, 32), dtype=np.uint8)
+    grey = np.full((32, 32), 128, dtype=np.uint8)
     square = blank.copy()
     square[8:20, 10:26] = 200
     # when
-    rows = aspect_free(np.stack([blank, square]))
-    # then: the blank row is all zero, the other zero-mean and unit-norm
-    assert not rows[0].any()
-    assert abs(float(rows[1].mean())) < 1e-5 and abs(float(np.linalg.norm(rows[1])) - 1) < 1e-5
+    rows = aspect_free(np.stack([blank, grey, square]))
+    # then: the constant rows are all zero (they match nothing), the other zero-mean, unit-norm
+    assert not rows[0].any() and not rows[1].any()
+    assert abs(float(rows[2].mean())) < 1e-5 and abs(float(np.linalg.norm(rows[2])) - 1) < 1e-5
 
 
 def test_tiles_give_the_answer_of_one_product() -> None:

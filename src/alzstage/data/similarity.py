@@ -129,7 +129,10 @@ def aspect_free(thumbs: np.ndarray) -> np.ndarray:
     if len(x) == 0:
         return np.zeros((0, int(np.prod(x.shape[1:]))), dtype=np.float32)
     side = x.shape[1]
-    return correlation_rows(np.stack([_aspect_free_one(t, side) for t in x]))
+    rows = correlation_rows(np.stack([_aspect_free_one(t, side) for t in x]))
+    flat = x.reshape(len(x), -1)
+    rows[flat.min(axis=1) == flat.max(axis=1)] = 0.0  # constant: no frame, matches nothing
+    return rows
 
 
 # --------------------------------------------------------------------------- look-ups
