@@ -23,6 +23,7 @@ from alzstage.artifacts import read_raw_manifest, read_split
 from alzstage.cli import app
 from alzstage.config import REQUIRED_SECTIONS, ConfigError, Params, Paths, parse_params
 from alzstage.data.demo import generate_demo
+from alzstage.data.duplicates import copies_across_splits, copies_report, merge_brains
 from alzstage.data.sources.layout import read_skipped
 from alzstage.stages import STAGES
 
@@ -166,6 +167,30 @@ def test_a_slice_level_split_is_shown_to_put_copies_on_both_sides(combined) -> N
     # then: the check measures what the strategy does instead of assuming it
     assert report["cross_source"]["pairs"]["demo/kaggle128"]["n_matched_slices"] == len(truth)
     assert report["cross_source"]["n_matched_slices_in_two_splits"] > 0
+
+
+def test_matched_groups_merge_into_the_smallest_id_and_label_conflicts_are_counted() -> None:
+    # given: two sources; b:x copies a slice of a:1 under another label, b:y a slice of a:2
+    df = pd.DataFrame(
+        {
+            "path": ["a/1.png", "a/2.png", "a/3.png", "b/1.png", "b/2.png", "b/3.png"],
+            "label": ["MildDemented"] * 3 + ["ModerateDemented", "MildDemented", "MildDemented"],
+            "subject": ["a:1", "a:2", "a:3", "b:x", "b:y", "b:y"],
+        }
+    )
+    sources = np.asarray(["a", "a", "a", "b", "b", "b"])
+    copies = pd.DataFrame({"i": [0, 1], "j": [3, 4], "corr": [0.999, 0.995], "pair": "a/b"})
+    # when
+    merged = merge_brains(df, copies)
+    report = copies_report(df, copies, sources, threshold=0.99)
+    # then: each copy's whole group joins its original's (b/3.png with b/2.png), a:3 alone
+    assert merged["subject"].tolist() == ["a:1", "a:2", "a:3", "a:1", "a:2", "a:2"]
+    pair = report["pairs"]["a/b"]
+    assert pair["n_matched_slices"] == 2 and pair["n_label_conflicts"] == 1
+    assert pair["n_brains"] == {"a": 2, "b": 2} and pair["min_corr"] == 0.995
+    # and a split that separates b/3.png from a:2 is counted
+    out = merged.assign(split=["train", "test", "train", "train", "train", "train"])
+    assert copies_across_splits(out, df, copies) == 1
 
 
 def sections(**data: object) -> dict:
