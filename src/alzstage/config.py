@@ -203,8 +203,14 @@ def _check_sha256(v: str | None, name: str = "") -> str | None:
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
+# ``data.source: multi`` takes its images from the entries of ``data.sources``; each entry
+# is one of these kinds (nifti is not yet: its per-volume QC table is one per data/raw).
+MULTI_SOURCE_KINDS = ("demo", "archive", "folder", "kaggle", "huggingface")
+SOURCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class DataParams(_Section):
-    source: Literal["demo", "archive", "folder", "kaggle", "huggingface", "nifti"] = "demo"
+    source: Literal["demo", "archive", "folder", "kaggle", "huggingface", "nifti", "multi"] = "demo"
     # The dataset's name in the registry (one champion per dataset). null: ``demo`` for the
     # demo source, else ``<source>-<fingerprint of the image hashes>`` (data/identity.py).
     name: str | None = Field(default=None, pattern=DATASET_NAME_PATTERN)
@@ -231,6 +237,10 @@ class DataParams(_Section):
     )
     hf_label_names: list[str] = Field(default_factory=lambda: list(HF_LABEL_NAMES), min_length=1)
     demo: DemoParams = Field(default_factory=DemoParams)
+    # source: multi. One mapping per source: ``id`` (its folder under data/raw), ``source``
+    # (its kind) and any other key of this section, which overrides the value above; path
+    # and sha256 name one file, so they are not inherited.
+    sources: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("sha256")
     @classmethod
@@ -263,6 +273,62 @@ class DataParams(_Section):
         if self.source == "huggingface" and not self.hf_files:
             raise ValueError("data.hf_files must list at least one parquet file ({name: sha256})")
         return self
+
+    @model_validator(mode="after")
+    def _sources_fit(self) -> DataParams:
+        if self.sources and self.source != "multi":
+            raise ValueError(
+                f"data.sources is read only when data.source is multi (it is {self.source!r}); "
+                "set data.source: multi, or empty data.sources"
+            )
+        if self.source == "multi":
+            if not self.sources:
+                raise ValueError(
+                    "data.source multi needs data.sources: a list of {id, source, ...}"
+                )
+            self.entries()  # every entry checked now, not at download
+        return self
+
+    def entries(self) -> list[tuple[str, DataParams]]:
+        """``(id, params)`` of each ``data.sources`` entry: this section with its keys applied.
+
+        Why inherit: the archive limits, class folders and pins are usually shared, so an
+        entry names only what differs (``{id: kaggle128, source: folder, path: ...}``).
+        """
+        inherited = self.model_dump(exclude={"sources", "name", "source", "path", "sha256"})
+        out: list[tuple[str, DataParams]] = []
+        seen: set[str] = set()
+        for i, entry in enumerate(self.sources):
+            where = f"data.sources[{i}]"
+            sid = str(entry.get("id", ""))
+            if not re.fullmatch(SOURCE_ID_PATTERN, sid):
+                raise ValueError(
+                    f"{where}: id must be a folder name of letters, digits, '.', '_' or '-' "
+                    f"(got {entry.get('id')!r})"
+                )
+            if sid.lower() in seen:
+                raise ValueError(f"{where}: id {sid!r} is used twice; give each source its own")
+            seen.add(sid.lower())
+            if entry.get("source") not in MULTI_SOURCE_KINDS:
+                raise ValueError(
+                    f"{where} ({sid}): source must be one of {list(MULTI_SOURCE_KINDS)} "
+                    f"(got {entry.get('source')!r})"
+                )
+            reserved = sorted({"name", "sources"} & set(entry))
+            if reserved:
+                raise ValueError(f"{where} ({sid}): {reserved[0]} is set for data as a whole")
+            fields = {k: v for k, v in entry.items() if k != "id"}
+            try:
+                out.append((sid, DataParams.model_validate({**inherited, **fields})))
+            except ValidationError as err:
+                e = err.errors()[0]
+                loc = ".".join(str(p) for p in e["loc"])
+                loc = f"{loc}: " if loc else ""  # a rule across keys names them itself
+                msg = e["msg"].removeprefix("Value error, ")
+                if e["type"] == "extra_forbidden":
+                    msg = "unknown key (an entry takes the keys of data, plus id)"
+                raise ValueError(f"{where} ({sid}): {loc}{msg}") from None
+        return out
 
 
 def _ordered_pair(v: tuple[float, float], what: str) -> tuple[float, float]:

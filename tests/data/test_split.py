@@ -207,6 +207,7 @@ def test_subject_split_uses_given_ids(tmp_path: Path) -> None:
         df["subject"] == df["path"].map(true_subject).str.replace("subj0", "", regex=False)
     ).all()
     assert rep["subject_ids"] == "given" and rep["warning"] == ""
+    assert "cross_source" not in rep  # one source: split.json as before issue #24
 
 
 def test_leak_check_raises_with_the_subject_named() -> None:

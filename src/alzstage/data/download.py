@@ -28,6 +28,7 @@ from alzstage.data.sources.layout import (
     read_skipped,
     write_skipped,
 )
+from alzstage.data.sources.multi import collect_sources
 from alzstage.data.sources.nifti import collect_nifti
 from alzstage.errors import ConfigError
 from alzstage.files import atomic_dir
@@ -44,6 +45,14 @@ SOURCES: dict[str, Source] = {
     "huggingface": collect_huggingface,
     "nifti": collect_nifti,
 }
+
+
+def collect_multi(params: Params, paths: Paths, staging: Path) -> list[RawRecord]:
+    """``data.source: multi``: each ``data.sources`` entry through its own source above."""
+    return collect_sources(params, paths, staging, SOURCES)
+
+
+SOURCES["multi"] = collect_multi
 
 
 def source_for(name: str) -> Source:

@@ -8,203 +8,86 @@ Models evaluated that way report "95 % accuracy" that says nothing about new pat
 
 So the default (``split.strategy: subject``) is a stratified, group-aware split over
 subjects. When the source gives no subject ids, they are recovered as *pseudo-subjects*
-by chaining near-identical neighbouring slices (mutual nearest neighbours over
-downsampled pixels + connected components). The leaky strategies (``stratified``,
-``source``) stay available for comparison, are labelled ``leaky: true`` in
-``reports/split.json``, and every run measures leakage directly (val/test images with a
-near-duplicate in train) so the claim is checked, not assumed.
+by chaining near-identical neighbouring slices (:func:`alzstage.data.similarity.pseudo_subjects`).
+With several sources (``data.source: multi``), resized copies of one brain in two
+sources are found and grouped as one brain first (:mod:`alzstage.data.duplicates`). The
+leaky strategies (``stratified``, ``source``) stay available for comparison, are
+labelled ``leaky: true`` in ``reports/split.json``, and every run measures leakage
+directly (:mod:`alzstage.data.split_report`) so the claim is checked, not assumed.
 
-Layout: pure functions over arrays / DataFrames first, the thin I/O shell
-:func:`run_split` last.
-
-Why one module of about 800 lines: subject recovery, the three strategies, the CV folds and
-the leakage measurement are one concern, who may sit in which split and the proof that
-no brain crossed; each part is a pure function on arrays and frames, the stage shell is
-the last one (``run_split``).
+Layout: pure functions over DataFrames first (allocation, strategies, CV folds), the thin
+I/O shell :func:`run_split` last; names that moved out are re-exported (``__all__``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+import time
 import warnings
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import SPLIT_CSV, SPLITS, PixelStore, SplitReport, read_manifest, read_split
+from alzstage.artifacts import SPLIT_CSV, PixelStore, SplitReport, read_manifest
 from alzstage.config import Params, Paths
+from alzstage.data.duplicates import (
+    copies_across_splits,
+    copies_report,
+    find_copies,
+    merge_brains,
+    source_ids,
+)
 from alzstage.data.identity import dataset_name
-from alzstage.errors import ConfigError, DataError, MissingInputError, SplitLeakageError
+from alzstage.data.similarity import (
+    correlation_rows,
+    load_thumbnails,
+    most_correlated,
+    pseudo_subjects,
+)
+from alzstage.data.split_report import (
+    LEAKAGE_SWEEP,
+    fingerprint_split_file,
+    group_keys,
+    leakage_report,
+    nearest_neighbour_scores,
+    split_csv_text,
+    stage_metrics,
+    stage_summary,
+    summarize_split,
+    test_fingerprint,
+    warn_missing,
+)
+from alzstage.errors import ConfigError, DataError, SplitLeakageError
 from alzstage.files import atomic_path, write_json
 from alzstage.result import StageResult
+
+__all__ = [
+    "LEAKAGE_SWEEP",
+    "SPLIT_COLUMNS",
+    "STRATEGIES",
+    "SplitLeakageError",
+    "assert_no_subject_leakage",
+    "assign_subjects",
+    "correlation_rows",
+    "fingerprint_split_file",
+    "leakage_report",
+    "load_thumbnails",
+    "most_correlated",
+    "nearest_neighbour_scores",
+    "pseudo_subjects",
+    "run_split",
+    "split_by_source",
+    "split_by_subject",
+    "split_stratified",
+    "subject_folds",
+    "test_fingerprint",
+]
 
 # The columns every split.csv has (the contract, alzstage.artifacts.SPLIT_CSV, adds sha256
 # when the manifest has one).
 SPLIT_COLUMNS = [c.name for c in SPLIT_CSV.columns if c.required]
-# Neighbours per slice in the mutual-kNN graph: one slice above and one below. With k=1
-# a volume falls apart into pairs; with k>=3 the spare slot lets the end slices of one
-# brain link to another brain at the same height (measured on the real archive, see
-# benchmarks/bench_split.py).
-GROUP_NEIGHBOURS = 2
-# Extra thresholds reported next to the configured one, so the near-duplicate numbers
-# can be read without re-running (cross-subject slices at the same height can correlate
-# above 0.97 at 32x32; adjacent slices of one brain stay above ~0.99).
-LEAKAGE_SWEEP = (0.95, 0.97, 0.98, 0.99, 0.995)
-_ROW_BLOCK = 1024  # rows per matrix-product block: bounds memory at ~block*N floats
-
-LEAKY_WARNINGS = {
-    "stratified": (
-        "Slice-level split: neighbouring slices of the same brain (near-identical images) "
-        "are spread over train, val and test, so val/test scores are inflated and do not "
-        "measure performance on new patients. Use split.strategy: subject for real numbers."
-    ),
-    "source": (
-        "The source's own train/test split is by slice position: every subject appears in "
-        "both train and test, so test scores are inflated and do not measure performance on "
-        "new patients. Use split.strategy: subject for real numbers."
-    ),
-}
-
-
-# --------------------------------------------------------------------------- thumbnails
-
-
-def _thumbnail(path: Path, size: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            small = im.convert("L").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(small, dtype=np.float32).reshape(-1)
-    except FileNotFoundError:
-        raise MissingInputError(
-            f"{path}: image listed in the manifest is missing; re-run `alzstage download` "
-            "(or `dvc repro download validate`) to restore data/raw"
-        ) from None
-    except Exception as exc:  # any decode error gets the same advice
-        raise DataError(
-            f"{path}: cannot decode image for the split thumbnails ({exc}); re-run "
-            "`alzstage validate` with validate.on_failure: quarantine, or remove the file"
-        ) from None
-
-
-def load_thumbnails(paths: Sequence[Path], size: int) -> np.ndarray:
-    """Downsampled grayscale copies as zero-mean, unit-norm rows, so ``a @ b`` = correlation.
-
-    Downsampling removes JPEG noise and makes the similarity search cheap (6,400 images
-    at 32x32 is a 6,400 x 1,024 matrix). Decoding runs in threads: Pillow releases the
-    GIL while decoding and resizing. Constant images (no variance) become all-zero rows:
-    they correlate 0 with everything and so never join a group by accident.
-    """
-    paths = [Path(p) for p in paths]
-    if not paths:
-        return np.zeros((0, size * size), dtype=np.float32)
-    workers = max(1, min(16, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        rows = list(pool.map(lambda p: _thumbnail(p, size), paths))
-    return correlation_rows(np.stack(rows))
-
-
-def correlation_rows(images: np.ndarray) -> np.ndarray:
-    """Each image flattened to a zero-mean, unit-norm float32 row, so ``a @ b`` = correlation.
-
-    Split out of :func:`load_thumbnails` so that arrays already in memory (the evaluate
-    stage's baselines) are compared exactly as the split's leakage report compares files.
-    Idempotent: rows that are already zero-mean and unit-norm come back unchanged.
-    Constant images become all-zero rows (correlation 0 with everything).
-    """
-    x = np.asarray(images, dtype=np.float32)
-    x = x.reshape(len(x), int(np.prod(x.shape[1:]))).copy()  # (0, h, w) -> (0, h*w) too
-    x -= x.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norm, out=x, where=norm > 1e-6)
-    x[(norm <= 1e-6).ravel()] = 0.0
-    return x
-
-
-# --------------------------------------------------------------------------- pseudo-subjects
-
-
-def _top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and correlations of each row's k most similar *other* rows (blocked)."""
-    n = len(x)
-    k = min(k, n - 1)
-    idx = np.zeros((n, k), dtype=np.int64)
-    val = np.zeros((n, k), dtype=np.float32)
-    if k <= 0:
-        return idx, val
-    for start in range(0, n, _ROW_BLOCK):
-        stop = min(n, start + _ROW_BLOCK)
-        c = x[start:stop] @ x.T
-        c[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
-        part = np.argpartition(-c, k - 1, axis=1)[:, :k]
-        idx[start:stop] = part
-        val[start:stop] = np.take_along_axis(c, part, axis=1)
-    return idx, val
-
-
-def _mutual_knn_components(x: np.ndarray, threshold: float, k: int) -> np.ndarray:
-    """Connected components of the mutual-kNN graph whose edges have corr >= threshold."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(x)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    idx, val = _top_k(x, k)
-    rows = np.repeat(np.arange(n), idx.shape[1])
-    cols = idx.ravel()
-    keep = val.ravel() >= threshold
-    adj = coo_matrix(
-        (np.ones(int(keep.sum()), dtype=np.int8), (rows[keep], cols[keep])), shape=(n, n)
-    ).tocsr()
-    mutual = adj.multiply(adj.T)  # i->j and j->i: a slice's real neighbours point back
-    _, comp = connected_components(mutual, directed=False)
-    return comp
-
-
-def pseudo_subjects(
-    thumbs: np.ndarray,
-    labels: np.ndarray | Sequence[str],
-    threshold: float,
-    *,
-    k: int = GROUP_NEIGHBOURS,
-) -> np.ndarray:
-    """Recover subject groups from image similarity, separately within each class.
-
-    Each slice is linked to its ``k`` (=2: the slice above and below) most correlated
-    slices, an edge is kept only when the link is *mutual* and the correlation is at
-    least ``threshold``, and connected components of that graph are the groups. Why
-    this rather than plain thresholding: slices at the same height from two different
-    brains can correlate above 0.97, so "all pairs above a threshold" chains whole
-    classes together; a slice's mutual nearest neighbours, however, are almost always
-    the adjacent slices of its own volume, so the chain follows each volume end to end.
-    On the real archive this recovers the 160 subjects x 32 slices exactly.
-
-    Ids are ``pseudo-<Class>-<n:04d>``, numbered within each class in order of the
-    group's first row, so they depend only on the input order (sort rows first).
-    """
-    thumbs = np.asarray(thumbs, dtype=np.float32)
-    labels = np.asarray(labels, dtype=object)
-    if len(thumbs) != len(labels):
-        raise ValueError(f"pseudo_subjects: {len(thumbs)} thumbnails but {len(labels)} labels")
-    out = np.empty(len(labels), dtype=object)
-    for cls in sorted(set(labels.tolist())):
-        where = np.flatnonzero(labels == cls)
-        comp = _mutual_knn_components(thumbs[where], threshold, k)
-        # renumber by first appearance so ids do not depend on scipy's labelling
-        _, first = np.unique(comp, return_index=True)
-        order = np.argsort(first, kind="stable")
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(len(order))
-        out[where] = [f"pseudo-{cls}-{r:04d}" for r in rank[comp]]
-    return out.astype(str)
 
 
 # --------------------------------------------------------------------------- allocation
@@ -222,12 +105,6 @@ def _check_fractions(params: Params) -> None:
             f"params.yaml: split.test_size ({sp.test_size}) + split.val_size ({sp.val_size}) "
             "must be < 1 so that train keeps some data; lower one of them"
         )
-
-
-def _group_keys(df: pd.DataFrame) -> pd.Series:
-    """Subject per row; rows without one are their own group (keyed by path)."""
-    subj = df["subject"].astype(str)
-    return subj.where(subj != "", "row:" + df["path"].astype(str))
 
 
 def _allocate(
@@ -263,7 +140,7 @@ def _allocate(
 
 
 def _subjects_per_class(df: pd.DataFrame) -> dict[str, int]:
-    keys = _group_keys(df)
+    keys = group_keys(df)
     return {str(c): int(n) for c, n in keys.groupby(df["label"]).nunique().items()}
 
 
@@ -356,7 +233,7 @@ def split_by_subject(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     _check_fractions(params)
     sp = params.split
     df, decisions, train_only = _tiny_class_policy(df, params)
-    keys = _group_keys(df)
+    keys = group_keys(df)
     # primary class per subject: most rows, ties broken by class name
     counts = pd.DataFrame({"key": keys, "label": df["label"]}).value_counts().reset_index()
     counts.columns = ["key", "label", "n"]
@@ -399,7 +276,7 @@ def split_by_source(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     df, decisions, train_only = _tiny_class_policy(df, params)
     split = df["source_split"].copy()
     split[df["label"].isin(train_only)] = "train"
-    keys = _group_keys(df)
+    keys = group_keys(df)
     for cls in sorted(set(df["label"].tolist())):
         in_cls = df["label"] == cls
         if cls in train_only or (in_cls & (split == "val")).any():
@@ -435,7 +312,7 @@ def subject_folds(df: pd.DataFrame, params: Params, repeat: int = 0) -> pd.DataF
     k = len(params.cv.folds)
     df, decisions, train_only = _tiny_class_policy(df, params)
     df = df.sort_values("path", kind="stable").reset_index(drop=True)
-    keys = _group_keys(df)
+    keys = group_keys(df)
     testable = ~df["label"].isin(train_only).to_numpy()
     test_fold = np.full(len(df), -1)
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=params.base.seed + repeat)
@@ -479,7 +356,7 @@ STRATEGIES = {
 
 def assert_no_subject_leakage(df: pd.DataFrame) -> None:
     """Raise :class:`SplitLeakageError` naming the subjects found in more than one split."""
-    keys = _group_keys(df)
+    keys = group_keys(df)
     n_splits = df.groupby(keys)["split"].nunique()
     bad = sorted(n_splits.index[n_splits > 1].tolist())
     if bad:
@@ -489,230 +366,6 @@ def assert_no_subject_leakage(df: pd.DataFrame) -> None:
             f"e.g. {where}. This is a bug in alzstage.data.split (the subject split must "
             "keep every subject whole); please report it with data/interim/manifest.csv"
         )
-
-
-def _max_corr(queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """Each query's highest correlation with any row of ``pool`` (blocked products)."""
-    return most_correlated(queries, pool)[0]
-
-
-def most_correlated(queries: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(highest correlation, index of that row of ``pool``) per query; index -1 if no pool.
-
-    Rows must come from :func:`correlation_rows` (or :func:`load_thumbnails`), so that
-    the dot product is the correlation. Ties go to the lowest pool index. Public because
-    the evaluate stage's nearest-slice baseline is this same look-up.
-    """
-    best = np.full(len(queries), -1.0, dtype=np.float32)
-    where = np.full(len(queries), -1, dtype=np.int64)
-    if len(pool) == 0 or len(queries) == 0:
-        return best, where
-    for start in range(0, len(queries), _ROW_BLOCK):
-        stop = min(len(queries), start + _ROW_BLOCK)
-        corr = queries[start:stop] @ pool.T
-        where[start:stop] = corr.argmax(axis=1)
-        best[start:stop] = corr[np.arange(stop - start), where[start:stop]]
-    return best, where
-
-
-def nearest_neighbour_scores(truth: np.ndarray, copied: np.ndarray) -> dict[str, float]:
-    """Accuracy and balanced accuracy of copying the most similar training slice's label.
-
-    No learning at all, only look-up: on a split where a brain's neighbouring slices sit
-    in train, this alone scores high, which is the ceiling a memorising network reaches
-    too. On a subject-disjoint split it shows how much plain image similarity says.
-    """
-    if len(truth) == 0:
-        return {"accuracy": 0.0, "balanced_accuracy": 0.0}
-    recalls = [float((copied[truth == c] == c).mean()) for c in np.unique(truth)]
-    return {
-        "accuracy": round(float((copied == truth).mean()), 6),
-        "balanced_accuracy": round(float(np.mean(recalls)), 6),
-    }
-
-
-def _shared(a: set, b: set) -> int:
-    return len(a & b)
-
-
-def leakage_report(df: pd.DataFrame, thumbs: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Measure leakage directly instead of trusting the strategy's label.
-
-    For val and test: how many images have a near-duplicate in train (thumbnail
-    correlation >= ``threshold``; rows of ``thumbs`` align with rows of ``df``), plus
-    the same fraction at a few other thresholds, and how many images belong to a
-    subject that is also in train. Subjects shared between each pair of splits are
-    counted too (pseudo-subjects count: they are recovered volumes).
-    """
-    if len(thumbs) != len(df):
-        raise ValueError(f"leakage_report: {len(thumbs)} thumbnails for {len(df)} rows")
-    split = df["split"].to_numpy()
-    keys = _group_keys(df).to_numpy()
-    train_x = thumbs[split == "train"]
-    labels = df["label"].to_numpy()
-    train_labels = labels[split == "train"]
-    subjects = {s: set(keys[split == s].tolist()) for s in SPLITS}
-    report: dict[str, Any] = {"threshold": float(threshold)}
-    for s in ("val", "test"):
-        q = np.flatnonzero(split == s)
-        best, nearest = most_correlated(thumbs[q], train_x)
-        copied = train_labels[nearest] if len(train_labels) else np.full(len(q), "")
-        n = len(q)
-        n_dup = int((best >= threshold).sum())
-        in_train = int(sum(k in subjects["train"] for k in keys[q]))
-        report[s] = {
-            "n_images": n,
-            "n_near_duplicate_in_train": n_dup,
-            "fraction_near_duplicate": round(n_dup / n, 6) if n else 0.0,
-            "threshold": float(threshold),
-            "median_max_corr_to_train": round(float(np.median(best)), 6) if n else 0.0,
-            "fraction_by_threshold": {
-                f"corr_{t:g}": round(float((best >= t).mean()), 6) if n else 0.0
-                for t in LEAKAGE_SWEEP
-            },
-            "n_images_subject_in_train": in_train,
-            "fraction_subject_in_train": round(in_train / n, 6) if n else 0.0,
-            "nearest_train_neighbour": nearest_neighbour_scores(labels[q], copied),
-        }
-    report["shared_subjects"] = {
-        "train_val": _shared(subjects["train"], subjects["val"]),
-        "train_test": _shared(subjects["train"], subjects["test"]),
-        "val_test": _shared(subjects["val"], subjects["test"]),
-    }
-    return report
-
-
-# --------------------------------------------------------------------------- report
-
-
-def split_csv_text(df: pd.DataFrame, path: Path) -> str:
-    """The exact bytes of split.csv: its contract's columns, rows sorted by path, ``\\n`` ends."""
-    return SPLIT_CSV.text(df.sort_values("path", kind="stable"), path)
-
-
-def test_fingerprint(csv_text: str) -> str:
-    """sha256 over the raw lines of split.csv whose ``split`` is ``test``.
-
-    Promotion compares this between runs: equal fingerprints mean both models were
-    scored on the same images with the same labels. Works on the file text, so any
-    later stage can recompute it from ``data/processed/split.csv`` alone.
-    """
-    import csv
-
-    lines = csv_text.splitlines(keepends=True)
-    if not lines:
-        return hashlib.sha256(b"").hexdigest()
-    header = next(csv.reader([lines[0]]))
-    if "split" not in header:
-        raise DataError("split.csv has no 'split' column; re-run `alzstage split`")
-    col = header.index("split")
-    h = hashlib.sha256()
-    for line in lines[1:]:
-        row = next(csv.reader([line]))
-        if len(row) > col and row[col] == "test":
-            h.update(line.encode())
-    return h.hexdigest()
-
-
-test_fingerprint.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
-
-
-def fingerprint_split_file(path: Path) -> str:
-    """:func:`test_fingerprint` of a split.csv on disk that holds to its contract."""
-    read_split(path)
-    return test_fingerprint(Path(path).read_bytes().decode())
-
-
-def _per_split_class(df: pd.DataFrame, classes: list[str], value: pd.Series) -> dict:
-    table: dict[str, dict[str, int]] = {}
-    for s in SPLITS:
-        part = df["split"] == s
-        row = {c: int(value[part & (df["label"] == c)].nunique()) for c in classes}
-        table[s] = row
-    return table
-
-
-def summarize_split(
-    df: pd.DataFrame,
-    params: Params,
-    leakage: dict[str, Any],
-    fingerprint: str,
-    all_labels: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Build split.json (numbers in nested dicts so ``dvc metrics`` can diff them)."""
-    strategy = params.split.strategy
-    present = set(df["label"].tolist()) | set(all_labels)
-    classes = [c for c in params.base.classes if c in present]
-    classes += sorted(present - set(classes))
-    keys = _group_keys(df)
-    counts = {
-        s: {c: int(((df["split"] == s) & (df["label"] == c)).sum()) for c in classes}
-        for s in SPLITS
-    }
-    for s in SPLITS:
-        counts[s]["total"] = int((df["split"] == s).sum())
-    subjects = _per_split_class(df, classes, keys)
-    for s in SPLITS:
-        subjects[s]["total"] = int(keys[df["split"] == s].nunique())
-    sizes = keys.value_counts().to_numpy()
-    source = df["subject_source"].value_counts()
-    pseudo = df["subject_source"] == "pseudo"
-    groups = {
-        "n_groups": len(sizes),
-        "min_size": int(sizes.min()) if len(sizes) else 0,
-        "median_size": float(np.median(sizes)) if len(sizes) else 0.0,
-        "max_size": int(sizes.max()) if len(sizes) else 0,
-        "per_class": {c: int(keys[df["label"] == c].nunique()) for c in classes},
-        "rows_by_subject_source": {k: int(source.get(k, 0)) for k in ("given", "pseudo", "none")},
-        "n_pseudo_groups": int(keys[pseudo].nunique()),
-        "group_threshold": params.split.group_threshold,
-        "thumb_size": params.split.thumb_size,
-    }
-    tiny = {c: dict(e) for c, e in df.attrs.get("tiny_classes", {}).items()}
-    for cls, entry in tiny.items():
-        if cls in classes:
-            entry["subjects_per_split"] = {s: subjects[s][cls] for s in SPLITS}
-            entry["absent_from"] = [s for s in SPLITS if counts[s][cls] == 0]
-    dropped = sorted(c for c, e in tiny.items() if e.get("policy") == "drop")
-    data_classes = sorted(set(df["label"].tolist()))
-    absent = {s: [c for c in classes if c in data_classes and counts[s][c] == 0] for s in SPLITS}
-    leaky = strategy != "subject"
-    if leaky:
-        warning = LEAKY_WARNINGS[strategy]
-    elif int(source.get("pseudo", 0)):
-        sp = params.split
-        warning = (
-            "Subject ids were recovered from image similarity (pseudo-subjects, "
-            f"group_threshold={sp.group_threshold:g}, thumb_size={sp.thumb_size}): no "
-            "recovered subject is in two splits; see groups for the recovered group sizes."
-        )
-    else:
-        warning = ""
-    return {
-        "strategy": strategy,
-        "leaky": leaky,
-        "warning": warning,
-        "subject_ids": (
-            "pseudo"
-            if int(source.get("pseudo", 0)) and not int(source.get("given", 0))
-            else "given"
-            if not int(source.get("pseudo", 0))
-            else "mixed"
-        ),
-        "seed": params.base.seed,
-        "test_size": params.split.test_size,
-        "val_size": params.split.val_size,
-        "n_images": len(df),
-        "counts": counts,
-        "subjects": subjects,
-        "groups": groups,
-        "leakage": leakage,
-        "tiny_classes": tiny,
-        "dropped_classes": dropped,
-        "classes_without_data": [c for c in params.base.classes if c not in present],
-        "absent": absent,
-        "fingerprint": fingerprint,
-    }
 
 
 # --------------------------------------------------------------------------- I/O shell
@@ -738,18 +391,29 @@ def _read_input(params: Params, paths: Paths) -> pd.DataFrame:
     return df.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def assign_subjects(df: pd.DataFrame, thumbs: np.ndarray, threshold: float) -> pd.DataFrame:
+def assign_subjects(
+    df: pd.DataFrame, thumbs: np.ndarray, threshold: float, sources: np.ndarray | None = None
+) -> pd.DataFrame:
     """Fill ``subject`` / ``subject_source``: given ids kept, missing ones recovered.
 
     Rows whose thumbnail has no variance (blank images) cannot be grouped and get
     ``subject_source = none``; the subject split then treats each as its own group.
+    With ``sources`` (one id per row, several sources) slices are chained within their
+    own source, ids prefixed ``<source>:``: the neighbour search is tuned on one volume's
+    adjacent slices, and a copy in another source is the cross-source check's to find.
     """
     df = df.copy()
     subject = df["subject"].astype(str).str.strip().to_numpy(dtype=object)
     source = np.where(subject != "", "given", "pseudo").astype(object)
     need = subject == ""
+    labels = df["label"].to_numpy()
+    if need.any() and sources is None:
+        subject[need] = pseudo_subjects(thumbs[need], labels[need], threshold)
+    elif need.any():
+        for sid in sorted(set(sources[need].tolist())):
+            rows = need & (sources == sid)
+            subject[rows] = pseudo_subjects(thumbs[rows], labels[rows], threshold, prefix=f"{sid}:")
     if need.any():
-        subject[need] = pseudo_subjects(thumbs[need], df["label"].to_numpy()[need], threshold)
         blank = need & ~np.any(thumbs != 0, axis=1)
         subject[blank] = ""
         source[blank] = "none"
@@ -758,22 +422,52 @@ def assign_subjects(df: pd.DataFrame, thumbs: np.ndarray, threshold: float) -> p
     return df
 
 
-def run_split(params: Params, paths: Paths) -> StageResult:
-    """Read the validated manifest, split it, write split.csv and reports/split.json."""
-    import time
+def _group(params: Params, paths: Paths) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
+    """The manifest with subjects filled in (and merged across sources), thumbnails, extras.
 
+    The extras carry the timings and, with several sources, the copies found, the rows
+    they refer to and the ``cross_source`` report.
+    """
     sp = params.split
     df = _read_input(params, paths)
     t0 = time.perf_counter()
     store = PixelStore.read(paths.pixels)  # decoded once, by the decode stage
-    thumbs = correlation_rows(store.thumbnails_for(df["path"], sp.thumb_size))
+    raw = store.thumbnails_for(df["path"], sp.thumb_size)
+    thumbs = correlation_rows(raw)
     t1 = time.perf_counter()
-    df = assign_subjects(df, thumbs, sp.group_threshold)
-    t2 = time.perf_counter()
+    sources = source_ids(df["path"].tolist(), params)
+    df = assign_subjects(df, thumbs, sp.group_threshold, sources)
+    extra: dict[str, Any] = {}
+    if sources is not None:
+        copies = find_copies(raw, sources, sp.near_duplicate_threshold)
+        extra["cross_source"] = copies_report(df, copies, sources, sp.near_duplicate_threshold)
+        extra["copies"], extra["grouped"] = copies, df
+        df = merge_brains(df, copies)
+    extra["seconds"] = (t1 - t0, time.perf_counter() - t1)
+    return df, thumbs, extra
 
+
+def _check_copies(out: pd.DataFrame, extra: dict[str, Any], strategy: str) -> None:
+    """Count matched copies split apart; under the subject strategy none may be."""
+    if "copies" not in extra:
+        return
+    apart = copies_across_splits(out, extra["grouped"], extra["copies"])
+    extra["cross_source"]["n_matched_slices_in_two_splits"] = apart
+    if apart and strategy == "subject":
+        raise SplitLeakageError(
+            f"split: {apart} cross-source copies ended up in different splits. This is a bug "
+            "in alzstage.data.duplicates (merged brains must stay whole); please report it"
+        )
+
+
+def run_split(params: Params, paths: Paths) -> StageResult:
+    """Read the validated manifest, split it, write split.csv and reports/split.json."""
+    sp = params.split
+    df, thumbs, extra = _group(params, paths)
     out = STRATEGIES[sp.strategy](df, params)
     if sp.strategy == "subject":
         assert_no_subject_leakage(out)
+    _check_copies(out, extra, sp.strategy)
     pos = pd.Index(df["path"]).get_indexer(out["path"])
     leakage = leakage_report(out, thumbs[pos], sp.near_duplicate_threshold)
 
@@ -783,52 +477,16 @@ def run_split(params: Params, paths: Paths) -> StageResult:
     # Named here, where the validated manifest is read anyway; promote reads it downstream.
     report["dataset"] = dataset_name(params.data.source, df["sha256"], params.data.name)
     report["data_source"] = params.data.source
-    missing = [f"{c} ({s})" for s, cs in report["absent"].items() for c in cs]
-    missing += [f"{c} (all: dropped)" for c in report["dropped_classes"]]
-    missing += [f"{c} (all: no images in the manifest)" for c in report["classes_without_data"]]
-    if missing:
-        warnings.warn(
-            f"split: classes without images in some splits: {', '.join(missing)}; "
-            f"see 'absent' and 'tiny_classes' in {paths.split_report}",
-            UserWarning,
-            stacklevel=2,
-        )
-    if report["leaky"]:
-        warnings.warn(
-            f"split.strategy={sp.strategy}: {report['warning']}", UserWarning, stacklevel=2
-        )
+    if "cross_source" in extra:  # one source: split.json exactly as before
+        report["cross_source"] = extra["cross_source"]
+    warn_missing(report, params, paths)
 
     SplitReport.check(report, paths.split_report)  # evaluate reads it through this contract
     with atomic_path(paths.split_file) as tmp:
         tmp.write_bytes(csv_text.encode())
     write_json(paths.split_report, report)
-
-    counts = report["counts"]
-    metrics = {
-        "n_images": float(len(out)),
-        "n_train": float(counts["train"]["total"]),
-        "n_val": float(counts["val"]["total"]),
-        "n_test": float(counts["test"]["total"]),
-        "n_groups": float(report["groups"]["n_groups"]),
-        "leaky": float(report["leaky"]),
-        "leak_val_fraction": float(leakage["val"]["fraction_near_duplicate"]),
-        "leak_test_fraction": float(leakage["test"]["fraction_near_duplicate"]),
-        "nn_test_balanced_accuracy": float(
-            leakage["test"]["nearest_train_neighbour"]["balanced_accuracy"]
-        ),
-        "shared_subjects_train_test": float(leakage["shared_subjects"]["train_test"]),
-        "seconds_thumbnails": round(t1 - t0, 3),
-        "seconds_grouping": round(t2 - t1, 3),
-    }
-    summary = (
-        f"split ({sp.strategy}{', LEAKY' if report['leaky'] else ''}): "
-        f"train {counts['train']['total']}, val {counts['val']['total']}, "
-        f"test {counts['test']['total']} images in {report['groups']['n_groups']} subjects "
-        f"({report['subject_ids']} ids); test near-duplicates in train "
-        f"{leakage['test']['fraction_near_duplicate']:.1%} at corr>={sp.near_duplicate_threshold:g}"
-    )
     return StageResult(
-        metrics=metrics,
+        metrics=stage_metrics(report, extra["seconds"]),
         artifacts=[paths.split_file, paths.split_report],
         tags={
             "split.strategy": sp.strategy,
@@ -837,5 +495,5 @@ def run_split(params: Params, paths: Paths) -> StageResult:
             "split.fingerprint": fingerprint,
             "data.name": report["dataset"],
         },
-        summary=summary,
+        summary=stage_summary(report, params),
     )

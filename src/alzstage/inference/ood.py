@@ -56,7 +56,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alzstage.data.image_features import FEATURES, THUMB_SIZE, image_features, thumbnail
-from alzstage.data.split import correlation_rows, most_correlated
+from alzstage.data.similarity import correlation_rows, most_correlated
 from alzstage.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
