@@ -2,8 +2,8 @@
 
 Training (the decode stage), evaluation, ``predict``, the REST API and the MLflow model
 all call these functions, so a model never sees differently-prepared pixels at
-inference than it saw in training. The rules (``docs/data.md``, "What pixels a file
-becomes"):
+inference than it saw in training. The rules (``docs/threat-model.md``, "The pixels
+the model sees are the pixels in the file"):
 
 * **8-bit** grayscale, palette, RGB(A) JPEG and PNG: Pillow's ``convert("L")``, the
   pixels training has always seen (not a single pixel differs from before).
