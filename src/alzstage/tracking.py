@@ -519,6 +519,7 @@ def _pyfunc_class() -> type:
         return _PYFUNC_CLASS
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     class AlzstageModel(mlflow.pyfunc.PythonModel):
         """pyfunc over the alzstage artifacts (``model.keras``, ``meta.json``, thumbnails)."""
@@ -530,7 +531,10 @@ def _pyfunc_class() -> type:
                 self.load_bundle = load_bundle
 
         def load_context(self, context: Any) -> None:
-            self.bundle = self.load_bundle(dict(context.artifacts))
+            artifacts = dict(context.artifacts)
+            self.bundle = self.load_bundle(artifacts)
+            if hasattr(self.bundle, "model_version") and "meta" in artifacts:
+                self.bundle.model_version = model_identity(Path(artifacts["meta"]).parents[1])
 
         # No type hints here: MLflow would try to derive (and enforce) a schema from them.
         def predict(self, context, model_input, params=None):
@@ -539,7 +543,27 @@ def _pyfunc_class() -> type:
             try:
                 return self.bundle.predict_frame(model_input, params)
             except InputError as exc:  # a malformed slice: the client's 400, not a 500
-                raise MlflowException.invalid_parameter_value(str(exc)) from None
+                raise ClientInputError(str(exc)) from None
+
+    class ClientInputError(MlflowException):
+        """A client's malformed input (400) whose message stays short: MLflow's scoring
+        server prepends the whole input array to a predict error's ``message`` (megabytes
+        for one slice); this message keeps the first value it is given, cut to
+        :data:`MAX_ERROR_CHARS`."""
+
+        def __init__(self, message: str) -> None:
+            super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+        @property
+        def message(self) -> str:
+            return self.__dict__.get("_short", "")
+
+        @message.setter
+        def message(self, value: str) -> None:
+            if "_short" not in self.__dict__:
+                text = str(value)
+                cut = len(text) > MAX_ERROR_CHARS
+                self.__dict__["_short"] = text[: MAX_ERROR_CHARS - 3] + "..." if cut else text
 
     AlzstageModel.__module__ = __name__
     AlzstageModel.__qualname__ = "AlzstageModel"
@@ -548,6 +572,34 @@ def _pyfunc_class() -> type:
 
 
 _PYFUNC_CLASS: type | None = None
+#: The longest error message the pyfunc's 400 answers carry.
+MAX_ERROR_CHARS = 500
+
+
+def model_identity(model_dir: Path) -> str:
+    """What the pyfunc at ``model_dir`` is: ``"<name> v<version>"`` of the registry
+    version(s) made from it when the tracking server named by ``MLFLOW_TRACKING_URI``
+    says so (as under ``mlflow models serve -m models:/...``), else ``"model <id>"``
+    from its ``MLmodel`` file; "" when neither is known. Never raises: an answer
+    without a version is better than a model that does not load."""
+    import yaml
+
+    try:
+        info = yaml.safe_load((Path(model_dir) / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    model_id, run_id = info.get("model_id"), info.get("run_id")
+    if os.environ.get("MLFLOW_TRACKING_URI") and run_id:
+        try:
+            from mlflow import MlflowClient
+
+            found = MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+            versions = sorted(f"{v.name} v{v.version}" for v in found)
+            if versions:
+                return ", ".join(versions)
+        except Exception:  # a registry that cannot answer: fall back
+            pass
+    return f"model {model_id}" if model_id else (f"run {run_id}" if run_id else "")
 
 
 def __getattr__(name: str) -> Any:
@@ -563,8 +615,13 @@ def log_pyfunc_model(
     example: Any,
     pip_requirements: list[str],
     params: tuple[tuple[str, str, Any], ...] = (),
+    input_dtype: str | None = "uint8",
 ) -> str:
     """Log the alzstage pyfunc into the active run; returns its model URI.
+
+    ``input_dtype`` None logs no input schema, so MLflow neither casts the pixels sent
+    (JSON floats to uint8: 0.4 became 0) nor answers a mismatch by echoing the input;
+    the model reads and checks the values itself.
 
     ``load_bundle(artifact paths)`` builds what serves predictions when MLflow loads the
     model. The input signature is a uint8 tensor of shape (-1, -1, -1): any number of
@@ -579,7 +636,7 @@ def log_pyfunc_model(
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        inputs=Schema([TensorSpec(np.dtype(input_dtype), (-1, -1, -1))]) if input_dtype else None,
         outputs=Schema([ColSpec(kind, name) for name, kind in output_columns.items()]),
         params=ParamSchema([ParamSpec(name, kind, default) for name, kind, default in params])
         if params

@@ -7,6 +7,7 @@ photograph-like images must not.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,96 @@ def test_fitting_needs_training_rows(tmp_path: Path) -> None:
     write_split(split_frame(["a.jpg"], "x", ["test"]), split_file)
     with pytest.raises(ModelError, match="no training images"):
         fit_from_split(split_file, tmp_path, (112, 96))
+
+
+POSES = {
+    "turned 90": lambda g: np.rot90(g, 1),
+    "turned 180": lambda g: np.rot90(g, 2),
+    "turned 270": lambda g: np.rot90(g, 3),
+    "upside down": np.flipud,
+}
+
+
+def test_turned_and_upside_down_slices_are_flagged_saying_so(
+    fitted: tuple[InputGuard, list[Path]], new_subjects: list[np.ndarray]
+) -> None:
+    guard, _ = fitted
+    for pose, turn in POSES.items():
+        # given unseen subjects' slices turned or upside down
+        turned = [np.ascontiguousarray(turn(g)) for g in new_subjects]
+        # when they are checked
+        checks = guard.check(turned)
+        # then every one is flagged, and the reason says what is wrong and what to do
+        assert all(c.out_of_distribution for c in checks), pose
+        for c in checks:
+            assert "orientation" in c.reason and "send the slice upright" in c.reason
+
+
+def test_a_left_right_mirrored_slice_passes(
+    fitted: tuple[InputGuard, list[Path]], new_subjects: list[np.ndarray]
+) -> None:
+    # a mirrored axial slice is anatomically plausible (radiological vs neurological view)
+    guard, _ = fitted
+    mirrored = [np.ascontiguousarray(np.fliplr(g)) for g in new_subjects]
+    assert [c.reason for c in guard.check(mirrored) if c.out_of_distribution] == []
+
+
+def scanner_grain(gray: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """The slice as a noisier scanner would give it: Gaussian grain inside the head."""
+    rng = np.random.default_rng(seed)
+    noisy = gray + rng.normal(0, sigma, gray.shape) * (gray > 20)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def test_slices_from_a_grainier_scanner_than_training_are_flagged(
+    fitted: tuple[InputGuard, list[Path]], new_subjects: list[np.ndarray]
+) -> None:
+    # given a check fitted on the smooth synthetic slices, and unseen subjects' slices
+    # with the grain of a real scanner added (the way the real archive differs)
+    guard, _ = fitted
+    grainy = [scanner_grain(g, 15, i) for i, g in enumerate(new_subjects)]
+    # when both are checked
+    plain, flagged = guard.check(new_subjects), guard.check(grainy)
+    # then the plain ones pass and every grainy one is flagged, naming the cause
+    assert not any(c.out_of_distribution for c in plain)
+    assert all(c.out_of_distribution for c in flagged)
+    for c in flagged:
+        assert "fine texture" in c.reason and "scanner or dataset" in c.reason
+
+
+def test_a_check_stored_before_the_orientation_rule_still_works(
+    fitted: tuple[InputGuard, list[Path]], new_subjects: list[np.ndarray]
+) -> None:
+    # given the check as a model trained before issue 24 stored it (no new rules)
+    guard, _ = fitted
+    old = guard.spec.model_dump(mode="json")
+    for key in ("bounds", "training_ranges"):
+        old[key] = {k: v for k, v in old[key].items() if k not in ("orientation", "fine_texture")}
+    old_guard = InputGuard(InputCheckSpec.model_validate(old), None)
+    # when a turned slice is checked, then it is judged by the old rules only
+    (check,) = old_guard.check([np.ascontiguousarray(np.rot90(new_subjects[0], 2))])
+    assert not check.out_of_distribution
+
+
+ARCHIVE = os.environ.get("ALZSTAGE_ARCHIVE")
+
+
+@pytest.mark.skipif(not ARCHIVE, reason="set ALZSTAGE_ARCHIVE to the Kaggle archive's zip")
+def test_real_archive_slices_are_flagged_by_a_check_fitted_on_synthetic_ones(
+    fitted: tuple[InputGuard, list[Path]],
+) -> None:
+    """Opt-in: 50 real slices of the archive (read from the zip, never written out)
+    against the check fitted on the demo generator's slices."""
+    import io
+    import random
+    import zipfile
+
+    guard, _ = fitted
+    with zipfile.ZipFile(str(ARCHIVE)) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
+        grays = []
+        for n in random.Random(0).sample(names, 50):
+            with Image.open(io.BytesIO(z.read(n))) as im:
+                grays.append(np.asarray(im.convert("L")))
+    flagged = [c for c in guard.check(grays) if c.out_of_distribution]
+    assert len(flagged) >= 45, [c.reason for c in guard.check(grays)][:3]

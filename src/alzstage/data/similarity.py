@@ -44,10 +44,13 @@ _MOMENT_SPREAD = 2.2
 def _thumbnail(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
+    from alzstage.data.images import decode_slice
+
     try:
-        with Image.open(path) as im:
-            small = im.convert("L").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(small, dtype=np.float32).reshape(-1)
+        # the one decode path (16-bit PNGs, EXIF orientation), as the decode stage reads it
+        gray = Image.fromarray(decode_slice(path, max_pixels=2**31, formats=None).gray)
+        small = gray.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(small, dtype=np.float32).reshape(-1)
     except FileNotFoundError:
         raise MissingInputError(
             f"{path}: image listed in the manifest is missing; re-run `alzstage download` "

@@ -18,7 +18,23 @@ stored with the model (``input_check`` in its ``meta.json``):
 * **foreground texture**: the coefficient of variation inside the foreground. Grey
   matter, white matter and CSF give 0.3-0.55; a filled blob has almost none;
 * **correlation with the training mean slice** on 32x32 thumbnails: a real slice
-  correlates 0.87-0.97 with the Kaggle mean, noise and photographs about 0.
+  correlates 0.87-0.97 with the Kaggle mean, noise and photographs about 0;
+* **orientation**: how much better the thumbnail correlates with the training mean
+  slice as it is than with that mean turned by 90, 180 or 270 degrees or upside down.
+  Upright Kaggle training slices: 0.03-0.10; its 1,022 test slices down to -0.0042 (the
+  round top of the head fits any pose); the same slices turned or upside down -0.09 to
+  0.004. Below ``ORIENTATION_SLACK`` (0.005) under 0 (or under the training minimum,
+  if that is lower) is flagged: on 300 Kaggle test slices, 297, 298, 296 and 297 of
+  300 turned by 90, 180, 270 degrees and upside down, none upright. A slice whose
+  anatomy fits the training mean no better upright than turned is flagged too (real
+  archive slices under the synthetic demo model's check). A left-right mirror is
+  *allowed*: axial slices are near-symmetric and both display conventions
+  (radiological and neurological) are in use, so no mirrored pose is tested (1 of 300
+  mirrored Kaggle slices is flagged, a round top slice);
+* **fine texture**: the pixel-scale grain inside the brain (:func:`alzstage.data.
+  image_features.fine_texture`), at most 1.25x the training maximum: scans from a
+  noisier scanner or another dataset than the model saw are flagged (a smooth
+  synthetic slice 0.013, the real archive 0.02). Only an upper bound: shrinking lowers it.
 
 Each bound is the training range (0.5th-99.5th percentile) widened by a margin stated
 next to it, so that the slices of a new subject, a network-size export or a darker
@@ -62,9 +78,28 @@ from alzstage.errors import ModelError
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.artifacts import PixelStore
 
-# Features are measured on a fixed-size copy, so a 4096-pixel export and a 96-pixel
-# network-size slice are judged alike; 64 px keeps the ring and the fraction precise.
 SEEN_THRESHOLD = 0.99
+#: Every feature the check can bound: the per-image ones, then those that compare a
+#: thumbnail with the training mean slice (``mean_correlation``, ``orientation``).
+CHECK_FEATURES = (*FEATURES, "orientation")
+# The poses of the training mean slice that an upright slice must match less well than
+# the mean itself. No left-right mirror: a mirrored axial slice is anatomically plausible.
+POSES = {
+    "turned 90 degrees": lambda m: np.rot90(m, 1),
+    "turned 180 degrees": lambda m: np.rot90(m, 2),
+    "turned 270 degrees": lambda m: np.rot90(m, 3),
+    "upside down": lambda m: np.flipud(m),
+}
+# The top slices of a head are round: upright and turned fit the mean about equally
+# (Kaggle test slices down to -0.0042), while turned slices fall to -0.09 (see above).
+ORIENTATION_SLACK = 0.005
+#: What an operator or client can do about each rule that fails (after its numbers).
+ADVICE = {
+    "orientation": "it matches the training slices better turned or upside down than as "
+    "sent: send the slice upright as exported, or it is not the anatomy the model saw",
+    "fine_texture": "grainier than any training slice: a scanner or dataset the model "
+    "was not trained on",
+}
 THUMBNAILS_FILE = "training_thumbnails.npz"
 
 
@@ -123,13 +158,27 @@ def mean_correlations(thumbs: np.ndarray, mean_thumbnail: np.ndarray) -> np.ndar
     return correlation_rows(thumbs) @ template
 
 
+def template_features(thumbs: np.ndarray, mean_thumbnail: np.ndarray) -> dict[str, np.ndarray]:
+    """``mean_correlation`` and ``orientation`` of each 32x32 thumbnail.
+
+    ``orientation`` is the correlation with the mean slice minus the best correlation
+    with one of its :data:`POSES`: positive when the thumbnail is upright like the
+    training slices. Thumbnails are square, so a turned portrait slice's thumbnail is
+    the turned thumbnail of the upright slice and the comparison is fair.
+    """
+    mean = np.asarray(mean_thumbnail, dtype=np.float32)
+    upright = mean_correlations(thumbs, mean)
+    turned = np.stack([mean_correlations(thumbs, pose(mean)) for pose in POSES.values()])
+    return {"mean_correlation": upright, "orientation": upright - turned.max(axis=0)}
+
+
 # --------------------------------------------------------------------------- fitting
 
 
 def _bounds(ranges: dict[str, tuple[float, float]]) -> dict[str, Bound]:
     """Training ranges widened into the rules (the margins the module docstring gives)."""
     r = ranges
-    return {
+    out = {
         # Within 1.5x of the training shapes: a square export passes, a 4:3 photo fails.
         "aspect": Bound(low=r["aspect"][0] / 1.5, high=r["aspect"][1] * 1.5),
         # A third of the dullest training slice: darker scanners pass, constant images fail.
@@ -146,6 +195,11 @@ def _bounds(ranges: dict[str, tuple[float, float]]) -> dict[str, Bound]:
         # 0.3 below the least typical training slice (rotated or padded slices still pass).
         "mean_correlation": Bound(low=r["mean_correlation"][0] - 0.3),
     }
+    if "orientation" in r:  # no pose beats upright by more than ORIENTATION_SLACK
+        out["orientation"] = Bound(low=min(0.0, r["orientation"][0]) - ORIENTATION_SLACK)
+    if "fine_texture" in r:  # measured by the decode stage since issue 24
+        out["fine_texture"] = Bound(high=r["fine_texture"][1] * 1.25)
+    return out
 
 
 def fit_reference(
@@ -158,8 +212,11 @@ def fit_reference(
     if len(features) == 0:
         raise ModelError("no training images to fit the input check on; re-run the split stage")
     mean = np.asarray(thumbs, dtype=np.float32).mean(axis=0)
-    table = {k: np.array([f[k] for f in features], dtype=np.float64) for k in FEATURES[:-1]}
-    table["mean_correlation"] = mean_correlations(thumbs, mean).astype(np.float64)
+    # A feature the features lack (a pixel store written before it existed) is not fitted.
+    names = [k for k in FEATURES[:-1] if all(k in f for f in features)]
+    table = {k: np.array([f[k] for f in features], dtype=np.float64) for k in names}
+    for k, v in template_features(thumbs, mean).items():
+        table[k] = v.astype(np.float64)
     ranges = {
         k: (float(np.percentile(v, 0.5)), float(np.percentile(v, 99.5))) for k, v in table.items()
     }
@@ -258,7 +315,7 @@ def failed_rules(
             f"model was trained on HxW {sizes}: send the slice at its exported resolution"
         ]
     out = []
-    for name in FEATURES:
+    for name in CHECK_FEATURES:
         b = spec.bounds.get(name)
         if b is None or name not in features:
             continue
@@ -268,9 +325,10 @@ def failed_rules(
         too_high = b.high is not None and v > b.high
         if too_low or too_high:
             limit = f"below {_fmt(b.low or 0)}" if too_low else f"above {_fmt(b.high or 0)}"
+            advice = f": {ADVICE[name]}" if name in ADVICE else ""
             out.append(
                 f"{name.replace('_', ' ')} {_fmt(v)} is {limit} "
-                f"(training images: {_fmt(lo)} to {_fmt(hi)})"
+                f"(training images: {_fmt(lo)} to {_fmt(hi)}){advice}"
             )
     return out
 
@@ -336,12 +394,12 @@ class InputGuard:
             return []
         sizes = list(sizes) if sizes is not None else [g.shape[:2] for g in grays]
         thumbs = np.stack([thumbnail(g) for g in grays])
-        mean_corr = mean_correlations(thumbs, self._mean)
+        template = template_features(thumbs, self._mean)
         best, _ = most_correlated(correlation_rows(thumbs), self._pool)
         out = []
-        for g, size, mc, b in zip(grays, sizes, mean_corr, best, strict=True):
+        for i, (g, size, b) in enumerate(zip(grays, sizes, best, strict=True)):
             features = image_features(g)
-            features["mean_correlation"] = float(mc)
+            features.update({k: float(v[i]) for k, v in template.items()})
             ood, reason = check_features(features, (int(size[0]), int(size[1])), self.spec)
             corr = max(float(b), 0.0) if len(self._pool) else 0.0
             out.append(

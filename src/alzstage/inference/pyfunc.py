@@ -11,6 +11,20 @@ input check has judged them at their own size. The MLflow ``PythonModel`` adapte
 lives in :mod:`alzstage.tracking` (the one module that imports MLflow);
 :class:`ClassifierBundle` is everything it does.
 
+**Arrays in** (the rule, :func:`alzstage.data.images.pixels_8bit`): uint8 pixels are
+0-255; other numbers are read as the ``pixel_range`` parameter declares ("0-255" or
+"0-1"), by default detected: floats all within 0..1 with a fraction are 0-1, anything
+else 0-255. Values outside the range read are refused with a short 400 naming what
+was found, never cast (MLflow's uint8 input schema used to turn 0-1 floats into a black
+slice without a word); 16-bit slices are sent as PNG files to ``alzstage predict`` or
+the REST API, which decode them by their bit depth. Models logged since carry no
+input schema for MLflow to enforce, so these rules are the model's own.
+
+**Answers out**: the stage, its ``confidence`` (calibrated probability of that stage,
+as ``alzstage predict`` reports it), each class's probability, the input check's
+fields and ``model_version`` (the registry version(s) the model was registered as,
+else its MLflow model id).
+
 With ``params={"brain": True}`` (a parameter of the logged signature, default false)
 the whole input is one brain's slices and the answer is ONE row: the brain model's stage
 and probabilities, its conformal set, and how many slices it rests on
@@ -30,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.data.images import to_model_array
+from alzstage.data.images import ImageReadError, to_model_array
 from alzstage.inference.brain import brain_answer, brain_model_from_meta
 from alzstage.inference.ood import THUMBNAILS_FILE, InputCheck, InputGuard, save_thumbnails_file
 from alzstage.model.brain import BrainModel
@@ -50,7 +64,7 @@ BRAIN_COLUMNS = (
     "left_out",
 )
 #: The pyfunc's inference parameters (name, MLflow type, default), in its signature.
-PARAMS = (("brain", "boolean", False),)
+PARAMS = (("brain", "boolean", False), ("pixel_range", "string", "auto"))
 
 
 def probabilities(
@@ -72,15 +86,23 @@ def probabilities(
 
 
 def as_images(model_input: Any) -> list[np.ndarray]:
-    """The slices in a pyfunc input: a (N, H, W[, C]) array, one (H, W) slice, a list of
-    slices (sizes may differ) or a DataFrame of such arrays, each as a 2D/3D array."""
+    """The slices in a pyfunc input: a (N, H, W[, C]) array, a list of slices (sizes may
+    differ) or a DataFrame of such arrays, each as a 2D/3D array.
+
+    A bare 2D array is refused (ImageReadError): it is one slice or a batch of 1-pixel
+    rows, and the logged contract has always been a batch, as MLflow's input schema
+    enforced before the model read its input itself.
+    """
     if isinstance(model_input, pd.DataFrame):
         model_input = [np.asarray(v) for v in model_input.iloc[:, 0]]
     if isinstance(model_input, list | tuple):
         return [np.asarray(a) for a in model_input]
     arr = np.asarray(model_input)
-    if arr.ndim == 2:
-        return [arr]
+    if arr.ndim < 3:
+        raise ImageReadError(
+            f"input has shape {arr.shape}; send a batch of slices, shape (N, H, W): "
+            '{"inputs": [slice, ...]}, each slice H rows of W pixel values'
+        )
     return list(arr)
 
 
@@ -94,6 +116,7 @@ class ClassifierBundle:
     temperature: float = 1.0
     guard: InputGuard | None = None
     brain: BrainModel | None = None  # None: logged before brain models (fixed pooling)
+    model_version: str = ""  # set when MLflow loads it (tracking.model_identity)
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str]) -> ClassifierBundle:
@@ -137,7 +160,8 @@ class ClassifierBundle:
         An out-of-distribution slice gets no stage and no probabilities (nulls), only
         the reason; the others are resized to the network's input and predicted.
         """
-        grays = [_gray(a) for a in as_images(model_input)]
+        pixel_range = str((params or {}).get("pixel_range") or "auto")
+        grays = [_gray(a, pixel_range) for a in as_images(model_input)]
         checks = self.check(grays)
         usable = [i for i, c in enumerate(checks or [None] * len(grays)) if not _flagged(c)]
         probs = (
@@ -153,14 +177,16 @@ class ClassifierBundle:
             p = by_index.get(i)
             row: dict[str, Any] = {
                 "stage": None if p is None else self.classes[int(np.argmax(p))],
+                "confidence": None if p is None else float(np.max(p)),
                 **{c: (None if p is None else float(p[k])) for k, c in enumerate(self.classes)},
             }
             if checks is None:
                 row.update(dict.fromkeys(CHECK_COLUMNS))
             else:
                 row.update(checks[i].as_dict())
+            row["model_version"] = self.model_version or None
             rows.append(row)
-        columns = ["stage", *self.classes, *CHECK_COLUMNS]
+        columns = ["stage", "confidence", *self.classes, *CHECK_COLUMNS, "model_version"]
         # object columns keep None as null in MLflow's JSON (a float column would send NaN)
         return pd.DataFrame(rows, columns=columns, dtype=object)
 
@@ -186,17 +212,21 @@ class ClassifierBundle:
                 **fields["probabilities"],
                 **{k: fields[k] for k in BRAIN_COLUMNS if k in fields},
             )
-        return pd.DataFrame([row], columns=["stage", *self.classes, *BRAIN_COLUMNS], dtype=object)
+        row["model_version"] = self.model_version or None
+        columns = ["stage", *self.classes, *BRAIN_COLUMNS, "model_version"]
+        return pd.DataFrame([row], columns=columns, dtype=object)
 
 
 def _flagged(check: InputCheck | None) -> bool:
     return check is not None and check.out_of_distribution
 
 
-def _gray(a: np.ndarray) -> np.ndarray:
-    """A 2D or (H, W, C) pixel array as uint8 (H, W) at its own size; else ImageReadError."""
+def _gray(a: np.ndarray, pixel_range: str = "auto") -> np.ndarray:
+    """A 2D or (H, W, C) pixel array as uint8 (H, W) at its own size, its values read by
+    the array rule (:func:`~alzstage.data.images.pixels_8bit`); else ImageReadError."""
     arr = np.asarray(a)
-    return to_model_array(arr, (arr.shape[0], arr.shape[1]) if arr.ndim >= 2 else (1, 1))
+    own = (arr.shape[0], arr.shape[1]) if arr.ndim >= 2 else (1, 1)
+    return to_model_array(arr, own, pixel_range)
 
 
 def example_input(meta: dict[str, Any]) -> np.ndarray:
@@ -243,6 +273,7 @@ def log_pyfunc(
             example_input(meta),
             _requirements(),
             params=PARAMS,
+            input_dtype=None,  # the model reads the pixels itself (module docstring)
         )
 
 
@@ -255,11 +286,13 @@ def output_columns(classes: list[str]) -> dict[str, str]:
     """
     return {
         "stage": "string",
+        "confidence": "double",
         **dict.fromkeys(classes, "double"),
         "out_of_distribution": "boolean",
         "ood_reason": "string",
         "seen_in_training": "boolean",
         "training_correlation": "double",
+        "model_version": "string",
     }
 
 

@@ -17,8 +17,10 @@ Hardening that matters for a service that decodes images from strangers
   503, and freed memory goes back to the OS when the server is idle again;
 - each image is checked against the training images (:mod:`alzstage.inference.ood`): one
   that is not like them gets ``out_of_distribution`` and no stage;
-- cross-origin POSTs and DNS-rebound Host names are refused, and every response says
-  ``X-Content-Type-Options: nosniff`` (:mod:`alzstage.serve.guards`);
+- cross-origin POSTs and DNS-rebound Host names are refused, every response says
+  ``X-Content-Type-Options: nosniff``, and the page and the API docs have a content
+  security policy (:mod:`alzstage.serve.guards`);
+- ``/health`` reports the limits the server runs with, so a deployment can be checked;
 - nothing a client sends (file names included) is used as a path; uploads stay in
   memory or in Starlette's anonymous spooled temp files, closed after each request;
 - errors are JSON with a message a person can act on, never a stack trace.
@@ -37,16 +39,19 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alzstage.errors import ModelNotFound
 from alzstage.serve.guards import (
     SECURITY_HEADERS,
     BodyLimit,
+    DocsPolicy,
     InferenceGate,
     OriginGuard,
     SecurityHeaders,
+    multipart_error,
 )
 from alzstage.serve.memory import release_memory
 from alzstage.serve.routes import router
@@ -103,8 +108,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         allowed_origins=settings.allowed_origins,
         allowed_hosts=settings.allowed_hosts,
     )
+    app.add_middleware(DocsPolicy)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(ModelNotFound, _no_model)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(Exception, _crash)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -120,6 +127,18 @@ async def page() -> FileResponse:
 
 async def _no_model(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"{exc}. {NO_MODEL_HINT}"}, status_code=503)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer to an HTTPException, except that a multipart body refused for a
+    too-long part header (a file name of thousands of characters) names that limit."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    assert isinstance(exc, StarletteHTTPException)
+    detail = multipart_error(exc) if exc.status_code == 400 else None
+    if detail is None:
+        return await http_exception_handler(request, exc)
+    return JSONResponse({"detail": detail}, status_code=400)
 
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:

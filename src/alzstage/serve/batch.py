@@ -32,10 +32,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from alzstage.serve.state import ModelCache, ServeSettings
 
 
+SHOWN_NAME_CHARS = 200  # longer client file names are echoed cut to this
+
+
 def display_name(raw: str | None, index: int) -> str:
     """A client file name made safe to echo back: last path part, printable, bounded."""
     name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = re.sub(r"[\x00-\x1f\x7f]", "", name).strip()[:200]
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name).strip()[:SHOWN_NAME_CHARS]
     return name or f"file-{index + 1}"
 
 

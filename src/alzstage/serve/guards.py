@@ -9,6 +9,8 @@ body parsing, decoding or model time:
 * :class:`OriginGuard`: refuses a POST that a browser sends from a page of another
   origin (a page on the internet cannot make the server do heavy work), and on a
   loopback connection a ``Host`` that is not a loopback name (DNS rebinding);
+* :class:`DocsPolicy`: a content security policy on the API docs pages (``/docs``,
+  ``/redoc``), whose one inline script each is allowed by its hash, nothing else inline;
 * :class:`BodyLimit`: request bodies over the size cap get 413 before the multipart
   parser runs;
 * :class:`InferenceGate`: at most ``max_active`` prediction requests run at once and
@@ -22,7 +24,10 @@ body parsing, decoding or model time:
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -37,6 +42,11 @@ SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+# A request body that stalls this long gets 408 (InferenceGate).
+BODY_TIMEOUT_S = 60.0
+# python-multipart's limit on one header line of a part (Content-Disposition carries
+# the file name): a longer one fails the whole request (:func:`multipart_error`).
+MAX_PART_HEADER_BYTES = 4096 + 128
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -60,6 +70,87 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
+# Swagger UI and ReDoc set styles from their scripts (style attributes), so styles may be
+# inline; scripts may not, except the page's own, by hash. ReDoc runs a blob: worker.
+DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self'{hashes}; worker-src 'self' blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+def docs_policy(html: bytes) -> str:
+    """The CSP for one docs page: :data:`DOCS_CSP` allowing exactly its inline scripts."""
+    digests = [
+        base64.b64encode(hashlib.sha256(m.group(1)).digest()).decode("ascii")
+        for m in _INLINE_SCRIPT.finditer(html)
+    ]
+    return DOCS_CSP.format(hashes="".join(f" 'sha256-{d}'" for d in digests))
+
+
+class DocsPolicy:
+    """Add a ``Content-Security-Policy`` to the docs pages (:data:`DOCS_PATHS`).
+
+    The pages are generated HTML with one inline script that starts Swagger UI or
+    ReDoc, so the policy is made from the page itself: that script's SHA-256 is
+    allowed, and any other inline script (an injected one) is not. The pages are a few
+    KB, so the body is held until its hash is known.
+    """
+
+    def __init__(self, app: ASGIApp, paths: Iterable[str] = DOCS_PATHS) -> None:
+        self.app = app
+        self.paths = set(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def with_policy(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            if message["type"] != "http.response.body" or start is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            policy = (b"content-security-policy", docs_policy(body).encode("ascii"))
+            await send({**start, "headers": [*start.get("headers", []), policy]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, with_policy)
+
+
+def multipart_error(exc: BaseException) -> str | None:
+    """The message for a multipart body the parser refused because one part's header
+    line was too long (a long file name); None for any other refusal.
+
+    Starlette answers both with a bare "Invalid multipart data."; the cause is found in
+    the exception's chain (python-multipart's "Maximum header size exceeded").
+    """
+    seen: BaseException | None = exc
+    for _ in range(6):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is None:
+            return None
+        if "maximum header size" in str(seen).lower():
+            return (
+                f"invalid multipart data: a part's header line is over {MAX_PART_HEADER_BYTES:,} "
+                "bytes, the limit of the multipart parser. The file name travels in that "
+                f"header, so it can be at most about {MAX_PART_HEADER_BYTES - 200:,} "
+                "characters; rename the file (names are shown cut to 200 characters anyway)"
+            )
+    return None
 
 
 def _host_and_port(netloc: str, scheme: str) -> tuple[str, int | None]:
@@ -215,7 +306,7 @@ class InferenceGate:
         max_queued: int,
         prefix: str = "/predict",
         retry_after_s: int = 5,
-        body_timeout_s: float = 60.0,
+        body_timeout_s: float = BODY_TIMEOUT_S,
         on_idle: Callable[[], object] | None = None,
     ) -> None:
         self.app = app

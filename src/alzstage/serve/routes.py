@@ -23,9 +23,10 @@ from alzstage.serve.schemas import (
     ImagePrediction,
     ModelResponse,
     PredictResponse,
+    ServerLimits,
     VolumeResponse,
 )
-from alzstage.serve.state import ModelCache
+from alzstage.serve.state import ModelCache, ServeSettings
 
 
 def cache_of(request: Request) -> ModelCache:
@@ -38,10 +39,33 @@ Cache = Annotated[ModelCache, Depends(cache_of)]
 router = APIRouter()
 
 
-@router.get("/health", response_model=HealthResponse, summary="Liveness")
+@router.get("/health", response_model=HealthResponse, summary="Liveness and limits")
 async def health(cache: Cache) -> HealthResponse:
-    """Always 200 while the process runs; says whether the model is loaded yet."""
-    return HealthResponse(status="ok", model_loaded=cache.loaded)
+    """Always 200 while the process runs; says whether the model is loaded yet and the
+    limits the server runs with (the ``alzstage serve`` flags), so a deployment can be
+    checked from outside. No secret is among them; the model is described by ``/model``."""
+    return HealthResponse(status="ok", model_loaded=cache.loaded, limits=limits_of(cache.settings))
+
+
+def limits_of(s: ServeSettings) -> ServerLimits:
+    """The limits a server with settings ``s`` enforces, as ``/health`` reports them."""
+    from alzstage.serve.guards import BODY_TIMEOUT_S, MAX_PART_HEADER_BYTES
+
+    return ServerLimits(
+        max_file_bytes=s.max_file_bytes,
+        max_request_bytes=s.max_request_bytes,
+        max_files=s.max_files,
+        max_volume_bytes=s.max_volume_bytes,
+        max_pixels=s.max_pixels,
+        max_request_pixels=s.max_request_pixels,
+        max_concurrent=s.max_concurrent,
+        max_queued=s.max_queued,
+        allowed_origins=list(s.allowed_origins),
+        allowed_hosts=list(s.allowed_hosts),
+        max_filename_header_bytes=MAX_PART_HEADER_BYTES,
+        shown_filename_chars=batch.SHOWN_NAME_CHARS,
+        body_timeout_s=BODY_TIMEOUT_S,
+    )
 
 
 @router.get(

@@ -86,9 +86,33 @@ class ModelResponse(ModelRef):
     )
 
 
+class ServerLimits(BaseModel):
+    """The limits this server runs with (the flags of ``alzstage serve``), so an operator
+    can check a deployment from outside."""
+
+    max_file_bytes: int = Field(description="Largest image file (--max-upload-mb).")
+    max_request_bytes: int = Field(description="Largest request body (--max-request-mb).")
+    max_files: int = Field(description="Most files in one request (--max-files).")
+    max_volume_bytes: int = Field(description="Largest NIfTI volume (--max-volume-mb).")
+    max_pixels: int = Field(description="Most pixels in one image (--max-pixels).")
+    max_request_pixels: int = Field(
+        description="Most decoded pixels of one request's images (--max-request-pixels)."
+    )
+    max_concurrent: int = Field(description="Prediction requests run at once (--max-concurrent).")
+    max_queued: int = Field(description="Prediction requests that may wait (--max-queued).")
+    allowed_origins: list[str] = Field(description="Other origins that may POST (--allow-origin).")
+    allowed_hosts: list[str] = Field(description="Extra Host names on loopback (--allow-host).")
+    max_filename_header_bytes: int = Field(
+        description="Longest multipart part header, file name included (the parser's limit)."
+    )
+    shown_filename_chars: int = Field(description="File names are echoed cut to this length.")
+    body_timeout_s: float = Field(description="A request body that stalls this long gets 408.")
+
+
 class HealthResponse(BaseModel):
     status: str
     model_loaded: bool
+    limits: ServerLimits | None = None
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
