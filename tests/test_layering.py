@@ -4,14 +4,18 @@ The layers, lowest first (a module may import its own layer and the layers below
 
     foundation  errors, config, files, result, artifacts, tracking, compute, the package root
     neuro       volumes to MNI slices; knows nothing of data sources or models
-    data        sources (one per data.source), manifest, validate, split, augment, demo
-    model       build, train, evaluate, predict, ... (reads what data wrote)
-    serve       the HTTP app over model
+    data        sources, manifest, validate, images (the decode function), pixels, similarity,
+                split, augment, demo
+    model       what a trained model is: network, brain-level model, temperature, conformal
+    inference   predict, prediction types, OOD, Grad-CAM, the MLflow model
+    jobs        train, evaluate, promote: siblings, none imports another (SIBLINGS)
+    cv          subject k-fold CV: trains and scores each fold
+    serve       the HTTP app over inference
     shell       stages (the registry) and cli, which parse and delegate
 
-The order follows the code: ``data.sources.nifti`` runs ``neuro.preprocess`` and the demo
-draws on ``neuro.space``, ``model`` reads ``data.split`` and ``data.identity``, ``serve``
-wraps ``model.predict``. Imports are read with ``ast`` from the source (nothing is
+Inference never imports training or evaluation code, and evaluation reads what training
+wrote through a contract in ``artifacts``, not through training's modules (issue #22).
+Imports are read with ``ast`` from the source (nothing is
 imported), at the top of a module or inside functions; ``if TYPE_CHECKING:`` imports
 never run and are left out (:func:`alzstage.stages.imported_modules`).
 """
@@ -33,6 +37,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("serve",),
     ("stages", "cli"),
 )
+# Packages of one layer that must not import each other.
+SIBLINGS: tuple[str, ...] = ("train", "evaluate", "promote")
 # Known upward imports, each with why it is still there. Shrink this, never grow it.
 EXCEPTIONS: set[tuple[str, str]] = set()
 
@@ -152,3 +158,33 @@ def test_imports_inside_functions_count_and_type_checking_ones_do_not() -> None:
     # imports preprocess in a function
     assert "alzstage.result" not in imported_modules("alzstage.stages")
     assert "alzstage.neuro.preprocess" in imported_modules("alzstage.data.sources.volume_cache")
+
+
+def top_package(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def test_train_evaluate_and_promote_never_import_each_other() -> None:
+    graph = import_graph()
+    crossing = [
+        f"{m} imports {t}"
+        for m, targets in sorted(graph.items())
+        for t in sorted(targets)
+        if top_package(m) in SIBLINGS
+        and top_package(t) in SIBLINGS
+        and top_package(m) != top_package(t)
+    ]
+    assert crossing == []
+
+
+def test_inference_imports_no_training_evaluation_or_cv_code() -> None:
+    graph = import_graph()
+    jobs = {"train", "evaluate", "cv", "promote", "serve"}
+    bad = [
+        f"{m} imports {t}"
+        for m, targets in sorted(graph.items())
+        if top_package(m) in {"inference", "model"}
+        for t in sorted(targets)
+        if top_package(t) in jobs
+    ]
+    assert bad == []
