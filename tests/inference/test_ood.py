@@ -254,10 +254,10 @@ def test_a_check_stored_before_the_orientation_rule_still_works(
     assert not check.out_of_distribution
 
 
-ARCHIVE = os.environ.get("ALZSTAGE_ARCHIVE")
+ARCHIVE = os.environ.get("ALZSTAGE_REAL_ARCHIVE")
 
 
-@pytest.mark.skipif(not ARCHIVE, reason="set ALZSTAGE_ARCHIVE to the Kaggle archive's zip")
+@pytest.mark.skipif(not ARCHIVE, reason="set ALZSTAGE_REAL_ARCHIVE to the Kaggle archive's zip")
 def test_real_archive_slices_are_flagged_by_a_check_fitted_on_synthetic_ones(
     fitted: tuple[InputGuard, list[Path]],
 ) -> None:
