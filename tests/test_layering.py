@@ -2,7 +2,8 @@
 
 The layers, lowest first (a module may import its own layer and the layers below it):
 
-    foundation  errors, config, files, result, artifacts, tracking, compute, the package root
+    foundation  errors, config (+ params, paths), files, result, artifacts, tracking, compute,
+                the package root
     neuro       volumes to MNI slices; knows nothing of data sources or models
     data        sources, manifest, validate, images (the decode function), pixels, similarity,
                 split, augment, demo
@@ -27,7 +28,18 @@ import pytest
 from alzstage.stages import PACKAGE, SRC, imported_modules
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("", "errors", "config", "files", "result", "artifacts", "tracking", "compute"),
+    (
+        "",
+        "errors",
+        "config",
+        "params",
+        "paths",
+        "files",
+        "result",
+        "artifacts",
+        "tracking",
+        "compute",
+    ),
     ("neuro",),
     ("data",),
     ("model",),
