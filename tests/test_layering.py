@@ -2,7 +2,8 @@
 
 The layers, lowest first (a module may import its own layer and the layers below it):
 
-    foundation  errors, config, files, result, artifacts, tracking, compute, the package root
+    foundation  errors, config, files, result, artifacts (with contract and pixel_store),
+                tracking, compute, the package root
     neuro       volumes to MNI slices; knows nothing of data sources or models
     data        sources (one per data.source), manifest, validate, split, augment, demo
     model       build, train, evaluate, predict, ... (reads what data wrote)
@@ -23,7 +24,10 @@ import pytest
 from alzstage.stages import PACKAGE, SRC, imported_modules
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("", "errors", "config", "files", "result", "artifacts", "tracking", "compute"),
+    (
+        *("", "errors", "config", "files", "result", "artifacts", "tracking", "compute"),
+        *("contract", "pixel_store"),  # what artifacts re-exports
+    ),
     ("neuro",),
     ("data",),
     ("model",),

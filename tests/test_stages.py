@@ -124,17 +124,17 @@ def test_package_inits_hold_no_code_so_no_stage_depends_on_them() -> None:
 
 
 def test_closure_follows_lazy_imports_and_skips_type_checking_ones() -> None:
-    # crossval imports train inside run_cv_fold, and StageRun only for type checkers
-    fold = import_closure("alzstage.cv.stages", "run_cv_fold")
+    # cv.fold imports train inside _fold_repeat, and StageRun only for type checkers
+    fold = import_closure("alzstage.cv.fold", "run_cv_fold")
     assert {"alzstage.train.recipe", "alzstage.model.calibration"} <= fold
-    assert "alzstage.model.network" in fold  # lazily, inside train.py
-    assert "alzstage.cv.stages" in fold
-    assert "alzstage.tracking" not in entry_imports("alzstage.cv.stages", "run_cv_fold")
+    assert "alzstage.model.network" in fold  # lazily, inside train/recipe.py
+    assert "alzstage.cv.fold" in fold
+    assert "alzstage.tracking" not in entry_imports("alzstage.cv.fold", "run_cv_fold")
 
 
 def test_closure_of_one_run_function_leaves_out_its_neighbours_imports() -> None:
     # cv_split does not train: the training code run_cv_fold imports is not its dependency
-    split = import_closure("alzstage.cv.stages", "run_cv_split")
+    split = import_closure("alzstage.cv.split", "run_cv_split")
     assert "alzstage.data.split" in split
     assert "alzstage.train.recipe" not in split and "alzstage.evaluate.stage" not in split
 

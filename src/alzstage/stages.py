@@ -205,7 +205,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "cv_split",
         "cv-split",
-        "alzstage.cv.stages:run_cv_split",
+        "alzstage.cv.split:run_cv_split",
         "Assign every subject to one of cv.folds test folds (plus val subjects per fold).",
         params=("base", "split", "cv"),
         reads=("data/processed/split.csv",),
@@ -214,7 +214,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "cv_fold",
         "cv-fold",
-        "alzstage.cv.stages:run_cv_fold",
+        "alzstage.cv.fold:run_cv_fold",
         "Train on one fold's training subjects and predict its test subjects.",
         params=("base", "model", "train", "augment", "cv"),
         reads=("data/processed/cv/folds.csv", "data/processed/pixels"),
@@ -225,7 +225,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "cv_report",
         "cv-report",
-        "alzstage.cv.stages:run_cv_report",
+        "alzstage.cv.report:run_cv_report",
         "Pool the folds' out-of-fold predictions: CIs, per-fold spread, baselines.",
         # train.recipe and model.weights: the report names the recipe (Params.recipe)
         params=("base", "cv", "brain", "train.recipe", "model.weights"),

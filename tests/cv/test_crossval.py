@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
+from alzstage.artifacts import fold_dir
 from alzstage.config import Params, Paths
-from alzstage.cv.stages import fold_dir, fold_spread, pool_folds, run_cv_report
+from alzstage.cv.report import fold_spread, pool_folds, run_cv_report
+from alzstage.cv.split import folds_summary
 from alzstage.data.split import subject_folds
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -155,7 +157,8 @@ def test_pooled_metrics_equal_those_recomputed_from_out_of_fold_predictions(
     paths.cv_folds.parent.mkdir(parents=True)
     folds.to_csv(paths.cv_folds, index=False)
     paths.cv_reports.mkdir(parents=True)
-    (paths.cv_reports / "folds.json").write_text(json.dumps({"k": 5}))
+    summary = {**folds_summary(folds, CLASSES, 5), "repeats": 1, "tiny_classes": {}}
+    (paths.cv_reports / "folds.json").write_text(json.dumps(summary))
     rng = np.random.default_rng(1)
     for k, frame in enumerate(_fold_predictions(folds, rng)):
         fold_dir(paths, k).mkdir(parents=True)

@@ -35,12 +35,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import MetricsReport, PixelStore, SplitReport, TrainRun, read_split
+from alzstage.artifacts import (
+    MetricsReport,
+    PixelStore,
+    SplitReport,
+    TrainRun,
+    ValidationReport,
+    read_split,
+)
 from alzstage.config import Params, Paths
 from alzstage.evaluate.baselines import headline_metrics, score_baselines, thumbnail_rows
 from alzstage.evaluate.brain import brain_test_report
 from alzstage.evaluate.headline import headline
-from alzstage.files import atomic_path, read_json, write_csv, write_json, write_text
+from alzstage.files import atomic_path, write_csv, write_json, write_text
 from alzstage.model.calibration import (
     DEFAULT_BINS,
     apply_temperature,
@@ -520,7 +527,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     temperature, t_source = _temperature(train_run)
     split = SplitReport.read(paths.split_report)
     split_info = split.model_dump(mode="json")  # the whole report, for the headline and card
-    validation = read_json(paths.validation_report)
+    validation = ValidationReport.read(paths.validation_report).model_dump(mode="json")
     known = known_subjects(rows)
     subjects = np.where(known, rows["subject"].astype(str).str.strip(), "") if known.any() else None
     report = build_report(
