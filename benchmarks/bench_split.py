@@ -30,8 +30,8 @@ from sklearn.metrics import adjusted_rand_score, homogeneity_completeness_v_meas
 
 from alzstage.artifacts import write_manifest
 from alzstage.config import Params, Paths, SplitParams
+from alzstage.data.decode import run_decode
 from alzstage.data.manifest import MANIFEST_COLUMNS
-from alzstage.data.pixels import run_decode
 from alzstage.data.split import (
     LEAKAGE_SWEEP,
     assign_subjects,

@@ -20,9 +20,10 @@ from test_split import make_project
 
 from alzstage.artifacts import PixelStore, write_manifest, write_split
 from alzstage.config import Params, Paths
+from alzstage.data.decode import run_decode
 from alzstage.data.images import load_batch
 from alzstage.data.manifest import RawRecord, build_manifest
-from alzstage.data.pixels import run_decode, thumbnail_sizes
+from alzstage.data.pixels import thumbnail_sizes
 from alzstage.data.split import correlation_rows, load_thumbnails, run_split
 from alzstage.errors import ArtifactError, MissingInputError
 from alzstage.inference.ood import THUMB_SIZE, fit_from_pixels, fit_from_split

@@ -21,8 +21,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from alzstage.artifacts import read_manifest, read_split, write_manifest
 from alzstage.config import Params, Paths
+from alzstage.data.decode import run_decode
 from alzstage.data.manifest import RawRecord, build_manifest
-from alzstage.data.pixels import run_decode
 from alzstage.data.split import (
     SPLIT_COLUMNS,
     SplitLeakageError,
