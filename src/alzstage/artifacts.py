@@ -30,6 +30,11 @@ their ``read_*`` / ``write_*`` functions:
 
 A file that breaks its contract fails at the read, in one line naming the file, the
 column and the stage to run again.
+
+The machinery (:class:`Artifact`, :class:`CsvContract`) is :mod:`alzstage.contract`, the
+pixel store :mod:`alzstage.pixel_store`; both are re-exported here, so that every file
+one stage hands another is found in this module. The contracts added in issue #22 step
+two are listed in their own block at the end.
 """
 
 from __future__ import annotations
@@ -254,11 +259,12 @@ class AugmentedSet:
         how = rerun(cls.written_by)
         try:
             with np.load(path, allow_pickle=False) as npz:
+                missing = [f.name for f in fields(cls) if f.name not in npz.files]
+                if missing:
+                    raise ArtifactError(f"{path}: no array {missing[0]!r}; {how} again")
                 arrays = {f.name: npz[f.name] for f in fields(cls)}
         except FileNotFoundError:
             raise MissingInputError(f"{path}: not found; {how} first") from None
-        except KeyError as e:
-            raise ArtifactError(f"{path}: no array {e}; {how} again") from None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ArtifactError(f"{path}: not a readable .npz ({e}); {how} again") from None
         out = cls(**arrays)
@@ -293,7 +299,7 @@ def role_column(fold: int, repeat: int = 0) -> str:
     return f"fold_{fold}" if repeat == 0 else f"r{repeat}_fold_{fold}"
 
 
-def test_column(repeat: int = 0) -> str:
+def fold_test_column(repeat: int = 0) -> str:
     """``folds.csv``'s column naming the fold that tests each row in ``repeat`` (-1: none)."""
     return "test_fold" if repeat == 0 else f"r{repeat}_test_fold"
 
@@ -308,7 +314,7 @@ def folds_csv(k: int, repeats: int) -> CsvContract:
     then one role column per fold."""
     per_repeat = (
         (
-            Column(test_column(r), int),
+            Column(fold_test_column(r), int),
             *(Column(role_column(i, r), allowed=CV_ROLES) for i in range(k)),
         )
         for r in range(repeats)
@@ -330,16 +336,16 @@ def _fold_shape(columns: Iterable[str]) -> tuple[int, int]:
 def _fold_problem(df: pd.DataFrame, k: int, repeats: int) -> str | None:
     """A row whose test column and role columns disagree, or None."""
     for r in range(repeats):
-        test = df[test_column(r)]
+        test = df[fold_test_column(r)]
         outside = (test < -1) | (test >= k)
         if outside.any():
-            return f"column {test_column(r)} holds {test[outside].iloc[0]}, not -1..{k - 1}"
+            return f"column {fold_test_column(r)} holds {test[outside].iloc[0]}, not -1..{k - 1}"
         for i in range(k):
             bad = (test == i) != (df[role_column(i, r)] == "test")
             if bad.any():
                 row = int(bad.to_numpy().nonzero()[0][0])
                 return (
-                    f"row {row + 1}: {test_column(r)} is {test.iloc[row]} but "
+                    f"row {row + 1}: {fold_test_column(r)} is {test.iloc[row]} but "
                     f"{role_column(i, r)} is {df[role_column(i, r)].iloc[row]!r}"
                 )
     return None

@@ -138,9 +138,7 @@ class CsvContract:
         except FileNotFoundError:
             raise MissingInputError(f"{path}: not found; {self._rerun()} first") from None
         except pd.errors.EmptyDataError:
-            raise ArtifactError(
-                f"{path}: empty, not even a header; {self._rerun()} again"
-            ) from None
+            raise ArtifactError(f"{path}: empty (no header); {self._rerun()} again") from None
         return self._typed(df, path, f"{self._rerun()} again")
 
     def check(self, df: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -24,8 +24,8 @@ from alzstage.artifacts import (
     fit_slices_csv,
     fold_dir,
     fold_predictions_csv,
+    fold_test_column,
     read_folds,
-    test_column,
 )
 from alzstage.config import Params, Paths
 from alzstage.contract import CsvContract
@@ -46,7 +46,7 @@ def pool_folds(frames: list[pd.DataFrame], folds: pd.DataFrame) -> pd.DataFrame:
             "`dvc repro cv/dvc.yaml` so that every fold comes from the same folds.csv"
         )
     for repeat, part in pooled.groupby("repeat"):
-        column = test_column(int(repeat))
+        column = fold_test_column(int(repeat))
         expected = (
             set(folds.loc[folds[column].astype(int) >= 0, "path"]) if column in folds else set()
         )

@@ -28,9 +28,9 @@ import pandas as pd
 from alzstage.artifacts import (
     CV_ROLES,
     FoldsReport,
+    fold_test_column,
     read_split,
     role_column,
-    test_column,
     write_folds,
 )
 from alzstage.config import Params, Paths
@@ -70,14 +70,14 @@ def run_cv_split(params: Params, paths: Paths) -> StageResult:
     folds = subject_folds(split.drop(columns=["split"]), params)
     for r in range(1, params.cv.repeats):  # new folds per repeat, same rows (sorted by path)
         again = subject_folds(split.drop(columns=["split"]), params, repeat=r)
-        folds[test_column(r)] = again["test_fold"].to_numpy()
+        folds[fold_test_column(r)] = again["test_fold"].to_numpy()
         for i in range(k):
             folds[role_column(i, r)] = again[f"fold_{i}"].to_numpy()
     keep = [
         "path",
         "label",
         "subject",
-        *[c for r in range(params.cv.repeats) for c in (test_column(r), *_roles(k, r))],
+        *[c for r in range(params.cv.repeats) for c in (fold_test_column(r), *_roles(k, r))],
     ]
     write_folds(folds[keep], paths.cv_folds)
     summary = folds_summary(folds, params.base.classes, k)
