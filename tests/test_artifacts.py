@@ -495,3 +495,23 @@ def test_a_folds_predictions_without_a_class_column_name_the_column_and_cv_fold(
     fold_rows().to_csv(path, index=False)
     with pytest.raises(ArtifactError, match="no column role"):
         fit_slices_csv(CV_CLASSES, ["morph_csf"]).read(path)
+
+
+def test_skipped_csv_names_what_download_writes_and_a_lost_column_names_download(
+    tmp_path: Path,
+) -> None:
+    from alzstage.artifacts import SKIPPED_CSV
+    from alzstage.data.sources.layout import SKIPPED_COLUMNS, Skipped, read_skipped, write_skipped
+
+    # given download's skipped.csv with one file in it
+    assert SKIPPED_CSV.names == SKIPPED_COLUMNS
+    path = tmp_path / "skipped.csv"
+    kept = Skipped("train/AD/0.bmp", "AD", "unsupported_format", "BMP image, 3 MB")
+    write_skipped([kept], path)
+    # when validate reads it, then the row comes back as written
+    assert read_skipped(path) == [kept]
+    # and a file that lost its reason column is refused in one line naming download
+    pd.read_csv(path).drop(columns=["reason"]).to_csv(path, index=False)
+    expected = r"skipped\.csv: no column reason; run `alzstage download`"
+    with pytest.raises(ArtifactError, match=expected):
+        read_skipped(path)

@@ -201,6 +201,16 @@ read_volumes, write_volumes = VOLUMES_CSV.read, VOLUMES_CSV.write
 # * :func:`fold_predictions_csv` and :func:`fit_slices_csv`: each fold's
 #   ``predictions.csv`` and ``fit_slices.csv`` under :func:`fold_dir` (cv_fold writes;
 #   cv_report reads).
+# * :data:`SKIPPED_CSV`: ``data/raw/skipped.csv``, the files download saw but did not
+#   keep (download writes; validate reads).
+
+
+#: ``data/raw/skipped.csv``: ``alzstage.data.sources.layout.SKIPPED_COLUMNS``, one row a
+#: file (``reason``: a key of ``layout.SKIP_REASONS``).
+SKIPPED_CSV = CsvContract(
+    written_by="download",
+    columns=(Column("path"), Column("label"), Column("reason"), Column("detail")),
+)
 
 
 class ValidationReport(Artifact):
