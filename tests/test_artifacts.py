@@ -336,9 +336,14 @@ def test_a_train_npz_without_labels_names_the_array_and_augment(tmp_path: Path) 
     # when train reads it, then one line names the file, the array and the stage
     with pytest.raises(ArtifactError) as caught:
         AugmentedSet.read(folder)
-    message = str(caught.value)
-    assert "\n" not in message and "train.npz: no array 'labels'" in message
-    assert "run `alzstage augment` (or `dvc repro augment`) again" in message
+    assert str(caught.value) == (
+        f"{folder / 'train.npz'}: no array 'labels'; "
+        "run `alzstage augment` (or `dvc repro augment`) again"
+    )
+    # and a file that is no .npz at all is named too
+    (folder / "train.npz").write_bytes(b"not a zip")
+    with pytest.raises(ArtifactError, match=r"train\.npz: not a readable \.npz"):
+        AugmentedSet.read(folder)
 
 
 def test_inconsistent_augmented_arrays_are_neither_written_nor_read(tmp_path: Path) -> None:

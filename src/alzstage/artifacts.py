@@ -267,16 +267,17 @@ class AugmentedSet:
 
         path = Path(folder) / cls.FILE
         how = rerun(cls.written_by)
+        names = [f.name for f in fields(cls)]
         try:
             with np.load(path, allow_pickle=False) as npz:
-                missing = [f.name for f in fields(cls) if f.name not in npz.files]
-                if missing:
-                    raise ArtifactError(f"{path}: no array {missing[0]!r}; {how} again")
-                arrays = {f.name: npz[f.name] for f in fields(cls)}
+                arrays = {name: npz[name] for name in names if name in npz.files}
         except FileNotFoundError:
             raise MissingInputError(f"{path}: not found; {how} first") from None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ArtifactError(f"{path}: not a readable .npz ({e}); {how} again") from None
+        missing = [name for name in names if name not in arrays]
+        if missing:
+            raise ArtifactError(f"{path}: no array {missing[0]!r}; {how} again")
         out = cls(**arrays)
         problem = out.problem()
         if problem:
