@@ -158,6 +158,19 @@ def test_every_data_dependency_is_written_by_an_earlier_stage() -> None:
             )
 
 
+def test_a_stage_lists_its_outputs_as_paths_and_a_fold_stage_for_its_fold() -> None:
+    from alzstage.stages import BY_NAME
+
+    # given the evaluate stage and the per-fold cv_fold stage
+    evaluate, fold = BY_NAME["evaluate"], BY_NAME["cv_fold"]
+    # then evaluate's outputs include its metric and its plot data
+    assert {"reports/headline.json", "reports/plots/confusion.csv"} <= set(evaluate.written())
+    # and cv_fold's are those of the fold asked for
+    assert fold.written(fold=3) == ["reports/cv/folds/fold_3"]
+    with pytest.raises(ValueError, match="pass fold"):
+        fold.written()
+
+
 # Stages whose code deps hold another stage's run module, each with why; a change to that
 # module re-runs both stages. Shrink this, never grow it (the test below fails on an
 # entry that no longer applies, so that it is removed).

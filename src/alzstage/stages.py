@@ -51,6 +51,15 @@ class Stage:
     per_fold: bool = False  # one run per id in cv.folds: the command takes --fold
     takes_tracker: bool = False  # the function logs as it goes: it gets the StageRun
 
+    def written(self, fold: int | None = None) -> list[str]:
+        """Every output path, repository-relative (``${item}``: ``fold``, for cv_fold)."""
+        paths = [*self.outs, *self.metrics, *self.plots]
+        if self.per_fold:
+            if fold is None:
+                raise ValueError(f"stage {self.name!r} writes per fold: pass fold")
+            paths = [p.replace("${item}", str(fold)) for p in paths]
+        return paths
+
     def function(self) -> Callable[..., StageResult]:
         """The run function, imported now (this is where TensorFlow & co. get loaded)."""
         module, _, name = self.entry.partition(":")
