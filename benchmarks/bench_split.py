@@ -30,19 +30,18 @@ from sklearn.metrics import adjusted_rand_score, homogeneity_completeness_v_meas
 
 from alzstage.artifacts import write_manifest
 from alzstage.config import Params, Paths, SplitParams
+from alzstage.data.decode import run_decode
 from alzstage.data.manifest import MANIFEST_COLUMNS
-from alzstage.data.pixels import run_decode
 from alzstage.data.split import (
     LEAKAGE_SWEEP,
-    assign_subjects,
     leakage_report,
     load_thumbnails,
     pseudo_subjects,
-    run_split,
     split_by_source,
     split_by_subject,
     split_stratified,
 )
+from alzstage.data.split_stage import assign_subjects, run_split
 
 TRUE_SUBJECTS = {
     "NonDemented": 80,

@@ -187,8 +187,8 @@ def split_rows(raw: dict, root: Path) -> Any:
     """alzstage's decode and split stages over the validated manifest; split.csv as a frame."""
     from alzstage.artifacts import read_split
     from alzstage.config import Paths, parse_params
-    from alzstage.data.pixels import run_decode
-    from alzstage.data.split import run_split
+    from alzstage.data.decode import run_decode
+    from alzstage.data.split_stage import run_split
 
     paths = Paths(root)
     with warnings.catch_warnings():

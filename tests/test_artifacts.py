@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -13,13 +14,22 @@ from alzstage.artifacts import (
     SPLIT_CSV,
     SPLITS,
     VOLUMES_CSV,
+    AugmentedSet,
+    FoldsReport,
     MetricsReport,
     SplitReport,
     TrainReport,
     TrainRun,
+    ValidationReport,
+    fit_slices_csv,
+    fold_predictions_csv,
+    fold_test_column,
+    read_folds,
     read_manifest,
     read_split,
     read_volumes,
+    role_column,
+    write_folds,
     write_split,
 )
 from alzstage.errors import AlzstageError, ArtifactError, MissingInputError
@@ -346,3 +356,252 @@ def test_volumes_contract_names_the_columns_the_nifti_source_writes() -> None:
     from alzstage.neuro.qc import QC_COLUMNS
 
     assert VOLUMES_CSV.names == QC_COLUMNS
+
+
+# --------------------------------------------------------------------------- step two
+
+
+def test_a_csv_file_left_empty_is_refused_in_one_line(tmp_path: Path) -> None:
+    # given a split.csv a killed writer left at 0 bytes
+    path = tmp_path / "split.csv"
+    path.write_text("")
+    # when it is read, then one line names it and the stage (no pandas traceback)
+    with pytest.raises(
+        ArtifactError, match=r"split\.csv: empty \(no header\); run `alzstage split`"
+    ):
+        read_split(path)
+
+
+def test_evaluate_reads_the_validation_counts_and_names_validate_when_one_is_missing(
+    tmp_path: Path,
+) -> None:
+    # given a validation.json with its counts and detail, and one that lost n_valid
+    path = tmp_path / "validation.json"
+    path.write_text(json.dumps({"n_images": 10, "n_valid": 9, "checks": {"size": 1}}))
+    # when evaluate reads them, then the counts are typed and the detail passes through
+    report = ValidationReport.read(path)
+    assert (report.n_valid, report.n_images) == (9, 10)
+    assert report.model_dump(mode="json")["checks"] == {"size": 1}
+    path.write_text(json.dumps({"n_images": 10}))
+    expected = r"validation\.json: key 'n_valid' is missing; run `alzstage validate`"
+    with pytest.raises(ArtifactError, match=expected):
+        ValidationReport.read(path)
+
+
+def augmented(n: int = 3, views: int = 1) -> AugmentedSet:
+    rng = np.random.default_rng(0)
+    m = n * (1 + views)
+    return AugmentedSet(
+        images=rng.integers(0, 256, (m, 4, 5), dtype=np.uint8),
+        labels=np.arange(m, dtype=np.int64) % 2,
+        source=np.concatenate([np.arange(n), np.arange(n)]),
+        paths=np.array([f"images/{i}.jpg" for i in range(n)]),
+        subjects=np.array(["007"] * n),
+    )
+
+
+def test_the_augmented_set_round_trips_through_train_npz(tmp_path: Path) -> None:
+    # given the augment stage's arrays, written through the contract
+    path = augmented().write(tmp_path / "augmented")
+    # when train reads them back
+    back = AugmentedSet.read(tmp_path / "augmented")
+    # then every array is as written, in train.npz
+    assert path == tmp_path / "augmented" / "train.npz"
+    for name in ("images", "labels", "source", "paths", "subjects"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(augmented(), name))
+    assert back.subjects.tolist() == ["007"] * 3
+
+
+def test_a_train_npz_without_labels_names_the_array_and_augment(tmp_path: Path) -> None:
+    # given a train.npz from a writer that forgot the labels
+    folder = tmp_path / "augmented"
+    folder.mkdir()
+    full = augmented()
+    np.savez(folder / "train.npz", images=full.images, source=full.source, paths=full.paths)
+    # when train reads it, then one line names the file, the array and the stage
+    with pytest.raises(ArtifactError) as caught:
+        AugmentedSet.read(folder)
+    assert str(caught.value) == (
+        f"{folder / 'train.npz'}: no array 'labels'; "
+        "run `alzstage augment` (or `dvc repro augment`) again"
+    )
+    # and a file that is no .npz at all is named too
+    (folder / "train.npz").write_bytes(b"not a zip")
+    with pytest.raises(ArtifactError, match=r"train\.npz: not a readable \.npz"):
+        AugmentedSet.read(folder)
+
+
+def test_inconsistent_augmented_arrays_are_neither_written_nor_read(tmp_path: Path) -> None:
+    # given views whose source points past the originals
+    bad = augmented()
+    bad = AugmentedSet(bad.images, bad.labels, bad.source + 2, bad.paths, bad.subjects)
+    # when augment writes them, then nothing is written
+    with pytest.raises(ArtifactError, match=r"train\.npz: not written, labels or source"):
+        bad.write(tmp_path / "augmented")
+    assert not (tmp_path / "augmented").exists()
+    # and a file that holds them anyway is refused at the read
+    (tmp_path / "augmented").mkdir()
+    np.savez(tmp_path / "augmented" / "train.npz", **vars(bad))
+    with pytest.raises(ArtifactError, match="out of range; run `alzstage augment`"):
+        AugmentedSet.read(tmp_path / "augmented")
+    with pytest.raises(MissingInputError, match="not found; run `alzstage augment`"):
+        AugmentedSet.read(tmp_path / "elsewhere")
+
+
+def folds_frame(repeats: int = 1) -> pd.DataFrame:
+    """Four subjects over two folds: fold 0 tests s0 and s1, fold 1 tests s2 and s3."""
+    rows = []
+    for s in range(4):
+        test = s // 2
+        row = {"path": f"images/{s}.jpg", "label": "AD", "subject": f"s{s}"}
+        for r in range(repeats):
+            row[fold_test_column(r)] = test
+            for i in range(2):
+                row[role_column(i, r)] = "test" if i == test else ("val" if s == 3 else "train")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_folds_csv_round_trips_with_every_repeat(tmp_path: Path) -> None:
+    # given cv_split's folds, two repeats
+    path = write_folds(folds_frame(repeats=2), tmp_path / "folds.csv")
+    # when cv_fold or cv_report reads them
+    back = read_folds(path)
+    # then the test folds are whole numbers and the roles text, in the columns written
+    assert list(back.columns) == list(folds_frame(repeats=2).columns)
+    assert back["r1_test_fold"].dtype == "int64"
+    pd.testing.assert_frame_equal(back, folds_frame(repeats=2))
+
+
+def test_a_folds_row_whose_role_disagrees_with_its_test_fold_is_refused(tmp_path: Path) -> None:
+    # given a folds.csv where subject s0 is tested by fold 0 but trains in it
+    frame = folds_frame()
+    frame.loc[0, "fold_0"] = "train"
+    path = tmp_path / "folds.csv"
+    frame.to_csv(path, index=False)
+    # when cv_fold reads it, then the row, both columns and cv_split are named
+    expected = (
+        f"{path}: row 1: test_fold is 0 but fold_0 is 'train'; "
+        "run `alzstage cv-split` (or `dvc repro cv/dvc.yaml`) again"
+    )
+    with pytest.raises(ArtifactError) as caught:
+        read_folds(path)
+    assert str(caught.value) == expected
+    # and cv_split's writer refuses the same table
+    with pytest.raises(ArtifactError, match="not written, row 1"):
+        write_folds(frame, tmp_path / "new.csv")
+    assert not (tmp_path / "new.csv").exists()
+
+
+def test_a_folds_file_missing_a_later_repeats_role_column_is_refused(tmp_path: Path) -> None:
+    # given repeat 1's test column without its role columns
+    path = tmp_path / "folds.csv"
+    folds_frame(repeats=2).drop(columns=["r1_fold_1"]).to_csv(path, index=False)
+    with pytest.raises(ArtifactError, match=r"no column r1_fold_1; run `alzstage cv-split`"):
+        read_folds(path)
+    with pytest.raises(MissingInputError, match=r"not found; run `alzstage cv-split`"):
+        read_folds(tmp_path / "nothing.csv")
+
+
+def folds_report() -> dict:
+    return {
+        "k": 2,
+        "repeats": 1,
+        "n_subjects": 4,
+        "n_images": 4,
+        "subjects_tested_once": 4,
+        "subjects_never_tested": [],
+        "subjects_per_fold_role_class": {"0": {"test": {"AD": 2}}},
+        "tiny_classes": {
+            "AD": {
+                "n_subjects": 4,
+                "n_images": 4,
+                "min_subjects_per_class": 5,
+                "policy": "shared",
+                "decision": "shared: ...",
+            }
+        },
+    }
+
+
+def test_folds_json_round_trips_and_a_bad_count_names_the_key(tmp_path: Path) -> None:
+    # given cv_split's summary written through its contract
+    path = FoldsReport.check(folds_report(), tmp_path / "folds.json").write(tmp_path / "f.json")
+    # when cv_report reads it, then it is the summary written
+    assert FoldsReport.read(path).model_dump(mode="json") == folds_report()
+    # and a count that is not a whole number is named with the stage to re-run
+    path.write_text(json.dumps(folds_report() | {"n_subjects": "four"}))
+    with pytest.raises(ArtifactError, match=r"key 'n_subjects'.*run `alzstage cv-split`"):
+        FoldsReport.read(path)
+
+
+CV_CLASSES = ["AD", "CN"]
+
+
+def fold_rows() -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet([1, 1], size=4)
+    frame = pd.DataFrame(
+        {
+            "path": [f"images/{i}.jpg" for i in range(4)],
+            "label": ["AD", "CN", "AD", "CN"],
+            "subject": ["007", "008", "009", "010"],
+            "fold": 1,
+            "repeat": 0,
+            "predicted": [CV_CLASSES[i] for i in p.argmax(axis=1)],
+            "p_AD": np.round(p[:, 0], 6),
+            "p_CN": np.round(p[:, 1], 6),
+            "morph_csf": rng.random(4) / 3,
+        }
+    )
+    for name in ("majority", "nearest", "pixel"):
+        frame[f"baseline_{name}"] = "AD"
+    return frame
+
+
+def test_a_folds_predictions_come_back_bit_for_bit_with_ids_as_text(tmp_path: Path) -> None:
+    # given a fold's predictions written by cv_fold through the contract
+    contract = fold_predictions_csv(CV_CLASSES, ["morph_csf"])
+    path = contract.write(fold_rows(), tmp_path / "predictions.csv")
+    # when cv_report reads them
+    back = contract.read(path)
+    # then the numbers are those pandas reads from the file, the ids text ('007')
+    pd.testing.assert_frame_equal(back, pd.read_csv(path, dtype={"path": str, "subject": str}))
+    assert back["subject"].tolist() == ["007", "008", "009", "010"]
+    np.testing.assert_allclose(back["p_AD"], fold_rows()["p_AD"], rtol=0, atol=1e-12)
+
+
+def test_a_folds_predictions_without_a_class_column_name_the_column_and_cv_fold(
+    tmp_path: Path,
+) -> None:
+    # given predictions from a run with other classes (no p_CN column)
+    path = tmp_path / "predictions.csv"
+    fold_rows().drop(columns=["p_CN"]).to_csv(path, index=False)
+    # when cv_report reads them, then the column and the stage are named
+    expected = r"no column p_CN; run `alzstage cv-fold --fold <i>` \(or `dvc repro cv/dvc.yaml`\)"
+    with pytest.raises(ArtifactError, match=expected):
+        fold_predictions_csv(CV_CLASSES, ["morph_csf"]).read(path)
+    # and fit_slices.csv needs each slice's role on top
+    fold_rows().to_csv(path, index=False)
+    with pytest.raises(ArtifactError, match="no column role"):
+        fit_slices_csv(CV_CLASSES, ["morph_csf"]).read(path)
+
+
+def test_skipped_csv_names_what_download_writes_and_a_lost_column_names_download(
+    tmp_path: Path,
+) -> None:
+    from alzstage.artifacts import SKIPPED_CSV
+    from alzstage.data.sources.layout import SKIPPED_COLUMNS, Skipped, read_skipped, write_skipped
+
+    # given download's skipped.csv with one file in it
+    assert SKIPPED_CSV.names == SKIPPED_COLUMNS
+    path = tmp_path / "skipped.csv"
+    kept = Skipped("train/AD/0.bmp", "AD", "unsupported_format", "BMP image, 3 MB")
+    write_skipped([kept], path)
+    # when validate reads it, then the row comes back as written
+    assert read_skipped(path) == [kept]
+    # and a file that lost its reason column is refused in one line naming download
+    pd.read_csv(path).drop(columns=["reason"]).to_csv(path, index=False)
+    expected = r"skipped\.csv: no column reason; run `alzstage download`"
+    with pytest.raises(ArtifactError, match=expected):
+        read_skipped(path)

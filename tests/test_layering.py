@@ -2,8 +2,8 @@
 
 The layers, lowest first (a module may import its own layer and the layers below it):
 
-    foundation  errors, config (+ params, paths), files, result, artifacts, tracking, compute,
-                the package root
+    foundation  errors, config (+ params, paths), files, result, artifacts (with contract and
+                pixel_store), tracking, compute, the package root
     neuro       volumes to MNI slices; knows nothing of data sources or models
     data        sources, manifest, validate, images (the decode function), pixels, similarity,
                 split, augment, demo
@@ -29,16 +29,9 @@ from alzstage.stages import PACKAGE, SRC, imported_modules
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     (
-        "",
-        "errors",
-        "config",
-        "params",
-        "paths",
-        "files",
-        "result",
-        "artifacts",
-        "tracking",
-        "compute",
+        *("", "errors", "config", "params", "paths", "files", "result", "artifacts"),
+        *("tracking", "compute"),
+        *("contract", "pixel_store"),  # what artifacts re-exports
     ),
     ("neuro",),
     ("data",),

@@ -5,9 +5,9 @@ missing or mistyped key fails at the read with the file and the key named, inste
 ``KeyError`` deep inside, or a silent fallback that tags a model with an empty string.
 Each type says which stage writes its file; the error names the stage to run again.
 
-* :class:`TrainRun`: ``models/train_run.json`` (train writes; evaluate and promote read);
 * :class:`TrainReport`: ``reports/train.json``, what training ran and how long it took
   (train writes; the train stage's pyfunc step reads the temperature and recipe back);
+* :class:`TrainRun`: ``models/train_run.json`` (train writes; evaluate and promote read);
 * :class:`SplitReport`: the fields of ``reports/split.json`` that evaluate reads (split
   writes); the rest of the report stays as it is, for the model card and the headline;
 * :class:`MetricsReport`: the fields of ``reports/metrics.json`` that promote reads
@@ -32,73 +32,34 @@ their ``read_*`` / ``write_*`` functions:
 
 A file that breaks its contract fails at the read, in one line naming the file, the
 column and the stage to run again.
+
+The machinery (:class:`Artifact`, :class:`CsvContract`) is :mod:`alzstage.contract`, the
+pixel store :mod:`alzstage.pixel_store`; both are re-exported here, so that every file
+one stage hands another is found in this module. The contracts added in issue #22 step
+two are listed in their own block at the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from pydantic import ValidationError as PydanticValidationError
+from pydantic import ConfigDict, Field, StringConstraints
 
+# Re-exported: every stage-to-stage file is found here, whatever module defines it.
+from alzstage.contract import Artifact as Artifact
+from alzstage.contract import Column, CsvContract, rerun
 from alzstage.errors import ArtifactError, MissingInputError
-from alzstage.files import atomic_dir, json_text, write_csv, write_json
+from alzstage.files import atomic_dir, write_json
+from alzstage.pixel_store import PixelsMeta as PixelsMeta
+from alzstage.pixel_store import PixelStore as PixelStore
 
 if TYPE_CHECKING:
     import pandas as pd
 
-_A = TypeVar("_A", bound="Artifact")  # typing.Self needs Python 3.11; 3.10 is supported
-
-
-class Artifact(BaseModel):
-    """A stage output read by a later stage: :meth:`read` it, :meth:`write` it."""
-
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
-
-    #: The stage that writes the file: the one to run again when it is missing or stale.
-    written_by: ClassVar[str]
-
-    @classmethod
-    def read(cls: type[_A], path: Path) -> _A:
-        """Parse ``path``; a missing file or key is an :class:`AlzstageError` naming both."""
-        path = Path(path)
-        rerun = f"run `alzstage {cls.written_by}` (or `dvc repro {cls.written_by}`)"
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise MissingInputError(f"{path}: not found; {rerun} first") from None
-        try:
-            return cls.model_validate_json(text)
-        except PydanticValidationError as e:
-            raise ArtifactError(f"{path}: {_problems(e)}; {rerun} again") from None
-
-    @classmethod
-    def check(cls: type[_A], data: dict[str, Any], path: Path) -> _A:
-        """Validate ``data`` before it is written to ``path`` (a writer's own contract check)."""
-        try:
-            return cls.model_validate_json(json_text(data))
-        except PydanticValidationError as e:
-            raise ArtifactError(f"{path}: not written, {_problems(e)}") from None
-
-    def write(self, path: Path) -> Path:
-        """Write the file (atomically, as every stage output)."""
-        write_json(path, self.model_dump(mode="json"))
-        return Path(path)
-
-
-def _problems(e: PydanticValidationError) -> str:
-    """One line: each offending key with what is wrong with it."""
-    parts = []
-    for err in e.errors(include_url=False):
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "missing":
-            parts.append(f"key {key!r} is missing")
-        else:
-            parts.append(f"key {key!r}: {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(parts)
+    from alzstage.config import Paths
 
 
 class TrainRun(Artifact):
@@ -210,116 +171,6 @@ class MetricsReport(Artifact):
 SPLITS = ("train", "val", "test")
 SUBJECT_SOURCES = ("given", "pseudo", "none")
 
-
-@dataclass(frozen=True)
-class Column:
-    """One column of a CSV contract.
-
-    ``str`` columns keep every value as text (subject ``'007'`` stays ``'007'``; an empty
-    cell is ``''``); ``int`` columns hold whole numbers in every row; ``float`` columns
-    hold numbers, an empty cell being a missing measurement (NaN). ``allowed`` lists the
-    only values a ``str`` column may take (empty: any).
-    """
-
-    name: str
-    dtype: type = str
-    required: bool = True
-    allowed: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class CsvContract:
-    """The columns of one CSV file one stage writes and another reads."""
-
-    #: The stage that writes the file: the one to run again when it breaks its contract.
-    written_by: str
-    columns: tuple[Column, ...]
-
-    @property
-    def names(self) -> list[str]:
-        """Every declared column, in file order."""
-        return [c.name for c in self.columns]
-
-    def _rerun(self) -> str:
-        return f"run `alzstage {self.written_by}` (or `dvc repro {self.written_by}`)"
-
-    def read(self, path: Path) -> pd.DataFrame:
-        """The file as a frame of the declared types; undeclared columns stay text."""
-        import pandas as pd
-
-        path = Path(path)
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except FileNotFoundError:
-            raise MissingInputError(f"{path}: not found; {self._rerun()} first") from None
-        return self._typed(df, path, f"{self._rerun()} again")
-
-    def check(self, df: pd.DataFrame, path: Path) -> pd.DataFrame:
-        """``df`` as the file would be read back; an error says why it may not be written."""
-        return self._typed(df, path, None)
-
-    def frame(self, rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-        """Rows (dicts) as a frame in file order: how tests build the file's fixtures."""
-        import pandas as pd
-
-        df = pd.DataFrame(list(rows), columns=self._present(rows[0].keys() if rows else ()))
-        return self.check(df, Path(f"<{self.written_by} rows>"))
-
-    def text(self, df: pd.DataFrame, path: Path) -> str:
-        """The exact CSV text: declared columns in file order, ``\\n`` line endings."""
-        self.check(df, path)
-        return df[self._present(df.columns)].to_csv(index=False, lineterminator="\n")
-
-    def write(self, df: pd.DataFrame, path: Path) -> Path:
-        """Check ``df`` and write its declared columns, in file order, atomically."""
-        self.check(df, path)
-        return write_csv(path, df[self._present(df.columns)])
-
-    def _present(self, have: Any) -> list[str]:
-        have = set(have)
-        return [c.name for c in self.columns if c.required or c.name in have]
-
-    def _typed(self, df: pd.DataFrame, path: Path, fix: str | None) -> pd.DataFrame:
-        """``df`` with its declared columns typed; ``fix`` None marks a writer's own check."""
-        import pandas as pd
-
-        def refuse(problem: str) -> ArtifactError:
-            if fix is None:
-                return ArtifactError(f"{path}: not written, {problem}")
-            return ArtifactError(f"{path}: {problem}; {fix}")
-
-        missing = [c.name for c in self.columns if c.required and c.name not in df.columns]
-        if missing:
-            raise refuse(f"no column {', '.join(missing)}")
-        out = df.copy()
-        for col in self.columns:
-            if col.name not in out.columns:
-                continue
-            values = out[col.name]
-            if col.dtype is str:
-                values = values.where(values.notna(), "").astype(str)
-                bad = ~values.isin(col.allowed) if col.allowed else None
-                allowed = f"one of {list(col.allowed)}"
-            else:
-                blank = values.isna() | (values.astype(str).str.strip() == "")
-                # blanks as NaN first: a column of whole numbers then comes back as int64
-                values = pd.to_numeric(values.where(~blank), errors="coerce")
-                bad = values.isna() & ~blank
-                if col.dtype is int:
-                    bad |= blank | (values % 1 != 0)
-                    values = values.where(~bad, 0).astype("int64")
-                allowed = "a whole number" if col.dtype is int else "a number or empty"
-            if bad is not None and bad.any():
-                rows = bad.to_numpy().nonzero()[0]
-                more = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
-                raise refuse(
-                    f"column {col.name} is {df[col.name].iloc[rows[0]]!r} in row "
-                    f"{rows[0] + 1}{more}, must be {allowed}"
-                )
-            out[col.name] = values
-        return out
-
-
 RAW_MANIFEST_CSV = CsvContract(
     written_by="download",
     columns=(
@@ -388,176 +239,268 @@ read_raw_manifest, write_raw_manifest = RAW_MANIFEST_CSV.read, RAW_MANIFEST_CSV.
 read_manifest, write_manifest = MANIFEST_CSV.read, MANIFEST_CSV.write
 read_split, write_split = SPLIT_CSV.read, SPLIT_CSV.write
 read_volumes, write_volumes = VOLUMES_CSV.read, VOLUMES_CSV.write
-# --------------------------------------------------------------------------- pixels
 
 
-class PixelsMeta(Artifact):
-    """``data/processed/pixels/meta.json``: what the decode stage stored, at which sizes."""
+# =========================================================================== step two
+# Contracts added by issue #22 (house step two): the files that had none.
+#
+# * :class:`ValidationReport`: the fields of ``reports/validation.json`` that evaluate
+#   reads (validate writes);
+# * :class:`AugmentedSet`: ``data/processed/augmented/train.npz`` (augment writes; train
+#   reads);
+# * :func:`read_folds` / :func:`write_folds`: ``data/processed/cv/folds.csv`` (cv_split
+#   writes; cv_fold and cv_report read), with :class:`FoldsReport`, its summary
+#   ``reports/cv/folds.json`` (cv_report copies it into its report);
+# * :func:`fold_predictions_csv` and :func:`fit_slices_csv`: each fold's
+#   ``predictions.csv`` and ``fit_slices.csv`` under :func:`fold_dir` (cv_fold writes;
+#   cv_report reads).
+# * :data:`SKIPPED_CSV`: ``data/raw/skipped.csv``, the files download saw but did not
+#   keep (download writes; validate reads).
 
-    written_by: ClassVar[str] = "decode"
+
+#: ``data/raw/skipped.csv``: ``alzstage.data.sources.layout.SKIPPED_COLUMNS``, one row a
+#: file (``reason``: a key of ``layout.SKIP_REASONS``).
+SKIPPED_CSV = CsvContract(
+    written_by="download",
+    columns=(Column("path"), Column("label"), Column("reason"), Column("detail")),
+)
+
+
+class ValidationReport(Artifact):
+    """The fields of ``reports/validation.json`` that evaluate reads (the headline's
+    ``valid``: images that passed validation / images checked)."""
+
+    model_config = ConfigDict(extra="allow")
+    written_by: ClassVar[str] = "validate"
 
     n_images: int
-    #: (height, width) of ``images.npy``: params ``model.input_size`` when decode ran.
-    input_size: tuple[int, int]
-    #: Sides of the square thumbnails stored, one ``thumbs_<side>.npy`` each.
-    thumb_sizes: tuple[int, ...]
-    #: Column names of ``input_features.npy`` (the input check's per-image features).
-    input_features: tuple[str, ...]
+    n_valid: int
 
 
-class PixelStore:
-    """``data/processed/pixels/``: every validated image, decoded once by the decode stage.
+@dataclass(frozen=True)
+class AugmentedSet:
+    """``data/processed/augmented/train.npz``: the training slices and their views.
 
-    Rows follow the validated manifest; later stages look them up by its ``path``:
-
-    * ``paths.npy``: (N,) the manifest paths, relative to ``data/raw``;
-    * ``images.npy``: (N, H, W) uint8 at ``model.input_size``, what
-      :func:`alzstage.data.images.load_batch` makes of each file;
-    * ``thumbs_<side>.npy``: (N, side, side) uint8 grayscale thumbnails;
-      ``correlation_rows`` of them is what :func:`alzstage.data.split.load_thumbnails` returns;
-    * ``input_features.npy`` (N, F) float64 and ``sizes.npy`` (N, 2) the native (H, W):
-      what the input check (``alzstage.inference.ood``) measures on the full-size file;
-    * ``meta.json``: :class:`PixelsMeta`.
-
-    Plain ``.npy`` files, so that a reader maps them and copies only the rows it asks for:
-    a stage holds its own rows, never the whole store.
+    * ``images`` (M, H, W) uint8: the N original training slices, then their views;
+    * ``labels`` (M,) class indices of ``base.classes``;
+    * ``source`` (M,) the original row each sample was made from (an original: itself);
+    * ``paths`` and ``subjects`` (N,): the originals' rows of ``split.csv``.
     """
 
-    written_by: ClassVar[str] = "decode"
-    ARRAYS: ClassVar[tuple[str, ...]] = ("images", "input_features", "sizes")
+    written_by: ClassVar[str] = "augment"
+    FILE: ClassVar[str] = "train.npz"
 
-    def __init__(self, folder: Path, meta: PixelsMeta, paths: Any) -> None:
-        self.folder = Path(folder)
-        self.meta = meta
-        self.paths = paths
-        self._row = {p: i for i, p in enumerate(paths.tolist())}
+    images: Any
+    labels: Any
+    source: Any
+    paths: Any
+    subjects: Any
+
+    def problem(self) -> str | None:
+        """What makes the arrays inconsistent with one another, or None."""
+        m, n = len(self.images), len(self.paths)
+        if self.images.dtype != "uint8" or self.images.ndim != 3:
+            return f"images are {self.images.dtype} {self.images.shape}, not uint8 (N, H, W)"
+        for name in ("labels", "source"):
+            arr = getattr(self, name)
+            if arr.shape != (m,) or arr.dtype.kind not in "iu":
+                return f"{name} is {arr.dtype} {arr.shape}, not {m} whole numbers"
+        if len(self.subjects) != n or n > m:
+            return f"{n} paths, {len(self.subjects)} subjects for {m} images"
+        if m and (self.labels.min() < 0 or self.source.min() < 0 or self.source.max() >= n):
+            return "labels or source indices out of range"
+        return None
 
     @classmethod
-    def read(cls, folder: Path) -> PixelStore:
-        """Open the store (its meta and paths only); a missing store names the stage to run."""
+    def read(cls, folder: Path) -> AugmentedSet:
+        """Load and check ``folder/train.npz``; a missing or broken file names the stage."""
+        import zipfile
+
         import numpy as np
 
-        folder = Path(folder)
-        meta = PixelsMeta.read(folder / "meta.json")
+        path = Path(folder) / cls.FILE
+        how = rerun(cls.written_by)
+        names = [f.name for f in fields(cls)]
         try:
-            paths = np.load(folder / "paths.npy", allow_pickle=False)
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in names if name in npz.files}
         except FileNotFoundError:
-            raise MissingInputError(
-                f"{folder / 'paths.npy'}: not found; {cls._rerun()} first"
-            ) from None
-        if len(paths) != meta.n_images:
-            raise ArtifactError(
-                f"{folder}: {len(paths)} paths for {meta.n_images} images; {cls._rerun()} again"
-            )
-        return cls(folder, meta, paths)
+            raise MissingInputError(f"{path}: not found; {how} first") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ArtifactError(f"{path}: not a readable .npz ({e}); {how} again") from None
+        missing = [name for name in names if name not in arrays]
+        if missing:
+            raise ArtifactError(f"{path}: no array {missing[0]!r}; {how} again")
+        out = cls(**arrays)
+        problem = out.problem()
+        if problem:
+            raise ArtifactError(f"{path}: {problem}; {how} again")
+        return out
 
-    @classmethod
-    def write(
-        cls,
-        folder: Path,
-        paths: Sequence[str],
-        images: Any,
-        thumbnails: dict[int, Any],
-        input_features: dict[str, Any],
-        sizes: Any,
-    ) -> PixelStore:
-        """Write every array, then swap the folder in whole (a killed run leaves the old one)."""
+    def write(self, folder: Path) -> Path:
+        """Check the arrays, then swap in the whole folder (a killed run leaves the old one)."""
         import numpy as np
 
-        paths_arr = np.asarray(list(paths), dtype=str)
-        if len(set(paths_arr.tolist())) != len(paths_arr):
-            raise ArtifactError(f"{folder}: not written, the paths are not unique")
-        names = tuple(input_features)
-        arrays = {
-            "paths": paths_arr,
-            "images": np.asarray(images, dtype=np.uint8),
-            "sizes": np.asarray(sizes, dtype=np.int32).reshape(len(paths_arr), 2),
-            "input_features": np.stack(
-                [np.asarray(input_features[n], dtype=np.float64) for n in names], axis=1
-            ).reshape(len(paths_arr), len(names)),
-            **{f"thumbs_{s}": np.asarray(t, dtype=np.uint8) for s, t in thumbnails.items()},
-        }
-        for name, arr in arrays.items():
-            if len(arr) != len(paths_arr):
-                raise ArtifactError(
-                    f"{folder}: not written, {name} has {len(arr)} rows for {len(paths_arr)} paths"
-                )
-        meta = PixelsMeta(
-            n_images=len(paths_arr),
-            input_size=(int(arrays["images"].shape[1]), int(arrays["images"].shape[2])),
-            thumb_sizes=tuple(sorted(int(s) for s in thumbnails)),
-            input_features=names,
+        path = Path(folder) / self.FILE
+        problem = self.problem()
+        if problem:
+            raise ArtifactError(f"{path}: not written, {problem}")
+        with atomic_dir(Path(folder)) as staging, open(staging / self.FILE, "wb") as out:
+            np.savez(out, **{f.name: getattr(self, f.name) for f in fields(self)})
+        return path
+
+
+# --------------------------------------------------------------------------- the CV's files
+
+#: A subject's role in one fold: trains, stops early and calibrates, or is tested.
+CV_ROLES = ("train", "val", "test")
+#: The slice baselines each fold predicts its test slices with (``baseline_<name>``).
+CV_BASELINES = ("majority", "nearest", "pixel")
+
+
+def role_column(fold: int, repeat: int = 0) -> str:
+    """``folds.csv``'s role column of ``fold`` in ``repeat`` (repeat 0: ``fold_<i>``)."""
+    return f"fold_{fold}" if repeat == 0 else f"r{repeat}_fold_{fold}"
+
+
+def fold_test_column(repeat: int = 0) -> str:
+    """``folds.csv``'s column naming the fold that tests each row in ``repeat`` (-1: none)."""
+    return "test_fold" if repeat == 0 else f"r{repeat}_test_fold"
+
+
+def fold_dir(paths: Paths, fold: int) -> Path:
+    """Where cv_fold ``fold`` writes its files (``reports/cv/folds/fold_<i>``)."""
+    return paths.cv_reports / "folds" / f"fold_{fold}"
+
+
+def folds_csv(k: int, repeats: int) -> CsvContract:
+    """``folds.csv`` of ``k`` folds and ``repeats`` repeats: per repeat its test column,
+    then one role column per fold."""
+    per_repeat = (
+        (
+            Column(fold_test_column(r), int),
+            *(Column(role_column(i, r), allowed=CV_ROLES) for i in range(k)),
         )
-        with atomic_dir(Path(folder)) as staging:
-            for name, arr in arrays.items():
-                np.save(staging / f"{name}.npy", arr, allow_pickle=False)
-            meta.write(staging / "meta.json")
-        return cls(Path(folder), meta, paths_arr)
+        for r in range(repeats)
+    )
+    columns = (Column("path"), Column("label"), Column("subject"))
+    return CsvContract(written_by="cv_split", columns=columns + sum(per_repeat, ()))
 
-    @classmethod
-    def _rerun(cls) -> str:
-        return f"run `alzstage {cls.written_by}` (or `dvc repro {cls.written_by}`)"
 
-    def rows(self, paths: Iterable[str]) -> Any:
-        """Row numbers of ``paths``; one missing is a one-line error naming the store."""
-        import numpy as np
+def _fold_shape(columns: Iterable[str]) -> tuple[int, int]:
+    """(k, repeats) that ``folds.csv``'s header declares (0 folds: no role column)."""
+    import re
 
-        paths = list(paths)
-        missing = [p for p in paths if p not in self._row]
-        if missing:
-            raise MissingInputError(
-                f"{self.folder}: no decoded pixels for {missing[0]!r} ({len(missing)} of "
-                f"{len(paths)} paths missing); the store is older than its input, "
-                f"{self._rerun()} again"
-            )
-        return np.fromiter((self._row[p] for p in paths), dtype=np.int64, count=len(paths))
+    columns = list(columns)
+    k = sum(1 for c in columns if re.fullmatch(r"fold_\d+", c))
+    later = [int(m[1]) for c in columns if (m := re.fullmatch(r"r(\d+)_test_fold", c))]
+    return k, 1 + max(later, default=0)
 
-    def _take(self, name: str, paths: Iterable[str]) -> Any:
-        import numpy as np
 
-        rows = self.rows(paths)
-        # Mapped, so only these rows are read and copied (np.array: a plain in-memory copy).
-        return np.array(np.load(self.folder / f"{name}.npy", mmap_mode="r")[rows])
+def _fold_problem(df: pd.DataFrame, k: int, repeats: int) -> str | None:
+    """A row whose test column and role columns disagree, or None."""
+    for r in range(repeats):
+        test = df[fold_test_column(r)]
+        outside = (test < -1) | (test >= k)
+        if outside.any():
+            return f"column {fold_test_column(r)} holds {test[outside].iloc[0]}, not -1..{k - 1}"
+        for i in range(k):
+            bad = (test == i) != (df[role_column(i, r)] == "test")
+            if bad.any():
+                row = int(bad.to_numpy().nonzero()[0][0])
+                return (
+                    f"row {row + 1}: {fold_test_column(r)} is {test.iloc[row]} but "
+                    f"{role_column(i, r)} is {df[role_column(i, r)].iloc[row]!r}"
+                )
+    return None
 
-    def images_for(self, paths: Iterable[str], size: tuple[int, int]) -> Any:
-        """uint8 (N, H, W) network inputs of ``paths``, checked to be at ``size``."""
-        if tuple(size) != self.meta.input_size:
-            raise ArtifactError(
-                f"{self.folder}: images are {self.meta.input_size[0]}x"
-                f"{self.meta.input_size[1]}, model.input_size is {size[0]}x{size[1]}; "
-                f"{self._rerun()} again"
-            )
-        return self._take("images", paths)
 
-    def thumbnails_for(self, paths: Iterable[str], side: int) -> Any:
-        """uint8 (N, side, side) thumbnails of ``paths`` (``correlation_rows`` them to compare)."""
-        if side not in self.meta.thumb_sizes:
-            raise ArtifactError(
-                f"{self.folder}: holds thumbnails of {list(self.meta.thumb_sizes)} px, not "
-                f"{side} (decode stores split.thumb_size and 32); {self._rerun()} again"
-            )
-        return self._take(f"thumbs_{side}", paths)
+def read_folds(path: Path) -> pd.DataFrame:
+    """``folds.csv`` typed (test columns integers, roles checked) and self-consistent.
 
-    def feature_columns_for(self, paths: Iterable[str], columns: Sequence[str]) -> Any:
-        """(N, len(columns)) float64 measurements of ``paths`` that decode made on the
-        full-size file, e.g. the atrophy features of :mod:`alzstage.data.morphometry`."""
-        names = list(self.meta.input_features)
-        missing = [m for m in columns if m not in names]
-        if missing:
-            raise ArtifactError(
-                f"{self.folder}: no {missing[0]} measurements (written by an older decode); "
-                f"{self._rerun()} again"
-            )
-        table = self._take("input_features", paths)
-        return table[:, [names.index(m) for m in columns]]
+    The number of folds and repeats is read from the header: a caller checks that they
+    are the ones params ask for.
+    """
+    import pandas as pd
 
-    def input_features_for(
-        self, paths: Iterable[str]
-    ) -> tuple[list[dict[str, float]], list[tuple[int, int]]]:
-        """The input check's features and the native (H, W) of each of ``paths``."""
-        paths = list(paths)
-        names = self.meta.input_features
-        table = self._take("input_features", paths)
-        features = [dict(zip(names, map(float, row), strict=True)) for row in table]
-        sizes = [(int(h), int(w)) for h, w in self._take("sizes", paths)]
-        return features, sizes
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        header = pd.Index([])  # the contract's read names the problem
+    k, repeats = _fold_shape(header)
+    contract = folds_csv(max(k, 1), repeats)
+    df = contract.read(path)
+    problem = _fold_problem(df, k, repeats)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}; {rerun('cv_split')} again")
+    return df
+
+
+def write_folds(df: pd.DataFrame, path: Path) -> Path:
+    """Check ``df`` against the folds contract its columns declare, and write it."""
+    k, repeats = _fold_shape(df.columns)
+    typed = folds_csv(max(k, 1), repeats).check(df, path)
+    problem = _fold_problem(typed, k, repeats)
+    if problem:
+        raise ArtifactError(f"{path}: not written, {problem}")
+    return folds_csv(k, repeats).write(df, path)
+
+
+class TinyClass(Artifact):
+    """A class with fewer subjects than ``split.min_subjects_per_class``, and what was done."""
+
+    written_by: ClassVar[str] = "cv_split"
+
+    n_subjects: int
+    n_images: int
+    min_subjects_per_class: int
+    policy: str
+    decision: str
+
+
+class FoldsReport(Artifact):
+    """``reports/cv/folds.json``: subjects per fold, role and class; cv_report copies it."""
+
+    written_by: ClassVar[str] = "cv_split"
+
+    k: int
+    repeats: int
+    n_subjects: int
+    n_images: int
+    subjects_tested_once: int
+    subjects_never_tested: list[str]
+    #: fold -> role -> class -> subjects (repeat 0's folds)
+    subjects_per_fold_role_class: dict[str, dict[str, dict[str, int]]]
+    tiny_classes: dict[str, TinyClass]
+
+
+def _fold_slices_columns(classes: Sequence[str], features: Sequence[str]) -> tuple[Column, ...]:
+    return (
+        Column("path"),
+        Column("label", allowed=tuple(classes)),
+        Column("subject"),
+        Column("fold", int),
+        Column("repeat", int),
+        Column("role", required=False, allowed=("train", "val")),
+        Column("predicted", allowed=tuple(classes)),
+        *(Column(f"p_{c}", float) for c in classes),
+        *(Column(name, float) for name in features),
+    )
+
+
+def fold_predictions_csv(classes: Sequence[str], features: Sequence[str]) -> CsvContract:
+    """A fold's ``predictions.csv``: its test slices' calibrated probabilities, atrophy
+    ``features`` and the baselines' predictions, one row per slice and repeat."""
+    baselines = tuple(Column(f"baseline_{b}", allowed=tuple(classes)) for b in CV_BASELINES)
+    columns = _fold_slices_columns(classes, features) + baselines
+    return CsvContract(written_by="cv_fold", columns=columns, native_numbers=True)
+
+
+def fit_slices_csv(classes: Sequence[str], features: Sequence[str]) -> CsvContract:
+    """A fold's ``fit_slices.csv``: its training and validation slices (``role``), on
+    which cv_report fits and calibrates the brain model."""
+    columns = tuple(
+        replace(c, required=True) if c.name == "role" else c
+        for c in _fold_slices_columns(classes, features)
+    )
+    return CsvContract(written_by="cv_fold", columns=columns, native_numbers=True)

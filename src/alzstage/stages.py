@@ -1,7 +1,8 @@
 """The stage registry: every pipeline stage defined once.
 
 A :class:`Stage` names the stage as ``dvc.yaml`` does, its ``alzstage`` command, its run
-function, the params it reads (spelled as ``dvc.yaml`` lists them) and the data it reads.
+function, the params it reads (spelled as ``dvc.yaml`` lists them), the data it reads and
+the files it writes (its ``outs``, ``metrics`` and ``plots``).
 Its code is not written down anywhere: :func:`code_deps` computes it as the import
 closure of the run function's module inside ``alzstage``. The CLI builds the stage
 commands from :data:`STAGES`, and ``tests/test_stages.py`` checks ``dvc.yaml`` and
@@ -40,9 +41,24 @@ class Stage:
     help: str
     params: tuple[str, ...]  # params.yaml sections or keys, as dvc.yaml lists them
     reads: tuple[str, ...] = ()  # data and reports it reads, as dvc.yaml lists them
+    # What it writes, as dvc.yaml lists them: ``outs``, ``metrics`` and ``plots``
+    # (cv_fold: ``${item}`` is the fold id).
+    outs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()
+    cached: bool = True  # False: every output is ``cache: false`` (committed with git)
     dvcfile: str = "dvc.yaml"
     per_fold: bool = False  # one run per id in cv.folds: the command takes --fold
     takes_tracker: bool = False  # the function logs as it goes: it gets the StageRun
+
+    def written(self, fold: int | None = None) -> list[str]:
+        """Every output path, repository-relative (``${item}``: ``fold``, for cv_fold)."""
+        paths = [*self.outs, *self.metrics, *self.plots]
+        if self.per_fold:
+            if fold is None:
+                raise ValueError(f"stage {self.name!r} writes per fold: pass fold")
+            paths = [p.replace("${item}", str(fold)) for p in paths]
+        return paths
 
     def function(self) -> Callable[..., StageResult]:
         """The run function, imported now (this is where TensorFlow & co. get loaded)."""
@@ -128,6 +144,7 @@ STAGES: tuple[Stage, ...] = (
         # compute: where nifti volumes are preprocessed (changes no output; cached volumes
         # are reused when it changes)
         params=("base", "data", "neuro.preprocess", "compute"),
+        outs=("data/raw",),
     ),
     Stage(
         "validate",
@@ -136,26 +153,33 @@ STAGES: tuple[Stage, ...] = (
         "Check the manifest and every image (great-expectations); fail or quarantine.",
         params=("base", "validate"),
         reads=("data/raw",),
+        outs=(
+            "data/interim/manifest.csv",
+            "reports/validation",
+            "reports/validation.json",  # counts per check and class (headline: valid)
+        ),
     ),
     Stage(
         "decode",
         "decode",
-        "alzstage.data.pixels:run_decode",
+        "alzstage.data.decode:run_decode",
         "Decode every validated image once: network inputs, thumbnails, input-check features.",
         # the network's input size and the split's thumbnail side
         params=("model.input_size", "split.thumb_size"),
         # the only stage after validate that opens data/raw
         reads=("data/interim/manifest.csv", "data/raw"),
+        outs=("data/processed/pixels",),  # network inputs, thumbnails, input-check features
     ),
     Stage(
         "split",
         "split",
-        "alzstage.data.split:run_split",
+        "alzstage.data.split_stage:run_split",
         "Split into train/val/test by subject (default), slice (leaky) or source.",
         # data.source with data.name: the dataset's registry name
         params=("base", "split", "data.source", "data.name"),
         # thumbnails (from decode) recover subjects and measure leakage
         reads=("data/interim/manifest.csv", "data/processed/pixels"),
+        outs=("data/processed/split.csv", "reports/split.json"),
     ),
     Stage(
         "augment",
@@ -164,6 +188,7 @@ STAGES: tuple[Stage, ...] = (
         "Materialise augmented views of the training split only.",
         params=("base", "augment", "model.input_size"),
         reads=("data/processed/split.csv", "data/processed/pixels"),
+        outs=("data/processed/augmented", "reports/figures/augment_preview.png"),
     ),
     Stage(
         "train",
@@ -175,6 +200,13 @@ STAGES: tuple[Stage, ...] = (
         params=("base", "model", "train", "augment", "brain"),
         # val slices, and the input check's measurements of the train slices
         reads=("data/processed/augmented", "data/processed/split.csv", "data/processed/pixels"),
+        outs=(
+            "models/model.keras",
+            "models/train_run.json",
+            "models/brain_model.json",  # the brain-level model and its conformal calibration
+            "reports/train.json",  # recipe, epochs, temperature, timings
+        ),
+        plots=("reports/plots/train_history.csv",),
         takes_tracker=True,
     ),
     Stage(
@@ -192,6 +224,19 @@ STAGES: tuple[Stage, ...] = (
             "reports/validation.json",  # the validation counts in the headline
             "data/processed/pixels",  # test slices and the baselines' training thumbnails
         ),
+        outs=(
+            "reports/metrics.json",  # every test figure; promote reads it
+            "reports/predictions_test.csv",
+            "reports/model_card.md",
+            "reports/baselines.json",
+            *(f"reports/plots/{curve}.csv" for curve in ("roc", "pr", "reliability")),
+            *(
+                f"reports/figures/{figure}.png"
+                for figure in ("confusion", "roc", "pr", "reliability", "gradcam_gallery")
+            ),
+        ),
+        metrics=("reports/headline.json",),
+        plots=("reports/plots/confusion.csv",),
     ),
     Stage(
         "promote",
@@ -200,32 +245,38 @@ STAGES: tuple[Stage, ...] = (
         "Register the new model as challenger; move champion only if it is better.",
         params=("promote",),
         reads=("models/train_run.json", "reports/metrics.json"),
+        outs=("reports/promotion.json",),
+        cached=False,  # the registry's answer, not a cacheable product
     ),
     # Subject k-fold cross-validation: cv/dvc.yaml (its stages run with wdir: ..)
     Stage(
         "cv_split",
         "cv-split",
-        "alzstage.cv.stages:run_cv_split",
+        "alzstage.cv.split:run_cv_split",
         "Assign every subject to one of cv.folds test folds (plus val subjects per fold).",
         params=("base", "split", "cv"),
         reads=("data/processed/split.csv",),
         dvcfile="cv/dvc.yaml",
+        outs=("data/processed/cv/folds.csv", "reports/cv/folds.json"),
+        cached=False,  # every CV output: see cv/dvc.yaml
     ),
     Stage(
         "cv_fold",
         "cv-fold",
-        "alzstage.cv.stages:run_cv_fold",
+        "alzstage.cv.fold:run_cv_fold",
         "Train on one fold's training subjects and predict its test subjects.",
         params=("base", "model", "train", "augment", "cv"),
         reads=("data/processed/cv/folds.csv", "data/processed/pixels"),
         dvcfile="cv/dvc.yaml",
+        outs=("reports/cv/folds/fold_${item}",),
+        cached=False,
         per_fold=True,
         takes_tracker=True,
     ),
     Stage(
         "cv_report",
         "cv-report",
-        "alzstage.cv.stages:run_cv_report",
+        "alzstage.cv.report:run_cv_report",
         "Pool the folds' out-of-fold predictions: CIs, per-fold spread, baselines.",
         # train.recipe and model.weights: the report names the recipe (Params.recipe)
         params=("base", "cv", "brain", "train.recipe", "model.weights"),
@@ -235,6 +286,13 @@ STAGES: tuple[Stage, ...] = (
             "reports/cv/folds",  # every cv_fold stage's output
         ),
         dvcfile="cv/dvc.yaml",
+        outs=(
+            "reports/cv/report.json",
+            "reports/cv/predictions_oof.csv",
+            "reports/cv/brains_oof.csv",
+            "reports/cv/metrics.json",  # the CV's headline: an out, not a DVC metric
+        ),
+        cached=False,
     ),
 )
 

@@ -14,9 +14,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
+from alzstage.artifacts import fold_dir, write_folds
 from alzstage.config import Params, Paths
-from alzstage.cv.stages import fold_dir, fold_spread, pool_folds, run_cv_report
+from alzstage.cv.fold import run_cv_fold
+from alzstage.cv.report import fold_spread, pool_folds, run_cv_report
+from alzstage.cv.split import folds_summary
 from alzstage.data.split import subject_folds
+from alzstage.errors import MissingInputError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -155,7 +159,8 @@ def test_pooled_metrics_equal_those_recomputed_from_out_of_fold_predictions(
     paths.cv_folds.parent.mkdir(parents=True)
     folds.to_csv(paths.cv_folds, index=False)
     paths.cv_reports.mkdir(parents=True)
-    (paths.cv_reports / "folds.json").write_text(json.dumps({"k": 5}))
+    summary = {**folds_summary(folds, CLASSES, 5), "repeats": 1, "tiny_classes": {}}
+    (paths.cv_reports / "folds.json").write_text(json.dumps(summary))
     rng = np.random.default_rng(1)
     for k, frame in enumerate(_fold_predictions(folds, rng)):
         fold_dir(paths, k).mkdir(parents=True)
@@ -189,3 +194,37 @@ def test_pooled_metrics_equal_those_recomputed_from_out_of_fold_predictions(
     assert set(head) == {"brain", "brain_ci", "morph", "cover", "set", "bacc"}
     spread = report["fold_spread"]["balanced_accuracy"]
     assert len(report["fold_spread"]["per_fold"]) == 5 and spread["sd"] >= 0
+
+
+def test_cv_report_names_a_missing_fold_file_and_the_stage_that_writes_it(tmp_path: Path) -> None:
+    # given folds.csv and folds.json, and the first fold's files only
+    paths = Paths(tmp_path)
+    p = params(bootstrap=100, repeats=1)
+    folds = subject_folds(table(), p)
+    write_folds(folds[["path", "label", "subject", "test_fold", *_roles(5)]], paths.cv_folds)
+    rng = np.random.default_rng(2)
+    fold_dir(paths, 0).mkdir(parents=True)
+    _fold_predictions(folds, rng)[0].to_csv(fold_dir(paths, 0) / "predictions.csv", index=False)
+    # when cv_report runs, then one line names the first missing file and cv_fold
+    missing = fold_dir(paths, 1) / "predictions.csv"
+    with pytest.raises(MissingInputError) as caught:
+        run_cv_report(p, paths)
+    how = "run `alzstage cv-fold --fold <i>` (or `dvc repro cv/dvc.yaml`)"
+    assert str(caught.value) == f"{missing}: not found; {how} first"
+
+
+def test_cv_fold_refuses_folds_made_for_fewer_repeats_before_training(tmp_path: Path) -> None:
+    # given folds.csv of one repeat, and params asking for two
+    paths = Paths(tmp_path)
+    folds = subject_folds(table(), params())
+    write_folds(folds[["path", "label", "subject", "test_fold", *_roles(5)]], paths.cv_folds)
+    # when fold 0 runs, then it stops at the read and names cv_split (nothing is trained)
+    with pytest.raises(
+        MissingInputError, match=r"no folds for cv\.repeats=2; re-run `alzstage cv-split`"
+    ):
+        run_cv_fold(params(repeats=2), paths, 0, None)
+    assert not fold_dir(paths, 0).exists()
+
+
+def _roles(k: int) -> list[str]:
+    return [f"fold_{i}" for i in range(k)]

@@ -20,10 +20,12 @@ from test_split import make_project
 
 from alzstage.artifacts import PixelStore, write_manifest, write_split
 from alzstage.config import Params, Paths
+from alzstage.data.decode import run_decode
 from alzstage.data.images import load_batch
 from alzstage.data.manifest import RawRecord, build_manifest
-from alzstage.data.pixels import run_decode, thumbnail_sizes
-from alzstage.data.split import correlation_rows, load_thumbnails, run_split
+from alzstage.data.pixels import thumbnail_sizes
+from alzstage.data.split import correlation_rows, load_thumbnails
+from alzstage.data.split_stage import run_split
 from alzstage.errors import ArtifactError, MissingInputError
 from alzstage.inference.ood import THUMB_SIZE, fit_from_pixels, fit_from_split
 
@@ -194,7 +196,9 @@ def test_stages_after_decode_never_open_data_raw(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # given: a decoded project whose data/raw is then removed, and no image may be opened
-    from alzstage.cv.stages import _role_arrays, read_folds, role_column, run_cv_split
+    from alzstage.artifacts import read_folds, role_column
+    from alzstage.cv.fold import _role_arrays
+    from alzstage.cv.split import run_cv_split
     from alzstage.data.augment import run_augment
     from alzstage.data.pixels import load_split_images
     from alzstage.evaluate.baselines import thumbnail_rows
@@ -217,7 +221,7 @@ def test_stages_after_decode_never_open_data_raw(
     x_val, _, _ = load_split_images(paths, params, "val")
     x_test, _, test_rows = load_split_images(paths, params, "test")
     spec, _ = fit_from_pixels(paths.split_file, PixelStore.read(paths.pixels), (56, 48))
-    folds = read_folds(paths)
+    folds = read_folds(paths.cv_folds)
     x_fold, _, fold_rows = _role_arrays(folds, role_column(0), "test", params, paths)
     thumbs = thumbnail_rows(PixelStore.read(paths.pixels), fold_rows["path"])
 

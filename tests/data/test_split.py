@@ -21,8 +21,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from alzstage.artifacts import read_manifest, read_split, write_manifest
 from alzstage.config import Params, Paths
+from alzstage.data.decode import run_decode
 from alzstage.data.manifest import RawRecord, build_manifest
-from alzstage.data.pixels import run_decode
 from alzstage.data.split import (
     SPLIT_COLUMNS,
     SplitLeakageError,
@@ -32,12 +32,12 @@ from alzstage.data.split import (
     load_thumbnails,
     nearest_neighbour_scores,
     pseudo_subjects,
-    run_split,
     split_by_source,
     split_by_subject,
     split_stratified,
     test_fingerprint,
 )
+from alzstage.data.split_stage import run_split
 
 # Stage warnings (leaky strategy, tiny classes) are asserted with pytest.warns where they
 # matter; elsewhere they are expected noise.

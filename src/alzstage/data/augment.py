@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from alzstage.artifacts import PixelStore, read_split
+from alzstage.artifacts import AugmentedSet, PixelStore, read_split
 from alzstage.config import AugmentParams, Params, Paths
 from alzstage.errors import DataError
-from alzstage.files import atomic_dir, atomic_path
+from alzstage.files import atomic_path
 from alzstage.result import StageResult
 
 
@@ -131,15 +131,13 @@ def run_augment(params: Params, paths: Paths) -> StageResult:
     )
     # The whole directory is swapped in at the end: no stale file from an earlier run
     # survives, and a killed run leaves the previous complete output.
-    with atomic_dir(paths.augmented) as staging, open(staging / "train.npz", "wb") as f:
-        np.savez(
-            f,
-            images=all_images,
-            labels=all_labels,
-            source=source,
-            paths=train["path"].to_numpy(str),
-            subjects=train["subject"].to_numpy(str),
-        )
+    AugmentedSet(
+        images=all_images,
+        labels=all_labels,
+        source=source,
+        paths=train["path"].to_numpy(str),
+        subjects=train["subject"].to_numpy(str),
+    ).write(paths.augmented)
     artifacts: list[Path] = []
     if params.augment.preview_count:
         picks = preview_indices(labels, params.augment.preview_count)

@@ -25,7 +25,6 @@ the files and copy only the rows they ask for (plus the paths, to look rows up).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,13 +32,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import PixelStore, read_manifest, read_split
+from alzstage.artifacts import PixelStore, read_split
 from alzstage.config import Params, Paths
 from alzstage.data.image_features import FEATURES, THUMB_SIZE, image_features, thumbnail
 from alzstage.data.images import decode_slice, to_model_array
 from alzstage.data.morphometry import MORPH_FEATURES, slice_morphometry
 from alzstage.errors import DataError, ImageReadError, MissingInputError
-from alzstage.result import StageResult
 
 # The input check's features (the last, mean_correlation, needs every thumbnail first),
 # then the atrophy measurements the brain-level model reads: both need the full-size image.
@@ -115,28 +113,6 @@ def write_pixels(raw: Path, rel_paths: Sequence[str], params: Params, target: Pa
         thumbnails={s: arrays[f"thumbs_{s}"] for s in sizes},
         input_features={name: arrays[name] for name in INPUT_FEATURES},
         sizes=arrays["sizes"],
-    )
-
-
-def run_decode(params: Params, paths: Paths) -> StageResult:
-    """Validated manifest + ``data/raw`` -> ``data/processed/pixels/``."""
-    rel_paths = read_manifest(paths.validated_manifest)["path"].tolist()
-    t0 = time.perf_counter()
-    store = write_pixels(paths.raw, rel_paths, params, paths.pixels)
-    seconds = time.perf_counter() - t0
-    megabytes = sum(f.stat().st_size for f in paths.pixels.iterdir()) / 1e6
-    h, w = store.meta.input_size
-    return StageResult(
-        metrics={
-            "n_images": float(len(rel_paths)),
-            "seconds_decode": round(seconds, 3),
-            "megabytes": round(megabytes, 3),
-        },
-        artifacts=[paths.pixels / "meta.json"],
-        summary=(
-            f"decoded {len(rel_paths)} images once in {seconds:.1f}s: {h}x{w} network inputs, "
-            f"thumbnails at {', '.join(map(str, store.meta.thumb_sizes))} px ({megabytes:.1f} MB)"
-        ),
     )
 
 

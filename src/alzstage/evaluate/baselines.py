@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alzstage.data.split import correlation_rows, most_correlated
+from alzstage.data.similarity import correlation_rows, most_correlated
 from alzstage.model.metrics import (
     metrics_from_confusion,
     primary_labels,

@@ -24,14 +24,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import MetricsReport, PixelStore, SplitReport, TrainRun, read_split
+from alzstage.artifacts import (
+    MetricsReport,
+    PixelStore,
+    SplitReport,
+    TrainRun,
+    ValidationReport,
+    read_split,
+)
 from alzstage.config import Params, Paths
 from alzstage.evaluate.baselines import headline_metrics, score_baselines, thumbnail_rows
 from alzstage.evaluate.brain import brain_test_report
 from alzstage.evaluate.headline import headline
 from alzstage.evaluate.plots import curve_tables, draw_figures, plot_column_problems, write_curves
 from alzstage.evaluate.report import build_report, flat_metrics, json_safe, known_subjects
-from alzstage.files import read_json, write_csv, write_json, write_text
+from alzstage.files import write_csv, write_json, write_text
 from alzstage.model.calibration import apply_temperature
 from alzstage.result import StageResult
 
@@ -231,7 +238,7 @@ def run_evaluate(params: Params, paths: Paths) -> StageResult:
     with _timed(timings, "metrics"):
         train_run = TrainRun.read(paths.train_run)
         split = SplitReport.read(paths.split_report)
-        validation = read_json(paths.validation_report)
+        validation = ValidationReport.read(paths.validation_report).model_dump(mode="json")
         known, subjects = _test_subjects(rows)
         report, t_source = _test_report(params, y, raw, subjects, train_run, split)
     probs = apply_temperature(raw, report["calibration"]["temperature"])

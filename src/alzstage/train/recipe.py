@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from alzstage.artifacts import TrainReport
+from alzstage.artifacts import AugmentedSet, TrainReport
 from alzstage.config import Params, Paths
 from alzstage.data.pixels import load_split_images
 from alzstage.result import StageResult
@@ -250,8 +250,8 @@ def _process_alive(pid: int) -> bool:
 
 def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageResult:
     remove_stale_temps(paths.model_file)  # left by a run killed while saving
-    data = np.load(paths.augmented / "train.npz")
-    x, y = data["images"], data["labels"]
+    augmented = AugmentedSet.read(paths.augmented)
+    x, y = augmented.images, augmented.labels
     x_val, y_val, _ = load_split_images(paths, params, "val")
     cache = (
         ActivationCache(paths.activation_cache, params.train.activation_cache_entries)

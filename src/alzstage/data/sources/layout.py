@@ -159,12 +159,12 @@ def write_skipped(skipped: list[Skipped], target: Path) -> None:
 
 def read_skipped(path: Path) -> list[Skipped]:
     """The files download saw but did not keep; none when the file is absent (old data/raw)."""
-    import csv
+    from alzstage.artifacts import SKIPPED_CSV
 
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return [Skipped(r["path"], r["label"], r["reason"], r["detail"]) for r in csv.DictReader(f)]
+    rows = SKIPPED_CSV.read(path)[SKIPPED_COLUMNS].itertuples(index=False)
+    return [Skipped(*row) for row in rows]
 
 
 def describe_skipped(skipped: list[Skipped], examples: int = 3) -> str:
