@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         *("", "errors", "config", "params", "paths", "files", "result", "artifacts"),
         *("tracking", "compute"),
-        *("contract", "pixel_store"),  # what artifacts re-exports
+        *("contract", "pixel_store", "cv_files"),  # what artifacts re-exports
     ),
     ("neuro",),
     ("data",),
