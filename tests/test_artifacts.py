@@ -21,7 +21,7 @@ from alzstage.artifacts import (
     read_volumes,
     write_split,
 )
-from alzstage.errors import AlzstageError, ArtifactError, MissingInputError
+from alzstage.errors import AlzstageError
 
 
 def train_run() -> TrainRun:
@@ -57,7 +57,7 @@ def test_a_missing_key_names_the_file_the_key_and_the_stage_to_rerun(tmp_path: P
     path.write_text(json.dumps(doc))
 
     # when it is read
-    with pytest.raises(ArtifactError) as caught:
+    with pytest.raises(AlzstageError) as caught:
         TrainRun.read(path)
 
     # then one line says where, what and how to fix it
@@ -84,12 +84,12 @@ def test_a_wrongly_typed_value_is_refused_not_coerced(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
 
     # when promote reads it, then the key is named
-    with pytest.raises(ArtifactError, match=r"metrics\.json: key 'split_leaky'.*alzstage evaluate"):
+    with pytest.raises(AlzstageError, match=r"metrics\.json: key 'split_leaky'.*alzstage evaluate"):
         MetricsReport.read(path)
 
 
 def test_a_missing_file_says_which_stage_writes_it(tmp_path: Path) -> None:
-    with pytest.raises(MissingInputError, match=r"split\.json: not found; run `alzstage split`"):
+    with pytest.raises(AlzstageError, match=r"split\.json: not found; run `alzstage split`"):
         SplitReport.read(tmp_path / "split.json")
 
 
@@ -123,7 +123,7 @@ def test_a_writer_is_stopped_before_it_writes_a_report_a_reader_would_refuse(
 
     # when evaluate checks it against the contract, then nothing is written
     expected = r"metrics\.json: not written, key 'dataset' is missing$"
-    with pytest.raises(ArtifactError, match=expected):
+    with pytest.raises(AlzstageError, match=expected):
         MetricsReport.check(report, tmp_path / "metrics.json")
     assert not (tmp_path / "metrics.json").exists()
 
@@ -151,7 +151,7 @@ def test_promote_refuses_metrics_without_a_split_fingerprint(tmp_path: Path) -> 
     )
 
     # when promote runs, then it stops before registering anything (no empty-string tag)
-    with pytest.raises(ArtifactError, match="'split_fingerprint' is missing"):
+    with pytest.raises(AlzstageError, match="'split_fingerprint' is missing"):
         run_promote(Params(), paths)
 
 
@@ -192,7 +192,7 @@ def test_a_split_csv_without_a_column_names_the_file_the_column_and_the_stage(
     SPLIT_CSV.frame(split_rows()).drop(columns=["subject"]).to_csv(path, index=False)
 
     # when augment, train or evaluate reads it
-    with pytest.raises(ArtifactError) as caught:
+    with pytest.raises(AlzstageError) as caught:
         read_split(path)
 
     # then one line says where, what and how to fix it
@@ -209,7 +209,7 @@ def test_a_split_name_outside_train_val_test_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "split.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
 
-    with pytest.raises(ArtifactError, match=r"column split is 'holdout' in row 2, must be one of"):
+    with pytest.raises(AlzstageError, match=r"column split is 'holdout' in row 2, must be one of"):
         read_split(path)
 
 
@@ -222,7 +222,7 @@ def test_a_writer_is_stopped_before_it_writes_a_csv_a_reader_would_refuse(
     rows = pd.DataFrame(split_rows()).assign(subject_source="guessed")
 
     # when the split stage writes them, then nothing is written
-    with pytest.raises(ArtifactError, match=r"split\.csv: not written, column subject_source"):
+    with pytest.raises(AlzstageError, match=r"split\.csv: not written, column subject_source"):
         write_split(rows, path)
     assert path.read_text() == before
 
@@ -237,7 +237,7 @@ def test_manifest_sizes_are_whole_numbers_and_ids_stay_text(tmp_path: Path) -> N
 
     pd.DataFrame([row | {"width": "wide", "height": "40"}]).to_csv(path, index=False)
     expected = r"column width is 'wide' in row 1, must be a whole number; run `alzstage validate`"
-    with pytest.raises(ArtifactError, match=expected):
+    with pytest.raises(AlzstageError, match=expected):
         read_manifest(path)
 
 

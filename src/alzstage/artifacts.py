@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
-from alzstage.errors import ArtifactError, MissingInputError
+from alzstage.errors import AlzstageError
 from alzstage.files import atomic_dir, json_text, write_csv, write_json
 
 if TYPE_CHECKING:
@@ -67,11 +67,11 @@ class Artifact(BaseModel):
         try:
             text = path.read_text()
         except FileNotFoundError:
-            raise MissingInputError(f"{path}: not found; {rerun} first") from None
+            raise AlzstageError(f"{path}: not found; {rerun} first") from None
         try:
             return cls.model_validate_json(text)
         except PydanticValidationError as e:
-            raise ArtifactError(f"{path}: {_problems(e)}; {rerun} again") from None
+            raise AlzstageError(f"{path}: {_problems(e)}; {rerun} again") from None
 
     @classmethod
     def check(cls: type[_A], data: dict[str, Any], path: Path) -> _A:
@@ -79,7 +79,7 @@ class Artifact(BaseModel):
         try:
             return cls.model_validate_json(json_text(data))
         except PydanticValidationError as e:
-            raise ArtifactError(f"{path}: not written, {_problems(e)}") from None
+            raise AlzstageError(f"{path}: not written, {_problems(e)}") from None
 
     def write(self, path: Path) -> Path:
         """Write the file (atomically, as every stage output)."""
@@ -198,7 +198,7 @@ class CsvContract:
         try:
             df = pd.read_csv(path, dtype=str, keep_default_na=False)
         except FileNotFoundError:
-            raise MissingInputError(f"{path}: not found; {self._rerun()} first") from None
+            raise AlzstageError(f"{path}: not found; {self._rerun()} first") from None
         return self._typed(df, path, f"{self._rerun()} again")
 
     def check(self, df: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -230,10 +230,10 @@ class CsvContract:
         """``df`` with its declared columns typed; ``fix`` None marks a writer's own check."""
         import pandas as pd
 
-        def refuse(problem: str) -> ArtifactError:
+        def refuse(problem: str) -> AlzstageError:
             if fix is None:
-                return ArtifactError(f"{path}: not written, {problem}")
-            return ArtifactError(f"{path}: {problem}; {fix}")
+                return AlzstageError(f"{path}: not written, {problem}")
+            return AlzstageError(f"{path}: {problem}; {fix}")
 
         missing = [c.name for c in self.columns if c.required and c.name not in df.columns]
         if missing:
@@ -389,11 +389,11 @@ class PixelStore:
         try:
             paths = np.load(folder / "paths.npy", allow_pickle=False)
         except FileNotFoundError:
-            raise MissingInputError(
+            raise AlzstageError(
                 f"{folder / 'paths.npy'}: not found; {cls._rerun()} first"
             ) from None
         if len(paths) != meta.n_images:
-            raise ArtifactError(
+            raise AlzstageError(
                 f"{folder}: {len(paths)} paths for {meta.n_images} images; {cls._rerun()} again"
             )
         return cls(folder, meta, paths)
@@ -413,7 +413,7 @@ class PixelStore:
 
         paths_arr = np.asarray(list(paths), dtype=str)
         if len(set(paths_arr.tolist())) != len(paths_arr):
-            raise ArtifactError(f"{folder}: not written, the paths are not unique")
+            raise AlzstageError(f"{folder}: not written, the paths are not unique")
         names = tuple(input_features)
         arrays = {
             "paths": paths_arr,
@@ -426,7 +426,7 @@ class PixelStore:
         }
         for name, arr in arrays.items():
             if len(arr) != len(paths_arr):
-                raise ArtifactError(
+                raise AlzstageError(
                     f"{folder}: not written, {name} has {len(arr)} rows for {len(paths_arr)} paths"
                 )
         meta = PixelsMeta(
@@ -452,7 +452,7 @@ class PixelStore:
         paths = list(paths)
         missing = [p for p in paths if p not in self._row]
         if missing:
-            raise MissingInputError(
+            raise AlzstageError(
                 f"{self.folder}: no decoded pixels for {missing[0]!r} ({len(missing)} of "
                 f"{len(paths)} paths missing); the store is older than its input, "
                 f"{self._rerun()} again"
@@ -469,7 +469,7 @@ class PixelStore:
     def images_for(self, paths: Iterable[str], size: tuple[int, int]) -> Any:
         """uint8 (N, H, W) network inputs of ``paths``, checked to be at ``size``."""
         if tuple(size) != self.meta.input_size:
-            raise ArtifactError(
+            raise AlzstageError(
                 f"{self.folder}: images are {self.meta.input_size[0]}x"
                 f"{self.meta.input_size[1]}, model.input_size is {size[0]}x{size[1]}; "
                 f"{self._rerun()} again"
@@ -479,7 +479,7 @@ class PixelStore:
     def thumbnails_for(self, paths: Iterable[str], side: int) -> Any:
         """uint8 (N, side, side) thumbnails of ``paths`` (``correlation_rows`` them to compare)."""
         if side not in self.meta.thumb_sizes:
-            raise ArtifactError(
+            raise AlzstageError(
                 f"{self.folder}: holds thumbnails of {list(self.meta.thumb_sizes)} px, not "
                 f"{side} (decode stores split.thumb_size and 32); {self._rerun()} again"
             )
@@ -491,7 +491,7 @@ class PixelStore:
         names = list(self.meta.input_features)
         missing = [m for m in columns if m not in names]
         if missing:
-            raise ArtifactError(
+            raise AlzstageError(
                 f"{self.folder}: no {missing[0]} measurements (written by an older decode); "
                 f"{self._rerun()} again"
             )

@@ -25,7 +25,7 @@ from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.pixels import run_decode
 from alzstage.data.split import (
     SPLIT_COLUMNS,
-    SplitLeakageError,
+    AlzstageError,
     assert_no_subject_leakage,
     fingerprint_split_file,
     leakage_report,
@@ -213,7 +213,7 @@ def test_leak_check_raises_with_the_subject_named() -> None:
     df = pd.DataFrame(
         {"path": ["a", "b", "c"], "label": ["X"] * 3, "subject": ["s1", "s1", "s2"]}
     ).assign(split=["train", "test", "train"])
-    with pytest.raises(SplitLeakageError, match="s1"):
+    with pytest.raises(AlzstageError, match="s1"):
         assert_no_subject_leakage(df)
 
 

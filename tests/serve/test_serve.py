@@ -391,7 +391,8 @@ def test_request_pixel_budget_refuses_files_past_it(demo: DemoChampion) -> None:
 
 
 def test_large_jpeg_is_shrunk_while_decoding() -> None:
-    from alzstage.data.images import PixelBudget, RequestTooLarge, decode_slice
+    from alzstage.data.images import PixelBudget, decode_slice
+    from alzstage.errors import RequestTooLarge
 
     big = io.BytesIO()
     Image.new("L", (4000, 3000), 90).save(big, format="JPEG")

@@ -35,7 +35,7 @@ import pandas as pd
 
 from alzstage.artifacts import read_split
 from alzstage.config import Params, Paths
-from alzstage.errors import ConfigError, DataError, MissingInputError
+from alzstage.errors import AlzstageError, ConfigError
 from alzstage.files import read_json, write_csv, write_json
 from alzstage.result import StageResult
 
@@ -225,7 +225,7 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
         )
     folds = read_folds(paths)
     if role_column(fold, params.cv.repeats - 1) not in folds:
-        raise MissingInputError(
+        raise AlzstageError(
             f"{paths.cv_folds}: has no folds for cv.repeats={params.cv.repeats}; re-run "
             "`alzstage cv-split` (or `dvc repro cv/dvc.yaml`)"
         )
@@ -275,7 +275,7 @@ def pool_folds(frames: list[pd.DataFrame], folds: pd.DataFrame) -> pd.DataFrame:
         pooled["repeat"] = 0
     dup = pooled["path"][pooled.duplicated(["repeat", "path"])]
     if not dup.empty:
-        raise DataError(
+        raise AlzstageError(
             f"cv_report: {dup.iloc[0]!r} is predicted by more than one fold; re-run "
             "`dvc repro cv/dvc.yaml` so that every fold comes from the same folds.csv"
         )
@@ -286,7 +286,7 @@ def pool_folds(frames: list[pd.DataFrame], folds: pd.DataFrame) -> pd.DataFrame:
         )
         missing = sorted(expected - set(part["path"]))
         if missing or column not in folds:
-            raise DataError(
+            raise AlzstageError(
                 f"cv_report: {len(missing)} slices of repeat {repeat} have no out-of-fold "
                 f"prediction (e.g. {missing[0] if missing else column!r}); a fold is missing or "
                 "stale: re-run `dvc repro cv/dvc.yaml`"
@@ -323,7 +323,7 @@ def _read_fold_files(paths: Paths, params: Params, name: str) -> list[pd.DataFra
     for fold in params.cv.folds:
         f = fold_dir(paths, fold) / name
         if not f.exists():
-            raise MissingInputError(f"cv_report: {f} is missing; run `dvc repro cv/dvc.yaml`")
+            raise AlzstageError(f"cv_report: {f} is missing; run `dvc repro cv/dvc.yaml`")
         frames.append(pd.read_csv(f, dtype={"path": str, "subject": str}, keep_default_na=False))
     return frames
 

@@ -40,7 +40,7 @@ import pandas as pd
 from alzstage.artifacts import SPLIT_CSV, SPLITS, PixelStore, SplitReport, read_manifest, read_split
 from alzstage.config import Params, Paths
 from alzstage.data.identity import dataset_name
-from alzstage.errors import ConfigError, DataError, MissingInputError, SplitLeakageError
+from alzstage.errors import AlzstageError, ConfigError
 from alzstage.files import atomic_path, write_json
 from alzstage.result import StageResult
 
@@ -83,12 +83,12 @@ def _thumbnail(path: Path, size: int) -> np.ndarray:
             small = im.convert("L").resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(small, dtype=np.float32).reshape(-1)
     except FileNotFoundError:
-        raise MissingInputError(
+        raise AlzstageError(
             f"{path}: image listed in the manifest is missing; re-run `alzstage download` "
             "(or `dvc repro download validate`) to restore data/raw"
         ) from None
     except Exception as exc:  # any decode error gets the same advice
-        raise DataError(
+        raise AlzstageError(
             f"{path}: cannot decode image for the split thumbnails ({exc}); re-run "
             "`alzstage validate` with validate.on_failure: quarantine, or remove the file"
         ) from None
@@ -350,7 +350,7 @@ def split_by_subject(df: pd.DataFrame, params: Params) -> pd.DataFrame:
 
     Allocation runs per class (that is the stratification) over whole subjects (that is
     the grouping); a subject spread over several classes (longitudinal data) follows its
-    most frequent class. Raises :class:`SplitLeakageError` if a subject ends up in two
+    most frequent class. Raises :class:`AlzstageError` if a subject ends up in two
     splits, so a regression can never silently produce inflated scores.
     """
     _check_fractions(params)
@@ -390,7 +390,7 @@ def split_by_source(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     unknown = sorted(set(src.tolist()) - {"train", "test", "val", "validation"})
     if unknown:
         bad = df.loc[src.isin(unknown), "path"].iloc[0]
-        raise DataError(
+        raise AlzstageError(
             f"split.strategy=source: manifest column source_split has values {unknown} "
             f"(e.g. row {bad!r}); it must be train/val/test for every row. The source gives "
             "no usable split: set split.strategy to subject (or stratified) in params.yaml"
@@ -478,13 +478,13 @@ STRATEGIES = {
 
 
 def assert_no_subject_leakage(df: pd.DataFrame) -> None:
-    """Raise :class:`SplitLeakageError` naming the subjects found in more than one split."""
+    """Raise :class:`AlzstageError` naming the subjects found in more than one split."""
     keys = _group_keys(df)
     n_splits = df.groupby(keys)["split"].nunique()
     bad = sorted(n_splits.index[n_splits > 1].tolist())
     if bad:
         where = {k: sorted(set(df.loc[keys == k, "split"].tolist())) for k in bad[:5]}
-        raise SplitLeakageError(
+        raise AlzstageError(
             f"split.strategy=subject produced {len(bad)} subject(s) in more than one split, "
             f"e.g. {where}. This is a bug in alzstage.data.split (the subject split must "
             "keep every subject whole); please report it with data/interim/manifest.csv"
@@ -604,7 +604,7 @@ def test_fingerprint(csv_text: str) -> str:
         return hashlib.sha256(b"").hexdigest()
     header = next(csv.reader([lines[0]]))
     if "split" not in header:
-        raise DataError("split.csv has no 'split' column; re-run `alzstage split`")
+        raise AlzstageError("split.csv has no 'split' column; re-run `alzstage split`")
     col = header.index("split")
     h = hashlib.sha256()
     for line in lines[1:]:
@@ -722,15 +722,15 @@ def _read_input(params: Params, paths: Paths) -> pd.DataFrame:
     src = paths.validated_manifest
     df = read_manifest(src)
     if df.empty:
-        raise DataError(f"{src}: manifest has no rows; nothing to split (check data.source)")
+        raise AlzstageError(f"{src}: manifest has no rows; nothing to split (check data.source)")
     dup = df["path"][df["path"].duplicated()]
     if len(dup):
-        raise DataError(
+        raise AlzstageError(
             f"{src}: path {dup.iloc[0]!r} appears more than once; re-run `alzstage download`"
         )
     unknown = sorted(set(df["label"].tolist()) - set(params.base.classes))
     if unknown:
-        raise DataError(
+        raise AlzstageError(
             f"{src}: labels {unknown} are not in params.yaml base.classes "
             f"{params.base.classes}; add them (or base.class_aliases) and re-run download"
         )

@@ -40,7 +40,7 @@ from alzstage.data.validation.checks import check_images
 from alzstage.data.validation.decision import QUARANTINE_COLUMNS, decide
 from alzstage.data.validation.gx import run_manifest_suite
 from alzstage.data.validation.report import build_report, format_failure
-from alzstage.errors import ValidationError as ValidationFailed
+from alzstage.errors import AlzstageError
 from alzstage.files import atomic_dir, write_csv, write_json
 from alzstage.result import StageResult
 
@@ -96,7 +96,7 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
 
     rel = _relative_to(paths.root)
     if not report["stage_passed"]:
-        raise ValidationFailed(
+        raise AlzstageError(
             format_failure(
                 rel(paths.raw_manifest),
                 manifest,

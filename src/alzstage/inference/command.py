@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alzstage.errors import InputError, ModelError, ModelNotFound
+from alzstage.errors import AlzstageError, InputError, ModelNotFound
 from alzstage.inference.prediction import (
     NO_BRAIN_MODEL_NOTE,
     ModelRef,
@@ -69,8 +69,8 @@ def run_predict(
     brain-level result (stage, conformal set, per-slice table) instead of one per file.
 
     Raises :class:`~alzstage.errors.InputError` for inputs that name no file (or, with
-    ``brain``, a folder without slices), and :class:`~alzstage.errors.ModelError` (or
-    ``DatasetUnknown``) when there is no model to use; a file that cannot be read is a
+    ``brain``, a folder without slices), and :class:`~alzstage.errors.AlzstageError`
+    when there is no model to use; a file that cannot be read is a
     result with an ``error`` (a brain's: a left-out slice), not an exception.
     """
     from alzstage.inference.predict import (
@@ -126,7 +126,7 @@ def run_predict(
             predictions = predict_paths(model, files, params, gradcam_dir)
     except ValueError as exc:  # Grad-CAM on a model that is not preprocess -> backbone -> head
         what = "--gradcam" if gradcam_dir is not None else model.info.label
-        raise ModelError(f"{what}: {exc}") from None
+        raise AlzstageError(f"{what}: {exc}") from None
     return PredictionRun(
         model=model.info.ref,
         label=model.info.label,

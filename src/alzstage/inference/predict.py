@@ -37,16 +37,13 @@ from alzstage.data.images import (  # decoding lives with the other input code; 
     DEFAULT_MAX_PIXELS,
     DISPLAY_MAX_SIDE,
     IMAGE_FORMATS,  # noqa: F401
-    CorruptImage,  # noqa: F401
     DecodedImage,
-    ImageTooLarge,  # noqa: F401
-    UnsupportedImage,  # noqa: F401
     decode_image,  # noqa: F401
     decode_slice,
     display_image,
     to_model_array,
 )
-from alzstage.errors import ImageReadError, InputError, ModelError, ModelNotFound  # re-exported
+from alzstage.errors import AlzstageError, ImageReadError, InputError, ModelNotFound  # re-exported
 from alzstage.inference.gradcam import overlay_writer
 from alzstage.inference.prediction import ImagePrediction, ModelRef, Prediction, failed, scored
 
@@ -189,7 +186,7 @@ def choose_model(ref: str | None, params: Params, paths: Paths) -> ModelChoice:
     """``--model`` as given, or (by default) the champion of the configured dataset.
 
     A bare version number or alias also refers to the configured dataset's registered
-    model. Raises :class:`~alzstage.errors.DatasetUnknown` when that dataset cannot be
+    model. Raises :class:`~alzstage.errors.AlzstageError` when that dataset cannot be
     named (a non-demo source that the pipeline has not split yet, and no ``data.name``).
     """
     if not refers_to_dataset_model(ref):
@@ -349,7 +346,7 @@ def _resolve_registry(
 
 
 def _load_keras_file(path: Path) -> Any:
-    """A ``.keras`` file, or a :class:`ModelError` that tells a missing file from a bad one."""
+    """A ``.keras`` file, or an :class:`AlzstageError` that tells a missing file from a bad one."""
     import zipfile
 
     if not path.is_file():
@@ -358,7 +355,7 @@ def _load_keras_file(path: Path) -> Any:
             "(`alzstage train` writes models/model.keras)"
         )
     if not zipfile.is_zipfile(path):  # Keras says "File not found" for these
-        raise ModelError(
+        raise AlzstageError(
             f"--model {path}: not a Keras model file (a .keras file is a zip archive); it is "
             "damaged or something else renamed: re-export it with model.save() or re-run "
             "`alzstage train`"
@@ -371,7 +368,7 @@ def _load_keras_file(path: Path) -> Any:
         return keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a damaged archive
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
+        raise AlzstageError(
             f"--model {path}: cannot load this Keras model ({first}); it is damaged or was "
             "saved by an incompatible Keras: re-export it or re-run `alzstage train`"
         ) from None

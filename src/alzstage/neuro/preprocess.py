@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from alzstage.config import NeuroPreprocessParams
-from alzstage.neuro.errors import EmptyBrainMask
+from alzstage.errors import VolumeError
 from alzstage.neuro.qc import VolumeRule, check_measurements
 from alzstage.neuro.volume import Volume, load_volume
 
@@ -68,7 +68,7 @@ def preprocess_volume(
 ) -> Preprocessed:
     """Turn one NIfTI volume into ``params.n_slices`` uint8 axial slices of ``image_size``.
 
-    Raises a :class:`~alzstage.neuro.errors.VolumeError` when no slices can be made
+    Raises a :class:`~alzstage.errors.VolumeError` when no slices can be made
     (unreadable, not 3D, nothing in the image, registration crashed) and, with
     ``rules``, when a measurement breaks one of them.
     """
@@ -107,9 +107,10 @@ def preprocess_volume(
     with _timed(timings, "normalise"):
         foreground = otsu_foreground(data, affine, params.foreground_stride)
         if not foreground.any():
-            raise EmptyBrainMask(
+            raise VolumeError(
                 f"{name}: no foreground found (the image is blank or constant); check that "
-                "it is a T1-weighted brain scan and that the export kept the voxel values"
+                "it is a T1-weighted brain scan and that the export kept the voxel values",
+                check="empty_brain_mask",
             )
         clipped = clip_percentiles(data, foreground, params.clip_percentiles)
 

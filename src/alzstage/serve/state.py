@@ -73,7 +73,7 @@ class ServeSettings:
         default the configured dataset's champion), params.yaml's classes, sizes and
         volume rules, and the limits given on the command line.
 
-        Raises :class:`~alzstage.errors.DatasetUnknown` when no model can be chosen.
+        Raises :class:`~alzstage.errors.AlzstageError` when no model can be chosen.
         """
         from alzstage.inference.predict import choose_model, store_uris
 
