@@ -17,6 +17,7 @@ from sklearn.metrics import balanced_accuracy_score
 from alzstage.config import Params, Paths
 from alzstage.cv.stages import fold_dir, fold_spread, pool_folds, run_cv_report
 from alzstage.data.split import subject_folds
+from alzstage.errors import AlzstageError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -124,9 +125,9 @@ def test_pooling_refuses_duplicates_and_missing_folds() -> None:
     folds = subject_folds(table(), params())
     frames = _fold_predictions(folds, np.random.default_rng(0))
     assert len(pool_folds(frames, folds)) == len(folds)
-    with pytest.raises(ValueError, match="more than one fold"):
+    with pytest.raises(AlzstageError, match="more than one fold"):
         pool_folds([*frames, frames[0]], folds)
-    with pytest.raises(ValueError, match="no out-of-fold prediction"):
+    with pytest.raises(AlzstageError, match="no out-of-fold prediction"):
         pool_folds(frames[:-1], folds)
 
 

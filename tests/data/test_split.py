@@ -25,7 +25,6 @@ from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.pixels import run_decode
 from alzstage.data.split import (
     SPLIT_COLUMNS,
-    AlzstageError,
     assert_no_subject_leakage,
     fingerprint_split_file,
     leakage_report,
@@ -38,6 +37,7 @@ from alzstage.data.split import (
     split_stratified,
     test_fingerprint,
 )
+from alzstage.errors import AlzstageError
 
 # Stage warnings (leaky strategy, tiny classes) are asserted with pytest.warns where they
 # matter; elsewhere they are expected noise.
@@ -138,7 +138,7 @@ def test_load_thumbnails_rows_are_zero_mean_unit_norm(tmp_path: Path) -> None:
 
 def test_load_thumbnails_names_the_broken_file(tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"bad\.jpg.*validate"):
+    with pytest.raises(AlzstageError, match=r"bad\.jpg.*validate"):
         load_thumbnails([tmp_path / "bad.jpg"], 16)
 
 
@@ -282,7 +282,7 @@ def test_source_strategy_keeps_source_test_rows_in_test(project: Paths) -> None:
 
 def test_source_strategy_without_source_split_explains(project: Paths) -> None:
     df = read_manifest(project.validated_manifest).assign(source_split="")
-    with pytest.raises(ValueError, match=r"source_split.*split\.strategy"):
+    with pytest.raises(AlzstageError, match=r"source_split.*split\.strategy"):
         split_by_source(df, params(strategy="source"))
 
 
@@ -292,7 +292,7 @@ def test_fractions_must_leave_room_for_train(project: Paths) -> None:
 
 
 def test_missing_manifest_says_what_to_run(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="alzstage validate"):
+    with pytest.raises(AlzstageError, match="alzstage validate"):
         run_split(params(), Paths(tmp_path))
 
 
