@@ -114,7 +114,8 @@ def test_predict_one_good_file_matches_the_pyfunc(
 def test_the_api_and_the_cli_library_give_one_and_the_same_result(
     client, demo: DemoChampion, mri_slices: list[np.ndarray], tmp_path: Path
 ) -> None:
-    from alzstage.inference.predict import LoadedModel, predict_files
+    from alzstage.inference.loading import LoadedModel
+    from alzstage.inference.predict import predict_files
     from alzstage.serve.schemas import ImagePrediction
 
     # given one slice, as a file for the CLI and as an upload for the API

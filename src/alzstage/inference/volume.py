@@ -39,8 +39,8 @@ from alzstage.inference.prediction import SlicePrediction, VolumePrediction, fai
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import NeuroParams, NiftiQCParams, Params
     from alzstage.data.images import DecodedImage
+    from alzstage.inference.loading import LoadedModel
     from alzstage.inference.ood import InputCheck
-    from alzstage.inference.predict import LoadedModel
     from alzstage.neuro.preprocess import Preprocessed
 
 

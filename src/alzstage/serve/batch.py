@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from alzstage.data.images import DecodedImage
-    from alzstage.inference.predict import LoadedModel
+    from alzstage.inference.loading import LoadedModel
     from alzstage.serve.state import ModelCache, ServeSettings
 
 

@@ -17,7 +17,7 @@ from alzstage.tracking import champion_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
-    from alzstage.inference.predict import LoadedModel
+    from alzstage.inference.loading import LoadedModel
 
 log = logging.getLogger("alzstage.serve")
 
@@ -118,7 +118,7 @@ class ModelCache:
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
-                    from alzstage.inference.predict import LoadedModel
+                    from alzstage.inference.loading import LoadedModel
 
                     s = self.settings
                     self._model = LoadedModel(
