@@ -50,7 +50,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from alzstage.data.images import to_model_array
-    from alzstage.inference.predict import LoadedModel, decode_image, predict_files
+    from alzstage.inference.loading import LoadedModel
+    from alzstage.inference.predict import decode_image, predict_files
 
     uri, tracking, what = resolve_model(args)
     with tempfile.TemporaryDirectory() as tmp:

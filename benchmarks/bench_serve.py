@@ -114,7 +114,8 @@ def main() -> None:
     import requests
 
     from alzstage.data.images import to_model_array
-    from alzstage.inference.predict import LoadedModel, decode_image
+    from alzstage.inference.loading import LoadedModel
+    from alzstage.inference.predict import decode_image
 
     uri, tracking, what = resolve_model(args)
     data = slices(max([*args.batches, 8]))

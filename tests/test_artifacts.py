@@ -32,7 +32,7 @@ from alzstage.artifacts import (
     write_folds,
     write_split,
 )
-from alzstage.errors import AlzstageError, ArtifactError, MissingInputError
+from alzstage.errors import AlzstageError
 from alzstage.files import json_text
 
 
@@ -69,7 +69,7 @@ def test_a_missing_key_names_the_file_the_key_and_the_stage_to_rerun(tmp_path: P
     path.write_text(json.dumps(doc))
 
     # when it is read
-    with pytest.raises(ArtifactError) as caught:
+    with pytest.raises(AlzstageError) as caught:
         TrainRun.read(path)
 
     # then one line says where, what and how to fix it
@@ -96,12 +96,12 @@ def test_a_wrongly_typed_value_is_refused_not_coerced(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
 
     # when promote reads it, then the key is named
-    with pytest.raises(ArtifactError, match=r"metrics\.json: key 'split_leaky'.*alzstage evaluate"):
+    with pytest.raises(AlzstageError, match=r"metrics\.json: key 'split_leaky'.*alzstage evaluate"):
         MetricsReport.read(path)
 
 
 def test_a_missing_file_says_which_stage_writes_it(tmp_path: Path) -> None:
-    with pytest.raises(MissingInputError, match=r"split\.json: not found; run `alzstage split`"):
+    with pytest.raises(AlzstageError, match=r"split\.json: not found; run `alzstage split`"):
         SplitReport.read(tmp_path / "split.json")
 
 
@@ -179,7 +179,7 @@ def test_a_train_report_names_the_key_it_refuses(tmp_path: Path, change: dict, n
     path.write_text(json.dumps(train_summary() | change))
 
     # when it is read
-    with pytest.raises(ArtifactError) as caught:
+    with pytest.raises(AlzstageError) as caught:
         TrainReport.read(path)
 
     # then one line names the file, the key and the stage to run again
@@ -218,7 +218,7 @@ def test_a_writer_is_stopped_before_it_writes_a_report_a_reader_would_refuse(
 
     # when evaluate checks it against the contract, then nothing is written
     expected = r"metrics\.json: not written, key 'dataset' is missing$"
-    with pytest.raises(ArtifactError, match=expected):
+    with pytest.raises(AlzstageError, match=expected):
         MetricsReport.check(report, tmp_path / "metrics.json")
     assert not (tmp_path / "metrics.json").exists()
 
@@ -246,7 +246,7 @@ def test_promote_refuses_metrics_without_a_split_fingerprint(tmp_path: Path) -> 
     )
 
     # when promote runs, then it stops before registering anything (no empty-string tag)
-    with pytest.raises(ArtifactError, match="'split_fingerprint' is missing"):
+    with pytest.raises(AlzstageError, match="'split_fingerprint' is missing"):
         run_promote(Params(), paths)
 
 
@@ -287,7 +287,7 @@ def test_a_split_csv_without_a_column_names_the_file_the_column_and_the_stage(
     SPLIT_CSV.frame(split_rows()).drop(columns=["subject"]).to_csv(path, index=False)
 
     # when augment, train or evaluate reads it
-    with pytest.raises(ArtifactError) as caught:
+    with pytest.raises(AlzstageError) as caught:
         read_split(path)
 
     # then one line says where, what and how to fix it
@@ -304,7 +304,7 @@ def test_a_split_name_outside_train_val_test_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "split.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
 
-    with pytest.raises(ArtifactError, match=r"column split is 'holdout' in row 2, must be one of"):
+    with pytest.raises(AlzstageError, match=r"column split is 'holdout' in row 2, must be one of"):
         read_split(path)
 
 
@@ -317,7 +317,7 @@ def test_a_writer_is_stopped_before_it_writes_a_csv_a_reader_would_refuse(
     rows = pd.DataFrame(split_rows()).assign(subject_source="guessed")
 
     # when the split stage writes them, then nothing is written
-    with pytest.raises(ArtifactError, match=r"split\.csv: not written, column subject_source"):
+    with pytest.raises(AlzstageError, match=r"split\.csv: not written, column subject_source"):
         write_split(rows, path)
     assert path.read_text() == before
 
@@ -332,7 +332,7 @@ def test_manifest_sizes_are_whole_numbers_and_ids_stay_text(tmp_path: Path) -> N
 
     pd.DataFrame([row | {"width": "wide", "height": "40"}]).to_csv(path, index=False)
     expected = r"column width is 'wide' in row 1, must be a whole number; run `alzstage validate`"
-    with pytest.raises(ArtifactError, match=expected):
+    with pytest.raises(AlzstageError, match=expected):
         read_manifest(path)
 
 
@@ -367,7 +367,7 @@ def test_a_csv_file_left_empty_is_refused_in_one_line(tmp_path: Path) -> None:
     path.write_text("")
     # when it is read, then one line names it and the stage (no pandas traceback)
     with pytest.raises(
-        ArtifactError, match=r"split\.csv: empty \(no header\); run `alzstage split`"
+        AlzstageError, match=r"split\.csv: empty \(no header\); run `alzstage split`"
     ):
         read_split(path)
 
@@ -384,7 +384,7 @@ def test_evaluate_reads_the_validation_counts_and_names_validate_when_one_is_mis
     assert report.model_dump(mode="json")["checks"] == {"size": 1}
     path.write_text(json.dumps({"n_images": 10}))
     expected = r"validation\.json: key 'n_valid' is missing; run `alzstage validate`"
-    with pytest.raises(ArtifactError, match=expected):
+    with pytest.raises(AlzstageError, match=expected):
         ValidationReport.read(path)
 
 
@@ -419,7 +419,7 @@ def test_a_train_npz_without_labels_names_the_array_and_augment(tmp_path: Path) 
     full = augmented()
     np.savez(folder / "train.npz", images=full.images, source=full.source, paths=full.paths)
     # when train reads it, then one line names the file, the array and the stage
-    with pytest.raises(ArtifactError) as caught:
+    with pytest.raises(AlzstageError) as caught:
         AugmentedSet.read(folder)
     assert str(caught.value) == (
         f"{folder / 'train.npz'}: no array 'labels'; "
@@ -427,7 +427,7 @@ def test_a_train_npz_without_labels_names_the_array_and_augment(tmp_path: Path) 
     )
     # and a file that is no .npz at all is named too
     (folder / "train.npz").write_bytes(b"not a zip")
-    with pytest.raises(ArtifactError, match=r"train\.npz: not a readable \.npz"):
+    with pytest.raises(AlzstageError, match=r"train\.npz: not a readable \.npz"):
         AugmentedSet.read(folder)
 
 
@@ -436,15 +436,15 @@ def test_inconsistent_augmented_arrays_are_neither_written_nor_read(tmp_path: Pa
     bad = augmented()
     bad = AugmentedSet(bad.images, bad.labels, bad.source + 2, bad.paths, bad.subjects)
     # when augment writes them, then nothing is written
-    with pytest.raises(ArtifactError, match=r"train\.npz: not written, labels or source"):
+    with pytest.raises(AlzstageError, match=r"train\.npz: not written, labels or source"):
         bad.write(tmp_path / "augmented")
     assert not (tmp_path / "augmented").exists()
     # and a file that holds them anyway is refused at the read
     (tmp_path / "augmented").mkdir()
     np.savez(tmp_path / "augmented" / "train.npz", **vars(bad))
-    with pytest.raises(ArtifactError, match="out of range; run `alzstage augment`"):
+    with pytest.raises(AlzstageError, match="out of range; run `alzstage augment`"):
         AugmentedSet.read(tmp_path / "augmented")
-    with pytest.raises(MissingInputError, match="not found; run `alzstage augment`"):
+    with pytest.raises(AlzstageError, match="not found; run `alzstage augment`"):
         AugmentedSet.read(tmp_path / "elsewhere")
 
 
@@ -484,11 +484,11 @@ def test_a_folds_row_whose_role_disagrees_with_its_test_fold_is_refused(tmp_path
         f"{path}: row 1: test_fold is 0 but fold_0 is 'train'; "
         "run `alzstage cv-split` (or `dvc repro cv/dvc.yaml`) again"
     )
-    with pytest.raises(ArtifactError) as caught:
+    with pytest.raises(AlzstageError) as caught:
         read_folds(path)
     assert str(caught.value) == expected
     # and cv_split's writer refuses the same table
-    with pytest.raises(ArtifactError, match="not written, row 1"):
+    with pytest.raises(AlzstageError, match="not written, row 1"):
         write_folds(frame, tmp_path / "new.csv")
     assert not (tmp_path / "new.csv").exists()
 
@@ -497,9 +497,9 @@ def test_a_folds_file_missing_a_later_repeats_role_column_is_refused(tmp_path: P
     # given repeat 1's test column without its role columns
     path = tmp_path / "folds.csv"
     folds_frame(repeats=2).drop(columns=["r1_fold_1"]).to_csv(path, index=False)
-    with pytest.raises(ArtifactError, match=r"no column r1_fold_1; run `alzstage cv-split`"):
+    with pytest.raises(AlzstageError, match=r"no column r1_fold_1; run `alzstage cv-split`"):
         read_folds(path)
-    with pytest.raises(MissingInputError, match=r"not found; run `alzstage cv-split`"):
+    with pytest.raises(AlzstageError, match=r"not found; run `alzstage cv-split`"):
         read_folds(tmp_path / "nothing.csv")
 
 
@@ -531,7 +531,7 @@ def test_folds_json_round_trips_and_a_bad_count_names_the_key(tmp_path: Path) ->
     assert FoldsReport.read(path).model_dump(mode="json") == folds_report()
     # and a count that is not a whole number is named with the stage to re-run
     path.write_text(json.dumps(folds_report() | {"n_subjects": "four"}))
-    with pytest.raises(ArtifactError, match=r"key 'n_subjects'.*run `alzstage cv-split`"):
+    with pytest.raises(AlzstageError, match=r"key 'n_subjects'.*run `alzstage cv-split`"):
         FoldsReport.read(path)
 
 
@@ -579,11 +579,11 @@ def test_a_folds_predictions_without_a_class_column_name_the_column_and_cv_fold(
     fold_rows().drop(columns=["p_CN"]).to_csv(path, index=False)
     # when cv_report reads them, then the column and the stage are named
     expected = r"no column p_CN; run `alzstage cv-fold --fold <i>` \(or `dvc repro cv/dvc.yaml`\)"
-    with pytest.raises(ArtifactError, match=expected):
+    with pytest.raises(AlzstageError, match=expected):
         fold_predictions_csv(CV_CLASSES, ["morph_csf"]).read(path)
     # and fit_slices.csv needs each slice's role on top
     fold_rows().to_csv(path, index=False)
-    with pytest.raises(ArtifactError, match="no column role"):
+    with pytest.raises(AlzstageError, match="no column role"):
         fit_slices_csv(CV_CLASSES, ["morph_csf"]).read(path)
 
 
@@ -603,5 +603,5 @@ def test_skipped_csv_names_what_download_writes_and_a_lost_column_names_download
     # and a file that lost its reason column is refused in one line naming download
     pd.read_csv(path).drop(columns=["reason"]).to_csv(path, index=False)
     expected = r"skipped\.csv: no column reason; run `alzstage download`"
-    with pytest.raises(ArtifactError, match=expected):
+    with pytest.raises(AlzstageError, match=expected):
         read_skipped(path)

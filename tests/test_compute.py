@@ -18,7 +18,7 @@ from dask_cluster import REPO, LoopbackCluster, loopback_cluster
 
 from alzstage import compute
 from alzstage.config import ComputeParams, ConfigError, parse_params
-from alzstage.errors import ComputeError
+from alzstage.errors import AlzstageError
 
 
 def slow_square(x: int) -> int:
@@ -96,7 +96,7 @@ def test_an_unreachable_scheduler_is_one_line_naming_the_key(
 
     monkeypatch.setattr(compute, "CONNECT_TIMEOUT", "2s")
     params = ComputeParams(scheduler=f"tcp://127.0.0.1:{free_port()}")
-    with pytest.raises(ComputeError) as info, compute.engine(params, "test"):
+    with pytest.raises(AlzstageError) as info, compute.engine(params, "test"):
         pass
     message = str(info.value)
     assert message.startswith("compute.scheduler: cannot reach tcp://127.0.0.1:")

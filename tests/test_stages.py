@@ -290,7 +290,8 @@ def test_dvc_metrics_are_the_headlines_only() -> None:
 
 def test_a_stage_reads_only_the_params_it_declares() -> None:
     from alzstage.config import Params
-    from alzstage.stages import ScopedParams, UndeclaredParamsError
+    from alzstage.errors import ConfigError
+    from alzstage.stages import ScopedParams
 
     # given the augment stage's view of the params (base, augment, model.input_size)
     scoped = ScopedParams(Params(), ("base", "augment", "model.input_size"), "augment")
@@ -299,19 +300,20 @@ def test_a_stage_reads_only_the_params_it_declares() -> None:
     assert scoped.augment.rotation_deg == Params().augment.rotation_deg
     assert tuple(scoped.model.input_size) == tuple(Params().model.input_size)
     # and another stage's section, or an undeclared key of a declared one, is an error
-    with pytest.raises(UndeclaredParamsError, match="'augment' reads params split"):
+    with pytest.raises(ConfigError, match="'augment' reads params split"):
         _ = scoped.split
-    with pytest.raises(UndeclaredParamsError, match=r"reads params model\.widths"):
+    with pytest.raises(ConfigError, match=r"reads params model\.widths"):
         _ = scoped.model.widths
 
 
 def test_derived_params_need_every_key_they_read() -> None:
     from alzstage.config import Params
-    from alzstage.stages import ScopedParams, UndeclaredParamsError
+    from alzstage.errors import ConfigError
+    from alzstage.stages import ScopedParams
 
     # cv_report declares train.recipe and model.weights: Params.recipe reads exactly those
     assert ScopedParams(Params(), ("train.recipe", "model.weights"), "x").recipe == "scratch"
-    with pytest.raises(UndeclaredParamsError, match=r"model\.weights"):
+    with pytest.raises(ConfigError, match=r"model\.weights"):
         _ = ScopedParams(Params(), ("train",), "x").recipe
     # params.yaml's "validate" section is the attribute validate_
     assert ScopedParams(Params(), ("validate",), "x").validate_ == Params().validate_

@@ -150,16 +150,16 @@ def test_sigterm_marks_the_own_run_failed(tmp_path, monkeypatch):
 def test_alias_on_a_missing_version_names_the_versions_that_exist(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from alzstage.errors import InputError, ModelError
+    from alzstage.errors import AlzstageError, InputError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracking.configure(tmp_path)
-    with pytest.raises(ModelError, match=r"no model 'm' is registered yet.*no version 999"):
+    with pytest.raises(AlzstageError, match=r"no model 'm' is registered yet.*no version 999"):
         tracking.set_alias("m", "champion", 999)
     store = MlflowClient()
     store.create_registered_model("m")
     store.create_model_version("m", source=(tmp_path / "model").as_uri())
-    with pytest.raises(ModelError, match=r"^m has no version 999; registered versions are 1: "):
+    with pytest.raises(AlzstageError, match=r"^m has no version 999; registered versions are 1: "):
         tracking.set_alias("m", "champion", 999)
     with pytest.raises(InputError, match=r"^--alias '': .*cannot be empty.*e\.g\. champion"):
         tracking.set_alias("m", "", 1)

@@ -86,7 +86,7 @@ from alzstage.cv_files import (
 from alzstage.cv_files import (
     write_folds as write_folds,
 )
-from alzstage.errors import ArtifactError, MissingInputError
+from alzstage.errors import AlzstageError
 from alzstage.files import atomic_dir, write_json
 from alzstage.pixel_store import PixelsMeta as PixelsMeta
 from alzstage.pixel_store import PixelStore as PixelStore
@@ -358,16 +358,16 @@ class AugmentedSet:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in names if name in npz.files}
         except FileNotFoundError:
-            raise MissingInputError(f"{path}: not found; {how} first") from None
+            raise AlzstageError(f"{path}: not found; {how} first") from None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise ArtifactError(f"{path}: not a readable .npz ({e}); {how} again") from None
+            raise AlzstageError(f"{path}: not a readable .npz ({e}); {how} again") from None
         missing = [name for name in names if name not in arrays]
         if missing:
-            raise ArtifactError(f"{path}: no array {missing[0]!r}; {how} again")
+            raise AlzstageError(f"{path}: no array {missing[0]!r}; {how} again")
         out = cls(**arrays)
         problem = out.problem()
         if problem:
-            raise ArtifactError(f"{path}: {problem}; {how} again")
+            raise AlzstageError(f"{path}: {problem}; {how} again")
         return out
 
     def write(self, folder: Path) -> Path:
@@ -377,7 +377,7 @@ class AugmentedSet:
         path = Path(folder) / self.FILE
         problem = self.problem()
         if problem:
-            raise ArtifactError(f"{path}: not written, {problem}")
+            raise AlzstageError(f"{path}: not written, {problem}")
         with atomic_dir(Path(folder)) as staging, open(staging / self.FILE, "wb") as out:
             np.savez(out, **{f.name: getattr(self, f.name) for f in fields(self)})
         return path

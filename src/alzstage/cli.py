@@ -175,6 +175,7 @@ def predict(
     slices. JSON output adds the per-slice probabilities and QC, --gradcam the most
     informative slices.
     """
+    # 1. Options that are wrong whatever the inputs: refused before anything loads.
     if output not in ("table", "json", "csv"):
         _fail(f"--format must be one of table, json, csv (got {output!r})")
     if gradcam is not None and gradcam.exists() and not gradcam.is_dir():
@@ -183,25 +184,33 @@ def predict(
     from alzstage.errors import AlzstageError, InputError
     from alzstage.inference import command
 
+    # 2. Many inputs to a file: the batch mode on the compute engine.
     if batch_output is not None:
         _predict_batch(inputs, model, batch_output, gradcam, brain, params, paths)
         return
-
+    # 3. Predict; the model is said on stderr, so that JSON and CSV on stdout stay clean.
     try:
-        # The model is said on stderr, so that JSON and CSV on stdout stay clean.
         run = command.run_predict(
-            inputs,
-            model,
-            params,
-            paths,
-            gradcam,
-            announce=lambda s: typer.echo(s, err=True),
-            brain=brain,
+            inputs, model, params, paths, gradcam, announce=_to_stderr, brain=brain
         )
     except InputError as exc:  # no such input
         _fail(str(exc))
     except AlzstageError as exc:  # no model, unknown dataset, unreadable model, Grad-CAM
         _fail(str(exc), code=1)
+    # 4. Print in the asked format; a file that failed makes the exit code 1.
+    _print_run(run, output)
+    if run.summary.n_errors:
+        raise typer.Exit(1)
+
+
+def _to_stderr(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def _print_run(run: Any, output: str) -> None:
+    """``predict``'s results on stdout as a table, JSON or CSV (notes go to stderr)."""
+    from alzstage.inference import command
+
     if output == "json":
         typer.echo(command.json_document(run))
     elif output == "csv":  # stdout stays one clean CSV table; the notes are for the person
@@ -210,8 +219,6 @@ def predict(
             typer.echo(note, err=True)
     else:
         command.print_table(run)
-    if run.summary.n_errors:
-        raise typer.Exit(1)
 
 
 def _predict_batch(
@@ -231,9 +238,7 @@ def _predict_batch(
         what = "--gradcam" if gradcam is not None else "--brain"
         _fail(f"{what} does not combine with --output (batch mode); predict without --output")
     try:
-        summary = run_batch_predict(
-            inputs, model, params, paths, output, announce=lambda s: typer.echo(s, err=True)
-        )
+        summary = run_batch_predict(inputs, model, params, paths, output, announce=_to_stderr)
     except InputError as exc:
         _fail(str(exc))
     except AlzstageError as exc:
@@ -306,22 +311,27 @@ def serve(
     from alzstage.errors import AlzstageError
     from alzstage.serve.app import ServeSettings, create_app
 
+    # 1. The command line's limits, in the units ServeSettings keeps (bytes, tuples).
+    mib = 2**20
     limits = {
-        "max_file_bytes": int(max_upload_mb * 2**20),
-        "max_request_bytes": int(max_request_mb * 2**20),
-        "max_files": max_files,
-        "max_pixels": max_pixels,
-        "max_volume_bytes": int(max_volume_mb * 2**20),
-        "max_request_pixels": max_request_pixels,
-        "max_concurrent": max_concurrent,
-        "max_queued": max_queued,
-        "allowed_origins": tuple(allow_origin or ()),
-        "allowed_hosts": tuple(allow_host or ()),
+        **{"max_file_bytes": int(max_upload_mb * mib), "max_files": max_files},
+        **{"max_request_bytes": int(max_request_mb * mib), "max_pixels": max_pixels},
+        **{"max_volume_bytes": int(max_volume_mb * mib), "max_queued": max_queued},
+        **{"max_request_pixels": max_request_pixels, "max_concurrent": max_concurrent},
+        **{"allowed_origins": tuple(allow_origin or ()), "allowed_hosts": tuple(allow_host or ())},
     }
+    # 2. The model (by default the configured dataset's champion) and params.yaml's values.
     try:
         settings = ServeSettings.for_project(params, paths, model, **limits)
     except AlzstageError as exc:
         _fail(str(exc), code=1)
+    # 3. Say what is served where (and warn off the network), then serve until stopped.
+    _announce_serving(settings.model_choice, host, port)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+def _announce_serving(model_choice: str, host: str, port: int) -> None:
+    """The one line ``serve`` starts with, after a warning when bound off loopback."""
     if host not in LOOPBACK:
         typer.secho(
             f"warning: binding {host} exposes an unauthenticated API to the network; "
@@ -329,10 +339,7 @@ def serve(
             fg=typer.colors.YELLOW,
             err=True,
         )
-    typer.echo(
-        f"alzstage: serving {settings.model_choice} at http://{host}:{port}/ (API docs: /docs)"
-    )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    typer.echo(f"alzstage: serving {model_choice} at http://{host}:{port}/ (API docs: /docs)")
 
 
 @app.command("check-params")

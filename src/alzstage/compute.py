@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from alzstage.errors import ComputeError
+from alzstage.errors import AlzstageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -176,7 +176,7 @@ class Engine:
         try:
             return Outcome(index, value=future.result())
         except CancelledError:  # not the task: the scheduler dropped it (lost, restarted)
-            raise ComputeError(
+            raise AlzstageError(
                 f"{self.where}: the cluster cancelled the run (scheduler lost or restarted?); "
                 "run it again (a download reuses the volumes it finished)"
             ) from None
@@ -224,7 +224,7 @@ def engine(
                     Client(params.scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False)
                 )
             except (OSError, TimeoutError) as exc:
-                raise ComputeError(
+                raise AlzstageError(
                     f"compute.scheduler: cannot reach {params.scheduler} ({exc}); start the "
                     "scheduler (`dask scheduler`) and its workers, or set compute.scheduler: "
                     "null for a local cluster"
@@ -247,7 +247,7 @@ def engine(
                     )
                 )
             except (OSError, ValueError, TimeoutError) as exc:
-                raise ComputeError(
+                raise AlzstageError(
                     f"compute: the local Dask cluster did not start ({exc}); check "
                     "compute.workers and compute.memory_limit"
                 ) from None

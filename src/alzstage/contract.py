@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
-from alzstage.errors import ArtifactError, MissingInputError
+from alzstage.errors import AlzstageError
 from alzstage.files import json_text, write_csv, write_json
 
 if TYPE_CHECKING:
@@ -54,11 +54,11 @@ class Artifact(BaseModel):
         try:
             text = path.read_text()
         except FileNotFoundError:
-            raise MissingInputError(f"{path}: not found; {how} first") from None
+            raise AlzstageError(f"{path}: not found; {how} first") from None
         try:
             return cls.model_validate_json(text)
         except PydanticValidationError as e:
-            raise ArtifactError(f"{path}: {_problems(e)}; {how} again") from None
+            raise AlzstageError(f"{path}: {_problems(e)}; {how} again") from None
 
     @classmethod
     def check(cls: type[_A], data: dict[str, Any], path: Path) -> _A:
@@ -66,7 +66,7 @@ class Artifact(BaseModel):
         try:
             return cls.model_validate_json(json_text(data))
         except PydanticValidationError as e:
-            raise ArtifactError(f"{path}: not written, {_problems(e)}") from None
+            raise AlzstageError(f"{path}: not written, {_problems(e)}") from None
 
     def write(self, path: Path) -> Path:
         """Write the file (atomically, as every stage output)."""
@@ -136,9 +136,9 @@ class CsvContract:
         try:
             df = pd.read_csv(path, dtype=dtype, keep_default_na=False)
         except FileNotFoundError:
-            raise MissingInputError(f"{path}: not found; {self._rerun()} first") from None
+            raise AlzstageError(f"{path}: not found; {self._rerun()} first") from None
         except pd.errors.EmptyDataError:
-            raise ArtifactError(f"{path}: empty (no header); {self._rerun()} again") from None
+            raise AlzstageError(f"{path}: empty (no header); {self._rerun()} again") from None
         return self._typed(df, path, f"{self._rerun()} again")
 
     def check(self, df: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -170,10 +170,10 @@ class CsvContract:
         """``df`` with its declared columns typed; ``fix`` None marks a writer's own check."""
         import pandas as pd
 
-        def refuse(problem: str) -> ArtifactError:
+        def refuse(problem: str) -> AlzstageError:
             if fix is None:
-                return ArtifactError(f"{path}: not written, {problem}")
-            return ArtifactError(f"{path}: {problem}; {fix}")
+                return AlzstageError(f"{path}: not written, {problem}")
+            return AlzstageError(f"{path}: {problem}; {fix}")
 
         missing = [c.name for c in self.columns if c.required and c.name not in df.columns]
         if missing:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 # Re-exported: every stage-to-stage file is found here, whatever module defines it.
 from alzstage.contract import Artifact as Artifact
 from alzstage.contract import Column, CsvContract, rerun
-from alzstage.errors import ArtifactError
+from alzstage.errors import AlzstageError
 from alzstage.pixel_store import PixelsMeta as PixelsMeta
 from alzstage.pixel_store import PixelStore as PixelStore
 
@@ -106,7 +106,7 @@ def read_folds(path: Path) -> pd.DataFrame:
     df = contract.read(path)
     problem = _fold_problem(df, k, repeats)
     if problem:
-        raise ArtifactError(f"{path}: {problem}; {rerun('cv_split')} again")
+        raise AlzstageError(f"{path}: {problem}; {rerun('cv_split')} again")
     return df
 
 
@@ -116,7 +116,7 @@ def write_folds(df: pd.DataFrame, path: Path) -> Path:
     typed = folds_csv(max(k, 1), repeats).check(df, path)
     problem = _fold_problem(typed, k, repeats)
     if problem:
-        raise ArtifactError(f"{path}: not written, {problem}")
+        raise AlzstageError(f"{path}: not written, {problem}")
     return folds_csv(k, repeats).write(df, path)
 
 

@@ -1,19 +1,19 @@
-"""Errors whose message is written for a person (what, where, how to fix).
+"""Every exception alzstage raises on purpose, each written for a person (what, where, fix).
 
-Every error alzstage raises on purpose is an :class:`AlzstageError`, so the CLI catches
-that one class, prints the message on one line and exits non-zero, with no traceback;
-anything else is a bug and keeps its traceback. The subclasses say whose mistake it is:
+Why one module and few classes: a class exists only where some caller tells it apart,
+by catching it by name or by turning it into its own HTTP status or exit code. Anything
+else is an :class:`AlzstageError` with a good message; the message, not the type, is
+what the person reads. Each class below says who catches it.
 
-* :class:`ConfigError`: ``params.yaml``;
-* :class:`DataError`: the data on disk or at the source (download, unsafe archive,
-  validation, split leakage, a stage input that is not there yet or lacks a key);
-* :class:`InputError`: a file handed to ``predict`` or ``serve``;
-* :class:`ModelError`: a model that cannot be found, loaded or registered.
-* :class:`ComputeError`: the Dask cluster of ``compute`` (unreachable, lost).
+* :class:`AlzstageError`: the CLI prints it on one line and exits 1, no traceback;
+  anything else is a bug and keeps its traceback.
+* :class:`ConfigError`: ``params.yaml`` is wrong (the CLI exits 2 before any work).
+* :class:`InputError`: a file or value handed to ``predict``/``serve`` (exit 2, HTTP 400);
+  :class:`ImageReadError` and its subclasses are one unusable input file, reported on
+  its own row while the rest of the batch goes on, with an HTTP status per class.
+* :class:`SubjectsCsvError`, :class:`ModelNotFound`: caught to add context or a hint.
 
-Several also derive from the builtin they replaced (``ValueError``, ``RuntimeError``,
-``FileNotFoundError``), so code that caught the builtin keeps working. The older names
-stay importable from their modules (``alzstage.data.validate.ValidationFailed`` ...).
+Several also derive from the builtin they replaced (``ValueError``, ``RuntimeError``).
 
 This module imports nothing, so the CLI can catch these without loading TensorFlow just
 to know the exception type.
@@ -21,80 +21,104 @@ to know the exception type.
 
 
 class AlzstageError(Exception):
-    """Base of every error whose message is written for a person."""
+    """Base of every error whose message is written for a person.
+
+    Caught by the CLI (``alzstage.cli``), which prints the message on one line and exits
+    1; raised as such wherever no caller needs to tell the case apart (missing stage
+    input, download, validation, a model that cannot be loaded, the Dask cluster ...).
+    """
 
 
 class ConfigError(AlzstageError, ValueError):
-    """A params.yaml problem, phrased for a person: the key, the value, how to fix it."""
+    """A params.yaml problem, phrased for a person: the key, the value, how to fix it.
+
+    Caught by the CLI's params loading (``cli._load``), which exits 2 before any work.
+    """
 
 
-# --------------------------------------------------------------------------- data
+class SubjectsCsvError(AlzstageError, ValueError):
+    """The subjects CSV itself is unusable (missing columns, unknown labels, duplicates).
+
+    Caught by the NIfTI source (``data.sources.nifti``), which names the CSV's path.
+    """
 
 
-class DataError(AlzstageError, ValueError):
-    """The data cannot be used as it is; the message names the file and the fix."""
+class ModelNotFound(AlzstageError, RuntimeError):
+    """No model behind the reference; the message says how to create one.
 
-
-class MissingInputError(DataError, FileNotFoundError):
-    """A file a stage reads is not there yet; the message names the stage to run first."""
-
-
-class DownloadError(DataError, RuntimeError):
-    """A source could not be fetched or unpacked; the message says which and how to fix it."""
-
-
-class UnsafeArchiveError(DownloadError):
-    """An archive entry that would escape, link, overwrite or explode on extraction."""
-
-
-class ValidationError(DataError, RuntimeError):
-    """The raw data broke a validation rule; the message lists files and how to fix them."""
-
-
-class SplitLeakageError(DataError, RuntimeError):
-    """A subject-level split put one subject in two splits (a bug, never a data issue)."""
-
-
-class ArtifactError(DataError):
-    """A file one stage wrote for another lacks a key or has a wrong value (alzstage.artifacts)."""
-
-
-class SubjectsCsvError(DataError):
-    """The subjects CSV itself is unusable (missing columns, unknown labels, duplicates)."""
+    Caught by ``predict`` (``inference.predict``, ``.command``, ``.batch``), which adds
+    the hint to run the pipeline or name another model.
+    """
 
 
 # --------------------------------------------------------------------------- inputs
 
 
 class InputError(AlzstageError, ValueError):
-    """A file or value given to a command (``predict``, ``serve``, ``promote``) is unusable."""
+    """A file or value given to a command (``predict``, ``serve``, ``promote``) is unusable.
+
+    Caught by ``alzstage predict`` (exit 2, a user's mistake, not a failed run) and by the
+    pyfunc (``tracking``), which answers MLflow's HTTP 400 rather than a 500.
+    """
 
 
 class ImageReadError(InputError):
-    """An input file is not a readable image; the message names it."""
+    """An input file is not a readable image; the message names it (HTTP 422).
+
+    Caught per file by ``predict`` (an error row), the REST API (``serve.batch``, that
+    file's ``status``), the decode stage (``data.pixels``) and the volume path; the rest
+    of the batch goes on. ``status`` is the file's HTTP status in the REST answer.
+    """
+
+    status = 422
 
 
-# --------------------------------------------------------------------------- models
+class UnsupportedImage(ImageReadError):
+    """Not a JPEG or PNG at all (HTTP 415, the status the REST API gives the file)."""
+
+    status = 415
 
 
-class ModelError(AlzstageError, RuntimeError):
-    """A model that cannot be found, loaded or registered as asked."""
+class RequestTooLarge(ImageReadError):
+    """Past a size cap (HTTP 413): one uploaded file, or the pixels of a whole request.
+
+    The REST API (``serve.batch``) answers that file with 413; the rest still runs.
+    """
+
+    status = 413
 
 
-class ModelNotFound(ModelError):
-    """No model behind the reference; the message says how to create one."""
+class VolumeError(ImageReadError):
+    """A NIfTI volume that cannot be turned into slices (HTTP 422).
+
+    Caught by the volume cache (``data.sources.volume_cache``), which records ``check``,
+    the short reason code of the QC table and the quarantine lists (``not_3d``,
+    ``nonfinite``, ``voxel_size``, ``empty_brain_mask``, ``registration`` ...), and as an
+    :class:`ImageReadError` everywhere a file may fail alone.
+    """
+
+    status = 422
+    check = "volume_error"
+
+    def __init__(self, message: str, check: str | None = None) -> None:
+        super().__init__(message)
+        if check is not None:
+            self.check = check
 
 
-class WeightsError(ModelError):
-    """``model.weights`` could not be honoured; never silently replaced by random weights."""
+class UnsupportedVolume(VolumeError):
+    """Not a NIfTI-1/NIfTI-2 file at all (HTTP 415, the file's status in the REST API)."""
+
+    status = 415
+    check = "unreadable"
 
 
-class DatasetUnknown(DataError):
-    """The configured dataset, and so its champion, cannot be named until the pipeline ran."""
+class VolumeTooLarge(VolumeError):
+    """Decompresses to more than the configured limit (a gzip bomb, or a 4D series).
 
+    HTTP 413; caught by the volume cache, which records it without writing an entry
+    (the header decides it in milliseconds).
+    """
 
-# --------------------------------------------------------------------------- compute
-
-
-class ComputeError(AlzstageError, RuntimeError):
-    """The Dask cluster (``compute``) cannot be started or reached, or was lost mid-run."""
+    status = 413
+    check = "too_large"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from alzstage.contract import Artifact, rerun
-from alzstage.errors import ArtifactError, MissingInputError
+from alzstage.errors import AlzstageError
 from alzstage.files import atomic_dir
 
 
@@ -66,11 +66,11 @@ class PixelStore:
         try:
             paths = np.load(folder / "paths.npy", allow_pickle=False)
         except FileNotFoundError:
-            raise MissingInputError(
+            raise AlzstageError(
                 f"{folder / 'paths.npy'}: not found; {cls._rerun()} first"
             ) from None
         if len(paths) != meta.n_images:
-            raise ArtifactError(
+            raise AlzstageError(
                 f"{folder}: {len(paths)} paths for {meta.n_images} images; {cls._rerun()} again"
             )
         return cls(folder, meta, paths)
@@ -90,7 +90,7 @@ class PixelStore:
 
         paths_arr = np.asarray(list(paths), dtype=str)
         if len(set(paths_arr.tolist())) != len(paths_arr):
-            raise ArtifactError(f"{folder}: not written, the paths are not unique")
+            raise AlzstageError(f"{folder}: not written, the paths are not unique")
         names = tuple(input_features)
         arrays = {
             "paths": paths_arr,
@@ -103,7 +103,7 @@ class PixelStore:
         }
         for name, arr in arrays.items():
             if len(arr) != len(paths_arr):
-                raise ArtifactError(
+                raise AlzstageError(
                     f"{folder}: not written, {name} has {len(arr)} rows for {len(paths_arr)} paths"
                 )
         meta = PixelsMeta(
@@ -129,7 +129,7 @@ class PixelStore:
         paths = list(paths)
         missing = [p for p in paths if p not in self._row]
         if missing:
-            raise MissingInputError(
+            raise AlzstageError(
                 f"{self.folder}: no decoded pixels for {missing[0]!r} ({len(missing)} of "
                 f"{len(paths)} paths missing); the store is older than its input, "
                 f"{self._rerun()} again"
@@ -146,7 +146,7 @@ class PixelStore:
     def images_for(self, paths: Iterable[str], size: tuple[int, int]) -> Any:
         """uint8 (N, H, W) network inputs of ``paths``, checked to be at ``size``."""
         if tuple(size) != self.meta.input_size:
-            raise ArtifactError(
+            raise AlzstageError(
                 f"{self.folder}: images are {self.meta.input_size[0]}x"
                 f"{self.meta.input_size[1]}, model.input_size is {size[0]}x{size[1]}; "
                 f"{self._rerun()} again"
@@ -156,7 +156,7 @@ class PixelStore:
     def thumbnails_for(self, paths: Iterable[str], side: int) -> Any:
         """uint8 (N, side, side) thumbnails of ``paths`` (``correlation_rows`` them to compare)."""
         if side not in self.meta.thumb_sizes:
-            raise ArtifactError(
+            raise AlzstageError(
                 f"{self.folder}: holds thumbnails of {list(self.meta.thumb_sizes)} px, not "
                 f"{side} (decode stores split.thumb_size and 32); {self._rerun()} again"
             )
@@ -168,7 +168,7 @@ class PixelStore:
         names = list(self.meta.input_features)
         missing = [m for m in columns if m not in names]
         if missing:
-            raise ArtifactError(
+            raise AlzstageError(
                 f"{self.folder}: no {missing[0]} measurements (written by an older decode); "
                 f"{self._rerun()} again"
             )

@@ -17,7 +17,7 @@ from alzstage import tracking
 from alzstage.artifacts import MetricsReport, TrainRun
 from alzstage.config import Params, Paths
 from alzstage.data.identity import configured_dataset
-from alzstage.errors import DatasetUnknown
+from alzstage.errors import AlzstageError
 from alzstage.files import write_json
 from alzstage.result import StageResult
 
@@ -68,7 +68,7 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
     metrics = MetricsReport.read(paths.metrics)
     dataset = metrics.dataset
     if not dataset:
-        raise DatasetUnknown(
+        raise AlzstageError(
             f"{paths.metrics} names no dataset, so there is no champion to compare with; "
             "re-run `alzstage split` and `alzstage evaluate` (or `dvc repro`)"
         )

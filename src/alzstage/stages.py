@@ -78,13 +78,6 @@ class Stage:
         return self.function()(scoped, paths, **options, **extra)
 
 
-class UndeclaredParamsError(ConfigError):
-    """A stage read a params section or key its registry entry does not declare.
-
-    A bug in alzstage, not in the user's params: the message names the stage and key.
-    """
-
-
 def _declares(declared: Iterable[str], key: str) -> bool:
     """Is ``key`` (``section`` or ``section.field``) inside what ``declared`` lists?"""
     return any(key == d or key.startswith(d + ".") for d in declared)
@@ -119,7 +112,7 @@ class _Scoped:
         deeper = [d for d in self._declared if d.startswith(key + ".")]
         if deeper and name not in DERIVED:
             return _Scoped(value, self._declared, self._stage, key + ".")
-        raise UndeclaredParamsError(
+        raise ConfigError(
             f"stage {self._stage!r} reads params {missing[0]}, which it does not declare; "
             "add it to the stage's params in src/alzstage/stages.py and dvc.yaml"
         )

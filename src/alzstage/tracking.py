@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alzstage.config import Params, tracking_home
-from alzstage.errors import InputError, ModelError
+from alzstage.errors import AlzstageError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
@@ -422,16 +422,16 @@ def set_alias(name: str, alias: str, version: int | str) -> None:
             ) from None
         versions = _registered_versions(name)
         if not versions:
-            raise ModelError(
+            raise AlzstageError(
                 f"no model {name!r} is registered yet, so there is no version {version}; "
                 "run `dvc repro` first (its promote stage registers each trained model)"
             ) from None
         if int(version) not in versions:
-            raise ModelError(
+            raise AlzstageError(
                 f"{name} has no version {version}; registered versions are "
                 f"{', '.join(map(str, versions))}: pass one of those to --version"
             ) from None
-        raise ModelError(f"{name} v{version}: cannot set alias @{alias}: {why}") from None
+        raise AlzstageError(f"{name} v{version}: cannot set alias @{alias}: {why}") from None
 
 
 def _registered_versions(name: str) -> list[int]:

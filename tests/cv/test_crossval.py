@@ -20,7 +20,7 @@ from alzstage.cv.fold import run_cv_fold
 from alzstage.cv.report import fold_spread, pool_folds, run_cv_report
 from alzstage.cv.split import folds_summary
 from alzstage.data.split import subject_folds
-from alzstage.errors import MissingInputError
+from alzstage.errors import AlzstageError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -128,9 +128,9 @@ def test_pooling_refuses_duplicates_and_missing_folds() -> None:
     folds = subject_folds(table(), params())
     frames = _fold_predictions(folds, np.random.default_rng(0))
     assert len(pool_folds(frames, folds)) == len(folds)
-    with pytest.raises(ValueError, match="more than one fold"):
+    with pytest.raises(AlzstageError, match="more than one fold"):
         pool_folds([*frames, frames[0]], folds)
-    with pytest.raises(ValueError, match="no out-of-fold prediction"):
+    with pytest.raises(AlzstageError, match="no out-of-fold prediction"):
         pool_folds(frames[:-1], folds)
 
 
@@ -207,7 +207,7 @@ def test_cv_report_names_a_missing_fold_file_and_the_stage_that_writes_it(tmp_pa
     _fold_predictions(folds, rng)[0].to_csv(fold_dir(paths, 0) / "predictions.csv", index=False)
     # when cv_report runs, then one line names the first missing file and cv_fold
     missing = fold_dir(paths, 1) / "predictions.csv"
-    with pytest.raises(MissingInputError) as caught:
+    with pytest.raises(AlzstageError) as caught:
         run_cv_report(p, paths)
     how = "run `alzstage cv-fold --fold <i>` (or `dvc repro cv/dvc.yaml`)"
     assert str(caught.value) == f"{missing}: not found; {how} first"
@@ -220,7 +220,7 @@ def test_cv_fold_refuses_folds_made_for_fewer_repeats_before_training(tmp_path: 
     write_folds(folds[["path", "label", "subject", "test_fold", *_roles(5)]], paths.cv_folds)
     # when fold 0 runs, then it stops at the read and names cv_split (nothing is trained)
     with pytest.raises(
-        MissingInputError, match=r"no folds for cv\.repeats=2; re-run `alzstage cv-split`"
+        AlzstageError, match=r"no folds for cv\.repeats=2; re-run `alzstage cv-split`"
     ):
         run_cv_fold(params(repeats=2), paths, 0, None)
     assert not fold_dir(paths, 0).exists()

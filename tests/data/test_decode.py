@@ -26,7 +26,7 @@ from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.pixels import thumbnail_sizes
 from alzstage.data.split import correlation_rows, load_thumbnails
 from alzstage.data.split_stage import run_split
-from alzstage.errors import ArtifactError, MissingInputError
+from alzstage.errors import AlzstageError
 from alzstage.inference.ood import THUMB_SIZE, fit_from_pixels, fit_from_split
 
 CLASS = "NonDemented"
@@ -130,7 +130,7 @@ def test_a_path_the_store_lacks_is_one_line_naming_the_store_and_the_stage(
     paths = mixed_project(tmp_path)
     run_decode(Params(), paths)
     # when: a later stage asks for the new image
-    with pytest.raises(MissingInputError) as err:
+    with pytest.raises(AlzstageError) as err:
         PixelStore.read(paths.pixels).images_for(["images/new.jpg"], (56, 48))
     # then: it names the store, the path and what to run
     text = one_line(err)
@@ -141,10 +141,10 @@ def test_a_path_the_store_lacks_is_one_line_naming_the_store_and_the_stage(
 def test_a_store_at_another_input_size_is_refused_not_resized(tmp_path: Path) -> None:
     paths = mixed_project(tmp_path)
     run_decode(Params(), paths)
-    with pytest.raises(ArtifactError) as err:
+    with pytest.raises(AlzstageError) as err:
         PixelStore.read(paths.pixels).images_for(manifest_paths(paths), (112, 96))
     assert "56x48" in one_line(err) and "alzstage decode" in str(err.value)
-    with pytest.raises(ArtifactError, match=r"split\.thumb_size"):
+    with pytest.raises(AlzstageError, match=r"split\.thumb_size"):
         PixelStore.read(paths.pixels).thumbnails_for(manifest_paths(paths), 16)
 
 
@@ -156,7 +156,7 @@ def test_the_baselines_ask_for_the_thumbnail_side_decode_always_stores() -> None
 
 
 def test_no_store_yet_says_to_run_decode(tmp_path: Path) -> None:
-    with pytest.raises(MissingInputError) as err:
+    with pytest.raises(AlzstageError) as err:
         PixelStore.read(Paths(tmp_path).pixels)
     assert "not found" in one_line(err) and "dvc repro decode" in str(err.value)
 
@@ -169,7 +169,7 @@ def test_a_missing_image_names_the_file_and_keeps_the_previous_store(tmp_path: P
     gone = paths.raw / manifest_paths(paths)[0]
     gone.unlink()
     # when: the stage runs again
-    with pytest.raises(MissingInputError) as err:
+    with pytest.raises(AlzstageError) as err:
         run_decode(Params(), paths)
     # then: one line naming the file; the previous complete store is untouched
     assert str(gone) in one_line(err) and "alzstage download" in str(err.value)
@@ -178,7 +178,7 @@ def test_a_missing_image_names_the_file_and_keeps_the_previous_store(tmp_path: P
 
 
 def test_decode_without_a_validated_manifest_says_to_validate(tmp_path: Path) -> None:
-    with pytest.raises(MissingInputError, match="alzstage validate"):
+    with pytest.raises(AlzstageError, match="alzstage validate"):
         run_decode(Params(), Paths(tmp_path))
 
 

@@ -31,7 +31,7 @@ from alzstage.data.download import SOURCES, run_download
 from alzstage.data.manifest import MANIFEST_COLUMNS
 from alzstage.data.sources.huggingface import label_table
 from alzstage.data.sources.kaggle import kaggle_credentials
-from alzstage.errors import ConfigError, DownloadError, UnsafeArchiveError
+from alzstage.errors import AlzstageError, ConfigError
 from alzstage.files import sha256_file
 
 # --------------------------------------------------------------------------- helpers
@@ -137,14 +137,14 @@ def test_relative_path_is_taken_from_project_root(tmp_path: Path, kaggle_tree: P
 def test_unknown_class_folder_is_an_error(tmp_path: Path, kaggle_tree: Path) -> None:
     write_jpeg(kaggle_tree / "Alzheimer_s Dataset" / "train" / "Demented" / "x.jpg", 99)
     paths = Paths(tmp_path / "proj")
-    with pytest.raises(DownloadError, match=r"Demented.*1 images.*class_aliases"):
+    with pytest.raises(AlzstageError, match=r"Demented.*1 images.*class_aliases"):
         run_download(params_for(source="folder", path=str(kaggle_tree)), paths)
     assert not paths.raw.exists()
 
 
 def test_sha256_mismatch(tmp_path: Path, kaggle_tree: Path) -> None:
     archive = make_zip(kaggle_tree, tmp_path / "a.zip")
-    with pytest.raises(DownloadError, match=r"sha256 mismatch for data\.sha256"):
+    with pytest.raises(AlzstageError, match=r"sha256 mismatch for data\.sha256"):
         run_download(
             params_for(source="archive", path=str(archive), sha256="0" * 64),
             Paths(tmp_path / "proj"),
@@ -154,7 +154,7 @@ def test_sha256_mismatch(tmp_path: Path, kaggle_tree: Path) -> None:
 
 
 def test_missing_archive_names_the_key(tmp_path: Path) -> None:
-    with pytest.raises(DownloadError, match=r"data\.path: .*nope\.zip does not exist"):
+    with pytest.raises(AlzstageError, match=r"data\.path: .*nope\.zip does not exist"):
         run_download(
             params_for(source="archive", path=str(tmp_path / "nope.zip")), Paths(tmp_path / "proj")
         )
@@ -163,7 +163,7 @@ def test_missing_archive_names_the_key(tmp_path: Path) -> None:
 def test_not_an_archive(tmp_path: Path) -> None:
     junk = tmp_path / "junk.zip"
     junk.write_bytes(b"not an archive at all")
-    with pytest.raises(DownloadError, match="neither a zip nor a tar"):
+    with pytest.raises(AlzstageError, match="neither a zip nor a tar"):
         run_download(params_for(source="archive", path=str(junk)), Paths(tmp_path / "proj"))
 
 
@@ -214,7 +214,7 @@ def test_damaged_archive_is_named_as_corrupt(tmp_path: Path, kaggle_tree: Path, 
     archive = make(kaggle_tree, tmp_path)
     paths = Paths(tmp_path / "proj")
     # when it is downloaded, then the error names the file and says to fetch it again
-    with pytest.raises(DownloadError, match=message):
+    with pytest.raises(AlzstageError, match=message):
         run_download(params_for(source="archive", path=str(archive)), paths)
     assert not paths.raw.exists()
     assert leftovers(paths) == []
@@ -235,7 +235,7 @@ def test_archive_with_repeated_entry_names_is_refused(tmp_path: Path, kind: str)
             tf.add(jpeg[0], arcname=name)
             tf.add(jpeg[1], arcname="./" + name)  # the same file, spelt differently
     paths = Paths(tmp_path / "proj")
-    with pytest.raises(UnsafeArchiveError, match=rf"'{name}' \(2 times\).*overwrite"):
+    with pytest.raises(AlzstageError, match=rf"'{name}' \(2 times\).*overwrite"):
         run_download(params_for(source="archive", path=str(archive)), paths)
     assert not paths.raw.exists()
 
@@ -377,7 +377,7 @@ def test_unsafe_archives_are_refused(tmp_path: Path, case: str) -> None:
     make, message = UNSAFE[case]
     archive = make(tmp_path)
     paths = Paths(tmp_path / "proj")
-    with pytest.raises(UnsafeArchiveError, match=message):
+    with pytest.raises(AlzstageError, match=message):
         run_download(params_for(source="archive", path=str(archive)), paths)
     assert not paths.raw.exists()
     assert leftovers(paths) == []
@@ -387,7 +387,7 @@ def test_unsafe_archives_are_refused(tmp_path: Path, case: str) -> None:
 def test_zip_bomb_ratio_is_refused(tmp_path: Path) -> None:
     bomb = zip_with(tmp_path, "Alzheimer_s Dataset/train/NonDemented/bomb.jpg", bytes(4 << 20))
     paths = Paths(tmp_path / "proj")
-    with pytest.raises(UnsafeArchiveError, match=r"'.*bomb\.jpg' has compression ratio \d+ > 200"):
+    with pytest.raises(AlzstageError, match=r"'.*bomb\.jpg' has compression ratio \d+ > 200"):
         run_download(params_for(source="archive", path=str(bomb)), paths)
     assert not paths.raw.exists()
 
@@ -396,16 +396,14 @@ def test_tar_bomb_overall_ratio_is_refused(tmp_path: Path) -> None:
     member = _tar_member("Alzheimer_s Dataset/train/NonDemented/bomb.jpg", tarfile.REGTYPE)
     member.size = 4 << 20
     bomb = tar_with(tmp_path, member, bytes(4 << 20))
-    with pytest.raises(UnsafeArchiveError, match=r"overall compression ratio \d+ > 200"):
+    with pytest.raises(AlzstageError, match=r"overall compression ratio \d+ > 200"):
         run_download(params_for(source="archive", path=str(bomb)), Paths(tmp_path / "proj"))
 
 
 def test_total_size_limit(tmp_path: Path, kaggle_tree: Path) -> None:
     archive = make_zip(kaggle_tree, tmp_path / "a.zip")
     params = params_for(source="archive", path=str(archive), max_extract_bytes=1000)
-    with pytest.raises(
-        UnsafeArchiveError, match=r"over the limit of 1000.*data\.max_extract_bytes"
-    ):
+    with pytest.raises(AlzstageError, match=r"over the limit of 1000.*data\.max_extract_bytes"):
         run_download(params, Paths(tmp_path / "proj"))
 
 
@@ -416,7 +414,7 @@ def test_failure_keeps_previous_good_raw(tmp_path: Path, kaggle_tree: Path) -> N
     )
     before = {f: sha256_file(paths.raw / f) for f in raw_files(paths)}
     bad = zip_with(tmp_path, "../escape.jpg")
-    with pytest.raises(UnsafeArchiveError):
+    with pytest.raises(AlzstageError):
         run_download(params_for(source="archive", path=str(bad)), paths)
     assert {f: sha256_file(paths.raw / f) for f in raw_files(paths)} == before
     assert leftovers(paths) == []
@@ -463,7 +461,7 @@ def test_http_sha256_mismatch_keeps_nothing(
     make_zip(kaggle_tree, http_server.root / "alz.zip")
     paths = Paths(tmp_path / "proj")
     params = params_for(source="archive", path=f"{http_server.url}/alz.zip", sha256="a" * 64)
-    with pytest.raises(DownloadError, match="sha256 mismatch"):
+    with pytest.raises(AlzstageError, match="sha256 mismatch"):
         run_download(params, paths)
     assert list((paths.cache / "downloads").iterdir()) == []
     assert not paths.raw.exists()
@@ -471,13 +469,13 @@ def test_http_sha256_mismatch_keeps_nothing(
 
 def test_http_404_is_not_retried(tmp_path: Path, http_server: LocalServer) -> None:
     params = params_for(source="archive", path=f"{http_server.url}/missing.zip")
-    with pytest.raises(DownloadError, match=r"data\.path: .*missing\.zip: HTTP 404"):
+    with pytest.raises(AlzstageError, match=r"data\.path: .*missing\.zip: HTTP 404"):
         run_download(params, Paths(tmp_path / "proj"))
     assert http_server.requests["/missing.zip"] == 1
 
 
 def test_unsupported_scheme(tmp_path: Path) -> None:
-    with pytest.raises(DownloadError, match=r"data\.path: unsupported URL scheme 'ftp'"):
+    with pytest.raises(AlzstageError, match=r"data\.path: unsupported URL scheme 'ftp'"):
         run_download(
             params_for(source="archive", path="ftp://example.org/a.zip"), Paths(tmp_path / "proj")
         )
@@ -498,7 +496,7 @@ def no_kaggle_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_kaggle_without_credentials_says_what_to_set(tmp_path: Path, no_kaggle_env: Path) -> None:
     paths = Paths(tmp_path / "proj")
-    with pytest.raises(DownloadError, match=r"KAGGLE_USERNAME and KAGGLE_KEY.*kaggle\.json"):
+    with pytest.raises(AlzstageError, match=r"KAGGLE_USERNAME and KAGGLE_KEY.*kaggle\.json"):
         run_download(params_for(source="kaggle"), paths)
     assert not paths.raw.exists()
 
@@ -550,7 +548,7 @@ def test_kaggle_network_error_is_a_download_error(
         raise ConnectionError("Name or service not known")
 
     fake_kagglehub(monkeypatch, offline)
-    with pytest.raises(DownloadError, match=r"data\.kaggle_dataset=.*ConnectionError.*network"):
+    with pytest.raises(AlzstageError, match=r"data\.kaggle_dataset=.*ConnectionError.*network"):
         run_download(params_for(source="kaggle"), Paths(tmp_path / "proj"))
 
 
@@ -559,7 +557,7 @@ def test_kaggle_without_kagglehub_installed(
 ) -> None:
     monkeypatch.setenv("KAGGLE_API_TOKEN", "token")
     monkeypatch.setitem(sys.modules, "kagglehub", None)  # import raises ImportError
-    with pytest.raises(DownloadError, match=r"pip install 'alzstage\[kaggle\]'"):
+    with pytest.raises(AlzstageError, match=r"pip install 'alzstage\[kaggle\]'"):
         run_download(params_for(source="kaggle"), Paths(tmp_path / "proj"))
 
 
@@ -691,7 +689,7 @@ def test_huggingface_relabelled_revision_is_refused(
 ) -> None:
     digests = serve_hf(http_server, "abc123", {TRAIN_FILE: [0, 1, 2]}, names=names)
     paths = Paths(tmp_path / "proj")
-    with pytest.raises(DownloadError, match=rf"hf_files\['{TRAIN_FILE}'\].*{problem}.*hf_revision"):
+    with pytest.raises(AlzstageError, match=rf"hf_files\['{TRAIN_FILE}'\].*{problem}.*hf_revision"):
         run_download(hf_params(http_server, digests), paths)
     assert not paths.raw.exists()
     assert leftovers(paths) == []
@@ -699,7 +697,7 @@ def test_huggingface_relabelled_revision_is_refused(
 
 def test_huggingface_label_out_of_range(tmp_path: Path, http_server: LocalServer) -> None:
     digests = serve_hf(http_server, "abc123", {TRAIN_FILE: [0, 7]})
-    with pytest.raises(DownloadError, match=r"row 1 has label 7, not an id in 0\.\.3"):
+    with pytest.raises(AlzstageError, match=r"row 1 has label 7, not an id in 0\.\.3"):
         run_download(hf_params(http_server, digests), Paths(tmp_path / "proj"))
 
 
@@ -713,7 +711,7 @@ def test_huggingface_wrong_revision_is_a_clear_404(
         hf_revision="other",
         hf_files={TRAIN_FILE: None},
     )
-    with pytest.raises(DownloadError, match=r"hf_files\[.*/resolve/other/data/.*HTTP 404"):
+    with pytest.raises(AlzstageError, match=r"hf_files\[.*/resolve/other/data/.*HTTP 404"):
         run_download(params, Paths(tmp_path / "proj"))
 
 
@@ -738,7 +736,7 @@ def test_huggingface_from_a_local_folder(tmp_path: Path) -> None:
     assert len(assert_labels_by_name(paths)) == 4
     wrong = params_for(source="huggingface", path="inbox", hf_files={TRAIN_FILE: "0" * 64})
     with pytest.raises(
-        DownloadError, match=rf"sha256 mismatch for data\.hf_files\['{TRAIN_FILE}'\]"
+        AlzstageError, match=rf"sha256 mismatch for data\.hf_files\['{TRAIN_FILE}'\]"
     ):
         run_download(wrong, paths)
 

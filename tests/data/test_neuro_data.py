@@ -18,8 +18,7 @@ from alzstage.artifacts import read_manifest, read_raw_manifest, read_volumes
 from alzstage.config import Params, Paths
 from alzstage.data.download import run_download
 from alzstage.data.validate import run_validate
-from alzstage.errors import DownloadError
-from alzstage.errors import ValidationError as ValidationFailed
+from alzstage.errors import AlzstageError
 
 CLASSES = ["CN", "MCI", "LMCI", "AD"]
 SIZE = (64, 56)
@@ -140,7 +139,7 @@ def test_validate_fail_names_every_bad_volume(
     downloaded: tuple[Path, Params], cohort: Path
 ) -> None:
     root, _ = downloaded
-    with pytest.raises(ValidationFailed) as info:
+    with pytest.raises(AlzstageError) as info:
         run_validate(make_params(cohort, on_failure="fail"), Paths(root))
     msg = str(info.value)
     assert "4 volume(s) failed" in msg
@@ -162,7 +161,7 @@ def test_thresholds_are_validate_params_not_a_new_download(
             )
         }
     )
-    with pytest.raises(ValidationFailed, match=r"min_per_class|classes"):
+    with pytest.raises(AlzstageError, match=r"min_per_class|classes"):
         run_validate(strict, Paths(root))  # every volume fails: no class keeps an image
     report = json.loads(Paths(root).validation_report.read_text())
     assert report["volumes"]["checks"]["empty_brain_mask"] == 10
@@ -182,7 +181,7 @@ def test_bad_subjects_csv_stops_download_naming_the_row(
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "subjects.csv").write_text(csv)
-    with pytest.raises(DownloadError) as info:
+    with pytest.raises(AlzstageError) as info:
         run_download(make_params(folder), Paths(tmp_path / "p"))
     msg = str(info.value)
     assert "subjects.csv" in msg and all(w in msg for w in words), msg
@@ -194,5 +193,5 @@ def test_no_usable_volume_is_a_download_error(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "x.nii.gz").write_bytes(b"\x1f\x8bnot really gzip")
     (folder / "subjects.csv").write_text("subject,file,label\ns1,x.nii.gz,CN\n")
-    with pytest.raises(DownloadError, match=r"no volume could be preprocessed.*x\.nii\.gz"):
+    with pytest.raises(AlzstageError, match=r"no volume could be preprocessed.*x\.nii\.gz"):
         run_download(make_params(folder), Paths(tmp_path / "p"))

@@ -25,7 +25,6 @@ from alzstage.data.decode import run_decode
 from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.split import (
     SPLIT_COLUMNS,
-    SplitLeakageError,
     assert_no_subject_leakage,
     fingerprint_split_file,
     leakage_report,
@@ -38,6 +37,7 @@ from alzstage.data.split import (
     test_fingerprint,
 )
 from alzstage.data.split_stage import run_split
+from alzstage.errors import AlzstageError
 
 # Stage warnings (leaky strategy, tiny classes) are asserted with pytest.warns where they
 # matter; elsewhere they are expected noise.
@@ -138,7 +138,7 @@ def test_load_thumbnails_rows_are_zero_mean_unit_norm(tmp_path: Path) -> None:
 
 def test_load_thumbnails_names_the_broken_file(tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"bad\.jpg.*validate"):
+    with pytest.raises(AlzstageError, match=r"bad\.jpg.*validate"):
         load_thumbnails([tmp_path / "bad.jpg"], 16)
 
 
@@ -214,7 +214,7 @@ def test_leak_check_raises_with_the_subject_named() -> None:
     df = pd.DataFrame(
         {"path": ["a", "b", "c"], "label": ["X"] * 3, "subject": ["s1", "s1", "s2"]}
     ).assign(split=["train", "test", "train"])
-    with pytest.raises(SplitLeakageError, match="s1"):
+    with pytest.raises(AlzstageError, match="s1"):
         assert_no_subject_leakage(df)
 
 
@@ -283,7 +283,7 @@ def test_source_strategy_keeps_source_test_rows_in_test(project: Paths) -> None:
 
 def test_source_strategy_without_source_split_explains(project: Paths) -> None:
     df = read_manifest(project.validated_manifest).assign(source_split="")
-    with pytest.raises(ValueError, match=r"source_split.*split\.strategy"):
+    with pytest.raises(AlzstageError, match=r"source_split.*split\.strategy"):
         split_by_source(df, params(strategy="source"))
 
 
@@ -293,7 +293,7 @@ def test_fractions_must_leave_room_for_train(project: Paths) -> None:
 
 
 def test_missing_manifest_says_what_to_run(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="alzstage validate"):
+    with pytest.raises(AlzstageError, match="alzstage validate"):
         run_split(params(), Paths(tmp_path))
 
 

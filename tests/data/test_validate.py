@@ -24,7 +24,7 @@ from alzstage.data.validation.checks import IMAGE_CHECKS, check_images
 from alzstage.data.validation.decision import QUARANTINE_COLUMNS, decide
 from alzstage.data.validation.gx import run_manifest_suite
 from alzstage.data.validation.rules import expectation_specs, suite_frames
-from alzstage.errors import ValidationError as ValidationFailed
+from alzstage.errors import AlzstageError
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 H, W = 40, 32  # small images keep the tests fast; base.image_size is (height, width)
@@ -220,7 +220,7 @@ def test_class_below_min_count_stops_under_either_policy(tmp_path: Path) -> None
     paths, _ = make_dataset(tmp_path, per_class=2)
     for policy in ("fail", "quarantine"):
         params = make_params(on_failure=policy, min_per_class=3)
-        with pytest.raises(ValidationFailed) as err:
+        with pytest.raises(AlzstageError) as err:
             run_validate(params, paths)
         msg = str(err.value)
         assert "class_min_count" in msg and "ModerateDemented" in msg
@@ -241,7 +241,7 @@ def test_empty_class_folder_names_only_that_class(tmp_path: Path) -> None:
     paths, manifest = make_dataset(tmp_path)
     write_raw_manifest(manifest[manifest["label"] != "ModerateDemented"], paths.raw_manifest)
     # when / then: the three classes present are not reported missing
-    with pytest.raises(ValidationFailed) as err:
+    with pytest.raises(AlzstageError) as err:
         run_validate(make_params(), paths)
     msg = str(err.value)
     assert "Missing ['ModerateDemented'] (observed ['MildDemented', 'NonDemented', " in msg
@@ -252,7 +252,7 @@ def test_wrong_size_reports_the_size_found_not_only_the_configured_one(tmp_path:
     paths, _ = make_dataset(tmp_path)
     params = Params.model_validate({"base": {"image_size": [H + 8, W]}})
     # when
-    with pytest.raises(ValidationFailed) as err:
+    with pytest.raises(AlzstageError) as err:
         run_validate(params, paths)
     # then the rule says what it wants and the failure says what the images are
     msg = str(err.value)
@@ -283,7 +283,7 @@ def test_files_skipped_at_download_are_listed_in_quarantine_csv(tmp_path: Path) 
 
 def test_missing_manifest_column_is_named(tmp_path: Path) -> None:
     _, manifest = make_dataset(tmp_path, per_class=1)
-    with pytest.raises(ValidationFailed, match="pixel_hash"):
+    with pytest.raises(AlzstageError, match="pixel_hash"):
         run_manifest_suite(manifest.drop(columns=["pixel_hash"]), make_params(), None)
 
 
@@ -303,7 +303,7 @@ ALL_BAD = [
 
 def test_fail_policy_raises_with_a_readable_summary(tmp_path: Path) -> None:
     paths, _ = make_dataset(tmp_path, extra=ALL_BAD)
-    with pytest.raises(ValidationFailed) as err:
+    with pytest.raises(AlzstageError) as err:
         run_validate(make_params(on_failure="fail"), paths)
     msg = str(err.value)
     for rel, *_ in ALL_BAD:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from alzstage.artifacts import write_split
 from alzstage.data.images import to_model_array
-from alzstage.errors import ModelError
+from alzstage.errors import AlzstageError
 from alzstage.inference.ood import (
     SEEN_THRESHOLD,
     InputCheckSpec,
@@ -173,7 +173,7 @@ def test_features_are_size_free(new_subjects: list[np.ndarray]) -> None:
 
 
 def test_a_damaged_stored_check_is_a_model_error() -> None:
-    with pytest.raises(ModelError, match=r"input_check.*re-run `alzstage train`"):
+    with pytest.raises(AlzstageError, match=r"input_check.*re-run `alzstage train`"):
         InputGuard.from_meta({"input_check": {"n_images": 0}}, None)
     assert InputGuard.from_meta({"classes": CLASSES}, None) is None  # older model: none
 
@@ -181,7 +181,7 @@ def test_a_damaged_stored_check_is_a_model_error() -> None:
 def test_fitting_needs_training_rows(tmp_path: Path) -> None:
     split_file = tmp_path / "split.csv"
     write_split(split_frame(["a.jpg"], "x", ["test"]), split_file)
-    with pytest.raises(ModelError, match="no training images"):
+    with pytest.raises(AlzstageError, match="no training images"):
         fit_from_split(split_file, tmp_path, (112, 96))
 
 

@@ -21,11 +21,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from alzstage.cli import app
+from alzstage.errors import ImageReadError, UnsupportedImage
 from alzstage.inference.gradcam import unique_png
 from alzstage.inference.predict import (
-    CorruptImage,
-    ImageTooLarge,
-    UnsupportedImage,
     decode_image,
     expand_inputs,
     parse_registry_uri,
@@ -121,7 +119,7 @@ def test_decode_image_classifies_failures(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedImage):  # a real image, but not a format we decode
         decode_image(gif.getvalue())
 
-    with pytest.raises(CorruptImage, match="damaged or truncated") as exc:
+    with pytest.raises(ImageReadError, match="damaged or truncated") as exc:
         decode_image(png_bytes(1, (64, 64))[:200])
     assert exc.value.status == 422
 
@@ -130,7 +128,7 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     big = io.BytesIO()
     Image.new("L", (3000, 3000)).save(big, format="PNG")  # ~9 MP, a few KB compressed
     assert len(big.getvalue()) < 100_000
-    with pytest.raises(ImageTooLarge, match="decompression-bomb guard") as exc:
+    with pytest.raises(ImageReadError, match="decompression-bomb guard") as exc:
         decode_image(big.getvalue(), max_pixels=1_000_000)
     assert exc.value.status == 422
     assert decode_image(big.getvalue(), max_pixels=10_000_000).shape == (3000, 3000)

@@ -8,7 +8,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from alzstage.config import ModelParams  # noqa: E402
-from alzstage.errors import WeightsError  # noqa: E402
+from alzstage.errors import AlzstageError  # noqa: E402
 from alzstage.model import network as build  # noqa: E402
 from alzstage.train.losses import class_weights  # noqa: E402
 
@@ -29,7 +29,7 @@ def test_weights_path_loads_the_given_file(tmp_path):
 
 
 def test_weights_path_missing_names_param(tmp_path):
-    with pytest.raises(WeightsError, match=r"model\.weights: .*nope\.h5 does not exist"):
+    with pytest.raises(AlzstageError, match=r"model\.weights: .*nope\.h5 does not exist"):
         build.build_backbone(ModelParams(weights=str(tmp_path / "nope.h5"), **SMALL))
 
 
@@ -37,7 +37,7 @@ def test_weights_file_of_wrong_architecture_is_refused(tmp_path):
     other = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
     file = tmp_path / "mobilenet.weights.h5"
     other.save_weights(file)
-    with pytest.raises(WeightsError, match="does not fit ResNet50"):
+    with pytest.raises(AlzstageError, match="does not fit ResNet50"):
         build.build_backbone(ModelParams(weights=str(file), **SMALL))
 
 
@@ -49,7 +49,7 @@ def test_unreachable_imagenet_names_param_and_cache_file(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(resnet.file_utils, "get_file", offline)
-    with pytest.raises(WeightsError) as err:
+    with pytest.raises(AlzstageError) as err:
         build.build_backbone(ModelParams(weights="imagenet", **SMALL))
     msg = str(err.value)
     assert "model.weights" in msg

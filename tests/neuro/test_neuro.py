@@ -22,17 +22,7 @@ from neuro_volumes import (
 )
 
 from alzstage.config import ConfigError, NeuroPreprocessParams, NiftiQCParams, Params, parse_params
-from alzstage.data.images import ImageReadError
-from alzstage.neuro.errors import (
-    CorruptVolume,
-    EmptyBrainMask,
-    NonFiniteVolume,
-    NotAVolume,
-    RegistrationFailed,
-    UnsupportedVolume,
-    VolumeTooLarge,
-    VoxelSizeError,
-)
+from alzstage.errors import ImageReadError, UnsupportedVolume, VolumeError, VolumeTooLarge
 from alzstage.neuro.preprocess import preprocess_volume
 from alzstage.neuro.qc import volume_rules
 from alzstage.neuro.volume import is_volume_path, load_volume
@@ -334,9 +324,10 @@ def test_tissue_kmeans_on_the_histogram_is_kmeans_on_the_voxels() -> None:
 # --------------------------------------------------------------------------- bad input
 
 
-def _expect(exc: type[ImageReadError], fn, *words: str) -> ImageReadError:
+def _expect(exc: type[ImageReadError], fn, *words: str, check: str | None = None) -> ImageReadError:
     with pytest.raises(exc) as info:
         fn()
+    assert check is None or info.value.check == check, (check, info.value.check)
     msg = str(info.value)
     for w in words:
         assert w in msg, (w, msg)
@@ -346,25 +337,29 @@ def _expect(exc: type[ImageReadError], fn, *words: str) -> ImageReadError:
 def test_4d_series_is_refused_with_how_to_pick_one(tmp_path: Path) -> None:
     data, affine = synthetic_volume(resolution=4.0)
     f = save_nifti(tmp_path / "bold.nii.gz", np.stack([data, data, data], axis=-1), affine)
-    err = _expect(NotAVolume, lambda: load_volume(f), str(f), "3 volumes", "fslroi")
+    err = _expect(
+        VolumeError, lambda: load_volume(f), str(f), "3 volumes", "fslroi", check="not_3d"
+    )
     assert err.status == 422 and err.check == "not_3d"
 
 
 def test_2d_file_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "slice.nii"
     nib.save(nib.Nifti1Image(np.ones((64, 64), np.int16), np.eye(4)), f)
-    _expect(NotAVolume, lambda: load_volume(f), str(f), "2D", "dcm2niix")
+    _expect(VolumeError, lambda: load_volume(f), str(f), "2D", "dcm2niix", check="not_3d")
     thin = tmp_path / "one_slice.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((64, 64, 1), np.int16), np.eye(4)), thin)
-    _expect(NotAVolume, lambda: load_volume(thin), str(thin), "3D")
+    _expect(VolumeError, lambda: load_volume(thin), str(thin), "3D", check="not_3d")
 
 
 def test_corrupt_gzip_and_non_nifti_are_named(tmp_path: Path, template_scan: Path) -> None:
     bad = corrupt_gzip(tmp_path / "cut.nii.gz", template_scan)
-    _expect(CorruptVolume, lambda: load_volume(bad), str(bad), "truncated", "gzip -t")
+    _expect(
+        VolumeError, lambda: load_volume(bad), str(bad), "truncated", "gzip -t", check="unreadable"
+    )
     garbage = tmp_path / "garbage.nii.gz"
     garbage.write_bytes(b"\x1f\x8b" + b"\x00" * 200)
-    _expect(CorruptVolume, lambda: load_volume(garbage), str(garbage), "gzip")
+    _expect(VolumeError, lambda: load_volume(garbage), str(garbage), "gzip", check="unreadable")
     notnifti = tmp_path / "photo.nii"
     notnifti.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 400)
     err = _expect(UnsupportedVolume, lambda: load_volume(notnifti), "not a NIfTI")
@@ -373,7 +368,7 @@ def test_corrupt_gzip_and_non_nifti_are_named(tmp_path: Path, template_scan: Pat
     whole = gzip.decompress(template_scan.read_bytes())
     short = tmp_path / "short.nii"
     short.write_bytes(whole[: len(whole) - 5000])
-    _expect(CorruptVolume, lambda: load_volume(short), str(short), "truncated")
+    _expect(VolumeError, lambda: load_volume(short), str(short), "truncated", check="unreadable")
 
 
 def test_gzip_bomb_is_refused_from_its_header_before_inflating(tmp_path: Path) -> None:
@@ -457,23 +452,36 @@ def test_nan_voxels_and_voxel_size_break_the_rules(tmp_path: Path) -> None:
     data[10:12, 10:12, 10:12] = np.nan
     f = save_nifti(tmp_path / "nan.nii.gz", data, affine, dtype=np.float32)
     rules = volume_rules(NiftiQCParams(voxel_size_mm=(0.5, 5.0)))
-    _expect(NonFiniteVolume, lambda: preprocess_volume(f, FAST, SIZE, rules=rules), "NaN", "nan")
+    _expect(
+        VolumeError,
+        lambda: preprocess_volume(f, FAST, SIZE, rules=rules),
+        "NaN",
+        "nan",
+        check="nonfinite",
+    )
     # Without rules (the data source) it is measured, not refused.
     assert preprocess_volume(f, FAST, SIZE).qc["n_nonfinite"] == 8
     thick = save_nifti(tmp_path / "thick.nii.gz", *synthetic_volume(resolution=4.0))
     strict = volume_rules(NiftiQCParams(voxel_size_mm=(0.5, 3.0)))
     _expect(
-        VoxelSizeError,
+        VolumeError,
         lambda: preprocess_volume(thick, FAST, SIZE, rules=strict),
         "thick.nii.gz",
         "voxel_max_mm = 4 > 3",
         "validate.nifti.voxel_size_mm",
+        check="voxel_size",
     )
 
 
 def test_blank_volume_has_no_brain(tmp_path: Path) -> None:
     f = save_nifti(tmp_path / "blank.nii.gz", np.zeros((40, 40, 40)), np.diag([4, 4, 4, 1.0]))
-    _expect(EmptyBrainMask, lambda: preprocess_volume(f, FAST, SIZE), "blank.nii.gz", "T1")
+    _expect(
+        VolumeError,
+        lambda: preprocess_volume(f, FAST, SIZE),
+        "blank.nii.gz",
+        "T1",
+        check="empty_brain_mask",
+    )
 
 
 def test_failed_registration_is_an_error_naming_the_file(tmp_path: Path) -> None:
@@ -483,11 +491,12 @@ def test_failed_registration_is_an_error_naming_the_file(tmp_path: Path) -> None
     f = save_nifti(tmp_path / "noise.nii.gz", noise, np.diag([4, 4, 4, 1.0]))
     rules = volume_rules(NiftiQCParams(voxel_size_mm=(0.5, 5.0), min_brain_ml=0))
     err = _expect(
-        RegistrationFailed,
+        VolumeError,
         lambda: preprocess_volume(f, FAST, SIZE, rules=rules),
         "noise.nii.gz",
         "registration_score",
         "min_registration_score",
+        check="registration",
     )
     assert err.check == "registration"
 
@@ -503,11 +512,12 @@ def test_registration_crash_is_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", boom)
     tpl = register.mni152(3)
     _expect(
-        RegistrationFailed,
+        VolumeError,
         lambda: register.register_to_mni(tpl.t1, tpl.affine, "x.nii.gz", 3),
         "x.nii.gz",
         "All samples map outside",
         "orientation",
+        check="registration",
     )
 
 

@@ -118,7 +118,8 @@ def test_predict_one_good_file_matches_the_pyfunc(
 def test_the_api_and_the_cli_library_give_one_and_the_same_result(
     client, demo: DemoChampion, mri_slices: list[np.ndarray], tmp_path: Path
 ) -> None:
-    from alzstage.inference.predict import LoadedModel, predict_files
+    from alzstage.inference.loading import LoadedModel
+    from alzstage.inference.predict import predict_files
     from alzstage.serve.schemas import ImagePrediction
 
     # given one slice, as a file for the CLI and as an upload for the API
@@ -395,7 +396,8 @@ def test_request_pixel_budget_refuses_files_past_it(demo: DemoChampion) -> None:
 
 
 def test_large_jpeg_is_shrunk_while_decoding() -> None:
-    from alzstage.data.images import PixelBudget, RequestTooLarge, decode_slice
+    from alzstage.data.images import PixelBudget, decode_slice
+    from alzstage.errors import RequestTooLarge
 
     big = io.BytesIO()
     Image.new("L", (4000, 3000), 90).save(big, format="JPEG")

@@ -30,7 +30,7 @@ from alzstage.artifacts import (
     role_column,
 )
 from alzstage.config import Params, Paths
-from alzstage.errors import ConfigError, MissingInputError
+from alzstage.errors import AlzstageError, ConfigError
 from alzstage.files import write_csv, write_json
 from alzstage.result import StageResult
 
@@ -124,7 +124,7 @@ def _read_fold_roles(params: Params, paths: Paths, fold: int) -> pd.DataFrame:
         )
     folds = read_folds(paths.cv_folds)
     if role_column(fold, params.cv.repeats - 1) not in folds:
-        raise MissingInputError(
+        raise AlzstageError(
             f"{paths.cv_folds}: has no folds for cv.repeats={params.cv.repeats}; re-run "
             "`alzstage cv-split` (or `dvc repro cv/dvc.yaml`)"
         )

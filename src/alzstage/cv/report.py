@@ -29,7 +29,7 @@ from alzstage.artifacts import (
 )
 from alzstage.config import Params, Paths
 from alzstage.contract import CsvContract
-from alzstage.errors import DataError
+from alzstage.errors import AlzstageError
 from alzstage.files import write_csv, write_json
 from alzstage.result import StageResult
 
@@ -41,7 +41,7 @@ def pool_folds(frames: list[pd.DataFrame], folds: pd.DataFrame) -> pd.DataFrame:
         pooled["repeat"] = 0
     dup = pooled["path"][pooled.duplicated(["repeat", "path"])]
     if not dup.empty:
-        raise DataError(
+        raise AlzstageError(
             f"cv_report: {dup.iloc[0]!r} is predicted by more than one fold; re-run "
             "`dvc repro cv/dvc.yaml` so that every fold comes from the same folds.csv"
         )
@@ -52,7 +52,7 @@ def pool_folds(frames: list[pd.DataFrame], folds: pd.DataFrame) -> pd.DataFrame:
         )
         missing = sorted(expected - set(part["path"]))
         if missing or column not in folds:
-            raise DataError(
+            raise AlzstageError(
                 f"cv_report: {len(missing)} slices of repeat {repeat} have no out-of-fold "
                 f"prediction (e.g. {missing[0] if missing else column!r}); a fold is missing or "
                 "stale: re-run `dvc repro cv/dvc.yaml`"

@@ -15,7 +15,7 @@ import numpy as np
 
 from alzstage.artifacts import AugmentedSet, PixelStore, read_split
 from alzstage.config import AugmentParams, Params, Paths
-from alzstage.errors import DataError
+from alzstage.errors import AlzstageError
 from alzstage.files import atomic_path
 from alzstage.result import StageResult
 
@@ -120,7 +120,7 @@ def run_augment(params: Params, paths: Paths) -> StageResult:
     classes = params.base.classes
     unknown = sorted(set(train["label"]) - set(classes))
     if unknown:
-        raise DataError(
+        raise AlzstageError(
             f"{paths.split_file}: labels {unknown} are not in base.classes {classes}; "
             "re-run `dvc repro` from download after changing the class list"
         )

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alzstage.errors import DatasetUnknown
+from alzstage.errors import AlzstageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
@@ -77,7 +77,7 @@ def configured_dataset(params: Params, paths: Paths) -> ConfiguredDataset:
     report = paths.split_report
     how = "run the pipeline on it (`dvc repro`), set data.name in params.yaml, or pass --model"
     if not report.exists():
-        raise DatasetUnknown(
+        raise AlzstageError(
             f"data.source is {d.source!r} with no data.name, and {report} does not exist, so "
             f"the dataset (and its champion) is unknown; {how}"
         )
@@ -85,7 +85,7 @@ def configured_dataset(params: Params, paths: Paths) -> ConfiguredDataset:
 
     recorded = read_json(report)
     if recorded.get("data_source") != d.source or not recorded.get("dataset"):
-        raise DatasetUnknown(
+        raise AlzstageError(
             f"{report} was made from data.source {recorded.get('data_source', '?')!r}, but "
             f"params.yaml says {d.source!r}; the dataset (and its champion) is unknown; {how}"
         )

@@ -32,15 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from alzstage.errors import ImageReadError
+from alzstage.errors import ImageReadError, RequestTooLarge, UnsupportedImage
 
 __all__ = [
-    "CorruptImage",
     "DecodedImage",
-    "ImageReadError",
-    "ImageTooLarge",
     "PixelBudget",
-    "UnsupportedImage",
     "decode_image",
     "decode_slice",
     "display_image",
@@ -62,30 +58,6 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 # Decoded slices are kept at most this large (shrunk while decoding): the Grad-CAM
 # display size, well above the network input and the input check's 64 px.
 DISPLAY_MAX_SIDE = 512
-
-
-class UnsupportedImage(ImageReadError):
-    """Not a JPEG or PNG at all (HTTP 415)."""
-
-    status = 415
-
-
-class CorruptImage(ImageReadError):
-    """Looks like a JPEG/PNG but cannot be decoded: truncated or damaged (HTTP 422)."""
-
-    status = 422
-
-
-class ImageTooLarge(ImageReadError):
-    """More pixels than the decompression-bomb guard allows (HTTP 422)."""
-
-    status = 422
-
-
-class RequestTooLarge(ImageReadError):
-    """The request's images together hold more pixels than one request may (HTTP 413)."""
-
-    status = 413
 
 
 class PixelBudget:
@@ -152,7 +124,7 @@ def decode_slice(
         with Image.open(fp, formats=formats) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageTooLarge(
+                raise ImageReadError(
                     f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
                     "(decompression-bomb guard); downscale the image (alzstage serve: --max-pixels)"
                 )
@@ -172,7 +144,7 @@ def decode_slice(
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{name}: {exc}") from None
+        raise ImageReadError(f"{name}: {exc}") from None
     except UnidentifiedImageError:
         raise UnsupportedImage(
             f"{name}: not a JPEG or PNG image; send a .jpg/.jpeg or .png MRI slice"
@@ -180,7 +152,7 @@ def decode_slice(
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise CorruptImage(
+        raise ImageReadError(
             f"{name}: the image is damaged or truncated ({exc}); re-export it as JPEG or PNG"
         ) from None
     return DecodedImage(gray=np.asarray(gray, dtype=np.uint8), width=w, height=h)
@@ -221,7 +193,7 @@ def float_to_8bit(values: np.ndarray) -> np.ndarray:
     if v.size == 0:
         return v.astype(np.uint8)
     if not np.isfinite(v).all():
-        raise CorruptImage("float image with NaN or infinite pixels; re-export it")
+        raise ImageReadError("float image with NaN or infinite pixels; re-export it")
     lo, hi = float(v.min()), float(v.max())
     if lo >= 0 and hi <= 1:
         return np.rint(v * 255.0).astype(np.uint8)

@@ -37,7 +37,7 @@ from alzstage.config import Params, Paths
 from alzstage.data.image_features import FEATURES, THUMB_SIZE, image_features, thumbnail
 from alzstage.data.images import decode_slice, to_model_array
 from alzstage.data.morphometry import MORPH_FEATURES, slice_morphometry
-from alzstage.errors import DataError, ImageReadError, MissingInputError
+from alzstage.errors import AlzstageError, ImageReadError
 
 # The input check's features (the last, mean_correlation, needs every thumbnail first),
 # then the atrophy measurements the brain-level model reads: both need the full-size image.
@@ -55,12 +55,12 @@ def _gray(path: Path) -> np.ndarray:
         # Any format Pillow reads: these are the project's own validated files.
         return decode_slice(path, max_pixels=2**31, formats=None).gray
     except FileNotFoundError:
-        raise MissingInputError(
+        raise AlzstageError(
             f"{path}: image listed in the validated manifest is missing; re-run "
             "`alzstage download` (or `dvc repro download validate`) to restore data/raw"
         ) from None
     except ImageReadError as exc:
-        raise DataError(
+        raise AlzstageError(
             f"{path}: cannot decode ({exc}); re-run `alzstage validate` with "
             "validate.on_failure: quarantine, or remove the file"
         ) from None
@@ -125,7 +125,7 @@ def load_rows(
     decode stage's (``data/processed/pixels``), never a file of ``data/raw``.
     """
     if rows.empty:
-        raise DataError(f"{where}; {why_empty}, or the split stage needs re-running")
+        raise AlzstageError(f"{where}; {why_empty}, or the split stage needs re-running")
     index = {c: i for i, c in enumerate(params.base.classes)}
     y = rows["label"].map(index).to_numpy(np.int64)
     x = PixelStore.read(paths.pixels).images_for(rows["path"], params.model.input_size)

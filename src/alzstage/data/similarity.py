@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alzstage.errors import DataError, MissingInputError
+from alzstage.errors import AlzstageError
 
 # Neighbours per slice in the mutual-kNN graph: one slice above and one below. With k=1
 # a volume falls apart into pairs; with k>=3 the spare slot lets the end slices of one
@@ -52,12 +52,12 @@ def _thumbnail(path: Path, size: int) -> np.ndarray:
         small = gray.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(small, dtype=np.float32).reshape(-1)
     except FileNotFoundError:
-        raise MissingInputError(
+        raise AlzstageError(
             f"{path}: image listed in the manifest is missing; re-run `alzstage download` "
             "(or `dvc repro download validate`) to restore data/raw"
         ) from None
     except Exception as exc:  # any decode error gets the same advice
-        raise DataError(
+        raise AlzstageError(
             f"{path}: cannot decode image for the split thumbnails ({exc}); re-run "
             "`alzstage validate` with validate.on_failure: quarantine, or remove the file"
         ) from None

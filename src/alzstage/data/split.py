@@ -45,13 +45,12 @@ from alzstage.data.split_report import (
     nearest_neighbour_scores,
     test_fingerprint,
 )
-from alzstage.errors import ConfigError, DataError, SplitLeakageError
+from alzstage.errors import AlzstageError, ConfigError
 
 __all__ = [
     "LEAKAGE_SWEEP",
     "SPLIT_COLUMNS",
     "STRATEGIES",
-    "SplitLeakageError",
     "assert_no_subject_leakage",
     "correlation_rows",
     "fingerprint_split_file",
@@ -209,7 +208,7 @@ def split_by_subject(df: pd.DataFrame, params: Params) -> pd.DataFrame:
 
     Allocation runs per class (that is the stratification) over whole subjects (that is
     the grouping); a subject spread over several classes (longitudinal data) follows its
-    most frequent class. Raises :class:`SplitLeakageError` if a subject ends up in two
+    most frequent class. Raises :class:`AlzstageError` if a subject ends up in two
     splits, so a regression can never silently produce inflated scores.
     """
     _check_fractions(params)
@@ -249,7 +248,7 @@ def split_by_source(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     unknown = sorted(set(src.tolist()) - {"train", "test", "val", "validation"})
     if unknown:
         bad = df.loc[src.isin(unknown), "path"].iloc[0]
-        raise DataError(
+        raise AlzstageError(
             f"split.strategy=source: manifest column source_split has values {unknown} "
             f"(e.g. row {bad!r}); it must be train/val/test for every row. The source gives "
             "no usable split: set split.strategy to subject (or stratified) in params.yaml"
@@ -337,13 +336,13 @@ STRATEGIES = {
 
 
 def assert_no_subject_leakage(df: pd.DataFrame) -> None:
-    """Raise :class:`SplitLeakageError` naming the subjects found in more than one split."""
+    """Raise :class:`AlzstageError` naming the subjects found in more than one split."""
     keys = group_keys(df)
     n_splits = df.groupby(keys)["split"].nunique()
     bad = sorted(n_splits.index[n_splits > 1].tolist())
     if bad:
         where = {k: sorted(set(df.loc[keys == k, "split"].tolist())) for k in bad[:5]}
-        raise SplitLeakageError(
+        raise AlzstageError(
             f"split.strategy=subject produced {len(bad)} subject(s) in more than one split, "
             f"e.g. {where}. This is a bug in alzstage.data.split (the subject split must "
             "keep every subject whole); please report it with data/interim/manifest.csv"

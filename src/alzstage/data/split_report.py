@@ -20,7 +20,7 @@ import pandas as pd
 from alzstage.artifacts import SPLIT_CSV, SPLITS, read_split
 from alzstage.config import Params, Paths
 from alzstage.data.similarity import most_correlated
-from alzstage.errors import DataError
+from alzstage.errors import AlzstageError
 
 # Extra thresholds reported next to the configured one, so the near-duplicate numbers
 # can be read without re-running (cross-subject slices at the same height can correlate
@@ -136,7 +136,7 @@ def test_fingerprint(csv_text: str) -> str:
         return hashlib.sha256(b"").hexdigest()
     header = next(csv.reader([lines[0]]))
     if "split" not in header:
-        raise DataError("split.csv has no 'split' column; re-run `alzstage split`")
+        raise AlzstageError("split.csv has no 'split' column; re-run `alzstage split`")
     col = header.index("split")
     h = hashlib.sha256()
     for line in lines[1:]:

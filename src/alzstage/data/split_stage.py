@@ -37,7 +37,7 @@ from alzstage.data.split_report import (
     test_fingerprint,
     warn_missing,
 )
-from alzstage.errors import DataError, SplitLeakageError
+from alzstage.errors import AlzstageError
 from alzstage.files import atomic_path, write_json
 from alzstage.result import StageResult
 
@@ -46,15 +46,15 @@ def _read_input(params: Params, paths: Paths) -> pd.DataFrame:
     src = paths.validated_manifest
     df = read_manifest(src)
     if df.empty:
-        raise DataError(f"{src}: manifest has no rows; nothing to split (check data.source)")
+        raise AlzstageError(f"{src}: manifest has no rows; nothing to split (check data.source)")
     dup = df["path"][df["path"].duplicated()]
     if len(dup):
-        raise DataError(
+        raise AlzstageError(
             f"{src}: path {dup.iloc[0]!r} appears more than once; re-run `alzstage download`"
         )
     unknown = sorted(set(df["label"].tolist()) - set(params.base.classes))
     if unknown:
-        raise DataError(
+        raise AlzstageError(
             f"{src}: labels {unknown} are not in params.yaml base.classes "
             f"{params.base.classes}; add them (or base.class_aliases) and re-run download"
         )
@@ -125,7 +125,7 @@ def _check_copies(out: pd.DataFrame, extra: dict[str, Any], strategy: str) -> No
     apart = copies_across_splits(out, extra["grouped"], extra["copies"])
     extra["cross_source"]["n_matched_slices_in_two_splits"] = apart
     if apart and strategy == "subject":
-        raise SplitLeakageError(
+        raise AlzstageError(
             f"split: {apart} cross-source copies ended up in different splits. This is a bug "
             "in alzstage.data.duplicates (merged brains must stay whole); please report it"
         )

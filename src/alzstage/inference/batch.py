@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from alzstage.config import Params, Paths
-    from alzstage.inference.predict import LoadedModel
+    from alzstage.inference.loading import LoadedModel
 
 # Images per task: ~0.3 s of work for the compact network, so the scheduler's few ms per
 # task stay negligible, and a chunk's decoded images (~40 KB each) stay small.
@@ -99,7 +99,7 @@ _MODELS: dict[ModelSpec, LoadedModel] = {}
 def worker_model(spec: ModelSpec) -> LoadedModel:
     """The model of ``spec``, loaded once per process (each Dask worker keeps its own)."""
     if spec not in _MODELS:
-        from alzstage.inference.predict import LoadedModel
+        from alzstage.inference.loading import LoadedModel
 
         _MODELS[spec] = LoadedModel(
             spec.uri,
@@ -253,26 +253,14 @@ def run_batch_predict(
     :func:`alzstage.inference.command.run_predict`.
     """
     from alzstage.compute import Progress, engine
-    from alzstage.inference.predict import (
-        choose_model,
-        expand_inputs,
-        missing_champion_hint,
-        store_uris,
-    )
+    from alzstage.inference.predict import choose_model, missing_champion_hint, store_uris
     from alzstage.neuro.volume import is_volume_path
 
+    # 1. The output and the inputs, refused before anything starts.
     output = Path(output)
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise InputError(
-            f"--output {output}: write a .csv or a .parquet file (the suffix picks the format)"
-        )
-    try:
-        files = expand_inputs(inputs)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
-    if not files:
-        raise InputError("no image files found in the given inputs (.jpg, .png, .nii, .nii.gz)")
+    files = _input_files(inputs, output)
     started = time.perf_counter()
+    # 2. The model --model names, as a spec each worker loads it from.
     tracking_uri, registry_uri = store_uris(paths.root)
     choice = choose_model(model_ref, params, paths)
     announce(f"model: {choice.reason}")
@@ -283,6 +271,7 @@ def run_batch_predict(
         tracking_uri,
         registry_uri,
     )
+    # 3. The inputs in chunks, mapped in order over the engine, each chunk's rows written.
     kinds = [is_volume_path(f) for f in files]
     has_images, has_volumes, n_inputs = not all(kinds), any(kinds), len(files)
     chunks = list(chunked(files, chunk_images or CHUNK_IMAGES))
@@ -317,8 +306,26 @@ def run_batch_predict(
                     _count(summary, frame)
         finally:
             progress.close()
+    # 4. The summary line's figures.
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _input_files(inputs: list[str], output: Path) -> list[Path]:
+    """The files the inputs name, once ``output`` is a .csv or .parquet path."""
+    from alzstage.inference.predict import expand_inputs
+
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError(
+            f"--output {output}: write a .csv or a .parquet file (the suffix picks the format)"
+        )
+    try:
+        files = expand_inputs(inputs)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
+    if not files:
+        raise InputError("no image files found in the given inputs (.jpg, .png, .nii, .nii.gz)")
+    return files
 
 
 def _count(summary: BatchSummary, frame: pd.DataFrame) -> None:

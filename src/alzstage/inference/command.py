@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alzstage.errors import InputError, ModelError, ModelNotFound
+from alzstage.errors import AlzstageError, InputError, ModelNotFound
 from alzstage.inference.prediction import (
     NO_BRAIN_MODEL_NOTE,
     ModelRef,
@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from alzstage.config import Params, Paths
+    from alzstage.inference.loading import LoadedModel
+    from alzstage.inference.predict import ModelChoice
 
 
 # Past this many inputs the interactive mode suggests batch mode (predict --output).
@@ -69,40 +71,71 @@ def run_predict(
     brain-level result (stage, conformal set, per-slice table) instead of one per file.
 
     Raises :class:`~alzstage.errors.InputError` for inputs that name no file (or, with
-    ``brain``, a folder without slices), and :class:`~alzstage.errors.ModelError` (or
-    ``DatasetUnknown``) when there is no model to use; a file that cannot be read is a
+    ``brain``, a folder without slices), and :class:`~alzstage.errors.AlzstageError`
+    when there is no model to use; a file that cannot be read is a
     result with an ``error`` (a brain's: a left-out slice), not an exception.
     """
-    from alzstage.inference.predict import (
-        LoadedModel,
-        brain_files,
-        choose_model,
-        expand_inputs,
-        missing_champion_hint,
-        predict_brain_folders,
-        predict_paths,
-        store_uris,
-    )
+    from alzstage.inference.predict import brain_files, predict_brain_folders, predict_paths
 
+    # 1. The inputs, checked before the model loads: a wrong path fails in a second.
     brains: list[tuple[Path, list[Path]]] = []
     files: list[Path] = []
-    if brain:  # checked before the model loads: a wrong folder fails in a second
+    if brain:
         brains = [(Path(folder), brain_files(Path(folder))) for folder in inputs]
     else:
-        try:
-            files = expand_inputs(inputs)
-        except FileNotFoundError as exc:
-            raise InputError(str(exc)) from None
-        if not files:
-            raise InputError(
-                "no image files found in the given inputs (expected .jpg, .jpeg, .png, .nii "
-                "or .nii.gz)"
+        files = _input_files(inputs, announce)
+    # 2. The model --model names, by default the configured dataset's champion.
+    choice, model = _load_model(model_ref, params, paths, announce)
+    # 3. Predict; a file that cannot be read is a result with an error, not an exception.
+    try:
+        if brain:
+            predictions: list[Prediction] = list(
+                predict_brain_folders(model, brains, params, gradcam_dir)
             )
-        if len(files) > LARGE_BATCH:
-            announce(
-                f"note: {len(files):,} inputs are held in memory until printed; "
-                "--output results.csv (or .parquet) streams them from the compute engine"
-            )
+        else:
+            predictions = predict_paths(model, files, params, gradcam_dir)
+    except ValueError as exc:  # Grad-CAM on a model that is not preprocess -> backbone -> head
+        what = "--gradcam" if gradcam_dir is not None else model.info.label
+        raise AlzstageError(f"{what}: {exc}") from None
+    # 4. The results with their summary, for one of the renderings below.
+    return PredictionRun(
+        model=model.info.ref,
+        label=model.info.label,
+        choice=choice.reason,
+        classes=list(model.classes),
+        predictions=predictions,
+        summary=summarize(predictions, model.classes, params.evaluate.low_confidence),
+        gradcam_dir=gradcam_dir,
+    )
+
+
+def _input_files(inputs: list[str], announce: Callable[[str], None]) -> list[Path]:
+    """The files the inputs name (folders and globs expanded); none is the user's mistake."""
+    from alzstage.inference.predict import expand_inputs
+
+    try:
+        files = expand_inputs(inputs)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
+    if not files:
+        raise InputError(
+            "no image files found in the given inputs (expected .jpg, .jpeg, .png, .nii or .nii.gz)"
+        )
+    if len(files) > LARGE_BATCH:
+        announce(
+            f"note: {len(files):,} inputs are held in memory until printed; "
+            "--output results.csv (or .parquet) streams them from the compute engine"
+        )
+    return files
+
+
+def _load_model(
+    model_ref: str | None, params: Params, paths: Paths, announce: Callable[[str], None]
+) -> tuple[ModelChoice, LoadedModel]:
+    """The model ``--model`` names, announced; a missing champion says how to make one."""
+    from alzstage.inference.loading import LoadedModel
+    from alzstage.inference.predict import choose_model, missing_champion_hint, store_uris
+
     tracking_uri, registry_uri = store_uris(paths.root)
     choice = choose_model(model_ref, params, paths)
     announce(f"model: {choice.reason}")
@@ -117,25 +150,7 @@ def run_predict(
     except ModelNotFound as exc:
         hint = missing_champion_hint(choice, params.promote.model_name, tracking_uri, registry_uri)
         raise ModelNotFound(f"{exc}; {hint}" if hint else str(exc)) from None
-    try:
-        if brain:
-            predictions: list[Prediction] = list(
-                predict_brain_folders(model, brains, params, gradcam_dir)
-            )
-        else:
-            predictions = predict_paths(model, files, params, gradcam_dir)
-    except ValueError as exc:  # Grad-CAM on a model that is not preprocess -> backbone -> head
-        what = "--gradcam" if gradcam_dir is not None else model.info.label
-        raise ModelError(f"{what}: {exc}") from None
-    return PredictionRun(
-        model=model.info.ref,
-        label=model.info.label,
-        choice=choice.reason,
-        classes=list(model.classes),
-        predictions=predictions,
-        summary=summarize(predictions, model.classes, params.evaluate.low_confidence),
-        gradcam_dir=gradcam_dir,
-    )
+    return choice, model
 
 
 # --------------------------------------------------------------------------- renderings

@@ -73,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alzstage.data.image_features import FEATURES, THUMB_SIZE, image_features, thumbnail
 from alzstage.data.similarity import correlation_rows, most_correlated
-from alzstage.errors import ModelError
+from alzstage.errors import AlzstageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.artifacts import PixelStore
@@ -210,7 +210,7 @@ def fit_reference(
 ) -> InputCheckSpec:
     """Fit the check on the training images' features, thumbnails and (H, W) sizes."""
     if len(features) == 0:
-        raise ModelError("no training images to fit the input check on; re-run the split stage")
+        raise AlzstageError("no training images to fit the input check on; re-run the split stage")
     mean = np.asarray(thumbs, dtype=np.float32).mean(axis=0)
     # A feature the features lack (a pixel store written before it existed) is not fitted.
     names = [k for k in FEATURES[:-1] if all(k in f for f in features)]
@@ -255,7 +255,7 @@ def fit_from_files(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         described = list(pool.map(_describe, [Path(f) for f in files]))
     if not described:
-        raise ModelError("no training images to fit the input check on; re-run the split stage")
+        raise AlzstageError("no training images to fit the input check on; re-run the split stage")
     features = [d[0] for d in described]
     thumbs = np.stack([d[1] for d in described])
     sizes = [d[2] for d in described]
@@ -378,7 +378,7 @@ class InputGuard:
         try:
             spec = InputCheckSpec.model_validate(raw)
         except ValidationError as exc:
-            raise ModelError(
+            raise AlzstageError(
                 f"meta.json input_check: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}; "
                 "re-run `alzstage train` to store a fresh one"
             ) from None
@@ -423,12 +423,12 @@ def load_thumbnails_file(path: Path) -> np.ndarray:
         with np.load(path) as data:
             thumbs = np.asarray(data["thumbnails"], dtype=np.uint8)
     except (OSError, KeyError, ValueError) as exc:
-        raise ModelError(
+        raise AlzstageError(
             f"{path}: the model's training thumbnails cannot be read ({exc}); re-run "
             "`alzstage train` to store fresh ones"
         ) from None
     if thumbs.ndim != 3 or thumbs.shape[1:] != (THUMB_SIZE, THUMB_SIZE):
-        raise ModelError(
+        raise AlzstageError(
             f"{path}: training thumbnails have shape {thumbs.shape}, expected "
             f"(n, {THUMB_SIZE}, {THUMB_SIZE}); re-run `alzstage train`"
         )

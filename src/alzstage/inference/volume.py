@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alzstage.data.images import ImageReadError, display_image, to_model_array
+from alzstage.data.images import display_image, to_model_array
+from alzstage.errors import ImageReadError
 from alzstage.inference.brain import BrainAnswer, brain_answer
 from alzstage.inference.gradcam import overlay_writer
 from alzstage.inference.prediction import SlicePrediction, VolumePrediction, failed, scored
@@ -38,8 +39,8 @@ from alzstage.inference.prediction import SlicePrediction, VolumePrediction, fai
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import NeuroParams, NiftiQCParams, Params
     from alzstage.data.images import DecodedImage
+    from alzstage.inference.loading import LoadedModel
     from alzstage.inference.ood import InputCheck
-    from alzstage.inference.predict import LoadedModel
     from alzstage.neuro.preprocess import Preprocessed
 
 
@@ -164,7 +165,7 @@ def predict_volume(
 ) -> PredictedVolume:
     """Preprocess, predict every slice, pool, and explain the most informative slices.
 
-    Raises :class:`~alzstage.neuro.errors.VolumeError` (an ``ImageReadError``) when the
+    Raises :class:`~alzstage.errors.VolumeError` (an ``ImageReadError``) when the
     volume breaks a ``validate.nifti`` rule or cannot be preprocessed.
     """
     name = name or str(source if isinstance(source, Path) else "upload")

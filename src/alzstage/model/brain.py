@@ -38,7 +38,7 @@ import pandas as pd
 
 from alzstage.artifacts import PixelStore
 from alzstage.data.morphometry import MORPH_FEATURES
-from alzstage.errors import ArtifactError, MissingInputError
+from alzstage.errors import AlzstageError
 from alzstage.files import read_json
 from alzstage.model.conformal import ConformalCalibration, calibrate, prediction_sets
 
@@ -357,10 +357,10 @@ def subset_table(table: BrainTable, keep: np.ndarray) -> BrainTable:
 def read_brain_model(path: Path) -> BrainModel:
     """``models/brain_model.json`` as a model; a missing or foreign file names the fix."""
     if not Path(path).exists():
-        raise MissingInputError(f"{path}: not found; run `alzstage train` (or `dvc repro train`)")
+        raise AlzstageError(f"{path}: not found; run `alzstage train` (or `dvc repro train`)")
     try:
         return BrainModel.from_dict(read_json(path))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(
+        raise AlzstageError(
             f"{path}: not a brain model written by train ({exc}); re-run `dvc repro train`"
         ) from None

@@ -17,7 +17,7 @@ import numpy as np
 from keras import layers, ops
 
 from alzstage.config import ModelParams
-from alzstage.errors import WeightsError
+from alzstage.errors import AlzstageError
 
 # keras.applications constructors and how each expects its pixels.
 BACKBONES: dict[str, tuple[str, str]] = {
@@ -169,7 +169,7 @@ def build_backbone(params: ModelParams) -> keras.Model:
     """The backbone with the requested weights, or a clear error."""
     if params.resolved_backbone == "resnet_compact":
         if params.weights != "none":
-            raise WeightsError(
+            raise AlzstageError(
                 "model.backbone: resnet_compact has no pretrained weights; set "
                 "model.weights: none or choose a keras.applications backbone"
             )
@@ -184,7 +184,7 @@ def build_backbone(params: ModelParams) -> keras.Model:
         try:
             return ctor(include_top=False, weights="imagenet", input_shape=shape)
         except Exception as exc:
-            raise WeightsError(
+            raise AlzstageError(
                 f"model.weights: 'imagenet' could not be loaded for {params.resolved_backbone} "
                 f"({exc}). Keras looks for the cached file "
                 f"{keras_cache_file(params.resolved_backbone)}; copy it "
@@ -192,7 +192,7 @@ def build_backbone(params: ModelParams) -> keras.Model:
             ) from None
     path = Path(params.weights).expanduser()
     if not path.exists():
-        raise WeightsError(
+        raise AlzstageError(
             f"model.weights: {path} does not exist; give a .weights.h5/.h5 file saved from a "
             f"{ctor_name}(include_top=False) backbone, or use 'imagenet' or 'none'"
         )
@@ -204,7 +204,7 @@ def build_backbone(params: ModelParams) -> keras.Model:
         try:
             model.load_weights(str(path))
         except Exception as exc:
-            raise WeightsError(
+            raise AlzstageError(
                 f"model.weights: {path} does not fit {ctor_name}(include_top=False, "
                 f"input_shape={shape}) ({exc})"
             ) from None
@@ -214,7 +214,7 @@ def build_backbone(params: ModelParams) -> keras.Model:
         if "weights" in str(w.message).lower() or "skipping" in str(w.message).lower()
     ]
     if partial:
-        raise WeightsError(
+        raise AlzstageError(
             f"model.weights: {path} only partly fits {ctor_name}(include_top=False): "
             f"{partial[0][:200]}"
         )

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from alzstage.config import NeuroPreprocessParams
-from alzstage.neuro.errors import EmptyBrainMask
+from alzstage.errors import VolumeError
 from alzstage.neuro.qc import VolumeRule, check_measurements
 from alzstage.neuro.volume import Volume, load_volume
 
@@ -68,51 +68,31 @@ def preprocess_volume(
 ) -> Preprocessed:
     """Turn one NIfTI volume into ``params.n_slices`` uint8 axial slices of ``image_size``.
 
-    Raises a :class:`~alzstage.neuro.errors.VolumeError` when no slices can be made
+    Raises a :class:`~alzstage.errors.VolumeError` when no slices can be made
     (unreadable, not 3D, nothing in the image, registration crashed) and, with
     ``rules``, when a measurement breaks one of them.
     """
     from alzstage.neuro.intensity import clip_percentiles, normalise_intensity, to_uint8
-    from alzstage.neuro.mask import brain_mask, otsu_foreground, segment_tissue, tissue_fractions
+    from alzstage.neuro.mask import otsu_foreground
     from alzstage.neuro.register import RegistrationSettings, register_to_mni
     from alzstage.neuro.slices import sample_slices, slice_positions
 
+    # 1. Load (canonical RAS, at most 1 mm) and measure what the header and voxels show.
     timings: dict[str, float] = {}
-    with _timed(timings, "load"):
-        if isinstance(source, Volume):
-            volume = source
-        else:
-            max_bytes = int(params.max_volume_mb * 2**20)
-            volume = load_volume(source, name=name, max_bytes=max_bytes)
-    name = volume.name
-    zooms = volume.zooms  # after any resampling to 1 mm: what the arrays below are on
-    on_disk = volume.voxel_mm_on_disk
-    qc: dict[str, Any] = {
-        "shape": "x".join(str(s) for s in volume.shape_on_disk),
-        "voxel_min_mm": round(min(on_disk), 4),
-        "voxel_max_mm": round(max(on_disk), 4),
-        "n_nonfinite": volume.n_nonfinite,
-    }
-    if rules is not None:
-        check_measurements(qc, rules, name, {"voxel_min_mm", "voxel_max_mm", "n_nonfinite"})
-    # Non-finite voxels are reported above; here they only must not poison the maths.
-    # In place when this function loaded the volume (no one else holds it): one array
-    # of the volume's size less at the peak.
-    data = np.nan_to_num(
-        volume.data, copy=isinstance(source, Volume), nan=0.0, posinf=0.0, neginf=0.0
-    )
-    affine = volume.affine
-    del volume
+    data, affine, zooms, name, qc = _load(source, params, name, rules, timings)
 
+    # 2. Foreground and intensity clipping: a blank image stops here.
     with _timed(timings, "normalise"):
         foreground = otsu_foreground(data, affine, params.foreground_stride)
         if not foreground.any():
-            raise EmptyBrainMask(
+            raise VolumeError(
                 f"{name}: no foreground found (the image is blank or constant); check that "
-                "it is a T1-weighted brain scan and that the export kept the voxel values"
+                "it is a T1-weighted brain scan and that the export kept the voxel values",
+                check="empty_brain_mask",
             )
         clipped = clip_percentiles(data, foreground, params.clip_percentiles)
 
+    # 3. Affine registration to MNI152.
     with _timed(timings, "register"):
         reg = register_to_mni(
             clipped,
@@ -123,26 +103,20 @@ def preprocess_volume(
         )
     qc["registration_score"] = round(reg.score, 4)
 
+    # 4. The brain mask and tissue classes, measured and (with rules) judged.
     with _timed(timings, "mask"):
-        mask = brain_mask(
-            clipped, affine, reg, params.brain_mask, params.registration_resolution, foreground
-        )
-        qc["brain_ml"] = round(float(mask.sum()) * float(np.prod(zooms)) / 1000.0, 2)
-        if params.tissue_segmentation:
-            labels = segment_tissue(clipped, mask, method=params.tissue_kmeans)
-            fractions = tissue_fractions(labels)
-            del labels
-            qc.update({f"{k}_fraction": round(v, 4) for k, v in fractions.items()})
+        mask = _brain(clipped, affine, reg, foreground, params, zooms, qc)
     if rules is not None:
         check_measurements(qc, rules, name, {"registration_score", "brain_ml"})
 
-    # Volume-sized arrays are dropped as soon as no later step needs them (issue 16:
-    # memory must stay bounded per request).
+    # 5. Intensity normalisation inside the mask. Volume-sized arrays are dropped as soon
+    # as no later step needs them (issue 16: memory must stay bounded per request).
     del clipped, foreground
     with _timed(timings, "normalise"):
         normalised = normalise_intensity(data, mask, params.normalise, params.clip_percentiles)
     del data
 
+    # 6. Axial slices in MNI space, 8-bit, background black.
     with _timed(timings, "slice"):
         z_mm = slice_positions(params.z_range_mm, params.n_slices)
         values = sample_slices(normalised, affine, reg.matrix, image_size, z_mm)
@@ -151,3 +125,64 @@ def preprocess_volume(
     qc["n_slices"] = len(slices)
     qc["seconds"] = round(sum(timings.values()), 3)
     return Preprocessed(slices=slices, z_mm=z_mm, qc=qc, timings=timings, transform=reg.matrix)
+
+
+def _load(
+    source: Path | bytes | Volume,
+    params: NeuroPreprocessParams,
+    name: str | None,
+    rules: list[VolumeRule] | None,
+    timings: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], str, dict[str, Any]]:
+    """The voxels (finite), affine, voxel size, name and header QC of one volume.
+
+    With ``rules``, a header or voxel measurement that breaks one stops here, before the
+    costly steps.
+    """
+    with _timed(timings, "load"):
+        if isinstance(source, Volume):
+            volume = source
+        else:
+            max_bytes = int(params.max_volume_mb * 2**20)
+            volume = load_volume(source, name=name, max_bytes=max_bytes)
+    on_disk = volume.voxel_mm_on_disk
+    qc: dict[str, Any] = {
+        "shape": "x".join(str(s) for s in volume.shape_on_disk),
+        "voxel_min_mm": round(min(on_disk), 4),
+        "voxel_max_mm": round(max(on_disk), 4),
+        "n_nonfinite": volume.n_nonfinite,
+    }
+    if rules is not None:
+        check_measurements(qc, rules, volume.name, {"voxel_min_mm", "voxel_max_mm", "n_nonfinite"})
+    # Non-finite voxels are reported above; here they only must not poison the maths.
+    # In place when this function loaded the volume (no one else holds it): one array
+    # of the volume's size less at the peak.
+    data = np.nan_to_num(
+        volume.data, copy=isinstance(source, Volume), nan=0.0, posinf=0.0, neginf=0.0
+    )
+    # zooms: after any resampling to 1 mm, what the arrays are on.
+    return data, volume.affine, volume.zooms, volume.name, qc
+
+
+def _brain(
+    clipped: np.ndarray,
+    affine: np.ndarray,
+    reg: Any,
+    foreground: np.ndarray,
+    params: NeuroPreprocessParams,
+    zooms: tuple[float, ...],
+    qc: dict[str, Any],
+) -> np.ndarray:
+    """The brain mask, its volume (``brain_ml``) and tissue fractions added to ``qc``."""
+    from alzstage.neuro.mask import brain_mask, segment_tissue, tissue_fractions
+
+    mask = brain_mask(
+        clipped, affine, reg, params.brain_mask, params.registration_resolution, foreground
+    )
+    qc["brain_ml"] = round(float(mask.sum()) * float(np.prod(zooms)) / 1000.0, 2)
+    if params.tissue_segmentation:
+        labels = segment_tissue(clipped, mask, method=params.tissue_kmeans)
+        fractions = tissue_fractions(labels)
+        del labels
+        qc.update({f"{k}_fraction": round(v, 4) for k, v in fractions.items()})
+    return mask

@@ -16,13 +16,7 @@ from typing import Any
 
 from alzstage.artifacts import VOLUMES_CSV
 from alzstage.config import NiftiQCParams
-from alzstage.neuro.errors import (
-    EmptyBrainMask,
-    NonFiniteVolume,
-    RegistrationFailed,
-    VolumeError,
-    VoxelSizeError,
-)
+from alzstage.errors import VolumeError
 
 # Columns of data/raw/volumes.csv, one row per subjects.csv row (the contract, with notes,
 # is artifacts.VOLUMES_CSV).
@@ -40,14 +34,6 @@ class VolumeRule:
     reason: str
     description: str
     hint: str
-
-
-_ERRORS: dict[str, type[VolumeError]] = {
-    "voxel_size": VoxelSizeError,
-    "nonfinite": NonFiniteVolume,
-    "empty_brain_mask": EmptyBrainMask,
-    "registration": RegistrationFailed,
-}
 
 
 def volume_rules(q: NiftiQCParams) -> list[VolumeRule]:
@@ -131,4 +117,6 @@ def check_measurements(
             continue
         why = rule_failure(rule, qc.get(rule.column))
         if why:
-            raise _ERRORS[rule.reason](f"{name}: {why}. {rule.description} Fix: {rule.hint}")
+            raise VolumeError(
+                f"{name}: {why}. {rule.description} Fix: {rule.hint}", check=rule.reason
+            )

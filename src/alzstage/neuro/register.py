@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from alzstage.neuro.errors import RegistrationFailed
+from alzstage.errors import VolumeError
 
 # Pyramid levels are shrink factors relative to the template grid, coarse to fine; each
 # level smooths with a Gaussian of (shrink factor x this) mm, so 4, 2, 1 -> 4, 2, 1 mm.
@@ -264,7 +264,7 @@ def register_to_mni(
     """Affine-register a volume (RAS array + affine) to MNI152 at ``resolution`` mm.
 
     ``data`` should already be clipped of outliers (a few hot voxels distort the mutual
-    information histogram). Raises :class:`RegistrationFailed` when ITK gives up.
+    information histogram). Raises :class:`VolumeError` when ITK gives up.
     """
     import SimpleITK as sitk
 
@@ -296,15 +296,17 @@ def register_to_mni(
         matrix = _matrix_of(sitk.AffineTransform(final.GetNthTransform(0)))
     except RuntimeError as exc:  # ITK reports every failure as a RuntimeError
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise RegistrationFailed(
+        raise VolumeError(
             f"{name}: affine registration to MNI152 failed ({first}); check that the file is "
             "a whole-brain T1-weighted volume with a correct orientation and voxel size in its "
-            "header"
+            "header",
+            check="registration",
         ) from None
     if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix[:3, :3])) < 1e-3:
-        raise RegistrationFailed(
+        raise VolumeError(
             f"{name}: registration to MNI152 produced a degenerate transform; check that the "
-            "file is a whole-brain T1-weighted volume with a correct header"
+            "file is a whole-brain T1-weighted volume with a correct header",
+            check="registration",
         )
     moved = resample(data, affine, template.t1.shape, template.affine, matrix)
     score = registration_score(moved, template)

@@ -29,13 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from alzstage.neuro.errors import (
-    CorruptVolume,
-    NotAVolume,
-    UnsupportedVolume,
-    VolumeTooLarge,
-    VoxelSizeError,
-)
+from alzstage.errors import UnsupportedVolume, VolumeError, VolumeTooLarge
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Fewer voxels than this along an axis is a slice or a localiser, not a brain volume.
@@ -111,17 +105,19 @@ def _inflate(raw: bytes, name: str, limit: int) -> bytearray:
             if len(out) >= limit:
                 break
             if not d.eof:
-                raise CorruptVolume(
+                raise VolumeError(
                     f"{name}: the gzip stream ends early (truncated file); copy or download it "
-                    "again (`gzip -t` checks a .gz file)"
+                    "again (`gzip -t` checks a .gz file)",
+                    check="unreadable",
                 )
             rest = d.unused_data.lstrip(b"\x00")
             if rest and not rest.startswith(_GZIP_MAGIC):
                 break  # trailing garbage after the last member, as gzip itself tolerates
     except zlib.error as exc:
-        raise CorruptVolume(
+        raise VolumeError(
             f"{name}: the gzip data is damaged ({exc}); copy or download the file again, or "
-            "re-export it (`gzip -t` checks a .gz file)"
+            "re-export it (`gzip -t` checks a .gz file)",
+            check="unreadable",
         ) from None
     return out
 
@@ -146,18 +142,20 @@ def _parse_header(head: bytes | bytearray, name: str) -> Any:
     klass = nib.Nifti1Header if kind == "nifti1" else nib.Nifti2Header
     size = 348 if kind == "nifti1" else 540
     if len(head) < size:
-        raise CorruptVolume(
+        raise VolumeError(
             f"{name}: the file ends inside the NIfTI header ({len(head)} bytes); copy the "
-            "file again"
+            "file again",
+            check="unreadable",
         )
     try:
         header = klass(bytes(head[:size]), check=True)
         magic = bytes(header["magic"]).rstrip(b"\x00")
         header.get_data_shape()
     except Exception as exc:  # nibabel raises several types for a damaged header
-        raise CorruptVolume(
+        raise VolumeError(
             f"{name}: the NIfTI header cannot be read ({type(exc).__name__}: {exc}); "
-            f"re-export the volume, or {_CONVERT_HINT}"
+            f"re-export the volume, or {_CONVERT_HINT}",
+            check="unreadable",
         ) from None
     if magic not in (b"n+1", b"n+2"):
         raise UnsupportedVolume(
@@ -178,17 +176,19 @@ def check_header(
     shape = tuple(int(s) for s in header.get_data_shape())
     if len(shape) > 3 and any(s != 1 for s in shape[3:]):
         n = int(np.prod(shape[3:]))
-        raise NotAVolume(
+        raise VolumeError(
             f"{name}: a {len(shape)}D series of {n} volumes (shape {shape}); give one 3D "
             "volume, e.g. the first with `fslroi in.nii.gz out.nii.gz 0 1` or "
-            "`nibabel.load(f).slicer[..., 0]`"
+            "`nibabel.load(f).slicer[..., 0]`",
+            check="not_3d",
         )
     shape = shape[:3]
     if len(shape) < 3 or min(shape) < MIN_SIDE_VOXELS:
-        raise NotAVolume(
+        raise VolumeError(
             f"{name}: shape {shape} is a 2D image or a few slices, not a 3D brain volume "
             f"(each axis needs at least {MIN_SIDE_VOXELS} voxels); {_CONVERT_HINT}, or send "
-            "single slices as JPEG/PNG instead"
+            "single slices as JPEG/PNG instead",
+            check="not_3d",
         )
     dtype = np.dtype(header.get_data_dtype())
     if dtype.kind not in "uif" or dtype.itemsize > 8:
@@ -233,9 +233,10 @@ def _voxels(
     data = _inflate(raw, name, needed) if gz else raw
     del raw
     if needed > len(data):
-        raise CorruptVolume(
+        raise VolumeError(
             f"{name}: the voxel data is truncated: the header promises shape {shape} "
-            f"({needed:,} bytes) but the file holds {len(data):,}; copy the file again"
+            f"({needed:,} bytes) but the file holds {len(data):,}; copy the file again",
+            check="unreadable",
         )
     offset = int(header.get_data_offset())
     count = int(np.prod(shape))
@@ -290,7 +291,7 @@ def load_volume(
 ) -> Volume:
     """Load one 3D NIfTI volume (path or bytes) in canonical RAS orientation, at most 1 mm.
 
-    Raises a :class:`~alzstage.neuro.errors.VolumeError` subclass whose message names
+    Raises a :class:`~alzstage.errors.VolumeError` (its ``check`` says which) whose message names
     the file and says how to fix it; size refusals come from the header alone.
     """
     import nibabel as nib
@@ -300,10 +301,11 @@ def load_volume(
     shape_on_disk = tuple(int(s) for s in data.shape)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     if not np.all(np.isfinite(affine)) or np.any(zooms <= 1e-6):
-        raise VoxelSizeError(
+        raise VolumeError(
             f"{name}: the header's voxel-to-world matrix is invalid (voxel sizes "
             f"{np.round(zooms, 4).tolist()} mm); fix pixdim/sform/qform in the header, or "
-            f"{_CONVERT_HINT}"
+            f"{_CONVERT_HINT}",
+            check="voxel_size",
         )
     ornt = nib.orientations.io_orientation(affine)
     data = nib.orientations.apply_orientation(data, ornt)  # flips and transposes: views

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from fastapi.responses import JSONResponse
 
-from alzstage.errors import ImageReadError
+from alzstage.errors import ImageReadError, RequestTooLarge
 from alzstage.inference.prediction import ImagePrediction, Prediction, VolumePrediction
 from alzstage.serve.schemas import ErrorResponse, ModelResponse
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from alzstage.data.images import DecodedImage
-    from alzstage.inference.predict import LoadedModel
+    from alzstage.inference.loading import LoadedModel
     from alzstage.serve.state import ModelCache, ServeSettings
 
 
@@ -50,12 +50,6 @@ def png_data_url(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class UploadTooLarge(ImageReadError):
-    """One file over the size cap (HTTP 413); the rest of the batch still runs."""
-
-    status = 413
-
-
 @dataclass
 class Upload:
     """One file part of a request; its bytes are read (once) only when it is processed."""
@@ -73,12 +67,12 @@ class Upload:
         self.status = int(getattr(exc, "status", 422))
 
     def read(self) -> bytes:
-        """The file's bytes, up to ``max_bytes``; :class:`UploadTooLarge` beyond."""
+        """The file's bytes, up to ``max_bytes``; :class:`RequestTooLarge` beyond."""
         assert self.file is not None
         self.file.seek(0)
         data = self.file.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:
-            raise UploadTooLarge(self.too_large())
+            raise RequestTooLarge(self.too_large())
         return data
 
     def too_large(self) -> str:

@@ -11,13 +11,20 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from alzstage.config import NeuroParams, NiftiQCParams
+from alzstage.config import NeuroParams, NiftiQCParams, Params
+from alzstage.data.identity import DEMO
+from alzstage.tracking import champion_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
-    from alzstage.inference.predict import LoadedModel
+    from alzstage.inference.loading import LoadedModel
 
 log = logging.getLogger("alzstage.serve")
+
+
+# The params model's defaults, which are the shipped params.yaml's values
+# (tests/test_config.py): a server started without a project agrees with the pipeline.
+DEFAULTS = Params()
 
 
 @dataclass(frozen=True)
@@ -25,23 +32,17 @@ class ServeSettings:
     """Everything the app needs, resolved by the CLI (or a test) before it starts.
 
     ``classes`` and ``input_size`` are only used for a bare ``.keras`` model; a registry
-    model carries its own in the pyfunc.
+    model carries its own in the pyfunc. The defaults of everything params.yaml also
+    holds are the params model's, never a copy of their values.
     """
 
-    model_uri: str = "models:/alzstage-demo@champion"
+    model_uri: str = champion_uri(DEFAULTS.promote.model_name, DEMO)
     model_choice: str = ""  # why this model (predict.ModelChoice.reason), shown by /model
     tracking_uri: str | None = None
     registry_uri: str | None = None
-    classes: list[str] = field(
-        default_factory=lambda: [
-            "NonDemented",
-            "VeryMildDemented",
-            "MildDemented",
-            "ModerateDemented",
-        ]
-    )
-    input_size: tuple[int, int] = (112, 96)
-    low_confidence: float = 0.5
+    classes: list[str] = field(default_factory=lambda: list(DEFAULTS.base.classes))
+    input_size: tuple[int, int] = tuple(DEFAULTS.model.input_size)
+    low_confidence: float = DEFAULTS.evaluate.low_confidence
     max_file_bytes: int = 20 * 2**20
     max_request_bytes: int = 200 * 2**20
     max_files: int = 64
@@ -61,9 +62,9 @@ class ServeSettings:
     allowed_hosts: tuple[str, ...] = ()
     # NIfTI volumes (POST /predict/volume): how they are cut into slices and judged.
     max_volume_bytes: int = 128 * 2**20
-    neuro: NeuroParams = field(default_factory=NeuroParams)
-    nifti_qc: NiftiQCParams = field(default_factory=NiftiQCParams)
-    image_size: tuple[int, int] = (208, 176)
+    neuro: NeuroParams = DEFAULTS.neuro
+    nifti_qc: NiftiQCParams = DEFAULTS.validate_.nifti
+    image_size: tuple[int, int] = tuple(DEFAULTS.base.image_size)
 
     @classmethod
     def for_project(
@@ -73,7 +74,7 @@ class ServeSettings:
         default the configured dataset's champion), params.yaml's classes, sizes and
         volume rules, and the limits given on the command line.
 
-        Raises :class:`~alzstage.errors.DatasetUnknown` when no model can be chosen.
+        Raises :class:`~alzstage.errors.AlzstageError` when no model can be chosen.
         """
         from alzstage.inference.predict import choose_model, store_uris
 
@@ -117,7 +118,7 @@ class ModelCache:
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
-                    from alzstage.inference.predict import LoadedModel
+                    from alzstage.inference.loading import LoadedModel
 
                     s = self.settings
                     self._model = LoadedModel(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from alzstage.errors import DownloadError, UnsafeArchiveError
+from alzstage.errors import AlzstageError
 
 _RATIO_FLOOR = 1 << 20
 
@@ -43,11 +43,9 @@ def _safe_relpath(name: str, archive: Path) -> PurePosixPath:
     """Refuse absolute paths and ``..``: an archive must not write outside its folder."""
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchiveError(
-            f"{archive}: entry {name!r} has an absolute path; refusing to extract"
-        )
+        raise AlzstageError(f"{archive}: entry {name!r} has an absolute path; refusing to extract")
     if any(part == ".." for part in p.parts):
-        raise UnsafeArchiveError(
+        raise AlzstageError(
             f"{archive}: entry {name!r} contains '..' (path traversal); refusing to extract"
         )
     return p
@@ -58,9 +56,9 @@ def _zip_entries(zf: zipfile.ZipFile, archive: Path) -> list[_Entry]:
     for info in zf.infolist():
         mode = (info.external_attr >> 16) & 0o170000
         if mode and stat.S_ISLNK(mode):
-            raise UnsafeArchiveError(f"{archive}: entry {info.filename!r} is a symlink; refusing")
+            raise AlzstageError(f"{archive}: entry {info.filename!r} is a symlink; refusing")
         if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise UnsafeArchiveError(
+            raise AlzstageError(
                 f"{archive}: entry {info.filename!r} is a device or special file; refusing"
             )
         _safe_relpath(info.filename, archive)
@@ -72,9 +70,9 @@ def _tar_entries(tf: tarfile.TarFile, archive: Path) -> list[_Entry]:
     entries = []
     for m in tf.getmembers():
         if m.issym() or m.islnk():
-            raise UnsafeArchiveError(f"{archive}: entry {m.name!r} is a link; refusing")
+            raise AlzstageError(f"{archive}: entry {m.name!r} is a link; refusing")
         if not (m.isfile() or m.isdir()):
-            raise UnsafeArchiveError(
+            raise AlzstageError(
                 f"{archive}: entry {m.name!r} is a device or special file; refusing"
             )
         _safe_relpath(m.name, archive)
@@ -93,7 +91,7 @@ def check_unique_names(entries: list[_Entry], archive: Path) -> None:
     if repeated:
         shown = ", ".join(f"{name!r} ({n} times)" for name, n in repeated[:5])
         more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
-        raise UnsafeArchiveError(
+        raise AlzstageError(
             f"{archive}: {len(repeated)} entry name(s) occur more than once: {shown}{more}; "
             "later copies would overwrite earlier ones. Refusing: rebuild the archive with "
             "unique names"
@@ -105,12 +103,12 @@ def check_limits(
 ) -> None:
     """Zip-bomb guard: bound entry count, total size and compression ratio *before* extracting."""
     if len(entries) > limits.max_entries:
-        raise UnsafeArchiveError(
+        raise AlzstageError(
             f"{archive}: {len(entries)} entries exceeds the limit of {limits.max_entries}"
         )
     total = sum(e.size for e in entries)
     if total > limits.max_total_bytes:
-        raise UnsafeArchiveError(
+        raise AlzstageError(
             f"{archive}: would extract {total} bytes, over the limit of {limits.max_total_bytes}"
             " (raise data.max_extract_bytes if the archive is trusted)"
         )
@@ -118,12 +116,12 @@ def check_limits(
     # fixtures, text) are harmless, and a bomb has to expand to something big to hurt.
     for e in entries:
         if e.compressed > 0 and e.size / e.compressed > limits.max_ratio and e.size > _RATIO_FLOOR:
-            raise UnsafeArchiveError(
+            raise AlzstageError(
                 f"{archive}: entry {e.name!r} has compression ratio {e.size / e.compressed:.0f}"
                 f" > {limits.max_ratio:.0f} (zip bomb?); refusing"
             )
     if archive_bytes > 0 and total / archive_bytes > limits.max_ratio and total > _RATIO_FLOOR:
-        raise UnsafeArchiveError(
+        raise AlzstageError(
             f"{archive}: overall compression ratio {total / archive_bytes:.0f} > "
             f"{limits.max_ratio:.0f} (zip bomb?); refusing (raise data.max_compression_ratio "
             "if the archive is trusted)"
@@ -133,7 +131,7 @@ def check_limits(
 def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = None) -> None:
     """Safely extract a zip or tar(.gz/.bz2/.xz) into ``dest`` (which must exist).
 
-    A damaged archive (bad CRC, forged sizes, cut short) is a :class:`DownloadError`
+    A damaged archive (bad CRC, forged sizes, cut short) is an :class:`AlzstageError`
     naming the file; ``dest`` may then hold part of it, which the caller discards.
     """
     limits = limits or ArchiveLimits()
@@ -150,9 +148,9 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
         raise _damaged(archive, exc) from None
 
 
-def _damaged(archive: Path, exc: BaseException) -> DownloadError:
+def _damaged(archive: Path, exc: BaseException) -> AlzstageError:
     why = str(exc).strip() or type(exc).__name__
-    return DownloadError(
+    return AlzstageError(
         f"{archive}: the archive is corrupt or truncated ({why}); download it again (pin "
         "data.sha256 so that a damaged copy is refused before unpacking)"
     )
@@ -183,12 +181,12 @@ def _extract(archive: Path, dest: Path, limits: ArchiveLimits, size: int) -> Non
         head = f.read(8)
     kind = next((k for magic, k in _ARCHIVE_MAGIC if head.startswith(magic)), None)
     if kind is not None:  # the start of an archive whose index or data is missing
-        raise DownloadError(
+        raise AlzstageError(
             f"{archive}: starts like a {kind} archive but cannot be read: the file is "
             "truncated or corrupt; download it again (pin data.sha256 so that a damaged copy "
             "is refused before unpacking)"
         )
-    raise DownloadError(
+    raise AlzstageError(
         f"{archive}: neither a zip nor a tar archive; point data.path at a .zip or .tar.gz"
     )
 

@@ -8,7 +8,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from alzstage.errors import DownloadError
+from alzstage.errors import AlzstageError
 from alzstage.files import atomic_path, sha256_file
 
 
@@ -37,12 +37,12 @@ def fetch(
         raw = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url_or_path
         local = project_path(raw, base_dir)
         if not local.exists():
-            raise DownloadError(f"{key}: {local} does not exist; set {key} to the file's location")
+            raise AlzstageError(f"{key}: {local} does not exist; set {key} to the file's location")
         if sha256:
             _verify(local, sha256, key=sha_key)
         return local
     if parsed.scheme not in ("http", "https"):
-        raise DownloadError(
+        raise AlzstageError(
             f"{key}: unsupported URL scheme {parsed.scheme!r} in {url_or_path!r} "
             "(use http, https, file or a local path)"
         )
@@ -62,7 +62,7 @@ def fetch(
         except urllib.error.HTTPError as exc:
             # 4xx (a wrong URL, revision or file name) will not fix itself: do not retry.
             if 400 <= exc.code < 500 and exc.code not in (408, 429):
-                raise DownloadError(
+                raise AlzstageError(
                     f"{key}: {url_or_path}: HTTP {exc.code} {exc.reason}; check the URL "
                     "(repository, revision and file name)"
                 ) from None
@@ -72,7 +72,7 @@ def fetch(
         if attempt + 1 < retries:
             time.sleep(min(2**attempt, 10) * 0.5)
     by_hand = by_hand or f"point {key} at the local file"
-    raise DownloadError(
+    raise AlzstageError(
         f"{key}: {url_or_path}: download failed after {retries} attempts ({last}); check the "
         f"URL and your network, or download it by hand and {by_hand}"
     )
@@ -111,7 +111,7 @@ def _http_get(url: str, target: Path) -> None:
 def _verify(path: Path, expected: str, shown: str | None = None, key: str = "data.sha256") -> None:
     actual = sha256_file(path)
     if actual != expected.lower():
-        raise DownloadError(
+        raise AlzstageError(
             f"{shown or path}: sha256 mismatch for {key}: expected {expected}, got {actual}; "
             "update the pinned sha256 only if you trust the new file"
         )

@@ -8,7 +8,7 @@ from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord
 from alzstage.data.sources.fetch import project_path
 from alzstage.data.sources.layout import place_images
-from alzstage.errors import DownloadError
+from alzstage.errors import AlzstageError
 
 
 def collect_folder(params: Params, paths: Paths, staging: Path) -> list[RawRecord]:
@@ -16,5 +16,5 @@ def collect_folder(params: Params, paths: Paths, staging: Path) -> list[RawRecor
     assert params.data.path is not None  # enforced by DataParams
     folder = project_path(params.data.path, paths.root)
     if not folder.is_dir():
-        raise DownloadError(f"data.path: {folder} is not a directory of class folders")
+        raise AlzstageError(f"data.path: {folder} is not a directory of class folders")
     return place_images(folder, staging, params.base, move=False)

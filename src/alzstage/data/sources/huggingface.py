@@ -15,7 +15,7 @@ from alzstage.config import BaseParams, DataParams, Params, Paths
 from alzstage.data.manifest import RawRecord
 from alzstage.data.sources.fetch import fetch
 from alzstage.data.sources.layout import IMAGE_SUFFIXES, SPLIT_NAMES
-from alzstage.errors import DownloadError
+from alzstage.errors import AlzstageError
 from alzstage.files import sha256_file
 
 
@@ -58,7 +58,7 @@ def label_table(names: list[str], base: BaseParams, where: str) -> list[str]:
             problems.append(f"several labels map to {dupes}")
         if missing:
             problems.append(f"no label for {missing}")
-        raise DownloadError(
+        raise AlzstageError(
             f"{where}: label names {names} do not map one-to-one onto base.classes "
             f"{base.classes} ({'; '.join(problems)}). The dataset's label set differs from "
             "this project's: pin data.hf_revision to a revision whose labels match base.classes, "
@@ -90,10 +90,10 @@ def extract_parquet(
     try:
         pf = pq.ParquetFile(parquet)
     except Exception as exc:  # pyarrow raises several types for bad files
-        raise DownloadError(f"{where}: not a readable parquet file ({exc})") from None
+        raise AlzstageError(f"{where}: not a readable parquet file ({exc})") from None
     columns = pf.schema_arrow.names
     if "image" not in columns or "label" not in columns:
-        raise DownloadError(
+        raise AlzstageError(
             f"{where}: expected columns 'image' and 'label', found {columns}; is this the "
             "Hugging Face image-classification layout?"
         )
@@ -122,7 +122,7 @@ def extract_parquet(
                 row += 1
                 bar.update(1)
     if not records:
-        raise DownloadError(f"{where}: the parquet file has no rows")
+        raise AlzstageError(f"{where}: the parquet file has no rows")
     return records
 
 
@@ -138,14 +138,14 @@ def _write_row(
 ) -> RawRecord:
     label_id = item.get("label")
     if not isinstance(label_id, int) or not 0 <= label_id < len(classes):
-        raise DownloadError(
+        raise AlzstageError(
             f"{where}: row {row} has label {label_id!r}, not an id in 0..{len(classes) - 1} "
             f"of {names}"
         )
     image = item.get("image")
     blob = image.get("bytes") if isinstance(image, dict) else image
     if not isinstance(blob, bytes) or not blob:
-        raise DownloadError(
+        raise AlzstageError(
             f"{where}: row {row} has no embedded image bytes (image={str(image)[:80]!r}); "
             "only parquet files with the images inside are supported"
         )

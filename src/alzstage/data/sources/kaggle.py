@@ -8,7 +8,7 @@ from pathlib import Path
 from alzstage.config import Params, Paths
 from alzstage.data.manifest import RawRecord
 from alzstage.data.sources.layout import place_images
-from alzstage.errors import DownloadError
+from alzstage.errors import AlzstageError
 
 
 def kaggle_credentials(env: dict[str, str] | None = None, home: Path | None = None) -> str | None:
@@ -35,7 +35,7 @@ def download_kaggle(handle: str) -> Path:
     if kaggle_credentials() is None:
         partial = [k for k in ("KAGGLE_USERNAME", "KAGGLE_KEY") if os.environ.get(k)]
         note = f" (only {partial[0]} is set)" if len(partial) == 1 else ""
-        raise DownloadError(
+        raise AlzstageError(
             f"data.source=kaggle: no Kaggle credentials found{note}. Set KAGGLE_USERNAME and "
             "KAGGLE_KEY (from kaggle.com > Settings > API > Create New Token), or save that "
             "kaggle.json as ~/.kaggle/kaggle.json; or use data.source: archive with a "
@@ -44,18 +44,18 @@ def download_kaggle(handle: str) -> Path:
     try:
         import kagglehub
     except ImportError:
-        raise DownloadError(
+        raise AlzstageError(
             "data.source=kaggle needs the kagglehub package: pip install 'alzstage[kaggle]'"
         ) from None
     try:
         folder = Path(kagglehub.dataset_download(handle))
     except Exception as exc:  # network, auth and 404s all mean "could not fetch"
-        raise DownloadError(
+        raise AlzstageError(
             f"data.kaggle_dataset={handle!r}: Kaggle download failed ({type(exc).__name__}: "
             f"{exc}); check the handle, your credentials and network access to kaggle.com"
         ) from None
     if not folder.is_dir():
-        raise DownloadError(
+        raise AlzstageError(
             f"data.kaggle_dataset={handle!r}: kagglehub returned {folder}, not a folder"
         )
     return folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from alzstage.config import BaseParams
 from alzstage.data.manifest import RawRecord
-from alzstage.errors import DownloadError
+from alzstage.errors import AlzstageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 SKIPPED_FILE = "skipped.csv"  # data/raw/skipped.csv: files seen but not kept, with reasons
@@ -110,7 +110,7 @@ def find_class_images(
         yield f, label, split
     if unknown:
         listing = ", ".join(f"{k!r} ({v} images)" for k, v in sorted(unknown.items()))
-        raise DownloadError(
+        raise AlzstageError(
             f"{root}: image folders that match no class in base.classes {base.classes}: {listing}."
             " Add them to base.class_aliases (alias: class) or remove them"
         )
@@ -131,14 +131,14 @@ def place_images(src_root: Path, raw_dir: Path, base: BaseParams, *, move: bool)
         target = raw_dir / "images" / (split or ".") / label / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
-            raise DownloadError(
+            raise AlzstageError(
                 f"{f}: two source files map to {target.relative_to(raw_dir)}; rename one of them"
             )
         (shutil.move if move else shutil.copy2)(f, target)
         records.append(RawRecord(path=target, label=label, source_split=split))
     write_skipped(skipped, raw_dir / SKIPPED_FILE)
     if not records:
-        raise DownloadError(
+        raise AlzstageError(
             f"{src_root}: no images found in folders named after base.classes {base.classes};"
             " expected <Class>/<image>.jpg (optionally under train/ and test/)"
             + (f"; skipped {describe_skipped(skipped)}" if skipped else "")

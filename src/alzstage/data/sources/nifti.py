@@ -45,7 +45,7 @@ from alzstage.data.sources.volume_cache import (
     preprocess_cached,
     remove_stale_temps,
 )
-from alzstage.errors import DownloadError, SubjectsCsvError
+from alzstage.errors import AlzstageError, SubjectsCsvError
 from alzstage.neuro.qc import QC_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -224,27 +224,27 @@ def collect_nifti(params: Params, paths: Paths, staging: Path) -> list[RawRecord
     assert params.data.path is not None  # enforced by DataParams
     folder = project_path(params.data.path, paths.root)
     if not folder.is_dir():
-        raise DownloadError(
+        raise AlzstageError(
             f"data.path: {folder} is not a directory (data.source: nifti expects a folder of "
             f"volumes holding {params.data.subjects_csv})"
         )
     try:
         table = read_subjects_csv(folder / params.data.subjects_csv, params)
     except SubjectsCsvError as exc:
-        raise DownloadError(str(exc)) from None
+        raise AlzstageError(str(exc)) from None
     if table.empty:
-        raise DownloadError(f"{folder / params.data.subjects_csv}: no rows")
+        raise AlzstageError(f"{folder / params.data.subjects_csv}: no rows")
     try:
         records, qc = preprocess_subjects(
             table, folder, params, staging / "images", paths.volume_cache
         )
     except SubjectsCsvError as exc:
-        raise DownloadError(str(exc)) from None
+        raise AlzstageError(str(exc)) from None
     write_volumes(qc, staging / VOLUMES_FILE)
     failed = qc[qc["status"] != "ok"]
     if not records:
         listing = "; ".join(failed["error"].astype(str).head(10))
-        raise DownloadError(f"no volume could be preprocessed ({len(failed)} failed): {listing}")
+        raise AlzstageError(f"no volume could be preprocessed ({len(failed)} failed): {listing}")
     if len(failed):
         log.warning(
             "nifti: %d of %d volumes could not be preprocessed (listed in data/raw/%s; the "

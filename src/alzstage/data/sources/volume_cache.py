@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from alzstage.config import NeuroPreprocessParams
+from alzstage.errors import VolumeError, VolumeTooLarge
 from alzstage.files import atomic_new_dir, sha256_file
-from alzstage.neuro.errors import MissingVolume, VolumeError, VolumeTooLarge
 
 CACHE_FORMAT = 1  # bump when the entry layout changes
 RESULT_FILE = "result.json"
@@ -118,7 +118,7 @@ def preprocess_cached(path: str, spec: PreprocessSpec) -> CachedVolume:
     if not source.is_file():
         return CachedVolume(
             path,
-            MissingVolume.check,
+            "missing_file",  # a VolumeError check code
             f"{path}: no such file; fix the file column of data.subjects_csv (paths are "
             "relative to data.path; on a cluster every worker must see data.path at this path)",
         )

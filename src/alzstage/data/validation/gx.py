@@ -25,7 +25,7 @@ from alzstage.data.validation.rules import (
     volume_frame,
     volume_specs,
 )
-from alzstage.errors import ValidationError as ValidationFailed
+from alzstage.errors import AlzstageError
 
 SUITE_PREFIX = "alzstage"
 
@@ -97,7 +97,7 @@ def run_manifest_suite(
     """
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
     if missing:
-        raise ValidationFailed(
+        raise AlzstageError(
             f"manifest is missing columns {missing} (has {list(manifest.columns)}); "
             "re-run `dvc repro download` to rebuild data/raw/manifest.csv"
         )

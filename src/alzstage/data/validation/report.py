@@ -88,7 +88,7 @@ def format_failure(
     quarantine_csv: str,
     docs_index: str | None,
 ) -> str:
-    """The ValidationFailed message: what broke, which files, how to fix it."""
+    """The AlzstageError message: what broke, which files, how to fix it."""
     policy = params.validate_.on_failure
     lines = [
         f"Validation of {manifest_name} failed ({len(manifest)} images, "
