@@ -60,7 +60,8 @@ def test_one_slice_in_every_form_gets_one_answer_everywhere(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from alzstage.inference.predict import LoadedModel, predict_files
+    from alzstage.inference.loading import LoadedModel
+    from alzstage.inference.predict import predict_files
     from alzstage.serve.app import ServeSettings, create_app
 
     # given one slice as three files and as two arrays
