@@ -221,7 +221,6 @@ def brain_test_report(
 
     Same shape as the CV's ``brain_level`` block, so one headline reads both.
     """
-    from alzstage.model.brain_metrics import binary_view, bootstrap_brains
     from alzstage.model.conformal import coverage_report
 
     classes = list(params.base.classes)
