@@ -26,7 +26,7 @@ import pandas as pd
 
 from alzstage.config import Params, Paths
 from alzstage.data.pixels import load_split_images
-from alzstage.files import write_json
+from alzstage.files import write_csv, write_json
 from alzstage.result import StageResult
 from alzstage.train.activation_cache import ActivationCache
 from alzstage.train.distribute import select_strategy
@@ -296,6 +296,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def is_timing(key: str) -> bool:
+    """A figure of this machine and its load, not of the model (``train_seconds``, ...).
+
+    Kept out of the stage's DVC outputs (``reports/train.json``, ``train_history.csv``),
+    where it made every re-run of identical training hash differently; MLflow has them.
+    """
+    return key.endswith(("_seconds", "images_per_second"))
+
+
 def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageResult:
     remove_stale_temps(paths.model_file)  # left by a run killed while saving
     data = np.load(paths.augmented / "train.npz")
@@ -309,12 +318,14 @@ def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageRe
     model, summary = train_model(params, x, y, x_val, y_val, tracker, cache)
     save_model_atomic(model, paths.model_file)
     history = pd.DataFrame(summary.pop("history"), columns=HISTORY_COLUMNS)
-    paths.plots.mkdir(parents=True, exist_ok=True)
-    hist_file = paths.plots / "train_history.csv"
-    history.to_csv(hist_file, index=False)
+    hist_file = write_csv(
+        paths.plots / "train_history.csv",
+        history.drop(columns=[c for c in history if is_timing(c)]),
+    )
     summary["n_train_samples"] = len(x)
     summary["n_val"] = len(x_val)
-    write_json(paths.train_report, summary)
+    write_json(paths.train_report, {k: v for k, v in summary.items() if not is_timing(k)})
+    # Every figure, timings included, goes to MLflow (epoch times too, logged per epoch).
     metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
     return StageResult(
         metrics=metrics,
