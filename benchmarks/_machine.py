@@ -7,10 +7,13 @@ a figure also records this, in its table and its JSON.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 # The vector and matrix extensions that decide float32 / bfloat16 convolution speed.
 CPU_FLAGS = (
@@ -76,8 +79,89 @@ def git_commit(repo: Path) -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"batch_size": 64}}`` -> ``{"train.batch_size": 64}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def params_info(repo: Path) -> dict:
+    """params.yaml as this run reads it, and every key that differs from the committed one.
+
+    ``dvc exp run -S`` writes its values into the workspace's params.yaml and leaves them
+    there, and a ``+dirty`` commit does not say which file is dirty: a figure measured
+    after an experiment silently ran with that experiment's settings. Recording the
+    difference (``differs_from_committed``, empty when the file is as committed) keeps
+    such a figure from passing for the defaults.
+    """
+    import yaml
+
+    path = Path(repo) / "params.yaml"
+    text = path.read_text() if path.exists() else ""
+    committed_text = subprocess.run(
+        ["git", "-C", str(repo), "show", "HEAD:params.yaml"], capture_output=True, text=True
+    )
+    info: dict[str, Any] = {
+        "file": str(path),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "values": yaml.safe_load(text) or {},
+        "committed": None,
+        "differs_from_committed": {},
+    }
+    if committed_text.returncode != 0:
+        return info  # not a git checkout, or params.yaml is not committed: nothing to compare
+    info["committed"] = git_commit(repo).removesuffix("+dirty")
+    now, then = _flatten(info["values"]), _flatten(yaml.safe_load(committed_text.stdout) or {})
+    info["differs_from_committed"] = {
+        key: {"committed": then.get(key), "now": now.get(key)}
+        for key in sorted(now.keys() | then.keys())
+        if now.get(key) != then.get(key)
+    }
+    return info
+
+
+def params_text(info: dict | None) -> str:
+    """One line for a report: the params are the committed ones, or which keys are not."""
+    if info is None:
+        return "params: not recorded (a report from before params were recorded)"
+    if info["committed"] is None:
+        return f"params: {info['file']} (no committed copy to compare with)"
+    diff = info["differs_from_committed"]
+    if not diff:
+        return f"params: params.yaml as committed at {info['committed']}"
+    shown = ", ".join(f"{k} {d['committed']!r} -> {d['now']!r}" for k, d in diff.items())
+    return (
+        f"params: NOT THE COMMITTED DEFAULTS: params.yaml differs from {info['committed']} "
+        f"in {len(diff)} key(s): {shown}"
+    )
+
+
+def warn_if_params_differ(info: dict) -> None:
+    """Say on stderr, loudly, that a figure was not measured with the committed params."""
+    if info["differs_from_committed"]:
+        bar = "!" * 88
+        print(
+            f"{bar}\n{params_text(info)}\nThese figures are not for the committed "
+            "defaults. Reset with `git checkout -- params.yaml`, or run experiments with "
+            f"`dvc exp run --temp` so they leave params.yaml alone.\n{bar}",
+            file=sys.stderr,
+        )
+
+
 def machine_info(repo: Path) -> dict:
-    """Everything outside the code that a time or a GFLOP/s figure depends on."""
+    """Everything outside the code that a time or a GFLOP/s figure depends on.
+
+    Includes the params it ran with (:func:`params_info`), and warns on stderr when they
+    are not the committed ones.
+    """
+    params = params_info(repo)
+    warn_if_params_differ(params)
     return {
         "cpu": cpu_description(),
         "cores": os.cpu_count(),
@@ -86,6 +170,7 @@ def machine_info(repo: Path) -> dict:
         "python": platform.python_version(),
         "thread_env": {k: os.environ.get(k) for k in THREAD_ENV},
         "commit": git_commit(repo),
+        "params": params,
     }
 
 

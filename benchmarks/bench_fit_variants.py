@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import flags_text, machine_info
+from _machine import flags_text, machine_info, params_text
 from bench_time_to_target import harness_params, labels_of, prepare_project, split_rows
 
 # name -> (batch size or None for params.yaml's, jit_compile, dtype policy, steps_per_execution)
@@ -100,8 +100,9 @@ def main() -> None:
         f"\nCPU: {machine['cpu']['model']} ({flags_text(machine['cpu'])}), {machine['cores']} "
         f"cores; load average {os.getloadavg()[0]:.2f}; {len(x):,} training images at "
         f"{params.model.input_size[0]}x{params.model.input_size[1]}, params.yaml batch "
-        f"{params.train.batch_size}\n"
+        f"{params.train.batch_size}"
     )
+    print(f"{params_text(machine['params'])}\n")
     print("| variant | first epoch s | images/s median (min-max) | vs params.yaml |")
     print("|---|---|---|---|")
     out = {}

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from _machine import flags_text, machine_info
+from _machine import flags_text, machine_info, params_text
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,6 +270,7 @@ def main() -> None:
     machine = machine_info(ROOT)
     cpu = machine["cpu"]
     print(f"CPU: {cpu['model']} ({flags_text(cpu)}); {machine['cores']} cores")
+    print(params_text(machine["params"]))
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in machine['load_average'])}")
 
     from alzstage.serve.demo import ensure_demo_champion
@@ -388,6 +389,7 @@ def main() -> None:
     print()
     print(f"alzstage serve on 127.0.0.1, demo champion; commit {machine['commit']}")
     print(f"CPU: {cpu['model']}; flags: {flags_text(cpu)}; {machine['cores']} cores")
+    print(params_text(machine["params"]))
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print()
     rows = [("phase", "answers", "wall s", "peak RSS MB", "target", "met")]

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _machine import params_info, params_text, warn_if_params_differ
 from neuro_volumes import moved_affine, save_nifti, synthetic_volume
 
 from alzstage.config import NeuroPreprocessParams, Params, load_params
@@ -179,6 +180,7 @@ def compare(args: argparse.Namespace, params: Params) -> int:
     size = params.base.image_size
     knobs = list(REFERENCE_PARAMS)
     print(f"# {machine()}")
+    print(f"# {params_text(params_info(Path(__file__).resolve().parents[1]))}")
     print("# reference: " + ", ".join(f"{k}={getattr(ref, k)}" for k in knobs))
     print("# new:       " + ", ".join(f"{k}={getattr(fast, k)}" for k in knobs))
     cases = COMPARE_VOLUMES[: args.n]
@@ -299,6 +301,7 @@ def main() -> int:
 
     root = Path(__file__).resolve().parents[1]
     params: Params = load_params(root / "params.yaml")
+    warn_if_params_differ(params_info(root))  # neuro.preprocess comes from it
     if args.compare:
         args.n = len(COMPARE_VOLUMES) if args.n is None else args.n
         return compare(args, params)
@@ -332,6 +335,7 @@ def main() -> int:
             rows.append((data.shape, size_mb, out.timings, total, out.qc["registration_score"]))
 
     print(f"# {machine()}")
+    print(f"# {params_text(params_info(Path(__file__).resolve().parents[1]))}")
     print(
         f"# {args.n} volume(s), {args.voxel_mm:g} mm voxels, shape {rows[0][0]}, "
         f"{rows[0][1]:.1f} MB .nii.gz; registration on the {pre.registration_resolution} mm "

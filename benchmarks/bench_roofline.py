@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from _flops import LayerCost, flops_summary, layer_costs
-from _machine import flags_text, framework_info, machine_info, set_threads
+from _machine import flags_text, framework_info, machine_info, params_text, set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_MATMUL = 2048  # n of the n x n x n float32 matmul timed beside the network's kernels
@@ -279,8 +279,9 @@ def print_report(body: dict) -> None:
         f"\nCPU: {m['cpu']['model']} ({flags_text(m['cpu'])}), {m['cores']} cores; load average "
         f"{m['load_average'][0]:.2f}; TensorFlow {fw['tensorflow']}, Keras {fw['keras']}; threads "
         f"intra-op {fw['intra_op_threads']}, inter-op {fw['inter_op_threads']} (0 = TensorFlow's "
-        f"choice); commit {m['commit']}\n"
+        f"choice); commit {m['commit']}"
     )
+    print(f"{params_text(m.get('params'))}\n")
     print(
         f"{net['backbone']} {net['widths']} x {net['blocks']}, input {net['input_size']}, batch "
         f"{batch}: {net['forward_flops_per_image'] / 1e6:.0f} MFLOP forward, "

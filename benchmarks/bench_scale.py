@@ -49,7 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, params_text  # noqa: E402
 from neuro_volumes import moved_affine, save_nifti, synthetic_volume  # noqa: E402
 
 from alzstage import compute  # noqa: E402
@@ -279,6 +279,7 @@ def main() -> None:
         f"usable core(s); commit {machine['commit']}"
     )
     print(f"# {header}", flush=True)
+    print(f"# {params_text(machine['params'])}", flush=True)
     from alzstage.data.sources.volume_cache import code_fingerprint
 
     # The preprocessing code changes under a dirty tree: its hash says which one ran.

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import params_info, params_text, warn_if_params_differ
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str]:
         try:
             # The champion of the dataset params.yaml configures, as `alzstage serve` picks.
             choice = choose_model(None, load_params(ROOT / "params.yaml"), Paths(ROOT))
+            warn_if_params_differ(params_info(ROOT))  # data.source / data.name pick it
             name = choice.uri.removeprefix("models:/").removesuffix("@champion")
             mv = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
                 name, "champion"
@@ -189,7 +191,8 @@ def main() -> None:
 
     print(f"\nalzstage serve benchmark: {what}, input {size[0]}x{size[1]}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
-          f"{platform.python_version()}; model load on first /model: {load_s:.1f} s\n")  # fmt: skip
+          f"{platform.python_version()}; model load on first /model: {load_s:.1f} s")  # fmt: skip
+    print(f"{params_text(params_info(ROOT))}\n")
     print("single image, POST /predict (208x176 PNG)      p50 ms   p95 ms   mean ms")
     print(f"  without Grad-CAM (n={len(single):<3})                  "
           f"{pct(single, 50) * 1e3:7.1f}  {pct(single, 95) * 1e3:7.1f}  "

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from _child import run_child
-from _machine import flags_text, framework_info, machine_info, set_threads
+from _machine import flags_text, framework_info, machine_info, params_text, set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
@@ -781,6 +781,7 @@ def print_report(body: dict) -> None:
         f"{fw.get('intra_op_threads')}, inter-op {fw.get('inter_op_threads')} (0 = TensorFlow's "
         f"choice); commit {m['commit']}"
     )
+    print(params_text(m.get("params")))
     for protocol, entry in body["protocols"].items():
         c = entry["counts"]
         leaky = (

@@ -176,6 +176,26 @@ def test_every_stage_logged_under_one_pipeline_id(project: Path) -> None:
     assert (project / "mlruns").is_dir()
 
 
+def test_train_outputs_hold_no_timings_and_mlflow_has_them(project: Path) -> None:
+    # given: the pipeline has run (a DVC output with a duration in it never hashes alike)
+    # when: the train stage's outputs and its MLflow run are read
+    report = json.loads((project / "reports/train.json").read_text())
+    history = pd.read_csv(project / "reports/plots/train_history.csv")
+    db = sqlite3.connect(project / "mlflow.db")
+    logged = {
+        key
+        for (key,) in db.execute(
+            "SELECT DISTINCT m.key FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
+            "WHERE r.name = 'train'"
+        )
+    }
+    # then: no seconds or images/s in the outputs; the train run in MLflow has them
+    assert "temperature" in report and "recipe" in report
+    assert [k for k in report if k.endswith(("_seconds", "images_per_second"))] == []
+    assert "epoch_seconds" not in history.columns and "val_balanced_accuracy" in history
+    assert {"train_seconds", "epoch_seconds"} <= logged, sorted(logged)
+
+
 def test_registry_has_champion(project: Path) -> None:
     code = (
         "import mlflow, json;"

@@ -42,7 +42,6 @@ HEADLINE = [
     ("reports/metrics.json", "quadratic_weighted_kappa"),
     ("reports/metrics.json", "roc_auc.macro"),
     ("reports/metrics.json", "ece"),
-    ("reports/train.json", "train_seconds"),
 ]
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "val_loss", "val_balanced_accuracy", "val_macro_f1"]
 

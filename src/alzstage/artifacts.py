@@ -5,7 +5,7 @@ missing or mistyped key fails at the read with the file and the key named, inste
 ``KeyError`` deep inside, or a silent fallback that tags a model with an empty string.
 Each type says which stage writes its file; the error names the stage to run again.
 
-* :class:`TrainReport`: ``reports/train.json``, what training ran and how long it took
+* :class:`TrainReport`: ``reports/train.json``, what training ran and its calibration
   (train writes; the train stage's pyfunc step reads the temperature and recipe back);
 * :class:`TrainRun`: ``models/train_run.json`` (train writes; evaluate and promote read);
 * :class:`SplitReport`: the fields of ``reports/split.json`` that evaluate reads (split
@@ -119,13 +119,16 @@ TrainPhaseKey = Annotated[
     str,
     StringConstraints(
         pattern=r"^(scratch|head|fine_tune)_"
-        r"(epochs|best_\w+|images_per_second|steady_images_per_second)$"
+        r"(epochs|best_\w+)$"
     ),
 ]
 
 
 class TrainReport(Artifact):
-    """``reports/train.json``: what the train stage ran, its calibration and its timings.
+    """``reports/train.json``: what the train stage ran and its calibration.
+
+    No durations or throughput: they vary with the machine and its load, so identical
+    training would hash differently under DVC; the stage logs them to MLflow instead.
 
     The train stage's last step reads the temperature and the recipe back from it. The
     per-phase figures are the keys :data:`TrainPhaseKey` allows, each a number; the
@@ -150,10 +153,6 @@ class TrainReport(Artifact):
     temperature: float
     val_ece_before: float
     val_ece_after: float
-    build_seconds: float
-    feature_seconds: float
-    train_seconds: float
-    calibration_seconds: float
     stopped_at_target_epoch: int | None = None
     cut_cache_mb: float | None = None
     activation_cache: list[dict[str, str]] | None = None

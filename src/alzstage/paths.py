@@ -68,6 +68,9 @@ class Paths:
         self.quarantine = self.validation_dir / "quarantine.csv"
         self.volume_qc = self.validation_dir / "volumes.csv"
         self.quarantine_volumes = self.validation_dir / "quarantine_volumes.csv"
+        # Great Expectations Data Docs: not a DVC output (GX stamps every page and folder
+        # with the run's time, so they never hash alike twice); logged to MLflow instead.
+        self.data_docs = self.reports / "validation_docs"
         self.split_report = self.reports / "split.json"
         self.train_report = self.reports / "train.json"
         self.metrics = self.reports / "metrics.json"  # evaluate's detail

@@ -323,7 +323,7 @@ def test_fail_policy_raises_with_a_readable_summary(tmp_path: Path) -> None:
     assert "validate.on_failure: quarantine" in msg
     assert not paths.validated_manifest.exists()
     # The evidence is still written for the person fixing the data.
-    assert paths.quarantine.exists() and (paths.validation_dir / "data_docs/index.html").exists()
+    assert paths.quarantine.exists() and (paths.data_docs / "index.html").exists()
     report = json.loads(paths.validation_report.read_text())
     assert report["success"] is False and report["stage_passed"] is False
 
@@ -364,7 +364,7 @@ def test_clean_data_passes_and_writes_docs(tmp_path: Path) -> None:
     report = json.loads(paths.validation_report.read_text())
     assert report["success"] is True and report["n_quarantined"] == 0
     assert all(e["success"] for e in report["expectations"].values())
-    index = paths.validation_dir / "data_docs" / "index.html"
+    index = paths.data_docs / "index.html"
     assert index.exists() and "alzstage.manifest" in index.read_text()
     assert result.metrics["n_valid"] == len(raw_manifest)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -479,11 +480,62 @@ def test_temp_file_of_a_killed_save_is_removed_on_the_next_run(tmp_path):
         alive.wait()
 
 
+def test_a_model_saved_twice_is_the_same_bytes(tmp_path):
+    """DVC hashes model.keras: a save time or a memory address in it would change dvc.lock."""
+    import time
+    import zipfile
+
+    import keras
+
+    from alzstage.train.recipe import canonical_keras
+
+    # given: a trained model saved once
+    x, y = separable(32, 0)
+    model, _ = train_model(scratch_params(epochs=1), x, y, *separable(16, 1))
+    first, second = tmp_path / "a" / "model.keras", tmp_path / "b" / "model.keras"
+    save_model_atomic(model, first)
+
+    # when: it is saved again, past the zip format's 2-second date resolution
+    time.sleep(2.1)
+    save_model_atomic(model, second)
+
+    # then: the same bytes, and the file loads to the model's predictions
+    assert first.read_bytes() == second.read_bytes()
+    xs = x[:8, ..., None].astype("float32")
+    loaded = keras.models.load_model(second, compile=False)
+    np.testing.assert_array_equal(model.predict(xs, verbose=0), loaded.predict(xs, verbose=0))
+
+    # given: the same file as another process writes it, its shared objects numbered by
+    # other memory addresses (Keras uses id())
+    with zipfile.ZipFile(first) as z:
+        entries = {name: z.read(name) for name in z.namelist()}
+    config = entries["config.json"].decode()
+    assert '"shared_object_id": 1' in config  # the model has shared objects to renumber
+    other = tmp_path / "other.keras"
+    with zipfile.ZipFile(other, "w") as z:
+        for name, data in entries.items():
+            if name == "config.json":
+                data = re.sub(
+                    r'"shared_object_id": (\d+)',
+                    lambda m: f'"shared_object_id": {140737488355328 + 7919 * int(m[1])}',
+                    config,
+                ).encode()
+            z.writestr(name, data)
+
+    # when: it is made canonical
+    canonical_keras(other)
+
+    # then: it is the first file, byte for byte
+    assert other.read_bytes() == first.read_bytes()
+
+
 def test_save_removes_stale_temp_files_too(tmp_path):
     class Saves:
         def save(self, path):
-            with open(path, "wb") as f:
-                f.write(b"a model")
+            import zipfile
+
+            with zipfile.ZipFile(path, "w") as f:
+                f.writestr("metadata.json", '{"date_saved": "now"}')
 
     pid = int(  # a process that has ended
         subprocess.run(

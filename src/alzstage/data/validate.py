@@ -12,6 +12,10 @@ Two kinds of evidence are combined:
   used for the table-level rules because its results and Data Docs are the audit trail
   a reviewer can open in a browser.
 
+The Data Docs go to ``reports/validation_docs/``, beside the stage's outputs but not
+one of them: GX names their folders and stamps their pages with the run's time, so they
+would make a re-run on identical data hash differently. They are logged to MLflow.
+
 ``validate.on_failure`` decides what a failure means (``validation/decision.py``).
 ``fail`` stops the pipeline with a summary naming the files (``validation/report.py``).
 ``quarantine`` drops the bad rows from the validated manifest and lists every one of
@@ -74,7 +78,7 @@ def run_validate(params: Params, paths: Paths) -> StageResult:
     image_problems = check_images(manifest, paths.raw, params)
     # The per-volume QC table exists only for data.source: nifti (see alzstage.data.sources.nifti).
     volumes = read_volumes(paths.raw_volumes) if paths.raw_volumes.exists() else None
-    docs_root = paths.validation_dir / "data_docs"
+    docs_root = paths.data_docs
     with atomic_dir(docs_root) as tmp_docs:
         suite = run_manifest_suite(manifest, params, tmp_docs, volumes)
     docs_index = docs_root / "index.html"

@@ -27,6 +27,7 @@ import pandas as pd
 from alzstage.artifacts import AugmentedSet, TrainReport
 from alzstage.config import Params, Paths
 from alzstage.data.pixels import load_split_images
+from alzstage.files import write_csv
 from alzstage.result import StageResult
 from alzstage.train.activation_cache import ActivationCache
 from alzstage.train.distribute import select_strategy
@@ -209,16 +210,64 @@ def _finish(
 
 
 def save_model_atomic(model: Any, target: Path) -> None:
-    """Keras insists on a ``.keras`` suffix, so the temp file gets one too."""
+    """Keras insists on a ``.keras`` suffix, so the temp file gets one too.
+
+    The saved file is made canonical (:func:`canonical_keras`) before it is renamed into
+    place, so the same weights always give the same bytes under DVC.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.keras")
     try:
         model.save(tmp)
+        canonical_keras(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def canonical_keras(path: Path) -> None:
+    """Rewrite a ``.keras`` zip in place without what changes from one save to the next.
+
+    Keras stamps ``metadata.json`` with the save time (``date_saved``), numbers shared
+    objects in ``config.json`` by their memory address (``id()``), and dates the weights
+    file in the zip with the current time. None of it is read back on load, and each of
+    it made two trainings to identical weights hash differently in ``dvc.lock``. The ids
+    are renumbered in order of appearance (sharing is kept); entries get one fixed date.
+    When the model was saved is in its MLflow run.
+    """
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as zin:
+        entries = [(info, zin.read(info)) for info in zin.infolist()]
+    with zipfile.ZipFile(path, "w") as zout:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                meta = json.loads(data)
+                meta.pop("date_saved", None)
+                data = json.dumps(meta).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_renumber_shared(json.loads(data), {})).encode()
+            entry = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = info.compress_type
+            entry.external_attr = info.external_attr
+            entry.create_system = info.create_system
+            zout.writestr(entry, data)
+
+
+def _renumber_shared(node: Any, ids: dict[int, int]) -> Any:
+    """Replace every ``shared_object_id`` by 1, 2, ... in order of first appearance."""
+    if isinstance(node, dict):
+        if "shared_object_id" in node:
+            node["shared_object_id"] = ids.setdefault(node["shared_object_id"], len(ids) + 1)
+        for value in node.values():
+            _renumber_shared(value, ids)
+    elif isinstance(node, list):
+        for value in node:
+            _renumber_shared(value, ids)
+    return node
 
 
 def remove_stale_temps(target: Path) -> list[Path]:
@@ -248,6 +297,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def is_timing(key: str) -> bool:
+    """A figure of this machine and its load, not of the model (``train_seconds``, ...).
+
+    Kept out of the stage's DVC outputs (``reports/train.json``, ``train_history.csv``),
+    where it made every re-run of identical training hash differently; MLflow has them.
+    """
+    return key.endswith(("_seconds", "images_per_second"))
+
+
 def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageResult:
     remove_stale_temps(paths.model_file)  # left by a run killed while saving
     augmented = AugmentedSet.read(paths.augmented)
@@ -261,12 +319,15 @@ def run_train(params: Params, paths: Paths, tracker: StageRun | None) -> StageRe
     model, summary = train_model(params, x, y, x_val, y_val, tracker, cache)
     save_model_atomic(model, paths.model_file)
     history = pd.DataFrame(summary.pop("history"), columns=HISTORY_COLUMNS)
-    paths.plots.mkdir(parents=True, exist_ok=True)
-    hist_file = paths.plots / "train_history.csv"
-    history.to_csv(hist_file, index=False)
+    hist_file = write_csv(
+        paths.plots / "train_history.csv",
+        history.drop(columns=[c for c in history if is_timing(c)]),
+    )
     summary["n_train_samples"] = len(x)
     summary["n_val"] = len(x_val)
-    TrainReport.check(summary, paths.train_report).write(paths.train_report)
+    timeless = {k: v for k, v in summary.items() if not is_timing(k)}
+    TrainReport.check(timeless, paths.train_report).write(paths.train_report)
+    # Every figure, timings included, goes to MLflow (epoch times too, logged per epoch).
     metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
     return StageResult(
         metrics=metrics,
