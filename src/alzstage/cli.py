@@ -52,13 +52,22 @@ def _load() -> tuple[Params, Paths]:
 
 
 def _run_stage(stage: Stage, **options: Any) -> None:
-    """Validate params, open the stage's MLflow run, run it, log what it returned."""
+    """Validate params, check the stage can run (preflight), open its MLflow run, run it,
+    log what it returned."""
     params, paths = _load()
-    from alzstage import tracking
+    from alzstage import preflight, tracking
     from alzstage.errors import AlzstageError
 
+    def inputs_complete() -> None:  # after abandoned runs are failed, before the run opens
+        preflight.check_inputs(stage, paths.root, tracking.last_run)
+
     try:
-        with tracking.stage_run(stage.name, params, paths.root, list(stage.params)) as run:
+        store = None if tracking.is_server_store() else tracking.store_file(paths.root)
+        outputs = preflight.stage_outputs(stage.name, paths.root, options.get("fold"))
+        preflight.check_writable(stage.name, paths.root, outputs, store)
+        with tracking.stage_run(
+            stage.name, params, paths.root, list(stage.params), before_start=inputs_complete
+        ) as run:
             result = stage.run(params, paths, run, **options)
             run.log_metrics(result.metrics)
             if result.tags:

@@ -10,6 +10,7 @@ anything else is a bug and keeps its traceback. The subclasses say whose mistake
 * :class:`InputError`: a file handed to ``predict`` or ``serve``;
 * :class:`ModelError`: a model that cannot be found, loaded or registered.
 * :class:`ComputeError`: the Dask cluster of ``compute`` (unreachable, lost).
+* :class:`TrackingStoreError`: the MLflow store file (empty, truncated, damaged).
 
 Several also derive from the builtin they replaced (``ValueError``, ``RuntimeError``,
 ``FileNotFoundError``), so code that caught the builtin keeps working. The older names
@@ -98,3 +99,10 @@ class DatasetUnknown(DataError):
 
 class ComputeError(AlzstageError, RuntimeError):
     """The Dask cluster (``compute``) cannot be started or reached, or was lost mid-run."""
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class TrackingStoreError(AlzstageError, RuntimeError):
+    """The MLflow store (``mlflow.db``) is damaged; the message names it and how to recover."""

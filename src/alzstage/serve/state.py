@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from alzstage.config import NeuroParams, NiftiQCParams
+from alzstage.tracking import champion_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from alzstage.config import Params, Paths
@@ -28,7 +29,7 @@ class ServeSettings:
     model carries its own in the pyfunc.
     """
 
-    model_uri: str = "models:/alzstage-demo@champion"
+    model_uri: str = champion_uri("alzstage", "demo")
     model_choice: str = ""  # why this model (predict.ModelChoice.reason), shown by /model
     tracking_uri: str | None = None
     registry_uri: str | None = None
