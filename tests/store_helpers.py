@@ -80,6 +80,8 @@ def project_store(root: Path) -> Iterator[None]:
     saved_experiment = fluent._active_experiment_id
     try:
         with tracking.scoped_tracking_uri(tracking.tracking_uri(root)):
+            # as in a stage process: no URI of the user's, so configure treats it as ours
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
             tracking.configure(root)
             yield
     finally:
