@@ -20,13 +20,15 @@ def test_an_empty_store_file_is_refused_in_one_line_and_left_as_it_is(tmp_path, 
     # given a project whose mlflow.db was emptied (a full disk, a bad copy)
     root = make_project(tmp_path / "p")
     (root / "mlflow.db").write_bytes(b"")
-    # when promote runs, and when MLflow would be pointed at the store
+    # when promote runs (as a stage, or to set an alias by hand), or MLflow is pointed at it
     line = one_line_error(run_cli(root, "promote"))
+    by_hand = one_line_error(run_cli(root, "promote", "--version", "1"))
     with pytest.raises(TrackingStoreError):
         tracking.configure(root)
     # then one line names the file and how to recover; no fresh store was made over it
     assert f"{root / 'mlflow.db'}: the MLflow store is empty (0 bytes)" in line
     assert "mv " in line and "never creates a fresh store" in line
+    assert "the MLflow store is empty (0 bytes)" in by_hand
     assert (root / "mlflow.db").stat().st_size == 0
 
 
@@ -103,3 +105,21 @@ def test_an_old_schema_is_backed_up_before_it_is_upgraded(tmp_path, no_server, c
     with project_store(root):
         pass
     assert backups(db) == [copy]
+
+
+def test_a_store_from_a_newer_mlflow_is_refused_untouched(tmp_path, no_server):
+    import sqlite3
+
+    # given a store whose schema revision the installed MLflow does not know
+    root = make_project(tmp_path / "p")
+    log_train_run(root)
+    db = root / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = 'f00dfeed0001'")
+    before = db.read_bytes()
+    # when it is opened; then it is refused in one line, and left exactly as it was
+    with pytest.raises(
+        TrackingStoreError, match=r"written by a newer MLflow \(schema f00dfeed0001"
+    ):
+        tracking.tracking_uri(root)
+    assert db.read_bytes() == before

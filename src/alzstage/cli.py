@@ -125,10 +125,10 @@ def promote(
         from alzstage.errors import AlzstageError
         from alzstage.promote import set_alias_by_hand
 
-        tracking.configure(paths.root)
         try:
+            tracking.configure(paths.root)
             typer.echo(set_alias_by_hand(params, paths, version, alias))
-        except AlzstageError as exc:  # the configured dataset cannot be named yet
+        except AlzstageError as exc:  # the dataset cannot be named yet, a damaged store
             _fail(str(exc), code=1)
         return
     _run_stage(BY_NAME["promote"])

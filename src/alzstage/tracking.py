@@ -85,15 +85,18 @@ def store_file(root: Path) -> Path:
 def tracking_uri(root: Path) -> str:
     """``MLFLOW_TRACKING_URI`` when the user set it (a server), else the repo's sqlite store.
 
-    The sqlite file is checked first (:func:`~alzstage.tracking_store.check_sqlite_store`):
-    every reader and writer gets its URI here, so none can open a damaged store, whose
-    emptiness MLflow would "repair" by creating fresh tables over it.
+    Every reader and writer gets the sqlite URI here, after the file is checked and, if an
+    older MLflow wrote it, backed up and upgraded (:mod:`alzstage.tracking_store`): none
+    can open a damaged store (MLflow would "repair" an empty one with fresh tables) or
+    let MLflow migrate one with no copy kept.
     """
     user = _user_tracking_uri()
     if user:
         return user
-    check_sqlite_store(store_file(root))
-    return f"sqlite:///{store_file(root)}"
+    db = store_file(root)
+    check_sqlite_store(db)
+    upgrade_with_backup(db)
+    return f"sqlite:///{db}"
 
 
 def artifact_root(root: Path) -> str | None:
@@ -114,7 +117,6 @@ def configure(root: Path) -> str:
 
     uri = tracking_uri(root)
     if not _user_tracking_uri():
-        upgrade_with_backup(store_file(root))
         _OWN_URIS.add(uri)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)

@@ -14,6 +14,7 @@ Part of the MLflow boundary with :mod:`alzstage.tracking`, which is what callers
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import sys
 import time
@@ -133,44 +134,62 @@ def backup(db: Path, label: str) -> Path:
     return target
 
 
+@functools.cache
+def _schema_head() -> tuple[str, frozenset[str]]:
+    """The installed MLflow's schema head and every revision it knows (read once)."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db import utils as db_utils
+
+    scripts = ScriptDirectory.from_config(db_utils._get_alembic_config("sqlite://"))
+    known = frozenset(r.revision for r in scripts.walk_revisions())
+    return scripts.get_current_head(), known
+
+
 def upgrade_with_backup(db: Path) -> Path | None:
     """Bring an existing store to the installed MLflow's schema, backing it up first.
 
-    Returns the backup made, or None when the schema was current (or the store new). A
-    store written by a newer MLflow than the installed one is refused, never touched.
+    Returns the backup made, or None when the schema was current (or the store new): then
+    it costs one sqlite read, and MLflow's migration scripts are never parsed. A store
+    written by a newer MLflow than the installed one is refused, never touched.
     """
     current = schema_revision(db)
-    if current is None:
+    if current is None or current == _CURRENT.get(db):
         return None
-    from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
-    from mlflow.store.db import utils as db_utils
-
-    scripts = ScriptDirectory.from_config(db_utils._get_alembic_config(f"sqlite:///{db}"))
-    head = scripts.get_current_head()
+    head, known = _schema_head()
     if current == head:
+        _CURRENT[db] = head
         return None
-    try:
-        scripts.get_revision(current)
-    except CommandError:
+    if current not in known:
         raise TrackingStoreError(
             f"{db}: written by a newer MLflow (schema {current}) than the installed one "
             f"(schema {head}); upgrade mlflow (pip install -U mlflow) to use this store"
+        )
+    try:
+        copy = backup(db, current)
+    except OSError as exc:
+        raise TrackingStoreError(
+            f"{db}: MLflow must upgrade its schema ({current} -> {head}) but no backup could "
+            f"be written beside it ({exc.strerror}); make {db.parent} writable and run again"
         ) from None
-    copy = backup(db, current)
     print(
         f"alzstage: {db.name} is at MLflow schema {current}, the installed MLflow needs "
         f"{head}: backed up to {copy.name}, upgrading",
         file=sys.stderr,
     )
     import sqlalchemy
+    from mlflow.store.db import utils as db_utils
 
     engine = sqlalchemy.create_engine(f"sqlite:///{db}")
     try:
         db_utils._upgrade_db(engine)
     finally:
         engine.dispose()
+    _CURRENT[db] = head
     return copy
+
+
+#: Stores this process has seen at the installed schema (skips re-reading the scripts).
+_CURRENT: dict[Path, str] = {}
 
 
 @contextlib.contextmanager
