@@ -136,13 +136,29 @@ def backup(db: Path, label: str) -> Path:
 
 @functools.cache
 def _schema_head() -> tuple[str, frozenset[str]]:
-    """The installed MLflow's schema head and every revision it knows (read once)."""
-    from alembic.script import ScriptDirectory
-    from mlflow.store.db import utils as db_utils
+    """The installed MLflow's schema head and every revision it knows (read once).
 
-    scripts = ScriptDirectory.from_config(db_utils._get_alembic_config("sqlite://"))
-    known = frozenset(r.revision for r in scripts.walk_revisions())
-    return scripts.get_current_head(), known
+    Read from the ``revision`` / ``down_revision`` lines of MLflow's migration scripts:
+    loading them through alembic imports MLflow, seconds on every ``tracking_uri`` of a
+    process that has not loaded it (and that may never need to).
+    """
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("mlflow")
+    assert spec is not None and spec.origin is not None
+    revisions, parents = set(), set()
+    for script in (Path(spec.origin).parent / "store" / "db_migrations" / "versions").glob("*.py"):
+        text = script.read_text()
+        rev = re.search(r"^revision\s*=\s*[\"'](\w+)[\"']", text, re.M)
+        down = re.search(r"^down_revision\s*=\s*(.+)$", text, re.M)
+        if rev:
+            revisions.add(rev[1])
+            parents.update(re.findall(r"[\"'](\w+)[\"']", down[1]) if down else ())
+    heads = revisions - parents
+    if len(heads) != 1:
+        raise TrackingStoreError(f"MLflow's migration scripts have {len(heads)} heads, not one")
+    return heads.pop(), frozenset(revisions)
 
 
 def upgrade_with_backup(db: Path) -> Path | None:
