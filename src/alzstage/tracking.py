@@ -262,7 +262,10 @@ class LastRun:
 
 
 def last_run(stage: str, root: Path) -> LastRun | None:
-    """The newest run of ``stage`` logged from the checkout at ``root``, or None."""
+    """The newest run of ``stage`` logged from the checkout at ``root``, or None (also
+    for a path with a quote, which MLflow's filter language cannot hold)."""
+    if "'" in str(root):
+        return None
     found = _runs(
         f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_ROOT}` = '{root}'",
         max_results=1,
