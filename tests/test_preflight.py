@@ -80,8 +80,16 @@ def test_evaluate_without_trained_model_names_train_and_starts_no_run(tmp_path):
     line = one_line_error(run_cli(root, "evaluate"))
     # then one line names the missing model and the stage that writes it; nothing was logged
     assert line.startswith("error: evaluate: models/model.keras, ")
-    assert "not found; run `alzstage train` (or `dvc repro train`) first" in line
+    assert "they are written by validate, decode, split, train: run `alzstage validate` " in line
     assert _runs_of(root, "evaluate") == []
+    # and with the earlier stages' outputs in place, train is the one to run
+    _touch_all(root, ("reports/split.json", "reports/validation.json"))
+    _touch_all(root, ("data/processed/split.csv", "data/processed/pixels"))
+    line = one_line_error(run_cli(root, "evaluate"))
+    assert (
+        "models/brain_model.json: not found; run `alzstage train` (or `dvc repro train`) first"
+        in line
+    )
 
 
 def test_evaluate_after_a_killed_train_names_train_and_fails_its_run(tmp_path):

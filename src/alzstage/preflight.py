@@ -180,10 +180,20 @@ def check_inputs(stage: Stage, root: Path, last_run: Callable[[str, Path], LastR
             raise MissingInputError(why)
     missing = [r for r in stage.reads if not (root / r).exists()]
     if missing:
-        name = producer(missing[0], outputs)
-        rerun = (
-            f"run `{_command(name)}` (or `dvc repro {name}`) first"
-            if name
-            else "run the stages before it first (`dvc repro`)"
-        )
-        raise MissingInputError(f"{', '.join(missing)}: not found; {rerun}")
+        raise MissingInputError(f"{', '.join(missing)}: not found; {_rerun(missing, outputs)}")
+
+
+def _rerun(missing: list[str], outputs: dict[str, list[str]]) -> str:
+    """Which stage to run for ``missing``: the one earliest in the pipeline comes first."""
+    from alzstage.stages import STAGES
+
+    order = {s.name: i for i, s in enumerate(STAGES)}
+    names = sorted(
+        {n for n in (producer(m, outputs) for m in missing) if n}, key=lambda n: order.get(n, 99)
+    )
+    if not names:
+        return "run the stages before it first (`dvc repro`)"
+    first = f"run `{_command(names[0])}` (or `dvc repro {names[0]}`) first"
+    if len(names) == 1:
+        return first
+    return f"they are written by {', '.join(names)}: {first}, then the others"
