@@ -62,7 +62,7 @@ def _run_stage(stage: Stage, **options: Any) -> None:
         preflight.check_inputs(stage, paths.root, tracking.last_run)
 
     try:
-        store = None if tracking.is_server_store() else tracking.store_file(paths.root)
+        store = None if tracking.is_server_store(paths.root) else tracking.store_file(paths.root)
         outputs = preflight.stage_outputs(stage.name, paths.root, options.get("fold"))
         preflight.check_writable(stage.name, paths.root, outputs, store)
         with tracking.stage_run(

@@ -67,14 +67,17 @@ EXP_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_bas
 _OWN_URIS: set[str] = set()
 
 
-def _user_tracking_uri() -> str | None:
+def _user_tracking_uri(root: Path | None = None) -> str | None:
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    return env if env and env not in _OWN_URIS else None
+    if not env or env in _OWN_URIS:
+        return None
+    # The project's own store, named in the variable (a test, a subprocess): still ours.
+    return None if root is not None and env == f"sqlite:///{store_file(root)}" else env
 
 
-def is_server_store() -> bool:
+def is_server_store(root: Path | None = None) -> bool:
     """True when the user pointed MLFLOW_TRACKING_URI elsewhere (no project ``mlflow.db``)."""
-    return _user_tracking_uri() is not None
+    return _user_tracking_uri(root) is not None
 
 
 def store_file(root: Path) -> Path:
@@ -90,7 +93,7 @@ def tracking_uri(root: Path) -> str:
     can open a damaged store (MLflow would "repair" an empty one with fresh tables) or
     let MLflow migrate one with no copy kept.
     """
-    user = _user_tracking_uri()
+    user = _user_tracking_uri(root)
     if user:
         return user
     db = store_file(root)
@@ -101,7 +104,7 @@ def tracking_uri(root: Path) -> str:
 
 def artifact_root(root: Path) -> str | None:
     """Absolute ``mlruns/`` beside the sqlite store; a server decides its own."""
-    if _user_tracking_uri():
+    if _user_tracking_uri(root):
         return None
     return (tracking_home(root) / "mlruns").as_uri()
 
@@ -116,7 +119,7 @@ def configure(root: Path) -> str:
     import mlflow
 
     uri = tracking_uri(root)
-    if not _user_tracking_uri():
+    if not _user_tracking_uri(root):
         _OWN_URIS.add(uri)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
