@@ -3,7 +3,7 @@
 The layers, lowest first (a module may import its own layer and the layers below it):
 
     foundation  errors, config (+ params, paths), files, result, artifacts (with contract and
-                pixel_store), tracking, compute, the package root
+                pixel_store), tracking (and its tracking_* helpers), compute, the package root
     neuro       volumes to MNI slices; knows nothing of data sources or models
     data        sources, manifest, validate, images (the decode function), pixels, similarity,
                 split, augment, demo
@@ -12,7 +12,7 @@ The layers, lowest first (a module may import its own layer and the layers below
     jobs        train, evaluate, promote: siblings, none imports another (SIBLINGS)
     cv          subject k-fold CV: trains and scores each fold
     serve       the HTTP app over inference
-    shell       stages (the registry) and cli, which parse and delegate
+    shell       stages (the registry), cli and preflight, which check, parse and delegate
 
 Inference never imports training or evaluation code, and evaluation reads what training
 wrote through a contract in ``artifacts``, not through training's modules (issue #22).
@@ -30,7 +30,7 @@ from alzstage.stages import PACKAGE, SRC, imported_modules
 LAYERS: tuple[tuple[str, ...], ...] = (
     (
         *("", "errors", "config", "params", "paths", "files", "result", "artifacts"),
-        *("tracking", "compute"),
+        *("tracking", "tracking_store", "tracking_models", "tracking_tags", "compute"),
         *("contract", "pixel_store", "cv_files"),  # what artifacts re-exports
     ),
     ("neuro",),
@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train", "evaluate", "promote"),
     ("cv",),
     ("serve",),
-    ("stages", "cli"),
+    ("stages", "cli", "preflight"),
 )
 # Packages of one layer that must not import each other.
 SIBLINGS: tuple[str, ...] = ("train", "evaluate", "promote")

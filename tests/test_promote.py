@@ -1,4 +1,5 @@
-"""Promotion rules: better on the metric, same test split, never a leaky split by default."""
+"""Promotion rules (better on the metric, same test split, never a leaky split by default),
+and promote against a real sqlite registry: idempotent per training run, one at a time."""
 
 from __future__ import annotations
 
@@ -36,98 +37,120 @@ def test_leaky_split_never_promoted_unless_allowed():
     assert decide(tags(0.99, leaky="True"), None, "balanced_accuracy", 0.0, True).promote
 
 
-class FakeRegistry:
-    """In-memory stand-in for the MLflow registry calls promote makes (aliases are unique)."""
-
-    def __init__(self) -> None:
-        self.versions: dict[int, dict[str, str]] = {}
-        self.aliases: dict[str, int] = {}
-        self.fail_on: str | None = None
-
-    def register(self, uri, name, tags):
-        from types import SimpleNamespace
-
-        v = len(self.versions) + 1
-        self.versions[v] = dict(tags)
-        return SimpleNamespace(version=v, tags=tags)
-
-    def set_alias(self, name, alias, version):
-        if self.fail_on == alias:
-            raise RuntimeError(f"crash while setting {alias}")
-        self.aliases[alias] = int(version)
-
-    def get_alias_version(self, name, alias):
-        from types import SimpleNamespace
-
-        v = self.aliases.get(alias)
-        return None if v is None else SimpleNamespace(version=v, tags=self.versions[v])
+# --------------------------------------------------------------------------- a real registry
 
 
-def _setup(tmp_path, monkeypatch, value, fp=FP):
-    from alzstage import tracking
-    from alzstage.artifacts import MetricsReport, TrainRun
+def promote_in_process(root):
+    from store_helpers import project_store
+
     from alzstage.config import Params, Paths
-
-    paths = Paths(tmp_path)
-    paths.models.mkdir(parents=True, exist_ok=True)
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    TrainRun(
-        run_id="r1",
-        model_uri="models:/m-1",
-        runs_uri="runs:/r1/model",
-        temperature=1.0,
-        input_size=(32, 32),
-        recipe="transfer",
-        backbone="efficientnetb0",
-        weights="imagenet",
-    ).write(paths.train_run)
-    MetricsReport(
-        balanced_accuracy=value,
-        macro_f1=value,
-        accuracy=value,
-        split_fingerprint=fp,
-        split_strategy="subject",
-        split_leaky=False,
-        dataset="demo",
-        data_source="demo",
-    ).write(paths.metrics)
-    return Params(), paths, tracking
-
-
-def test_run_promote_moves_champion_only_when_better(tmp_path, monkeypatch):
-    import json
-
     from alzstage.promote import run_promote
 
-    reg = FakeRegistry()
-    params, paths, tracking = _setup(tmp_path, monkeypatch, 0.5)
-    for fn in ("register", "set_alias", "get_alias_version"):
-        monkeypatch.setattr(tracking, fn, getattr(reg, fn))
-    run_promote(params, paths)
-    assert reg.aliases == {"challenger": 1, "champion": 1}
-    _setup(tmp_path, monkeypatch, 0.4)
-    run_promote(params, paths)
-    assert reg.aliases == {"challenger": 2, "champion": 1}
-    report = json.loads(paths.promotion.read_text())
+    with project_store(root):
+        return run_promote(Params(), Paths(root))
+
+
+def test_run_promote_moves_champion_only_when_better(tmp_path):
+    import json
+
+    from store_helpers import aliases, log_train_run, make_project
+
+    # given a first model, then a worse one, then a better one on another test split
+    root = make_project(tmp_path / "p")
+    log_train_run(root, score=0.5)
+    promote_in_process(root)
+    assert aliases(root) == {"challenger": 1, "champion": 1}
+    log_train_run(root, score=0.4)
+    promote_in_process(root)
+    # then the worse one is only challenger, and the report says why
+    assert aliases(root) == {"challenger": 2, "champion": 1}
+    report = json.loads((root / "reports" / "promotion.json").read_text())
     assert report["promoted"] is False and "does not beat" in report["reason"]
-    _setup(tmp_path, monkeypatch, 0.9, fp="another-split")
-    run_promote(params, paths)
-    assert reg.aliases["champion"] == 1
+    log_train_run(root, score=0.9, fingerprint="another-split")
+    promote_in_process(root)
+    assert aliases(root)["champion"] == 1
 
 
 def test_crash_midway_keeps_exactly_one_champion(tmp_path, monkeypatch):
     import pytest
+    from store_helpers import aliases, log_train_run, make_project
 
-    from alzstage.promote import run_promote
+    from alzstage import tracking
 
-    reg = FakeRegistry()
-    params, paths, tracking = _setup(tmp_path, monkeypatch, 0.5)
-    for fn in ("register", "set_alias", "get_alias_version"):
-        monkeypatch.setattr(tracking, fn, getattr(reg, fn))
-    run_promote(params, paths)
-    _setup(tmp_path, monkeypatch, 0.9)
-    reg.fail_on = "champion"
+    # given a champion, and a better model whose promote dies while moving the alias
+    root = make_project(tmp_path / "p")
+    log_train_run(root, score=0.5)
+    promote_in_process(root)
+    log_train_run(root, score=0.9)
+    real_set_alias = tracking.set_alias
+
+    def dies_on_champion(name, alias, version):
+        if alias == tracking.ALIAS_CHAMPION:
+            raise RuntimeError("killed while setting champion")
+        real_set_alias(name, alias, version)
+
+    monkeypatch.setattr(tracking, "set_alias", dies_on_champion)
     with pytest.raises(RuntimeError):
-        run_promote(params, paths)
-    assert reg.aliases["champion"] == 1  # the old champion still stands
-    assert not paths.promotion.exists() or '"version": 1' in paths.promotion.read_text()
+        promote_in_process(root)
+    # then the old champion still stands, and the report still describes it
+    assert aliases(root)["champion"] == 1
+    assert '"version": 1' in (root / "reports" / "promotion.json").read_text()
+
+
+def test_promote_run_twice_for_one_training_run_registers_one_version(tmp_path):
+    import json
+
+    from store_helpers import aliases, log_train_run, make_project, versions
+
+    # given one training run, promoted once
+    root = make_project(tmp_path / "p")
+    run_id = log_train_run(root, score=0.5)
+    first = promote_in_process(root)
+    # when promote runs again for the same run
+    again = promote_in_process(root)
+    # then there is still one version, champion, and the second run says it was there
+    assert versions(root) == [(1, run_id)]
+    assert aliases(root) == {"challenger": 1, "champion": 1}
+    assert first.tags["registry.version"] == again.tags["registry.version"] == "1"
+    assert "registered before" in again.summary
+    report = json.loads((root / "reports" / "promotion.json").read_text())
+    assert report["version"] == 1 and report["champion_version"] == 1
+
+
+def _running_promotes(root) -> int:
+    from mlflow import MlflowClient
+
+    from alzstage import tracking
+
+    store = MlflowClient(tracking.tracking_uri(root))
+    exp = store.get_experiment_by_name(tracking.EXPERIMENT)
+    where = f"tags.`{tracking.TAG_STAGE}` = 'promote' and attributes.status = 'RUNNING'"
+    return len(store.search_runs([exp.experiment_id], where))
+
+
+def test_two_promotes_at_once_register_one_version(tmp_path):
+    import time
+
+    from store_helpers import aliases, log_train_run, make_project, start_cli, versions
+
+    from alzstage import tracking
+
+    # given one training run and its evaluation, and three `alzstage promote` processes
+    # started while the registry is held (as by another promote)
+    root = make_project(tmp_path / "p")
+    run_id = log_train_run(root, score=0.5)
+    with tracking.registry_lock(root):
+        procs = [start_cli(root, "promote") for _ in range(3)]
+        deadline = time.monotonic() + 300
+        while _running_promotes(root) < 3:  # each is inside run_promote, at the lock
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.5)
+        time.sleep(5)  # an unserialised promote registers in about a second
+        assert versions(root) == [] and all(p.poll() is None for p in procs)
+    # when the registry is free, all three go for it at once
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    # then all succeed, and the registry holds one version of that run, champion
+    assert [code for code, _, _ in results] == [0, 0, 0], results
+    assert versions(root) == [(1, run_id)]
+    assert aliases(root) == {"challenger": 1, "champion": 1}
+    assert sum("registered before" in out for _, out, _ in results) == 2, results

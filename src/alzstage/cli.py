@@ -52,13 +52,22 @@ def _load() -> tuple[Params, Paths]:
 
 
 def _run_stage(stage: Stage, **options: Any) -> None:
-    """Validate params, open the stage's MLflow run, run it, log what it returned."""
+    """Validate params, check the stage can run (preflight), open its MLflow run, run it,
+    log what it returned."""
     params, paths = _load()
-    from alzstage import tracking
+    from alzstage import preflight, tracking
     from alzstage.errors import AlzstageError
 
+    def inputs_complete() -> None:  # after abandoned runs are failed, before the run opens
+        preflight.check_inputs(stage, paths.root, tracking.last_run)
+
     try:
-        with tracking.stage_run(stage.name, params, paths.root, list(stage.params)) as run:
+        store = None if tracking.is_server_store(paths.root) else tracking.store_file(paths.root)
+        outputs = preflight.stage_outputs(stage.name, paths.root, options.get("fold"))
+        preflight.check_writable(stage.name, paths.root, outputs, store)
+        with tracking.stage_run(
+            stage.name, params, paths.root, list(stage.params), before_start=inputs_complete
+        ) as run:
             result = stage.run(params, paths, run, **options)
             run.log_metrics(result.metrics)
             if result.tags:
@@ -116,10 +125,10 @@ def promote(
         from alzstage.errors import AlzstageError
         from alzstage.promote import set_alias_by_hand
 
-        tracking.configure(paths.root)
         try:
+            tracking.configure(paths.root)
             typer.echo(set_alias_by_hand(params, paths, version, alias))
-        except AlzstageError as exc:  # the configured dataset cannot be named yet
+        except AlzstageError as exc:  # the dataset cannot be named yet, a damaged store
             _fail(str(exc), code=1)
         return
     _run_stage(BY_NAME["promote"])

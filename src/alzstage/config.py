@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from alzstage.errors import ConfigError  # defined there, importable from here as before
+from alzstage.errors import ConfigError  # defined there and importable from here
 from alzstage.params.base import (
     BaseParams,
     _Section,

@@ -6,6 +6,10 @@ is never compared with, or kept in place of, one trained on real scans. Within a
 a challenger replaces the champion only if it is better on the configured metric *and*
 both were scored on the same test split (same fingerprint): comparing numbers from
 different test sets, or from a leaky split against an honest one, is not evidence.
+
+Promote is idempotent and serialised: one registry version per training run, and one
+promote at a time on a machine (a file lock), so a retried or doubled promote cannot
+register the same model twice.
 """
 
 from __future__ import annotations
@@ -62,18 +66,9 @@ def decide(
     )
 
 
-def run_promote(params: Params, paths: Paths) -> StageResult:
-    p = params.promote
-    train_run = TrainRun.read(paths.train_run)
-    metrics = MetricsReport.read(paths.metrics)
-    dataset = metrics.dataset
-    if not dataset:
-        raise AlzstageError(
-            f"{paths.metrics} names no dataset, so there is no champion to compare with; "
-            "re-run `alzstage split` and `alzstage evaluate` (or `dvc repro`)"
-        )
-    name = tracking.registered_name(p.model_name, dataset)
-    tags = {
+def version_tags(train_run: TrainRun, metrics: MetricsReport, dataset: str) -> dict[str, str]:
+    """The registry tags of the new version: its evidence, and what predict and serve show."""
+    return {
         "balanced_accuracy": str(metrics.balanced_accuracy),
         "macro_f1": str(metrics.macro_f1),
         "accuracy": str(metrics.accuracy),
@@ -88,14 +83,45 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
         "backbone": train_run.backbone,
         "weights": train_run.weights,
     }
-    mv = tracking.register(train_run.model_uri, name, tags)
-    tracking.set_alias(name, tracking.ALIAS_CHALLENGER, mv.version)
-    champ = tracking.get_alias_version(name, tracking.ALIAS_CHAMPION)
-    decision = decide(
-        tags, dict(champ.tags) if champ else None, p.metric, p.min_improvement, p.allow_leaky
-    )
-    if decision.promote:
-        tracking.set_alias(name, tracking.ALIAS_CHAMPION, mv.version)
+
+
+def _register_and_decide(
+    params: Params, paths: Paths, name: str, train_run: TrainRun, tags: dict[str, str]
+) -> tuple[Any, bool, Any, Decision]:
+    """``(version, registered now, champion before, decision)``, aliases moved, under the lock.
+
+    One promote at a time (:func:`tracking.registry_lock`), and one version per training
+    run (:func:`tracking.register_once`): promote run twice, or twice at once, for the
+    same run leaves the same single version and the same aliases.
+    """
+    p = params.promote
+    with tracking.registry_lock(paths.root):
+        mv, new = tracking.register_once(train_run.model_uri, name, tags, key="train_run_id")
+        tracking.set_alias(name, tracking.ALIAS_CHALLENGER, mv.version)
+        champ = tracking.get_alias_version(name, tracking.ALIAS_CHAMPION)
+        if champ is not None and str(champ.version) == str(mv.version):
+            decision = Decision(True, "already champion: this training run was promoted before")
+        else:
+            champ_tags = dict(champ.tags) if champ else None
+            decision = decide(tags, champ_tags, p.metric, p.min_improvement, p.allow_leaky)
+        if decision.promote:
+            tracking.set_alias(name, tracking.ALIAS_CHAMPION, mv.version)
+    return mv, new, champ, decision
+
+
+def run_promote(params: Params, paths: Paths) -> StageResult:
+    p = params.promote
+    train_run = TrainRun.read(paths.train_run)
+    metrics = MetricsReport.read(paths.metrics)
+    dataset = metrics.dataset
+    if not dataset:
+        raise AlzstageError(
+            f"{paths.metrics} names no dataset, so there is no champion to compare with; "
+            "re-run `alzstage split` and `alzstage evaluate` (or `dvc repro`)"
+        )
+    name = tracking.registered_name(p.model_name, dataset)
+    tags = version_tags(train_run, metrics, dataset)
+    mv, new, champ, decision = _register_and_decide(params, paths, name, train_run, tags)
     report = {
         "model_name": name,
         "dataset": dataset,
@@ -112,6 +138,8 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
     }
     write_json(paths.promotion, report)
     verdict = "promoted to champion" if decision.promote else "kept as challenger"
+    if not new:
+        verdict = f"(registered before, for run {train_run.run_id}) {verdict}"
     if tags["data_source"] == "demo":
         verdict += " (synthetic demo data)"
     return StageResult(

@@ -146,13 +146,9 @@ def resolve_model_uri(ref: str | None, model_name: str) -> str:
 
     ``model_name`` is the registered model that a bare version or alias refers to.
     """
-    if ref is None or ref == "":
-        return f"models:/{model_name}@champion"
-    if ref.isdigit():
-        return f"models:/{model_name}/{ref}"
-    if ref.startswith("@"):
-        return f"models:/{model_name}{ref}"
-    if "://" in ref or ref.startswith(("models:/", "runs:/")):
+    if not ref or ref.isdigit() or ref.startswith("@"):
+        return tracking.model_ref_uri(ref, model_name)
+    if tracking.is_model_uri(ref):
         return ref
     if Path(ref).exists():
         return str(Path(ref).resolve())
@@ -162,7 +158,7 @@ def resolve_model_uri(ref: str | None, model_name: str) -> str:
             f"--model {ref}: no such file; give the path of an existing .keras file or MLflow "
             "model folder, a version number or an alias (e.g. champion)"
         )
-    return f"models:/{model_name}@{ref}"
+    return tracking.model_ref_uri(ref, model_name)
 
 
 @dataclass(frozen=True)
@@ -208,8 +204,8 @@ def missing_champion_hint(
     if others:
         hint += (
             f"; champions exist for dataset(s) {', '.join(others)}: configure that data "
-            f"(or data.name) in params.yaml, or pass --model models:/{model_name}-<dataset>"
-            "@champion"
+            "(or data.name) in params.yaml, or pass --model "
+            f"{tracking.champion_uri(model_name, '<dataset>')}"
         )
     return hint
 
@@ -225,15 +221,7 @@ def store_uris(root: Path) -> tuple[str, str]:
     return store, os.environ.get("MLFLOW_REGISTRY_URI") or store
 
 
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-
-
-def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
-    """``(name, version, alias)`` of ``models:/name@alias`` / ``models:/name/3``, else None."""
-    m = _REGISTRY_URI.match(uri)
-    if not m:
-        return None
-    return m["name"], m["version"], m["alias"]
+parse_registry_uri = tracking.parse_model_uri  # (name, version, alias) of a models:/ URI
 
 
 # --------------------------------------------------------------------------- batch

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alzstage.tracking import register_standalone, registered_name
+from alzstage.tracking import ALIAS_CHAMPION, alias_uri, register_standalone, registered_name
 from alzstage.tracking import scoped_tracking_uri as scoped_tracking_uri  # re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,7 +60,7 @@ class DemoChampion:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.model_name}@champion"
+        return alias_uri(self.model_name, ALIAS_CHAMPION)
 
 
 def demo_training_files(folder: Path, seed: int = 0) -> list[Path]:
@@ -173,6 +173,7 @@ def ensure_demo_champion(
         lambda: log_pyfunc(model_file, meta, training_thumbnails=thumbs),
         registered,
         DEMO_TAGS,
+        ALIAS_CHAMPION,
     )
     info = {
         "model_name": registered,
