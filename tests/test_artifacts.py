@@ -38,9 +38,7 @@ from alzstage.files import json_text
 
 def train_run() -> TrainRun:
     return TrainRun(
-        run_id="r1",
-        model_uri="models:/m/1",
-        runs_uri="runs:/r1/model",
+        model_md5="0123456789abcdef0123456789abcdef",
         temperature=1.3,
         input_size=(176, 208),
         recipe="transfer",
@@ -62,10 +60,10 @@ def test_train_run_round_trips_through_its_file(tmp_path: Path) -> None:
 
 
 def test_a_missing_key_names_the_file_the_key_and_the_stage_to_rerun(tmp_path: Path) -> None:
-    # given a train_run.json without its model URI
+    # given a train_run.json without the md5 of its model file
     path = tmp_path / "train_run.json"
     doc = train_run().model_dump(mode="json")
-    del doc["model_uri"]
+    del doc["model_md5"]
     path.write_text(json.dumps(doc))
 
     # when it is read
@@ -75,7 +73,7 @@ def test_a_missing_key_names_the_file_the_key_and_the_stage_to_rerun(tmp_path: P
     # then one line says where, what and how to fix it
     message = str(caught.value)
     assert "\n" not in message
-    assert str(path) in message and "'model_uri' is missing" in message
+    assert str(path) in message and "'model_md5' is missing" in message
     assert "alzstage train" in message
     assert isinstance(caught.value, AlzstageError)
 

@@ -25,6 +25,7 @@ from alzstage import tracking
 from alzstage.artifacts import MetricsReport, TrainRun, read_manifest
 from alzstage.config import ConfigError, Params, Paths, parse_params
 from alzstage.data.identity import dataset_name, image_fingerprint
+from alzstage.files import md5_file
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 HASHES = [f"{i:064x}" for i in range(5)]
@@ -144,10 +145,10 @@ def log_constant_model(root: Path, params: Params, answer: str) -> TrainRun:
     meta = {"classes": CLASSES, "input_size": [32, 32], "temperature": 1.0, "backbone": "tiny"}
     with tracking.stage_run("train", params, root, ["train"]) as run:
         uri = log_pyfunc(model_file, meta, np.zeros((1, 32, 32), dtype=np.uint8))
+        model_md5 = md5_file(model_file)
+        run.set_tags({tracking.TAG_MODEL_MD5: model_md5, tracking.TAG_MODEL_URI: uri})
     return TrainRun(
-        run_id=run.run_id,
-        model_uri=uri,
-        runs_uri=f"runs:/{run.run_id}/model",
+        model_md5=model_md5,
         temperature=1.0,
         input_size=(32, 32),
         recipe="scratch",
@@ -211,8 +212,9 @@ def test_demo_then_real_data_each_keep_a_champion_and_predict_follows_params(
         for d in ("demo", real)
     }
     assert {d: mv.tags["dataset"] for d, mv in champions.items()} == {"demo": "demo", real: real}
-    assert champions[real].run_id == real_run.run_id
-    assert champions["demo"].run_id == demo_run.run_id
+    # each champion is the version of the train run that wrote its model file
+    for d, run in ((real, real_run), ("demo", demo_run)):
+        assert champions[d].run_id == tracking.trained_model(run.model_md5, "store").run_id
     assert champions[real].tags["recipe"] == "scratch"
     assert champions[real].tags["split_strategy"] == "subject"
     assert tracking.dataset_champions("alzstage") == sorted(["demo", real])

@@ -154,3 +154,27 @@ def test_two_promotes_at_once_register_one_version(tmp_path):
     assert versions(root) == [(1, run_id)]
     assert aliases(root) == {"challenger": 1, "champion": 1}
     assert sum("registered before" in out for _, out, _ in results) == 2, results
+
+
+def test_a_model_file_no_train_run_wrote_is_refused_in_one_line(tmp_path):
+    import pytest
+    from mlflow import MlflowClient
+    from store_helpers import log_train_run, make_project
+
+    from alzstage import tracking
+    from alzstage.artifacts import TrainRun
+    from alzstage.errors import AlzstageError
+
+    # given a train_run.json whose model md5 no train run in the store is tagged with
+    # (the store was replaced after training, or the model file came from elsewhere)
+    root = make_project(tmp_path / "p")
+    log_train_run(root, score=0.5)
+    path = root / "models" / "train_run.json"
+    TrainRun.read(path).model_copy(update={"model_md5": "f" * 32}).write(path)
+
+    # when promote runs, then it names the store and the stage to re-run, and registers nothing
+    with pytest.raises(AlzstageError, match=r"mlflow\.db: no finished train run wrote") as err:
+        promote_in_process(root)
+    assert "\n" not in str(err.value) and "alzstage train" in str(err.value)
+    uri = tracking.tracking_uri(root)
+    assert MlflowClient(uri, uri).search_registered_models() == []

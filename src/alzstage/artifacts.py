@@ -96,14 +96,17 @@ if TYPE_CHECKING:
 
 
 class TrainRun(Artifact):
-    """``models/train_run.json``: where the train stage logged the model, and what it ran."""
+    """``models/train_run.json``: what the train stage ran, and which model file it wrote.
+
+    No MLflow id: an id differs on every run, and this file is a DVC output that must hash
+    alike when the training does. The train run is found by the model file's md5, which
+    the run is tagged with (:func:`alzstage.tracking.trained_model`).
+    """
 
     written_by: ClassVar[str] = "train"
 
-    run_id: str
-    #: Where the logged pyfunc lives (promote registers this one).
-    model_uri: str
-    runs_uri: str
+    #: md5 of ``models/model.keras`` (canonical bytes: the same weights, the same md5).
+    model_md5: str = Field(pattern=r"^[0-9a-f]{32}$")
     #: Fitted on the validation split; ``None`` means the probabilities are uncalibrated.
     temperature: float | None
     input_size: tuple[int, int]

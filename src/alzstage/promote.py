@@ -66,7 +66,9 @@ def decide(
     )
 
 
-def version_tags(train_run: TrainRun, metrics: MetricsReport, dataset: str) -> dict[str, str]:
+def version_tags(
+    train_run: TrainRun, run_id: str, metrics: MetricsReport, dataset: str
+) -> dict[str, str]:
     """The registry tags of the new version: its evidence, and what predict and serve show."""
     return {
         "balanced_accuracy": str(metrics.balanced_accuracy),
@@ -75,7 +77,7 @@ def version_tags(train_run: TrainRun, metrics: MetricsReport, dataset: str) -> d
         "split_fingerprint": metrics.split_fingerprint,
         "split_strategy": metrics.split_strategy,
         "split_leaky": str(metrics.split_leaky),
-        "train_run_id": train_run.run_id,
+        "train_run_id": run_id,
         # What predict, serve and the page show about the model they use.
         "dataset": dataset,
         "data_source": metrics.data_source,
@@ -86,7 +88,7 @@ def version_tags(train_run: TrainRun, metrics: MetricsReport, dataset: str) -> d
 
 
 def _register_and_decide(
-    params: Params, paths: Paths, name: str, train_run: TrainRun, tags: dict[str, str]
+    params: Params, paths: Paths, name: str, model_uri: str, tags: dict[str, str]
 ) -> tuple[Any, bool, Any, Decision]:
     """``(version, registered now, champion before, decision)``, aliases moved, under the lock.
 
@@ -96,7 +98,7 @@ def _register_and_decide(
     """
     p = params.promote
     with tracking.registry_lock(paths.root):
-        mv, new = tracking.register_once(train_run.model_uri, name, tags, key="train_run_id")
+        mv, new = tracking.register_once(model_uri, name, tags, key="train_run_id")
         tracking.set_alias(name, tracking.ALIAS_CHALLENGER, mv.version)
         champ = tracking.get_alias_version(name, tracking.ALIAS_CHAMPION)
         if champ is not None and str(champ.version) == str(mv.version):
@@ -120,8 +122,10 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
             "re-run `alzstage split` and `alzstage evaluate` (or `dvc repro`)"
         )
     name = tracking.registered_name(p.model_name, dataset)
-    tags = version_tags(train_run, metrics, dataset)
-    mv, new, champ, decision = _register_and_decide(params, paths, name, train_run, tags)
+    # The MLflow run that wrote this model file (train_run.json holds no MLflow id).
+    trained = tracking.trained_model(train_run.model_md5, tracking.tracking_uri(paths.root))
+    tags = version_tags(train_run, trained.run_id, metrics, dataset)
+    mv, new, champ, decision = _register_and_decide(params, paths, name, trained.model_uri, tags)
     report = {
         "model_name": name,
         "dataset": dataset,
@@ -139,7 +143,7 @@ def run_promote(params: Params, paths: Paths) -> StageResult:
     write_json(paths.promotion, report)
     verdict = "promoted to champion" if decision.promote else "kept as challenger"
     if not new:
-        verdict = f"(registered before, for run {train_run.run_id}) {verdict}"
+        verdict = f"(registered before, for run {trained.run_id}) {verdict}"
     if tags["data_source"] == "demo":
         verdict += " (synthetic demo data)"
     return StageResult(

@@ -46,6 +46,11 @@ from alzstage.tracking_tags import process_gone as process_gone
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
 
+from alzstage.tracking_models import TAG_MODEL_MD5 as TAG_MODEL_MD5
+from alzstage.tracking_models import TAG_MODEL_URI as TAG_MODEL_URI
+from alzstage.tracking_models import TrainedModel as TrainedModel
+from alzstage.tracking_models import trained_model as trained_model
+
 EXPERIMENT = "alzstage"
 TAG_STAGE = "alzstage.stage"
 TAG_PIPELINE = "alzstage.pipeline_id"

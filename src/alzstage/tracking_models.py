@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alzstage.errors import InputError
+from alzstage.errors import AlzstageError, InputError
 
 #: Where the class says it lives: pickles of logged models name it, so it must not move.
 PUBLIC_MODULE = "alzstage.tracking"
@@ -89,6 +89,50 @@ def _pyfunc_class() -> type:
     AlzstageModel.__qualname__ = "AlzstageModel"
     _PYFUNC_CLASS = AlzstageModel
     return AlzstageModel
+
+
+# The md5 of models/model.keras a train run wrote, and the pyfunc it logged: how evaluate
+# and promote find that run from models/train_run.json, which holds no MLflow id (an id
+# differs on every run, and the file is a DVC output that must hash alike twice).
+TAG_MODEL_MD5 = "alzstage.model_md5"
+TAG_MODEL_URI = "alzstage.model_uri"
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The train run that wrote a model file, and the pyfunc it logged."""
+
+    run_id: str
+    model_uri: str
+
+
+def trained_model(model_md5: str, store: str) -> TrainedModel:
+    """The newest finished train run (experiment ``alzstage``) tagged with ``model_md5``.
+
+    One line naming ``store`` when there is none: the store does not hold the run that
+    trained this model file (another store, or one made anew).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    exp = mlflow.get_experiment_by_name("alzstage")
+    found = (
+        MlflowClient().search_runs(
+            [exp.experiment_id],
+            f"tags.`alzstage.stage` = 'train' and tags.`{TAG_MODEL_MD5}` = '{model_md5}' "
+            "and attributes.status = 'FINISHED'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if exp is not None
+        else []
+    )
+    if not found or TAG_MODEL_URI not in found[0].data.tags:
+        raise AlzstageError(
+            f"{store}: no finished train run wrote the models/model.keras of md5 {model_md5}; "
+            "re-run `alzstage train` (or `dvc repro train`) with this tracking store"
+        )
+    return TrainedModel(found[0].info.run_id, found[0].data.tags[TAG_MODEL_URI])
 
 
 _PYFUNC_CLASS: type | None = None

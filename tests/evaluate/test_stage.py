@@ -81,9 +81,7 @@ def _tiny_project(root: Path, params) -> None:
     (root / "models").mkdir()
     keras.Model(inp, head(backbone(x))).save(root / "models/model.keras")
     TrainRun(
-        run_id="r1",
-        model_uri="models:/m-1",
-        runs_uri="runs:/r1/model",
+        model_md5="0123456789abcdef0123456789abcdef",
         temperature=1.3,
         input_size=(32, 32),
         recipe="transfer",
@@ -122,7 +120,7 @@ def test_run_evaluate_writes_every_output(tmp_path: Path) -> None:
     for rel in ("confusion.csv", "roc.csv", "pr.csv", "reliability.csv"):
         assert (tmp_path / "reports/plots" / rel) in result.artifacts
     card = (tmp_path / "reports/model_card.md").read_text()
-    assert RESEARCH_NOTICE in card and "models:/m-1" in card
+    assert RESEARCH_NOTICE in card and "0123456789abcdef0123456789abcdef" in card
     preds = pd.read_csv(tmp_path / "reports/predictions_test.csv")
     assert preds["in_gradcam_gallery"].sum() >= 1
     np.testing.assert_allclose(preds[[f"p_{c}" for c in CLASSES]].sum(1), 1.0, atol=1e-5)

@@ -99,8 +99,7 @@ def _model(classes: list[str], cal: dict, provenance: dict) -> ModelFacts:
         recipe=str(provenance.get("recipe", "?")),
         temperature=_num(cal.get("temperature"), 3),
         temperature_source=str(cal.get("temperature_source", "n/a")),
-        run_id=str(provenance.get("run_id", "")),
-        model_uri=str(provenance.get("model_uri", "")),
+        model_md5=str(provenance.get("model_md5", "")),
         seed=str(provenance.get("seed", "?")),
     )
 

@@ -31,8 +31,7 @@ class ModelFacts:
     recipe: str
     temperature: str
     temperature_source: str
-    run_id: str
-    model_uri: str
+    model_md5: str
     seed: str
 
 

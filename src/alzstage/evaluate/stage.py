@@ -84,8 +84,7 @@ def _provenance(params: Params, train_run: TrainRun) -> dict:
         "weights": params.model.weights,
         "input_size": list(params.model.input_size),
         "seed": params.base.seed,
-        "run_id": train_run.run_id,
-        "model_uri": train_run.model_uri,
+        "model_md5": train_run.model_md5,
     }
 
 
@@ -302,7 +301,10 @@ def run_evaluate_stage(params: Params, paths: Paths) -> StageResult:
     from alzstage import tracking
 
     result = run_evaluate(params, paths)
-    train_run_id = TrainRun.read(paths.train_run).run_id
+    # The MLflow run that wrote this model file (train_run.json holds no MLflow id).
+    train_run_id = tracking.trained_model(
+        TrainRun.read(paths.train_run).model_md5, tracking.tracking_uri(paths.root)
+    ).run_id
     result.tags["alzstage.train_run_id"] = train_run_id
     client = tracking.client()
     for k in TRAIN_RUN_METRICS:

@@ -1,8 +1,10 @@
 """The ``train`` stage as DVC runs it: train, log the model to MLflow, record where it went.
 
 ``models/train_run.json`` is a stage output like ``models/model.keras``: evaluate reads
-the temperature and the run id from it, promote the model URI and what to tag. It is
-written here, by the stage, so the train stage's code dependencies cover it.
+the temperature from it, promote what to tag, and both find the MLflow run through the
+model file's md5, which the run is tagged with (the file holds no MLflow id, so that the
+same training writes the same bytes). It is written here, by the stage, so the train
+stage's code dependencies cover it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from alzstage.artifacts import PixelStore, TrainReport, TrainRun
+from alzstage.files import md5_file
 from alzstage.inference.ood import fit_from_pixels
 from alzstage.inference.pyfunc import log_pyfunc, probabilities
 from alzstage.train.brain import fit_split_brain_model
@@ -49,10 +52,12 @@ def run_train_stage(params: Params, paths: Paths, tracker: StageRun) -> StageRes
     meta["brain_model"] = brain.to_dict()
     example = np.zeros((1, h, w), dtype=np.uint8)
     model_uri = log_pyfunc(paths.model_file, meta, example, training_thumbnails=thumbnails)
+    from alzstage.tracking import TAG_MODEL_MD5, TAG_MODEL_URI
+
+    model_md5 = md5_file(paths.model_file)
+    tracker.set_tags({TAG_MODEL_MD5: model_md5, TAG_MODEL_URI: model_uri})
     TrainRun(
-        run_id=tracker.run_id,
-        model_uri=model_uri,
-        runs_uri=f"runs:/{tracker.run_id}/model",
+        model_md5=model_md5,
         temperature=meta["temperature"],
         input_size=(h, w),
         recipe=report.recipe,
