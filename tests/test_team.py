@@ -131,7 +131,7 @@ def test_experiment_queue_runs_land_in_main_mlflow_store(team_project: Path):
     rates = {"lr-hi": 0.01, "lr-lo": 0.0001}
     for name, lr in rates.items():
         _run(
-            ["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}"],
+            ["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.scratch.learning_rate={lr}"],
             root,
         )
     _run(["dvc", "queue", "start", "-j", "1"], root)
@@ -160,7 +160,7 @@ def test_experiment_queue_runs_land_in_main_mlflow_store(team_project: Path):
         for exp in row.get("experiments") or []:
             data = exp["revs"][0]["data"]
             dvc_exps[exp["name"]] = {
-                "lr": data["params"]["params.yaml"]["data"]["train"]["learning_rate"],
+                "lr": data["params"]["params.yaml"]["data"]["train"]["scratch"]["learning_rate"],
                 "bacc": data["metrics"]["reports/headline.json"]["data"]["bacc"],
             }
     assert set(rates) <= set(dvc_exps), shown
@@ -178,7 +178,7 @@ def test_experiment_queue_runs_land_in_main_mlflow_store(team_project: Path):
             [experiment.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{name}'"
         )
         by_stage = {r.info.run_name: r for r in runs}
-        # -S train.learning_rate touches train and what follows it, nothing before.
+        # -S train.scratch.learning_rate touches train and what follows it, nothing before.
         assert set(by_stage) == {"train", "evaluate", "promote"}, sorted(by_stage)
         assert len(runs) == 3
         assert all(r.info.status == "FINISHED" for r in runs)
@@ -189,7 +189,7 @@ def test_experiment_queue_runs_land_in_main_mlflow_store(team_project: Path):
         assert len(ids) == 1, ids
         pipeline_ids |= ids
         # The same story: the params and metrics of the DVC experiment are the run's.
-        assert float(by_stage["train"].data.params["train.learning_rate"]) == lr
+        assert float(by_stage["train"].data.params["train.scratch.learning_rate"]) == lr
         assert dvc_exps[name]["lr"] == lr
         # (the headline keeps 3 digits)
         assert (

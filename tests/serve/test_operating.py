@@ -12,27 +12,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import png_of, uvicorn_in_thread
 from fastapi.testclient import TestClient
+from test_browser import CHROMIUM, CHROMIUM_ARGS  # as test_browser.py starts it
 
 from alzstage.serve.app import ServeSettings, create_app
 from alzstage.serve.demo import DemoChampion
-
-CHROMIUM = Path("/usr/bin/chromium")
-# As test_browser.py starts it: headless, as root, no route out.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _bare_app(**settings: object):
