@@ -140,6 +140,7 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
     training curves go to the stage's MLflow run; later repeats log their summaries.
     """
     from alzstage.data.morphometry import MORPH_FEATURES
+    from alzstage.train.recipe import is_timing
 
     folds = _read_fold_roles(params, paths, fold)
     parts = [
@@ -154,9 +155,13 @@ def run_cv_fold(params: Params, paths: Paths, fold: int, tracker: StageRun | Non
     fit_file = fit_slices_csv(classes, MORPH_FEATURES).write(
         pd.concat([p[1] for p in parts]), out / "fit_slices.csv"
     )
-    hist_file = write_csv(out / "history.csv", pd.concat([p[2] for p in parts]))
+    # No durations in DVC outputs (they made identical folds hash differently); the
+    # run's MLflow metrics keep them.
+    history = pd.concat([p[2] for p in parts])
+    hist_file = write_csv(out / "history.csv", history.drop(columns=filter(is_timing, history)))
     summaries = [p[3] for p in parts]
-    write_json(out / "train.json", {"fold": fold, "repeats": summaries})
+    timeless = [{k: v for k, v in s.items() if not is_timing(k)} for s in summaries]
+    write_json(out / "train.json", {"fold": fold, "repeats": timeless})
     accs = [float((p[0]["predicted"] == p[0]["label"]).mean()) for p in parts]
     return StageResult(
         metrics=_fold_metrics(summaries, accs),
