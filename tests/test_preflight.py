@@ -144,20 +144,17 @@ def test_inputs_of_a_finished_producer_pass_and_of_a_terminated_one_do_not(tmp_p
         preflight.check_inputs(BY_NAME["evaluate"], root, tracking.last_run)
 
 
-def test_the_outputs_of_a_stage_come_from_its_dvc_yaml_entry(tmp_path):
-    root = make_project(tmp_path / "p")
-    assert preflight.stage_outputs("train", root) == [
+def test_the_outputs_of_a_stage_come_from_the_stage_registry() -> None:
+    assert preflight.stage_outputs("train") == [
         "models/model.keras",
         "models/train_run.json",
         "models/brain_model.json",
         "reports/train.json",
         "reports/plots/train_history.csv",
     ]
-    assert preflight.stage_outputs("cv_fold", root, fold=2) == ["reports/cv/folds/fold_2"]
-    assert preflight.producer("reports/cv/folds", preflight.declared_outputs(root)) == "cv_fold"
-    assert preflight.producer("data/processed/pixels", preflight.declared_outputs(root)) == (
-        "decode"
-    )
+    assert preflight.stage_outputs("cv_fold", fold=2) == ["reports/cv/folds/fold_2"]
+    assert preflight.producer("reports/cv/folds", preflight.declared_outputs()) == "cv_fold"
+    assert preflight.producer("data/processed/pixels", preflight.declared_outputs()) == ("decode")
 
 
 # --------------------------------------------------------------------------- read-only outputs
@@ -212,7 +209,7 @@ def test_writable_outputs_pass_the_check(train_project):
     code = (
         "import sys; from pathlib import Path; from alzstage import preflight, tracking;"
         "root = Path(sys.argv[1]);"
-        "preflight.check_writable('train', root, preflight.stage_outputs('train', root),"
+        "preflight.check_writable('train', root, preflight.stage_outputs('train'),"
         " tracking.store_file(root))"
     )
     proc = subprocess.run(

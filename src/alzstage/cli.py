@@ -63,7 +63,7 @@ def _run_stage(stage: Stage, **options: Any) -> None:
 
     try:
         store = None if tracking.is_server_store(paths.root) else tracking.store_file(paths.root)
-        outputs = preflight.stage_outputs(stage.name, paths.root, options.get("fold"))
+        outputs = preflight.stage_outputs(stage.name, options.get("fold"))
         preflight.check_writable(stage.name, paths.root, outputs, store)
         with tracking.stage_run(
             stage.name, params, paths.root, list(stage.params), before_start=inputs_complete

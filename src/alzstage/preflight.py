@@ -6,9 +6,9 @@ still-running ``train`` died in Keras with a ``ValueError``. Both are knowable i
 milliseconds at the start, so each stage is checked first, and refused in one line that
 names the path and the stage to run (or wait for).
 
-What a stage writes and who writes what it reads come from the ``outs`` (and ``metrics``,
-``plots``) of ``dvc.yaml`` and ``cv/dvc.yaml`` at run time: the files DVC itself holds a
-stage to. A project without them (a test's bare folder) gets no output check.
+What a stage writes and who writes what it reads come from the stage registry's outs,
+metrics and plots, which ``tests/test_stages.py`` holds ``dvc.yaml`` and ``cv/dvc.yaml``
+to: the files DVC itself holds a stage to.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from alzstage.errors import AlzstageError
 
@@ -24,44 +24,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from alzstage.stages import Stage
     from alzstage.tracking import LastRun
 
-DVC_FILES = ("dvc.yaml", "cv/dvc.yaml")
-_OUT_KINDS = ("outs", "metrics", "plots")
+
+def declared_outputs() -> dict[str, list[str]]:
+    """Every stage: name -> its outs, metrics and plots, from the stage registry
+    (:data:`alzstage.stages.STAGES`, which ``tests/test_stages.py`` holds ``dvc.yaml`` and
+    ``cv/dvc.yaml`` to). A ``foreach`` stage's paths keep ``${item}``."""
+    from alzstage.stages import STAGES
+
+    return {s.name: [*s.outs, *s.metrics, *s.plots] for s in STAGES}
 
 
-def _entries(spec: dict[str, Any]) -> list[str]:
-    """The paths of a stage's outs, metrics and plots (plain, or ``{path: options}``)."""
-    found = []
-    for kind in _OUT_KINDS:
-        for item in spec.get(kind) or []:
-            found.extend(item if isinstance(item, dict) else [item])
-    return [str(p) for p in found]
-
-
-def declared_outputs(root: Path) -> dict[str, list[str]]:
-    """Every stage of both dvc files: name -> its outputs as repository paths.
-
-    A ``foreach`` stage's paths keep ``${item}`` (:func:`stage_outputs` fills it in).
-    """
-    import yaml
-
-    out: dict[str, list[str]] = {}
-    for rel in DVC_FILES:
-        path = root / rel
-        if not path.is_file():
-            continue
-        stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
-        for name, spec in stages.items():
-            spec = spec.get("do", spec) if isinstance(spec, dict) else {}
-            wdir = (path.parent / spec.get("wdir", ".")).resolve()
-            out[name] = [
-                os.path.relpath(os.path.normpath(wdir / p), root.resolve()) for p in _entries(spec)
-            ]
-    return out
-
-
-def stage_outputs(stage: str, root: Path, fold: int | None = None) -> list[str]:
+def stage_outputs(stage: str, fold: int | None = None) -> list[str]:
     """What ``stage`` writes (for ``cv_fold``, ``fold``'s folder), as repository paths."""
-    paths = declared_outputs(root).get(stage, [])
+    paths = declared_outputs().get(stage, [])
     return [p.replace("${item}", str(fold)) for p in paths if fold is not None or "${" not in p]
 
 
@@ -164,7 +139,7 @@ def check_inputs(stage: Stage, root: Path, last_run: Callable[[str, Path], LastR
     ``last_run(stage, root)`` is :func:`alzstage.tracking.last_run`, called after
     :func:`~alzstage.tracking.fail_abandoned_runs`, so RUNNING there means alive.
     """
-    outputs = declared_outputs(root)
+    outputs = declared_outputs()
     producers: dict[str, list[str]] = {}
     for read in stage.reads:
         name = producer(read, outputs)
