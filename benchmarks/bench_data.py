@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from alzstage.config import Params
 from alzstage.data.manifest import RawRecord, build_manifest
-from alzstage.data.split import load_thumbnails, pseudo_subjects
+from alzstage.data.similarity import load_thumbnails, pseudo_subjects
 from alzstage.data.validation.checks import check_images
 from alzstage.data.validation.gx import run_manifest_suite
 

@@ -32,15 +32,9 @@ from alzstage.artifacts import write_manifest
 from alzstage.config import Params, Paths, SplitParams
 from alzstage.data.decode import run_decode
 from alzstage.data.manifest import MANIFEST_COLUMNS
-from alzstage.data.split import (
-    LEAKAGE_SWEEP,
-    leakage_report,
-    load_thumbnails,
-    pseudo_subjects,
-    split_by_source,
-    split_by_subject,
-    split_stratified,
-)
+from alzstage.data.similarity import load_thumbnails, pseudo_subjects
+from alzstage.data.split import split_by_source, split_by_subject, split_stratified
+from alzstage.data.split_report import LEAKAGE_SWEEP, leakage_report
 from alzstage.data.split_stage import assign_subjects, run_split
 
 TRUE_SUBJECTS = {

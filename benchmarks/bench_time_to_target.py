@@ -362,7 +362,7 @@ def score_test(rows: list[dict], probs: Any, classes: list[str], seed: int, n: i
     """Accuracy, balanced accuracy and macro-F1 on test, CIs by subject (evaluate's code)."""
     import numpy as np
 
-    from alzstage.evaluate.stage import build_report
+    from alzstage.evaluate.report import build_report
 
     report = build_report(
         labels_of(rows, classes),

@@ -60,7 +60,7 @@ def _subject_halves(files: list[tuple[Path, str]], cap: int, seed: int) -> tuple
     import numpy as np
 
     from alzstage.config import SplitParams
-    from alzstage.data.split import load_thumbnails, pseudo_subjects
+    from alzstage.data.similarity import load_thumbnails, pseudo_subjects
 
     sp = SplitParams()
     labels = np.array([c for _, c in files])

@@ -24,7 +24,7 @@ from alzstage.data.decode import run_decode
 from alzstage.data.images import load_batch
 from alzstage.data.manifest import RawRecord, build_manifest
 from alzstage.data.pixels import thumbnail_sizes
-from alzstage.data.split import correlation_rows, load_thumbnails
+from alzstage.data.similarity import correlation_rows, load_thumbnails
 from alzstage.data.split_stage import run_split
 from alzstage.errors import AlzstageError
 from alzstage.inference.ood import THUMB_SIZE, fit_from_pixels, fit_from_split

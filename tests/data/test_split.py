@@ -23,17 +23,18 @@ from alzstage.artifacts import read_manifest, read_split, write_manifest
 from alzstage.config import Params, Paths
 from alzstage.data.decode import run_decode
 from alzstage.data.manifest import RawRecord, build_manifest
+from alzstage.data.similarity import load_thumbnails, pseudo_subjects
 from alzstage.data.split import (
     SPLIT_COLUMNS,
     assert_no_subject_leakage,
-    fingerprint_split_file,
-    leakage_report,
-    load_thumbnails,
-    nearest_neighbour_scores,
-    pseudo_subjects,
     split_by_source,
     split_by_subject,
     split_stratified,
+)
+from alzstage.data.split_report import (
+    fingerprint_split_file,
+    leakage_report,
+    nearest_neighbour_scores,
     test_fingerprint,
 )
 from alzstage.data.split_stage import run_split

@@ -59,3 +59,14 @@ def make_baselines(pixel_beaten: bool) -> dict:
             n_resamples=200,
         )
     )
+
+
+# The keys reports/metrics.json has always had (older readers depend on them).
+LEGACY_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "n_test",
+)

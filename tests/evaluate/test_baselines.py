@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from alzstage.data.split import correlation_rows, leakage_report
+from alzstage.data.similarity import correlation_rows
+from alzstage.data.split_report import leakage_report
 from alzstage.evaluate.baselines import (
     BASELINES,
     compare_with_baselines,

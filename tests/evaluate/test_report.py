@@ -7,18 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from evaluate_cases import CLASSES, make_baselines, make_report, make_slices
+from evaluate_cases import CLASSES, LEGACY_KEYS, make_baselines, make_report, make_slices
 
 from alzstage.evaluate.report import build_report, flat_metrics, json_safe, known_subjects
-
-LEGACY_KEYS = (
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "per_class",
-    "confusion_matrix",
-    "n_test",
-)
 
 
 def test_report_keeps_legacy_keys_and_adds_the_rest() -> None:

@@ -10,18 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from evaluate_cases import CLASSES, REPO
+from evaluate_cases import CLASSES, LEGACY_KEYS, REPO
 
 from alzstage.evaluate.card import RESEARCH_NOTICE
-
-LEGACY_KEYS = (
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "per_class",
-    "confusion_matrix",
-    "n_test",
-)
 
 
 def _tiny_project(root: Path, params) -> None:

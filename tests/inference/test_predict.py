@@ -20,13 +20,13 @@ from conftest import png_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
+from alzstage import tracking
 from alzstage.cli import app
 from alzstage.errors import ImageReadError, UnsupportedImage
 from alzstage.inference.gradcam import unique_png
 from alzstage.inference.predict import (
     decode_image,
     expand_inputs,
-    parse_registry_uri,
     resolve_model_uri,
 )
 from alzstage.inference.prediction import (
@@ -142,9 +142,9 @@ def test_model_references() -> None:
     assert resolve_model_uri("3", "alzstage") == "models:/alzstage/3"
     assert resolve_model_uri("@challenger", "alzstage") == "models:/alzstage@challenger"
     assert resolve_model_uri("challenger", "alzstage") == "models:/alzstage@challenger"
-    assert parse_registry_uri("models:/alzstage@champion") == ("alzstage", None, "champion")
-    assert parse_registry_uri("models:/alzstage/7") == ("alzstage", "7", None)
-    assert parse_registry_uri("runs:/abc/model") is None
+    assert tracking.parse_model_uri("models:/alzstage@champion") == ("alzstage", None, "champion")
+    assert tracking.parse_model_uri("models:/alzstage/7") == ("alzstage", "7", None)
+    assert tracking.parse_model_uri("runs:/abc/model") is None
 
 
 def test_unique_png_never_clobbers(tmp_path: Path) -> None:

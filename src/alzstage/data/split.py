@@ -16,7 +16,7 @@ labelled ``leaky: true`` in ``reports/split.json``, and every run measures leaka
 directly (:mod:`alzstage.data.split_report`) so the claim is checked, not assumed.
 
 Layout: pure functions over DataFrames first (allocation, strategies, CV folds), the thin
-I/O shell :func:`run_split` last; names that moved out are re-exported (``__all__``).
+I/O shell :func:`alzstage.data.split_stage.run_split` is its own module.
 """
 
 from __future__ import annotations
@@ -31,39 +31,19 @@ import pandas as pd
 
 from alzstage.artifacts import SPLIT_CSV
 from alzstage.config import Params
-from alzstage.data.similarity import (
-    correlation_rows,
-    load_thumbnails,
-    most_correlated,
-    pseudo_subjects,
-)
 from alzstage.data.split_report import (
-    LEAKAGE_SWEEP,
-    fingerprint_split_file,
     group_keys,
-    leakage_report,
-    nearest_neighbour_scores,
-    test_fingerprint,
 )
 from alzstage.errors import AlzstageError, ConfigError
 
 __all__ = [
-    "LEAKAGE_SWEEP",
     "SPLIT_COLUMNS",
     "STRATEGIES",
     "assert_no_subject_leakage",
-    "correlation_rows",
-    "fingerprint_split_file",
-    "leakage_report",
-    "load_thumbnails",
-    "most_correlated",
-    "nearest_neighbour_scores",
-    "pseudo_subjects",
     "split_by_source",
     "split_by_subject",
     "split_stratified",
     "subject_folds",
-    "test_fingerprint",
 ]
 
 # The columns every split.csv has (the contract, alzstage.artifacts.SPLIT_CSV, adds sha256

@@ -42,8 +42,6 @@ from alzstage.files import write_csv, write_json, write_text
 from alzstage.model.calibration import apply_temperature
 from alzstage.result import StageResult
 
-# build_report, json_safe, flat_metrics and known_subjects are imported from here by the
-# cross-validation, the benchmarks and the tests: they stay importable from this module.
 GALLERY_PER_KIND = 2  # right and wrong examples per class in the Grad-CAM gallery
 # Test figures that also go on the training run, where the model lives in the MLflow UI.
 TRAIN_RUN_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "roc_auc_macro", "ece")

@@ -124,9 +124,7 @@ def _resolve_registry(
     report is exactly the one whose weights were loaded, even if the alias moves while
     loading, and a local store needs no download into a temp folder.
     """
-    from alzstage.inference.predict import parse_registry_uri  # the address spelling lives there
-
-    parsed = parse_registry_uri(uri)
+    parsed = tracking.parse_model_uri(uri)
     assert parsed is not None
     name, version, alias = parsed
     try:
@@ -185,7 +183,6 @@ class LoadedModel:
         tracking_uri: str | None = None,
         registry_uri: str | None = None,
     ) -> None:
-        from alzstage.inference.predict import parse_registry_uri
         from alzstage.inference.pyfunc import ClassifierBundle
 
         self.uri = uri
@@ -195,7 +192,7 @@ class LoadedModel:
             self.bundle = ClassifierBundle(keras_model, list(classes), tuple(input_size))
             return
         location = uri
-        if parse_registry_uri(uri):
+        if tracking.parse_model_uri(uri):
             self.info, location = _resolve_registry(uri, tracking_uri, registry_uri)
         try:
             _, inner = tracking.load_pyfunc(location)

@@ -221,9 +221,6 @@ def store_uris(root: Path) -> tuple[str, str]:
     return store, os.environ.get("MLFLOW_REGISTRY_URI") or store
 
 
-parse_registry_uri = tracking.parse_model_uri  # (name, version, alias) of a models:/ URI
-
-
 # --------------------------------------------------------------------------- batch
 
 
